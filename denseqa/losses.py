@@ -1,0 +1,134 @@
+"""Stage 2's objective: MultipleNegativesRankingLoss over the global batch, with duplicate texts masked out.
+
+sentence-transformers' :class:`MultipleNegativesRankingLoss` (``gather_across_devices=True``) already scores each
+worker's questions against the answers of every worker and lets gradients flow back through the gather
+(``util.all_gather_with_grad``). What no library does is keep duplicates from acting as negatives *across*
+devices: real Q/A data repeats answers (two FAQ entries with one answer) and questions (two packages with one
+synopsis), and a copy of the right answer in another slot would be pushed away as if it were wrong. Here each
+text travels with a 64-bit hash; the hashes are gathered next to the embeddings and equal texts are removed
+from each softmax.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
+from torch import Tensor
+
+
+def text_hashes(texts: Sequence[str]) -> Tensor:
+    """64-bit hashes of texts, stable across processes (Python's ``hash`` is salted per process)."""
+    values = [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
+              for t in texts]
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
+
+
+class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        scale: float = 20.0,
+        gather_across_devices: bool = True,
+        mask_duplicates: bool = True,
+    ) -> None:
+        """
+        InfoNCE with in-batch negatives (MultipleNegativesRankingLoss) where the candidate answers of each
+        question are the answers of the *global* batch, gathered from every worker, and where candidates that
+        are duplicates of the right answer are not negatives.
+
+        For question ``i`` of the global batch, with answers ``a_1..a_N`` of all ``N = B * world_size`` pairs
+        (and optional hard negatives), the loss is ``-log softmax(scale * cos(q_i, a_j))_i`` over every ``j``
+        that is not masked. ``a_j`` (j != i) is masked when its text equals ``a_i``'s, or when its question's
+        text equals ``q_i``'s (then ``a_j`` answers ``q_i`` too).
+
+        Gradients: the gather keeps the autograd graph (``all_gather_with_grad``), so the gradient of every
+        worker's loss reaches the worker that produced each answer embedding. Each worker's loss is the mean over
+        its own ``B`` questions; DDP averages gradients over workers, so the update equals that of one process
+        computing the loss over all ``N`` pairs.
+
+        Args:
+            model: the SentenceTransformer being trained.
+            scale: inverse temperature of the softmax (``scale = 1 / temperature``).
+            gather_across_devices: score against the answers of every worker, not only the local ones.
+            mask_duplicates: mask out duplicate answers and answers of duplicate questions (needs text hashes).
+
+        References:
+            - Henderson et al. 2017, "Efficient Natural Language Response Suggestion for Smart Reply"
+              (in-batch negatives), https://arxiv.org/abs/1705.00652
+            - Karpukhin et al. 2020, "Dense Passage Retrieval for Open-Domain Question Answering" (DPR),
+              https://arxiv.org/abs/2004.04906
+            - Qu et al. 2021, "RocketQA" (cross-batch negatives across GPUs), https://arxiv.org/abs/2010.08191
+
+        Requirements:
+            1. (question, answer) pairs, optionally with hard negatives (question, answer, negative_1, ...).
+            2. Every worker passes the same batch size (the gather needs equal shapes).
+
+        Inputs:
+            +-----------------------------------------+--------+
+            | Texts                                   | Labels |
+            +=========================================+========+
+            | (question, answer) pairs                | none   |
+            +-----------------------------------------+--------+
+            | (question, answer, negative_1, ...)     | none   |
+            +-----------------------------------------+--------+
+
+        Relations:
+            - Equals :class:`sentence_transformers.losses.MultipleNegativesRankingLoss` with
+              ``gather_across_devices`` when no text repeats within the global batch.
+        """
+        super().__init__(model, scale=scale, similarity_fct=cos_sim, gather_across_devices=gather_across_devices)
+        self.mask_duplicates = mask_duplicates
+
+    def compute_loss_from_embeddings(
+        self,
+        embeddings: list[Tensor],
+        labels: Tensor | None = None,
+        text_hashes: Iterable[Tensor] | None = None,
+    ) -> Tensor:
+        """``embeddings`` = [questions (B, d), answers (B, d), negatives_k (B, d)...] of this worker;
+        ``text_hashes`` = one int64 tensor (B,) per column, in the same order (needed for masking)."""
+        queries, docs = embeddings[0], list(embeddings[1:])
+        batch_size = queries.size(0)
+        hashes = list(text_hashes) if (self.mask_duplicates and text_hashes is not None) else None
+        offset = 0
+        if self.gather_across_devices:
+            # Gathered with autograd: the backward pass sends each slice's gradient back to its worker.
+            docs = [all_gather_with_grad(d) for d in docs]
+            if hashes is not None:
+                hashes = [all_gather(h.to(queries.device)) for h in hashes]
+            # This worker's questions sit at rows [rank * B, (rank + 1) * B) of the global batch.
+            offset = get_rank() * batch_size
+        global_batch = docs[0].size(0)
+        local_rows = torch.arange(batch_size, device=queries.device)
+        positive_cols = local_rows + offset
+
+        # (B, N * (1 + num_negatives)): each local question against every gathered candidate
+        scores = self.similarity_fct(queries, torch.cat(docs, dim=0)) * self.scale
+        if hashes is not None:
+            scores = scores.masked_fill(self._duplicate_mask(hashes, positive_cols, global_batch), -torch.inf)
+        return torch.nn.functional.cross_entropy(scores, positive_cols)
+
+    @staticmethod
+    def _duplicate_mask(hashes: list[Tensor], positive_cols: Tensor, global_batch: int) -> Tensor:
+        """(B, N * (1 + num_negatives)) True where a candidate must not count as a negative."""
+        question_hashes, doc_hashes = hashes[0], torch.cat(hashes[1:])  # (N,), (N * (1 + nn),)
+        own_question = question_hashes[positive_cols]  # (B,)
+        own_answer = hashes[1][positive_cols]  # (B,)
+        # Same text as the right answer, in any candidate column.
+        mask = doc_hashes.unsqueeze(0) == own_answer.unsqueeze(1)
+        # The answer of another pair with the same question is a right answer too (positive column only).
+        mask[:, :global_batch] |= question_hashes.unsqueeze(0) == own_question.unsqueeze(1)
+        # The pair's own answer stays: it is the target.
+        mask[torch.arange(len(positive_cols), device=mask.device), positive_cols] = False
+        return mask
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "gather_across_devices": self.gather_across_devices,
+                "mask_duplicates": self.mask_duplicates}

@@ -1,0 +1,520 @@
+"""Stage 2, train: fine-tune the bi-encoder with Ray Train (DDP) and gathered in-batch negatives.
+
+Read it top to bottom: :func:`run_training` is the driver (validate, read data, plan the steps, start the
+workers, write the model); :func:`train_loop_per_worker` is what every worker runs, one optimizer step per
+global batch.
+
+The cross-device part is in :mod:`denseqa.losses`: each worker embeds its own B questions and B answers, the
+answers of all workers are gathered with autograd, and each question is scored against all ``B * world_size``
+of them. Two rules keep the collectives from hanging: every rank runs the same number of same-sized steps
+(Ray Data's equal split, full batches only, and a step count fixed by the driver), and every decision to stop
+is taken by all ranks together (the loss is all-reduced before anyone acts on it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from denseqa.config import TrainJobConfig
+from denseqa.errors import InputError, TrainingError
+
+logger = logging.getLogger("denseqa")
+
+RECORD_FILE = "denseqa.json"
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+FAILURE_MARKER = ".injected_failure_done"
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class TrainPlan:
+    """Numbers the driver fixes before the workers start, so that every rank agrees on them."""
+
+    world_size: int
+    steps_per_epoch: int
+    total_steps: int
+    eval_every_steps: int
+    torch_threads: int
+    run_dir: str
+    train_pairs: int
+
+
+def make_plan(cfg: TrainJobConfig, train_pairs: int, run_dir: str, cpus_per_worker: float) -> TrainPlan:
+    t = cfg.train
+    world = t.num_workers
+    # Ray Data's equal split gives each rank floor(n / world) rows; only full batches are used.
+    steps_per_epoch = (train_pairs // world) // t.batch_size
+    if steps_per_epoch == 0:
+        raise InputError(
+            f"{cfg.data.path}: {train_pairs} training pairs are fewer than one global batch "
+            f"(batch_size {t.batch_size} x num_workers {world}); lower --batch-size or add data"
+        )
+    total = steps_per_epoch * t.epochs
+    if t.max_steps is not None:
+        total = min(total, t.max_steps)
+    return TrainPlan(
+        world_size=world,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        eval_every_steps=t.eval_every_steps or steps_per_epoch,
+        torch_threads=t.torch_threads or max(1, math.floor(cpus_per_worker)),
+        run_dir=run_dir,
+        train_pairs=train_pairs,
+    )
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint needs to resume exactly, besides model and optimizer tensors."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed: the data position
+    attempts: list[dict[str, int]] = field(default_factory=list)  # one per (re)start: start_step, steps_run
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {"step": s, "metrics": {...}}
+
+
+# ---------------------------------------------------------------------------------------------- one step
+
+
+def contrastive_loss(forward, model, loss_fn, questions: list[str], answers: list[str]) -> torch.Tensor:
+    """This worker's loss for one step: its questions against the (gathered) answers of the global batch."""
+    from denseqa.losses import text_hashes
+    from denseqa.model import embed_texts
+
+    q = embed_texts(forward, model, questions)  # (B, d)
+    a = embed_texts(forward, model, answers)  # (B, d)
+    hashes = [text_hashes(questions), text_hashes(answers)] if loss_fn.mask_duplicates else None
+    return loss_fn.compute_loss_from_embeddings([q, a], text_hashes=hashes)
+
+
+def _all_reduce_mean(value: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    value = value.detach().float().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def _broadcast(obj: Any) -> Any:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
+def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and LayerNorm weights (Loshchilov & Hutter, 2019, as in BERT)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+
+
+# ---------------------------------------------------------------------------------------------- the worker
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+    from sentence_transformers.util.distributed import distributed_evaluation
+    from transformers import get_linear_schedule_with_warmup
+
+    from denseqa.eval import build_evaluator, evaluate
+    from denseqa.losses import GatheredMultipleNegativesRankingLoss
+    from denseqa.model import freeze_parameters_without_grad, load_model
+
+    _setup_worker_logging()
+    cfg = TrainJobConfig.from_dict(loop_config["config"])
+    plan = TrainPlan(**loop_config["plan"])
+    t = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    is_rank_zero = rank == 0
+    torch.set_num_threads(plan.torch_threads)
+    torch.manual_seed(t.seed)
+    device = ray.train.torch.get_device()
+
+    # Model, frozen dead parameters (DDP fails on them), optimizer, schedule.
+    model = load_model(cfg.model, device=str(device))
+    frozen = freeze_parameters_without_grad(model)
+    optimizer = build_optimizer(model, t)
+    warmup = int(t.warmup_ratio * plan.total_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, plan.total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+
+    # Resume: after a worker failure Ray Train hands back the latest checkpoint of this run.
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        if state.batch_in_epoch >= plan.steps_per_epoch:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    state.attempts.append({"start_step": state.step, "steps_run": 0})
+    attempt = state.attempts[-1]
+
+    # broadcast_buffers=False: BERT's position_ids buffer would otherwise be broadcast inside forward, which
+    # raises an in-place-modification error on the second forward pass (sentence-transformers does the same).
+    forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
+                                                   mask_duplicates=t.mask_duplicates)
+    evaluator = build_evaluator([tuple(p) for p in loop_config["heldout"]], batch_size=t.eval_batch_size)
+    shard = ray.train.get_dataset_shard("train")
+
+    def run_eval() -> dict[str, float]:
+        # Every rank encodes a share of the held-out texts; rank 0 computes the metrics.
+        model.eval()
+        metrics: dict[str, float] = {}
+        with torch.no_grad(), distributed_evaluation(model) as runs_evaluator:
+            if runs_evaluator:
+                metrics = evaluate(model, evaluator)
+        model.train()
+        return _broadcast(metrics)
+
+    def save_and_report(metrics: dict[str, float]) -> None:
+        state.evals.append({"step": state.step, "metrics": metrics})
+        report = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
+        if not is_rank_zero:
+            ray.train.report(report)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            _save_checkpoint(tmp, model, optimizer, scheduler, scaler, state)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
+
+    if is_rank_zero:
+        logger.info(
+            "training: %d workers x %d pairs = global batch %d, so %d negatives per question%s; "
+            "%d steps (%d per epoch), eval every %d; frozen without gradient: %s",
+            world, t.batch_size, world * t.batch_size, (world if t.gather else 1) * t.batch_size - 1,
+            " (gathered across workers)" if t.gather and world > 1 else "", plan.total_steps,
+            plan.steps_per_epoch, plan.eval_every_steps, ", ".join(frozen) or "none",
+        )
+    if state.step == 0:
+        baseline = run_eval()
+        state.evals.append({"step": 0, "metrics": baseline})
+        if is_rank_zero:
+            logger.info("held-out before training: %s", _fmt(baseline))
+
+    model.train()
+    stop_reason = None
+    started, steps_timed = time.time(), 0
+    while state.step < plan.total_steps and stop_reason is None:
+        # A fixed per-epoch seed makes the batch order reproducible, so a resumed run sees the same batches.
+        batches = shard.iter_batches(
+            batch_size=t.batch_size, drop_last=True, batch_format="numpy",
+            local_shuffle_buffer_size=t.batch_size * 8, local_shuffle_seed=t.seed + state.epoch,
+        )
+        for batch_index, batch in enumerate(batches):
+            if batch_index < state.batch_in_epoch:
+                continue  # consumed before the checkpoint this run resumed from
+            if state.step >= plan.total_steps:
+                break
+            _maybe_inject_failure(t, plan, state, rank, world)
+
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = contrastive_loss(forward, model, loss_fn, list(batch["question"]), list(batch["answer"]))
+            if t.inject_nan_at_step == state.step + 1:
+                loss = loss * float("nan")
+            # All ranks see the same mean loss, so they all stop together on a NaN (no rank left waiting).
+            mean_loss = _all_reduce_mean(loss)
+            if not math.isfinite(mean_loss):
+                stop_reason = f"loss became {mean_loss} at step {state.step + 1}"
+                break
+
+            scaler.scale(loss).backward()
+            if t.max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch = batch_index + 1
+            attempt["steps_run"] += 1
+            steps_timed += 1
+
+            if state.step % t.log_every_steps == 0 or state.step == plan.total_steps:
+                elapsed = time.time() - started
+                pairs_per_s = steps_timed * world * t.batch_size / max(elapsed, 1e-9)
+                eta = (plan.total_steps - state.step) * elapsed / steps_timed
+                if is_rank_zero:
+                    logger.info("step %d/%d | epoch %d | loss %.4f | %.1f pairs/s | lr %.2e | eta %s",
+                                state.step, plan.total_steps, state.epoch + 1, mean_loss, pairs_per_s,
+                                scheduler.get_last_lr()[0], _fmt_seconds(eta))
+                ray.train.report({"step": state.step, "epoch": state.epoch, "loss": mean_loss,
+                                  "pairs_per_s": pairs_per_s})
+            if state.step % plan.eval_every_steps == 0 or state.step == plan.total_steps:
+                metrics = run_eval()
+                if is_rank_zero:
+                    logger.info("held-out at step %d: %s", state.step, _fmt(metrics))
+                save_and_report(metrics)
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    if stop_reason is not None:
+        if is_rank_zero:
+            logger.error("stopping: %s", stop_reason)
+        ray.train.report({"step": state.step, "stopped": stop_reason})
+
+
+def _maybe_inject_failure(t, plan: TrainPlan, state: TrainState, rank: int, world: int) -> None:
+    """Test-only: the last rank dies once at the start of the configured step (a marker makes it once)."""
+    if t.inject_failure_at_step != state.step + 1 or rank != world - 1:
+        return
+    marker = os.path.join(plan.run_dir, FAILURE_MARKER)
+    if os.path.exists(marker):
+        return
+    open(marker, "w").close()
+    logger.warning("test-only failure injection: worker of rank %d exits at step %d", rank, state.step + 1)
+    os._exit(1)
+
+
+def _save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: TrainState) -> None:
+    model.save(os.path.join(path, "model"))
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict()}, os.path.join(path, OPTIMIZER_FILE))
+    with open(os.path.join(path, STATE_FILE), "w") as f:
+        json.dump(dataclasses.asdict(state), f, indent=1)
+
+
+def _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler) -> TrainState:
+    from sentence_transformers import SentenceTransformer
+
+    with checkpoint.as_directory() as path:
+        # Copy the weights into the existing modules: the frozen flags and the optimizer's parameters stay valid.
+        saved = SentenceTransformer(os.path.join(path, "model"), device="cpu")
+        model.load_state_dict(saved.state_dict())
+        tensors = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        scaler.load_state_dict(tensors["scaler"])
+        with open(os.path.join(path, STATE_FILE)) as f:
+            state = TrainState(**json.load(f))
+    logger.info("resumed from checkpoint at step %d (epoch %d, batch %d)", state.step, state.epoch + 1,
+                state.batch_in_epoch)
+    return state
+
+
+def _setup_worker_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s denseqa %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+
+
+def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
+    """Validate, read the data, train on Ray Train, write the model folder with its ``denseqa.json`` record.
+
+    Returns the record. Raises :class:`InputError` (before any worker starts) or :class:`TrainingError`.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from denseqa.data import load_qa_data
+    from denseqa.model import check_model_source, describe_model
+
+    started = time.time()
+    output, run_dir = _resolve_output(cfg)
+    check_model_source(cfg.model.model)
+    data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
+
+    t = cfg.train
+    cpus_per_worker = t.cpus_per_worker or _default_cpus_per_worker(t.num_workers, t.use_gpu)
+    plan = make_plan(cfg, data.counts["train"], run_dir, cpus_per_worker)
+    logger.info("model %s; %d workers, %.2f CPUs each%s; run folder %s", describe_model(cfg.model), t.num_workers,
+                cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
+
+    storage_path, name = run_dir.rstrip("/").rsplit("/", 1)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "heldout": data.heldout},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute=f"eval_{t.checkpoint_metric}",
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets={"train": data.train},
+    )
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed (after {t.max_failures} restarts allowed): {_root_cause(e)}; "
+                            f"checkpoints are in {run_dir}, continue with --resume") from None
+    if result.metrics and result.metrics.get("stopped"):
+        last = result.checkpoint.path if result.checkpoint else "none"
+        raise TrainingError(f"{result.metrics['stopped']}; training stopped, the last good checkpoint is {last}")
+    if result.checkpoint is None:
+        raise TrainingError(f"training finished without a checkpoint in {run_dir}")
+
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+            state = TrainState(**json.load(f))
+        record = _make_record(cfg, data, plan, state, run_dir, output, time.time() - started)
+        publish_model(os.path.join(checkpoint_dir, "model"), output, record)
+    logger.info("model written to %s (held-out %s)", output, _fmt(record["metrics"]["final"]))
+    return record
+
+
+def _root_cause(error: Exception) -> str:
+    """The last 'SomeError: message' line of a worker's traceback, which names what actually went wrong."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
+    return causes[-1] if causes else next((line for line in lines if line), type(error).__name__)
+
+
+def _resolve_output(cfg: TrainJobConfig) -> tuple[str, str]:
+    from denseqa.data import is_uri
+
+    out = cfg.output
+    if not out.output:
+        raise InputError("no output given: pass --output FOLDER for the trained model")
+    output = out.output if is_uri(out.output) else os.path.abspath(os.path.expanduser(out.output))
+    run_dir = out.run_dir or output.rstrip("/") + ".run"
+    if not is_uri(run_dir):
+        run_dir = os.path.abspath(os.path.expanduser(run_dir))
+    if not is_uri(output) and os.path.isdir(output) and os.listdir(output) and not out.overwrite:
+        raise InputError(f"{output}: output folder exists and is not empty; pass --overwrite or another --output")
+    has_run = _exists(os.path.join(run_dir, "checkpoint_manager_snapshot.json"))
+    if has_run and not out.resume:
+        raise InputError(f"{run_dir}: run folder already holds a run; pass --resume to continue it, "
+                         "or choose another --run-dir")
+    if out.resume and not has_run:
+        raise InputError(f"{run_dir}: --resume given but this run folder holds no run to continue")
+    return output, run_dir
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    from denseqa.data import is_uri
+
+    if not is_uri(path):
+        return os.path.exists(path)
+    fs, p = pafs.FileSystem.from_uri(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
+    """1 CPU per GPU worker; on CPU, share all but one CPU so Ray Data's read tasks always find one."""
+    import ray
+
+    if use_gpu:
+        return 1.0
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))
+
+
+def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str, wall_s: float) -> dict:
+    import platform
+    from importlib.metadata import version
+
+    from denseqa.model import describe_model
+
+    metric = cfg.train.checkpoint_metric
+    trained = [e for e in state.evals if e["step"] > 0]
+    best = max(trained, key=lambda e: e["metrics"][metric]) if trained else None
+    return {
+        "model": describe_model(cfg.model),
+        "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
+        "training": {
+            "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "epochs": cfg.train.epochs, "workers": plan.world_size,
+            "global_batch_size": plan.world_size * cfg.train.batch_size,
+            "negatives_per_question": (plan.world_size if cfg.train.gather else 1) * cfg.train.batch_size - 1,
+            "attempts": state.attempts, "run_dir": run_dir,
+        },
+        "metrics": {
+            "before": state.evals[0]["metrics"] if state.evals and state.evals[0]["step"] == 0 else None,
+            "final": state.evals[-1]["metrics"] if state.evals else None,
+            "best": best, "ranked_by": metric, "history": state.evals,
+        },
+        "config": cfg.to_dict(),
+        "versions": {"python": platform.python_version(),
+                     **{p: version(p) for p in ("denseqa", "ray", "torch", "transformers",
+                                                "sentence-transformers")}},
+        "wall_time_s": round(wall_s, 1),
+        "output": output,
+    }
+
+
+def publish_model(model_dir: str, output: str, record: dict) -> None:
+    """Write the model folder and its record so that a half-written output never exists under ``output``.
+
+    Locally: copy into a hidden sibling folder, then rename it into place. For a URI (no atomic rename on object
+    stores) the record ``denseqa.json`` is written last, so its presence marks a complete folder.
+    """
+    from denseqa.data import is_uri
+
+    with tempfile.TemporaryDirectory() as staging_root:
+        staging = os.path.join(staging_root, "model")
+        shutil.copytree(model_dir, staging)
+        if is_uri(output):
+            import pyarrow.fs as pafs
+
+            fs, path = pafs.FileSystem.from_uri(output)
+            pafs.copy_files(staging, path, destination_filesystem=fs)
+            with fs.open_output_stream(f"{path.rstrip('/')}/{RECORD_FILE}") as f:
+                f.write(json.dumps(record, indent=2).encode())
+            return
+        with open(os.path.join(staging, RECORD_FILE), "w") as f:
+            json.dump(record, f, indent=2)
+        parent = os.path.dirname(output)
+        os.makedirs(parent, exist_ok=True)
+        incoming = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.incoming-", dir=parent)
+        os.rmdir(incoming)
+        shutil.copytree(staging, incoming)  # same filesystem as output, so the renames below are atomic
+    if os.path.exists(output):
+        retired = incoming.replace(".incoming-", ".old-")
+        os.rename(output, retired)
+        os.rename(incoming, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(incoming, output)
