@@ -101,7 +101,8 @@ def _list_files(fs: pafs.FileSystem, root: str, recursive: bool) -> list[str]:
 def _is_string(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    # A column (or file part) whose values are all null has the null type; its rows are dropped as empty.
+    return pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
 def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> None:

@@ -36,6 +36,7 @@ RECORD_FILE = "denseqa.json"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FAILURE_MARKER = ".injected_failure_done"
+STOPPED_FILE = "stopped.json"  # written by rank 0 when the run stops early (non-finite loss)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -276,10 +277,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
-    if stop_reason is not None:
-        if is_rank_zero:
-            logger.error("stopping: %s", stop_reason)
-        ray.train.report({"step": state.step, "stopped": stop_reason})
+    if stop_reason is not None and is_rank_zero:
+        logger.error("stopping: %s", stop_reason)
+        # Ray Train's result carries the metrics of the last checkpoint only, so the reason goes in a file.
+        _write_run_file(plan.run_dir, STOPPED_FILE, {"step": state.step + 1, "reason": stop_reason})
 
 
 def _maybe_inject_failure(t, plan: TrainPlan, state: TrainState, rank: int, world: int) -> None:
@@ -290,6 +291,12 @@ def _maybe_inject_failure(t, plan: TrainPlan, state: TrainState, rank: int, worl
     if os.path.exists(marker):
         return
     open(marker, "w").close()
+    # Die only once Ray Train has committed every checkpoint reported so far: a report still in flight at a
+    # crash is dropped (the run then resumes from the one before), which would make the test's expectation racy.
+    import ray.train
+
+    ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED,
+                                           timeout_s=120)
     logger.warning("test-only failure injection: worker of rank %d exits at step %d", rank, state.step + 1)
     os._exit(1)
 
@@ -383,14 +390,16 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
         ),
         datasets={"train": data.train},
     )
+    _remove_run_file(run_dir, STOPPED_FILE)  # left by an earlier attempt that this one resumes
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training failed (after {t.max_failures} restarts allowed): {_root_cause(e)}; "
                             f"checkpoints are in {run_dir}, continue with --resume") from None
-    if result.metrics and result.metrics.get("stopped"):
+    stopped = _read_run_file(run_dir, STOPPED_FILE)
+    if stopped:
         last = result.checkpoint.path if result.checkpoint else "none"
-        raise TrainingError(f"{result.metrics['stopped']}; training stopped, the last good checkpoint is {last}")
+        raise TrainingError(f"{stopped['reason']}; training stopped, the last good checkpoint is {last}")
     if result.checkpoint is None:
         raise TrainingError(f"training finished without a checkpoint in {run_dir}")
 
@@ -431,15 +440,42 @@ def _resolve_output(cfg: TrainJobConfig) -> tuple[str, str]:
     return output, run_dir
 
 
-def _exists(path: str) -> bool:
+def _filesystem(path: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI."""
     import pyarrow.fs as pafs
 
     from denseqa.data import is_uri
 
-    if not is_uri(path):
-        return os.path.exists(path)
-    fs, p = pafs.FileSystem.from_uri(path)
+    return pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), os.path.abspath(path))
+
+
+def _exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = _filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def _write_run_file(run_dir: str, name: str, obj: Any) -> None:
+    fs, p = _filesystem(run_dir.rstrip("/") + "/" + name)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(obj).encode())
+
+
+def _read_run_file(run_dir: str, name: str) -> Any:
+    path = run_dir.rstrip("/") + "/" + name
+    if not _exists(path):
+        return None
+    fs, p = _filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def _remove_run_file(run_dir: str, name: str) -> None:
+    path = run_dir.rstrip("/") + "/" + name
+    if _exists(path):
+        fs, p = _filesystem(path)
+        fs.delete_file(p)
 
 
 def _default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:

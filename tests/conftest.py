@@ -47,9 +47,9 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A real local Ray runtime sized like this machine (2 CPUs)."""
+    """A real local Ray runtime sized like this machine (2 CPUs), for one test module."""
     import ray
 
     if not ray.is_initialized():

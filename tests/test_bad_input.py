@@ -1,0 +1,123 @@
+"""Acceptance 5: every bad input gives one clear line naming the file and the problem, exit code 2, no traceback.
+
+Each case runs the real command line (`python jobs/train.py ...`) in a fresh process, as a user would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, env=_env())
+
+
+def _env() -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    errors = [line for line in result.stderr.splitlines() if line.startswith("denseqa train: error:")]
+    assert len(errors) == 1, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+@pytest.fixture
+def out(tmp_path) -> str:
+    return str(tmp_path / "out" / "model")
+
+
+def test_missing_path(tmp_path, out):
+    missing = tmp_path / "nope.parquet"
+    assert_one_line_error(run_train("--data", str(missing), "--output", out), str(missing), "path not found")
+
+
+def test_not_parquet(tmp_path, out):
+    bad = tmp_path / "qa.parquet"
+    bad.write_text("question,answer\nhow?,like this\n")
+    assert_one_line_error(run_train("--data", str(bad), "--output", out), str(bad), "not a readable parquet file")
+
+
+def test_missing_column(qa_parquet, out):
+    path = qa_parquet(Q=["a question"], answer=["an answer"])
+    assert_one_line_error(run_train("--data", path, "--output", out), path, "column 'question' missing",
+                          "columns: Q, answer", "--question-column")
+
+
+def test_configurable_column_names_are_accepted_by_validation(qa_parquet, out):
+    path = qa_parquet(Q=["a question"], answer=[None])
+    # The seed data called the question column Q: with the right name, validation moves on to the rows
+    assert_one_line_error(run_train("--data", path, "--question-column", "Q", "--output", out), path, "no rows left")
+
+
+def test_column_not_string(qa_parquet, out):
+    path = qa_parquet(question=[1, 2], answer=["x", "y"])
+    assert_one_line_error(run_train("--data", path, "--output", out), path, "column 'question' must be string",
+                          "int64")
+
+
+def test_no_rows_left_after_dropping_empty_texts(qa_parquet, out):
+    path = qa_parquet(question=["  ", None, "q"], answer=["a", "b", "\n\t"])
+    assert_one_line_error(run_train("--data", path, "--output", out), path, "no rows left after dropping 3")
+
+
+def test_too_many_dropped_rows(qa_parquet, out):
+    questions = [f"question {i}" for i in range(20)]
+    answers = [f"answer {i}" if i % 4 else "" for i in range(20)]  # 5 of 20 empty: 25%
+    path = qa_parquet(question=questions, answer=answers)
+    assert_one_line_error(run_train("--data", path, "--output", out), path, "5 of 20 rows (25.0%)",
+                          "--max-dropped-fraction")
+
+
+def test_empty_directory(tmp_path, out):
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_train("--data", str(tmp_path / "empty"), "--output", out), "no parquet files found")
+
+
+def test_bad_option_value(qa_parquet, out):
+    path = qa_parquet(question=["q"], answer=["a"])
+    assert_one_line_error(run_train("--data", path, "--output", out, "--scale", "-1"),
+                          "train.scale must be > 0, got -1.0")
+
+
+def test_existing_run_folder_needs_resume(tmp_path, qa_parquet, out):
+    path = qa_parquet(question=["q"], answer=["a"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    assert_one_line_error(run_train("--data", path, "--output", out, "--run-dir", str(run_dir)),
+                          str(run_dir), "pass --resume")
+
+
+def test_unreachable_hub_model(qa_parquet, out):
+    path = qa_parquet(question=["q"], answer=["a"])
+    assert_one_line_error(run_train("--data", path, "--output", out, "--model", "klue/roberta-base"),
+                          "'klue/roberta-base'", "Hub is unreachable", "--model ./models/roberta-base")
+
+
+def test_directory_and_glob_inputs_are_read(tmp_path):
+    # Given the same pairs split over two files in a folder
+    from denseqa.data import resolve_parquet_files
+
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    for i in range(2):
+        pq.write_table(pa.table({"question": [f"q{i}"], "answer": [f"a{i}"]}), folder / f"part-{i}.parquet")
+    (folder / "README.txt").write_text("not data")
+    _, by_dir = resolve_parquet_files(str(folder))
+    _, by_glob = resolve_parquet_files(str(folder / "part-*.parquet"))
+    assert by_dir == by_glob == [str(folder / "part-0.parquet"), str(folder / "part-1.parquet")]

@@ -1,0 +1,128 @@
+"""Acceptance 3 and 4 (and the NaN stop) through a real `ray job submit` to a local `ray start --head` cluster
+with token authentication on, as a user runs denseqa.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, real_pairs
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head` from this venv (its python is the one jobs run), token auth on, 2 CPUs like CI."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    token = tmp / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    dashboard = _free_port()
+    subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
+                    "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "tmp": tmp}
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def submit(cluster, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["ray", "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
+         "python", "jobs/train.py", *args],
+        env=cluster["env"], capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def sample(cluster) -> str:
+    import pyarrow.parquet as pq
+
+    path = cluster["tmp"] / "debian-en-400.parquet"
+    pq.write_table(real_pairs(400, seed=1), path)
+    return str(path)
+
+
+def test_submit_without_the_token_is_refused(cluster):
+    env = {**cluster["env"], "RAY_AUTH_TOKEN_PATH": str(cluster["tmp"] / "wrong_token")}
+    Path(env["RAY_AUTH_TOKEN_PATH"]).write_text(secrets.token_hex(32))
+    result = subprocess.run(["ray", "job", "list", "--address", cluster["address"]], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
+def test_job_trains_the_default_model_and_writes_a_loadable_model_with_its_record(cluster, sample):
+    out = cluster["tmp"] / "default" / "model"
+    # When the training job is submitted with 2 workers on the 2-CPU cluster (must not starve Ray Data)
+    result = submit(cluster, "--data", sample, "--output", str(out), "--num-workers", "2", "--batch-size", "8",
+                    "--max-steps", "4", "--eval-every-steps", "2", "--log-every-steps", "2", "--heldout-size", "50",
+                    "--max-seq-length", "64")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    # Then rank 0 showed progress, the model loads and embeds, and the record holds the eval metrics
+    assert "step 4/4" in log and "pairs/s" in log and "eta" in log
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(out))
+    assert model.encode(["debian package manager"]).shape == (1, 384)
+    record = json.loads((out / "denseqa.json").read_text())
+    assert record["data"]["rows"] == {"read": 400, "dropped": 0, "heldout": 50, "train": 350}
+    assert record["training"]["steps"] == 4 and record["training"]["global_batch_size"] == 16
+    assert record["training"]["negatives_per_question"] == 15
+    for key in ("before", "final"):
+        assert set(record["metrics"][key]) == {"recall@1", "recall@10", "mrr@10", "ndcg@10"}
+        assert all(0 <= v <= 1 for v in record["metrics"][key].values())
+    assert [e["step"] for e in record["metrics"]["history"]] == [0, 2, 4]
+    assert record["config"]["train"]["num_workers"] == 2 and record["wall_time_s"] > 0
+    assert {"ray", "torch", "sentence-transformers"} <= set(record["versions"])
+
+
+def test_a_worker_that_dies_is_restarted_and_resumes_from_the_last_checkpoint(cluster, sample, tiny_model_dir):
+    out = cluster["tmp"] / "faulty" / "model"
+    # Given checkpoints at steps 3, 6, 8 and the last worker dying at the start of step 5 (test-only setting)
+    result = submit(cluster, "--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers",
+                    "2", "--batch-size", "8", "--max-steps", "8", "--eval-every-steps", "3", "--heldout-size", "40",
+                    "--max-seq-length", "32", "--inject-failure-at-step", "5", "--max-failures", "1")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    assert "exits at step 5" in log and "resumed from checkpoint at step 3" in log
+    record = json.loads((out / "denseqa.json").read_text())
+    # Then the run finished all 8 steps; the second attempt started at the checkpoint and ran each later step once
+    assert record["training"]["steps"] == 8
+    assert record["training"]["attempts"] == [{"start_step": 0, "steps_run": 3}, {"start_step": 3, "steps_run": 5}]
+    assert [e["step"] for e in record["metrics"]["history"]] == [0, 3, 6, 8]
+
+
+def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cluster, sample,
+                                                                                      tiny_model_dir):
+    out = cluster["tmp"] / "nan" / "model"
+    result = submit(cluster, "--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers",
+                    "2", "--batch-size", "8", "--max-steps", "6", "--eval-every-steps", "2", "--heldout-size", "40",
+                    "--max-seq-length", "32", "--inject-nan-at-step", "3")
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "loss became nan at step 3; training stopped, the last good checkpoint is" in log
+    assert not out.exists()
+    assert (Path(str(out) + ".run") / "checkpoint_step0000002" / "model" / "model.safetensors").exists()
