@@ -305,3 +305,21 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
             values.setdefault(section, {})
             values[section] = dict(values[section] or {}, **{key: value})
     return TrainJobConfig.from_dict(values, source=source)
+
+
+def config_reference_markdown() -> str:
+    """The configuration reference in the README, generated from the dataclasses (a test keeps them equal)."""
+    lines = []
+    for section_name, section_cls in SECTIONS.items():
+        lines += [f"**{section_name}** — {section_cls.__doc__.strip()}", "", "| key | flag | default | meaning |",
+                  "|---|---|---|---|"]
+        for f in dataclasses.fields(section_cls):
+            default = "" if f.default is None else f"`{f.default}`"
+            flags = " ".join(f"`{flag}`" for flag in _flag(f))
+            lines.append(f"| `{section_name}.{f.name}` | {flags} | {default} | {f.metadata['help']} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(config_reference_markdown(), end="")

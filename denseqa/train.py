@@ -88,6 +88,7 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed: the data position
     attempts: list[dict[str, int]] = field(default_factory=list)  # one per (re)start: start_step, steps_run
     evals: list[dict[str, Any]] = field(default_factory=list)  # {"step": s, "metrics": {...}}
+    train_seconds: float = 0.0  # wall time of the training steps (data included, evaluation excluded)
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -222,7 +223,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model.train()
     stop_reason = None
-    started, steps_timed = time.time(), 0
+    clock, steps_timed, seconds_timed = time.time(), 0, 0.0
     while state.step < plan.total_steps and stop_reason is None:
         # A fixed per-epoch seed makes the batch order reproducible, so a resumed run sees the same batches.
         batches = shard.iter_batches(
@@ -257,12 +258,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.step += 1
             state.batch_in_epoch = batch_index + 1
             attempt["steps_run"] += 1
-            steps_timed += 1
+            now = time.time()
+            steps_timed, seconds_timed = steps_timed + 1, seconds_timed + (now - clock)
+            state.train_seconds += now - clock
+            clock = now
 
             if state.step % t.log_every_steps == 0 or state.step == plan.total_steps:
-                elapsed = time.time() - started
-                pairs_per_s = steps_timed * world * t.batch_size / max(elapsed, 1e-9)
-                eta = (plan.total_steps - state.step) * elapsed / steps_timed
+                pairs_per_s = steps_timed * world * t.batch_size / max(seconds_timed, 1e-9)
+                eta = (plan.total_steps - state.step) * seconds_timed / steps_timed
                 if is_rank_zero:
                     logger.info("step %d/%d | epoch %d | loss %.4f | %.1f pairs/s | lr %.2e | eta %s",
                                 state.step, plan.total_steps, state.epoch + 1, mean_loss, pairs_per_s,
@@ -274,6 +277,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if is_rank_zero:
                     logger.info("held-out at step %d: %s", state.step, _fmt(metrics))
                 save_and_report(metrics)
+                clock = time.time()  # evaluation and checkpointing are not training throughput
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
@@ -505,7 +509,9 @@ def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, ou
             "epochs": cfg.train.epochs, "workers": plan.world_size,
             "global_batch_size": plan.world_size * cfg.train.batch_size,
             "negatives_per_question": (plan.world_size if cfg.train.gather else 1) * cfg.train.batch_size - 1,
-            "attempts": state.attempts, "run_dir": run_dir,
+            "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
+            "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
+                                 * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
         },
         "metrics": {
             "before": state.evals[0]["metrics"] if state.evals and state.evals[0]["step"] == 0 else None,

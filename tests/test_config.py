@@ -39,3 +39,12 @@ def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):
     with pytest.raises(InputError, match=message) as e:
         TrainJobConfig.from_dict(values, source="x.yaml")
     assert "\n" not in str(e.value)
+
+
+def test_readme_configuration_reference_is_generated_from_the_config_classes():
+    from denseqa.config import config_reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
+    assert readme.split(start, 1)[1].split(end, 1)[0] == config_reference_markdown(), (
+        "README's configuration reference is stale: regenerate it with python -m denseqa.config")

