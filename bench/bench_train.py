@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--quality-steps", type=int, default=300, help="steps of the short training (0: skip)")
     p.add_argument("--heldout", type=int, default=1000, help="held-out pairs for the quality figures")
+    p.add_argument("--parts", default="throughput,gather,quality", help="comma-separated parts to run")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,44 +90,50 @@ def main() -> None:
     results: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
                      "settings": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
-    # 1. one worker against SentenceTransformerTrainer, both with all (2) cores' threads
+    parts = set(a.parts.split(","))
     threads = os.cpu_count() or 1
-    st = sentence_transformers_run(str(sample), a.steps, a.batch_size, a.max_seq_length, threads)
-    one = denseqa_run(str(sample), str(work / "one"), *common, "--num-workers", "1", "--cpus-per-worker", "1",
-                      "--torch-threads", str(threads))
-    results["throughput"] = {
-        "threads": threads,
-        "sentence_transformers_trainer_pairs_per_s": round(st, 2),
-        "denseqa_1_worker_pairs_per_s": one["training"]["pairs_per_s"],
-        "ratio": round(one["training"]["pairs_per_s"] / st, 3),
-    }
-    print(json.dumps(results["throughput"], indent=1), flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(key: str, value: dict) -> None:
+        results[key] = value
+        print(json.dumps({key: value}, indent=1), flush=True)
+        out.write_text(json.dumps(results, indent=1))  # after each part, so a long run keeps what it measured
+
+    # 1. one worker against SentenceTransformerTrainer, both with all (2) cores' threads
+    if "throughput" in parts:
+        st = sentence_transformers_run(str(sample), a.steps, a.batch_size, a.max_seq_length, threads)
+        one = denseqa_run(str(sample), str(work / "one"), *common, "--num-workers", "1", "--cpus-per-worker", "1",
+                          "--torch-threads", str(threads))
+        save("throughput", {
+            "threads": threads,
+            "sentence_transformers_trainer_pairs_per_s": round(st, 2),
+            "denseqa_1_worker_pairs_per_s": one["training"]["pairs_per_s"],
+            "ratio": round(one["training"]["pairs_per_s"] / st, 3),
+        })
 
     # 2. gather on and off with 2 workers (1 thread each: one core per worker on this machine)
-    two = {}
-    for gather in ("--gather", "--no-gather"):
-        r = denseqa_run(str(sample), str(work / f"two{gather}"), *common, "--num-workers", "2", gather,
-                        "--torch-threads", "1")
-        two[gather.lstrip("-")] = r["training"]["pairs_per_s"]
-    results["gather_2_workers"] = {"gather_pairs_per_s": two["gather"], "no_gather_pairs_per_s": two["no-gather"],
-                                   "gather_cost": round(1 - two["gather"] / two["no-gather"], 3)}
-    print(json.dumps(results["gather_2_workers"], indent=1), flush=True)
+    if "gather" in parts:
+        two = {}
+        for gather in ("--gather", "--no-gather"):
+            r = denseqa_run(str(sample), str(work / f"two{gather}"), *common, "--num-workers", "2", gather,
+                            "--torch-threads", "1")
+            two[gather.lstrip("-")] = r["training"]["pairs_per_s"]
+        save("gather_2_workers", {"gather_pairs_per_s": two["gather"], "no_gather_pairs_per_s": two["no-gather"],
+                                  "gather_cost": round(1 - two["gather"] / two["no-gather"], 3)})
 
     # 3. quality before/after a short training on the whole English data set (held-out pairs excluded)
-    if a.quality_steps:
+    if "quality" in parts and a.quality_steps:
         r = denseqa_run(str(DATA), str(work / "quality"), "--batch-size", str(a.batch_size), "--max-seq-length",
                         str(a.max_seq_length), "--max-steps", str(a.quality_steps), "--eval-every-steps",
                         str(a.quality_steps), "--heldout-size", str(a.heldout), "--heldout-max", str(a.heldout),
                         "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(threads),
                         "--learning-rate", "3e-5", "--log-every-steps", "25")
-        results["quality"] = {"data": str(DATA.name), "rows": r["data"]["rows"], "steps": r["training"]["steps"],
-                              "global_batch_size": r["training"]["global_batch_size"],
-                              "before": r["metrics"]["before"], "after": r["metrics"]["final"],
-                              "wall_time_s": r["wall_time_s"]}
-        print(json.dumps(results["quality"], indent=1), flush=True)
+        save("quality", {"data": str(DATA.name), "rows": r["data"]["rows"], "steps": r["training"]["steps"],
+                         "global_batch_size": r["training"]["global_batch_size"],
+                         "before": r["metrics"]["before"], "after": r["metrics"]["final"],
+                         "wall_time_s": r["wall_time_s"]})
 
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.out}")
 

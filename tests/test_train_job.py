@@ -126,3 +126,24 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert "loss became nan at step 3; training stopped, the last good checkpoint is" in log
     assert not out.exists()
     assert (Path(str(out) + ".run") / "checkpoint_step0000002" / "model" / "model.safetensors").exists()
+
+
+def test_a_stopped_run_continues_on_request_from_its_run_folder(cluster, sample, tiny_model_dir):
+    # Given the run the NaN test stopped at step 3 (last good checkpoint: step 2), in its run folder
+    out = cluster["tmp"] / "nan" / "model"
+    run_dir = Path(str(out) + ".run")
+    assert (run_dir / "stopped.json").exists()
+    args = ["--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers", "2",
+            "--batch-size", "8", "--max-steps", "6", "--eval-every-steps", "2", "--heldout-size", "40",
+            "--max-seq-length", "32"]
+    # When it is submitted again without --resume, Then it refuses to mix a new run into the old folder
+    refused = submit(cluster, *args)
+    assert refused.returncode != 0 and "pass --resume" in refused.stdout + refused.stderr
+    # When it is submitted with --resume (and without the NaN), Then it continues from step 2 and finishes
+    result = submit(cluster, *args, "--resume")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    record = json.loads((out / "denseqa.json").read_text())
+    assert record["training"]["steps"] == 6
+    assert record["training"]["attempts"] == [{"start_step": 0, "steps_run": 2}, {"start_step": 2, "steps_run": 4}]
+    assert not (run_dir / "stopped.json").exists()
