@@ -87,7 +87,8 @@ def main() -> None:
     common = ["--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length),
               "--max-steps", str(a.steps), "--eval-every-steps", str(a.steps), "--heldout-size", "50",
               "--log-every-steps", "10"]
-    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+    machine = f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}"
+    results: dict = {"machine": machine,
                      "settings": vars(a), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     parts = set(a.parts.split(","))

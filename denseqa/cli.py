@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from denseqa.config import add_config_arguments, config_from_args
 from denseqa.errors import DenseqaError
-
-logger = logging.getLogger("denseqa")
+from denseqa.logs import setup_logging
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -32,15 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         add_config_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
-
-
-def setup_logging() -> None:
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s denseqa %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

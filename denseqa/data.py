@@ -124,7 +124,7 @@ def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> N
 
 def split_key(question: str, seed: int) -> int:
     """Stable 63-bit hash of (seed, question): the same on every machine and Python process."""
-    digest = hashlib.blake2b(f"{seed}\x00{question}".encode("utf-8"), digest_size=8).digest()
+    digest = hashlib.blake2b(f"{seed}\x00{question}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 
 

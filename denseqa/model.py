@@ -94,7 +94,7 @@ def _hub_has_modules_json(model_id: str) -> bool:
             f"and pass that folder: --model ./models/{model_id.split('/')[-1]}"
         ) from None
     except RepositoryNotFoundError:
-        raise InputError(f"model {model_id!r}: no such model on the Hugging Face Hub, and no such local path") from None
+        raise InputError(f"model {model_id!r}: no such model on the Hugging Face Hub, nor a local path") from None
     except RemoteEntryNotFoundError:
         return False
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
@@ -29,8 +28,7 @@ import torch
 
 from denseqa.config import TrainJobConfig
 from denseqa.errors import InputError, TrainingError
-
-logger = logging.getLogger("denseqa")
+from denseqa.logs import logger, setup_logging
 
 RECORD_FILE = "denseqa.json"
 STATE_FILE = "trainer_state.json"
@@ -128,7 +126,7 @@ def _broadcast(obj: Any) -> Any:
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and LayerNorm weights (Loshchilov & Hutter, 2019, as in BERT)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -148,7 +146,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from denseqa.losses import GatheredMultipleNegativesRankingLoss
     from denseqa.model import freeze_parameters_without_grad, load_model
 
-    _setup_worker_logging()
+    setup_logging()
     cfg = TrainJobConfig.from_dict(loop_config["config"])
     plan = TrainPlan(**loop_config["plan"])
     t = cfg.train
@@ -329,15 +327,6 @@ def _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler) -> TrainSt
     logger.info("resumed from checkpoint at step %d (epoch %d, batch %d)", state.step, state.epoch + 1,
                 state.batch_in_epoch)
     return state
-
-
-def _setup_worker_logging() -> None:
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s denseqa %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -64,8 +64,6 @@ def test_duplicate_texts_are_not_negatives(duplicate):
 
 
 def test_hard_negative_equal_to_the_answer_is_masked():
-    q, a = _embeddings(4, seed=2)
-    neg = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
     questions, answers = [f"q{i}" for i in range(4)], [f"a{i}" for i in range(4)]
     negatives = ["n0", "a1", "n2", "n3"]  # row 1's hard negative is its own answer text
     loss_fn = GatheredMultipleNegativesRankingLoss(None, scale=20.0)
