@@ -10,6 +10,7 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -42,10 +43,25 @@ def cluster(tmp_path_factory):
     subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
                     "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--disable-usage-stats"],
                    env=env, check=True, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dashboard}"
     try:
-        yield {"env": env, "address": f"http://127.0.0.1:{dashboard}", "tmp": tmp}
+        _wait_until_jobs_are_accepted(address, env)
+        yield {"env": env, "address": address, "tmp": tmp}
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _wait_until_jobs_are_accepted(address: str, env: dict, timeout_s: float = 240) -> None:
+    """`ray start` returns before the dashboard's job agent is up ("No available agent to submit job")."""
+    deadline = time.time() + timeout_s
+    while True:
+        probe = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "print(1)"],
+                               env=env, capture_output=True, text=True, timeout=180)
+        if probe.returncode == 0:
+            return
+        if time.time() > deadline:
+            raise RuntimeError(f"the local cluster accepts no job: {probe.stderr[-1000:]}")
+        time.sleep(3)
 
 
 def submit(cluster, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
