@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -40,15 +41,29 @@ def cluster(tmp_path_factory):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     dashboard = _free_port()
-    subprocess.run(["ray", "start", "--head", "--num-cpus", "2", "--port", str(_free_port()),
-                    "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    # --block keeps `ray start` in the foreground, in a session of its own: teardown stops exactly this cluster.
+    # (`ray stop` would stop every Ray on the machine, a user's own cluster or a benchmark included.)
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()), "--dashboard-port",
+         str(dashboard), "--include-dashboard", "true", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dashboard}"
     try:
         _wait_until_jobs_are_accepted(address, env)
         yield {"env": env, "address": address, "tmp": tmp}
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        _stop_process_group(head)
+
+
+def _stop_process_group(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _wait_until_jobs_are_accepted(address: str, env: dict, timeout_s: float = 240) -> None:
