@@ -155,6 +155,8 @@ def load_qa_data(cfg: DataConfig) -> QAData:
     fs, files = resolve_parquet_files(cfg.path)
     check_schema(fs, files, [cfg.question_column, cfg.answer_column])
 
+    # Keep block order stable, so a resumed run that skips the batches it already trained on skips the same ones.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
     raw = ray.data.read_parquet(files, filesystem=fs, columns=[cfg.question_column, cfg.answer_column])
     n_read = raw.count()
     if n_read == 0:
