@@ -123,6 +123,19 @@ def _broadcast(obj: Any) -> Any:
     return obj
 
 
+def ddp_kwargs() -> dict[str, bool]:
+    """No buffer sync inside forward: BERT's position_ids buffer would be broadcast there, which raises an
+    in-place-modification error on the second forward pass of a step (sentence-transformers turns it off too).
+    torch 2.13 renamed the option; all ranks load the same weights, so the sync at wrap time is harmless."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and LayerNorm weights (Loshchilov & Hutter, 2019, as in BERT)."""
     decay, no_decay = [], []
@@ -176,9 +189,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state.attempts.append({"start_step": state.step, "steps_run": 0})
     attempt = state.attempts[-1]
 
-    # broadcast_buffers=False: BERT's position_ids buffer would otherwise be broadcast inside forward, which
-    # raises an in-place-modification error on the second forward pass (sentence-transformers does the same).
-    forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
     loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
                                                    mask_duplicates=t.mask_duplicates)
     evaluator = build_evaluator([tuple(p) for p in loop_config["heldout"]], batch_size=t.eval_batch_size)

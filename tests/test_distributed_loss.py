@@ -15,7 +15,7 @@ import torch
 from denseqa.config import ModelConfig
 from denseqa.losses import GatheredMultipleNegativesRankingLoss
 from denseqa.model import freeze_parameters_without_grad, load_model
-from denseqa.train import contrastive_loss
+from denseqa.train import contrastive_loss, ddp_kwargs
 
 from .conftest import real_pairs
 
@@ -47,7 +47,7 @@ def _worker(config: dict) -> None:
     for name, scenario in SCENARIOS.items():
         model = load_model(ModelConfig(model=config["model_dir"], max_seq_length=48), device="cpu")
         freeze_parameters_without_grad(model)
-        forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
         loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=scenario["gather"])
         questions, answers = _batch(scenario["duplicate"])
         mine = slice(rank * B, (rank + 1) * B)
