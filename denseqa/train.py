@@ -50,7 +50,6 @@ class TrainPlan:
     eval_every_steps: int
     torch_threads: int
     run_dir: str
-    train_pairs: int
 
 
 def make_plan(cfg: TrainJobConfig, train_pairs: int, run_dir: str, cpus_per_worker: float) -> TrainPlan:
@@ -73,7 +72,6 @@ def make_plan(cfg: TrainJobConfig, train_pairs: int, run_dir: str, cpus_per_work
         eval_every_steps=t.eval_every_steps or steps_per_epoch,
         torch_threads=t.torch_threads or max(1, math.floor(cpus_per_worker)),
         run_dir=run_dir,
-        train_pairs=train_pairs,
     )
 
 
@@ -232,7 +230,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model.train()
     stop_reason = None
-    clock, steps_timed, seconds_timed = time.time(), 0, 0.0
+    clock, seconds_timed = time.time(), 0.0  # this attempt's training time, for pairs/s and ETA
     while state.step < plan.total_steps and stop_reason is None:
         # A fixed per-epoch seed makes the batch order reproducible, so a resumed run sees the same batches.
         batches = shard.iter_batches(
@@ -268,13 +266,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.batch_in_epoch = batch_index + 1
             attempt["steps_run"] += 1
             now = time.time()
-            steps_timed, seconds_timed = steps_timed + 1, seconds_timed + (now - clock)
+            seconds_timed += now - clock
             state.train_seconds += now - clock
             clock = now
 
             if state.step % t.log_every_steps == 0 or state.step == plan.total_steps:
-                pairs_per_s = steps_timed * world * t.batch_size / max(seconds_timed, 1e-9)
-                eta = (plan.total_steps - state.step) * seconds_timed / steps_timed
+                pairs_per_s = attempt["steps_run"] * world * t.batch_size / max(seconds_timed, 1e-9)
+                eta = (plan.total_steps - state.step) * seconds_timed / attempt["steps_run"]
                 if is_rank_zero:
                     logger.info("step %d/%d | epoch %d | loss %.4f | %.1f pairs/s | lr %.2e | eta %s",
                                 state.step, plan.total_steps, state.epoch + 1, mean_loss, pairs_per_s,
@@ -541,7 +539,7 @@ def publish_model(model_dir: str, output: str, record: dict) -> None:
         if is_uri(output):
             import pyarrow.fs as pafs
 
-            fs, path = pafs.FileSystem.from_uri(output)
+            fs, path = _filesystem(output)
             pafs.copy_files(staging, path, destination_filesystem=fs)
             with fs.open_output_stream(f"{path.rstrip('/')}/{RECORD_FILE}") as f:
                 f.write(json.dumps(record, indent=2).encode())
