@@ -24,7 +24,8 @@ def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 def _env() -> dict:
     import os
 
-    return {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # RAY_ADDRESS=local: each run starts its own Ray, whatever cluster (or stale address file) the machine has.
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,11 +41,11 @@ def cluster(tmp_path_factory):
         "HF_HUB_OFFLINE": "1",
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    dashboard = _free_port()
+    dashboard, gcs_port = _free_port(), _free_port()
     # --block keeps `ray start` in the foreground, in a session of its own: teardown stops exactly this cluster.
     # (`ray stop` would stop every Ray on the machine, a user's own cluster or a benchmark included.)
     head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(_free_port()), "--dashboard-port",
+        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port), "--dashboard-port",
          str(dashboard), "--include-dashboard", "true", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
@@ -54,6 +55,15 @@ def cluster(tmp_path_factory):
         yield {"env": env, "address": address, "tmp": tmp}
     finally:
         _stop_process_group(head)
+        _forget_address(gcs_port)
+
+
+def _forget_address(gcs_port: int) -> None:
+    """Remove Ray's 'current cluster' file if it names the cluster just stopped (`ray stop` would do this, but it
+    stops every cluster): a stale file makes the next plain `ray.init()` on this machine try to join a dead one."""
+    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+    if address_file.exists() and address_file.read_text().strip().endswith(f":{gcs_port}"):
+        address_file.unlink()
 
 
 def _stop_process_group(process: subprocess.Popen) -> None:
