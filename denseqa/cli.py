@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from denseqa.config import add_config_arguments, config_from_args
+from denseqa.config import COMMAND_SECTIONS, add_config_arguments, config_from_args
 from denseqa.errors import DenseqaError
 from denseqa.logs import setup_logging
 
@@ -14,13 +14,30 @@ from denseqa.logs import setup_logging
 def _train(args: argparse.Namespace) -> None:
     from denseqa.train import run_training
 
-    record = run_training(config_from_args(args))
+    record = run_training(config_from_args(args, COMMAND_SECTIONS["train"]))
     print(json.dumps({"output": record["output"], "metrics": {k: record["metrics"][k] for k in ("before", "final")},
                       "steps": record["training"]["steps"], "wall_time_s": record["wall_time_s"]}, indent=2))
 
 
+def _build_index(args: argparse.Namespace) -> None:
+    from denseqa.index import run_build_index
+
+    manifest = run_build_index(config_from_args(args, COMMAND_SECTIONS["build-index"]))
+    print(json.dumps({k: manifest[k] for k in ("output", "count", "index", "build")}, indent=2))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from denseqa.eval import run_evaluation
+
+    report = run_evaluation(config_from_args(args, COMMAND_SECTIONS["evaluate"]))
+    print(report["markdown"])
+    print(f"report written to {report['output']}")
+
+
 COMMANDS = {
     "train": (_train, "Fine-tune a bi-encoder on Q/A pairs with Ray Train (gathered in-batch negatives)."),
+    "build-index": (_build_index, "Embed a corpus with a Ray Data actor pool and build a FAISS index folder."),
+    "evaluate": (_evaluate, "Search held-out questions in an index: dense, BM25 and hybrid, as JSON, Markdown, PNG."),
 }
 
 
@@ -28,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseqa", description="Q/A pairs to a deployed semantic search on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        add_config_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        add_config_arguments(sub.add_parser(name, help=help_text, description=help_text), COMMAND_SECTIONS[name])
     return parser
 
 
@@ -45,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_command(command: str, argv: list[str]) -> int:
-    """Entry for ``jobs/*.py``: ``python jobs/train.py ARGS`` == ``denseqa train ARGS``."""
+    """Entry for ``jobs/*.py``: ``python jobs/build_index.py ARGS`` == ``denseqa build-index ARGS``."""
     return main([command, *argv])
 
 

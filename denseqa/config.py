@@ -1,9 +1,10 @@
 """All configuration of denseqa: one typed dataclass per pipeline stage.
 
 Defaults live here and only here. Every field carries its help text, which the command line and the README's
-configuration reference are generated from. A YAML config file has one mapping per section
-(``data:``, ``model:``, ``train:``, ``output:``); an unknown key is an error, never silently ignored.
-Command-line flags are the field names with dashes (``--batch-size 32``) and override the YAML file.
+configuration reference are generated from. A YAML config file has one mapping per section (``data:``,
+``model:``, ``train:``, ...); each command reads the sections it needs (:data:`COMMAND_SECTIONS`), and an unknown
+section or key is an error, never silently ignored. Command-line flags are the field names with dashes
+(``--batch-size 32``) and override the YAML file.
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class DataConfig:
     heldout_max: int = _f(2000, "Upper bound on the held-out pairs (evaluation runs on rank 0's schedule).")
     split_seed: int = _f(0, "Seed of the held-out split. The split is by question, so repeats stay together.")
 
+    def check(self, need) -> None:
+        need(0 <= self.max_dropped_fraction <= 1, "data.max_dropped_fraction", "in [0, 1]", self.max_dropped_fraction)
+        need(0 < self.heldout_fraction < 1, "data.heldout_fraction", "in (0, 1)", self.heldout_fraction)
+        need(self.heldout_size is None or self.heldout_size >= 1, "data.heldout_size", ">= 1", self.heldout_size)
+        need(self.heldout_max >= 1, "data.heldout_max", ">= 1", self.heldout_max)
+        need(self.question_column != self.answer_column, "data.answer_column", "different from data.question_column",
+             self.answer_column)
+
 
 @dataclass
 class ModelConfig:
@@ -68,6 +77,19 @@ class ModelConfig:
         "mean", "Pooling for a plain encoder checkpoint (a sentence-transformers folder keeps its own)."
     )
     max_seq_length: int | None = _f(None, "Truncate texts to this many tokens (default: the model's own).")
+    query_prompt: str | None = _f(
+        None,
+        "Text put before every question in training, evaluation and search (e.g. 'query: ' for E5 models). "
+        "Default: the prompt the model was fine-tuned with (its denseqa.json), else none.",
+    )
+    passage_prompt: str | None = _f(
+        None, "Text put before every answer or passage (e.g. 'passage: ' for E5 models). Default as query_prompt."
+    )
+
+    def check(self, need) -> None:
+        need(self.pooling in ("mean", "cls"), "model.pooling", "mean or cls", self.pooling)
+        need(self.max_seq_length is None or self.max_seq_length >= 8, "model.max_seq_length", ">= 8",
+             self.max_seq_length)
 
 
 @dataclass
@@ -118,6 +140,28 @@ class TrainConfig:
     )
     inject_nan_at_step: int | None = _f(None, "Test only: the loss becomes NaN at this step.")
 
+    def check(self, need) -> None:
+        need(self.num_workers >= 1, "train.num_workers", ">= 1", self.num_workers)
+        need(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
+        need(self.batch_size >= 2, "train.batch_size", ">= 2 (in-batch negatives need a batch)", self.batch_size)
+        need(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
+        need(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", self.warmup_ratio)
+        need(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
+        need(self.scale > 0 and math.isfinite(self.scale), "train.scale", "> 0", self.scale)
+        need(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "> 0", self.max_grad_norm)
+        need(self.max_steps is None or self.max_steps >= 1, "train.max_steps", ">= 1", self.max_steps)
+        need(self.log_every_steps >= 1, "train.log_every_steps", ">= 1", self.log_every_steps)
+        need(self.eval_every_steps is None or self.eval_every_steps >= 1, "train.eval_every_steps", ">= 1",
+             self.eval_every_steps)
+        need(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
+        need(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
+        need(self.checkpoint_metric in METRICS, "train.checkpoint_metric", f"one of {', '.join(METRICS)}",
+             self.checkpoint_metric)
+        need(self.use_gpu or self.precision == "fp32", "train.precision", "fp32 without --use-gpu", self.precision)
+        need(self.cpus_per_worker is None or self.cpus_per_worker > 0, "train.cpus_per_worker", "> 0",
+             self.cpus_per_worker)
+        need(self.torch_threads is None or self.torch_threads >= 1, "train.torch_threads", ">= 1", self.torch_threads)
+
 
 @dataclass
 class OutputConfig:
@@ -132,30 +176,171 @@ class OutputConfig:
     resume: bool = _f(False, "Continue the run found in run_dir from its latest checkpoint.")
     overwrite: bool = _f(False, "Replace an existing output folder.")
 
-
-METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "output": OutputConfig}
+    def check(self, need) -> None:
+        pass
 
 
 @dataclass
-class TrainJobConfig:
-    """Everything a training job needs; what is saved with the model in ``denseqa.json``."""
+class CorpusConfig:
+    """The passages to search: a parquet of (id, text), or the distinct answers of a Q/A parquet."""
+
+    path: str | None = _f(
+        None, "Corpus parquet: a file, a directory or a glob; a local path or a URI pyarrow reads.", flag="--corpus"
+    )
+    id_column: str = _f("id", "Column holding each passage's unique id (string or integer).")
+    text_column: str | None = _f(
+        None, "Column holding the passage text (default: text, or answer with --from-answers)."
+    )
+    from_answers: bool = _f(
+        False,
+        "The corpus is a Q/A parquet: index the distinct texts of its answer column, with ids derived from the text "
+        "(a stable hash), so the same answer gets the same id in every run.",
+    )
+
+    def check(self, need) -> None:
+        need(self.text_column != "", "corpus.text_column", "a column name", self.text_column)
+
+    @property
+    def text(self) -> str:
+        return self.text_column or ("answer" if self.from_answers else "text")
+
+
+@dataclass
+class EmbedConfig:
+    """The Ray Data job that embeds the corpus: an actor pool, each actor holding the model once."""
+
+    batch_size: int = _f(1024, "Passages per Ray Data batch handed to an actor (sorted by length inside it).")
+    encode_batch_size: int = _f(64, "Passages per forward pass of the model.")
+    actors: int | None = _f(None, "Embedding actors (default: one per GPU with --use-gpu, else 1).")
+    use_gpu: bool = _f(False, "One GPU per embedding actor.")
+    cpus_per_actor: float | None = _f(
+        None, "Logical CPUs per actor (default: 1 with a GPU; else what leaves one CPU free for reading)."
+    )
+    torch_threads: int | None = _f(
+        None, "torch threads per CPU actor (default: the node's cores divided by the actors, at least 1)."
+    )
+
+    def check(self, need) -> None:
+        need(self.batch_size >= 1, "embed.batch_size", ">= 1", self.batch_size)
+        need(self.encode_batch_size >= 1, "embed.encode_batch_size", ">= 1", self.encode_batch_size)
+        need(self.actors is None or self.actors >= 1, "embed.actors", ">= 1", self.actors)
+        need(self.cpus_per_actor is None or self.cpus_per_actor > 0, "embed.cpus_per_actor", "> 0",
+             self.cpus_per_actor)
+        need(self.torch_threads is None or self.torch_threads >= 1, "embed.torch_threads", ">= 1", self.torch_threads)
+
+
+@dataclass
+class IndexConfig:
+    """The FAISS index over the embedded corpus, its search parameters, and the output folder."""
+
+    output: str | None = _f(None, "Index folder to write (local or URI): index, docstore, manifest.json.")
+    factory: str | None = _f(
+        None, "FAISS index_factory string (e.g. 'IVF4096,PQ48'); overrides the automatic choice."
+    )
+    memory_budget_gb: float = _f(
+        4.0, "Memory the index may take; above it the chooser compresses the vectors (OPQ + IVF-PQ)."
+    )
+    exact_max_vectors: int = _f(20000, "Up to this many vectors, exact inner-product search (no approximation).")
+    hnsw_max_vectors: int = _f(500000, "Up to this many vectors (unsharded, within budget), HNSW; above, IVF.")
+    target_recall: float = _f(
+        0.95, "Tune nprobe / efSearch to the smallest value whose recall@10 against exact search reaches this."
+    )
+    tune_queries: int = _f(1000, "Corpus vectors used as queries to measure recall@10 against exact search.")
+    train_size: int | None = _f(
+        None, "Vectors sampled to train the index (default: 64 per IVF list, at least 50,000, at most all)."
+    )
+    shards: int = _f(
+        1, "Add the vectors in this many parallel Ray tasks (flat and IVF indexes), then merge them in order."
+    )
+    add_batch_size: int = _f(65536, "Vectors read and added per chunk.")
+    bm25: bool = _f(True, "Also build a BM25 index (bm25s) of the texts, for the bm25 and hybrid search modes.")
+    bm25_stopwords: str | None = _f("en", "Stopword list for BM25 tokenization (bm25s name, e.g. en; none: keep all).")
+    keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
+    overwrite: bool = _f(False, "Replace an existing index folder.")
+    seed: int = _f(0, "Seed of the training and tuning samples.")
+    inject_kill_after_shards: int | None = _f(
+        None, "Test only: the build process kills itself after this many shards were added."
+    )
+
+    def check(self, need) -> None:
+        need(self.memory_budget_gb > 0, "index.memory_budget_gb", "> 0", self.memory_budget_gb)
+        need(self.exact_max_vectors >= 0, "index.exact_max_vectors", ">= 0", self.exact_max_vectors)
+        need(self.hnsw_max_vectors >= 0, "index.hnsw_max_vectors", ">= 0", self.hnsw_max_vectors)
+        need(0 < self.target_recall <= 1, "index.target_recall", "in (0, 1]", self.target_recall)
+        need(self.tune_queries >= 1, "index.tune_queries", ">= 1", self.tune_queries)
+        need(self.train_size is None or self.train_size >= 1, "index.train_size", ">= 1", self.train_size)
+        need(self.shards >= 1, "index.shards", ">= 1", self.shards)
+        need(self.add_batch_size >= 1, "index.add_batch_size", ">= 1", self.add_batch_size)
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation job: held-out questions searched in an index, dense against BM25 and their hybrid."""
+
+    index: str | None = _f(None, "Index folder written by build-index.", flag="--index")
+    queries: str | None = _f(
+        None, "Q/A parquet of held-out pairs (e.g. heldout.parquet in a trained model's folder).", flag="--queries"
+    )
+    question_column: str = _f("question", "Column holding the question.")
+    answer_column: str = _f(
+        "answer", "Column holding the answer text; the passages with exactly this text are the relevant ones."
+    )
+    relevant_id_column: str | None = _f(
+        None, "Column holding the id of the relevant passage instead (rows of one question are merged)."
+    )
+    max_queries: int | None = _f(None, "Evaluate at most this many questions (a seeded sample).")
+    model: str | None = _f(
+        None, "Query encoder (default: the model named in the index manifest; it must match the index).",
+        flag="--eval-model",
+    )
+    batch_size: int = _f(64, "Questions per forward pass of the query encoder.")
+    output: str | None = _f(None, "Report folder (eval.json, eval.md, recall.png). Default: <index>.eval")
+    overwrite: bool = _f(False, "Replace an existing report folder.")
+
+    def check(self, need) -> None:
+        need(self.max_queries is None or self.max_queries >= 1, "eval.max_queries", ">= 1", self.max_queries)
+        need(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+
+
+METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "output": OutputConfig,
+            "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig}
+# The sections each command reads; the others are refused in its config file.
+COMMAND_SECTIONS = {
+    "train": ("data", "model", "train", "output"),
+    "build-index": ("corpus", "model", "embed", "index"),
+    "evaluate": ("eval",),
+}
+
+
+@dataclass
+class JobConfig:
+    """The configuration of a job: one instance per section; a command uses the sections it names."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    used: tuple[str, ...] = tuple(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The used sections, as saved with every output (model, index, report)."""
+        return {name: dataclasses.asdict(getattr(self, name)) for name in self.used}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> TrainJobConfig:
-        unknown = set(values) - set(SECTIONS)
+    def from_dict(cls, values: dict[str, Any], source: str = "config",
+                  sections: tuple[str, ...] | None = None) -> JobConfig:
+        used = tuple(sections or SECTIONS)
+        unknown = set(values) - set(used)
         if unknown:
-            raise InputError(f"{source}: unknown section {sorted(unknown)[0]!r}; valid: {', '.join(SECTIONS)}")
-        sections = {}
-        for name, section_cls in SECTIONS.items():
+            raise InputError(f"{source}: unknown section {sorted(unknown)[0]!r}; valid: {', '.join(used)}")
+        built = {}
+        for name in used:
+            section_cls = SECTIONS[name]
             section_values = values.get(name) or {}
             if not isinstance(section_values, dict):
                 raise InputError(f"{source}: section {name!r} must be a mapping, got {section_values!r}")
@@ -163,8 +348,8 @@ class TrainJobConfig:
             for key in section_values:
                 if key not in valid:
                     raise InputError(f"{source}: unknown key {name}.{key}; valid keys: {', '.join(sorted(valid))}")
-            sections[name] = section_cls(**section_values)
-        config = cls(**sections)
+            built[name] = section_cls(**section_values)
+        config = cls(**built, used=used)
         config.validate(source)
         return config
 
@@ -174,44 +359,16 @@ class TrainJobConfig:
             hints = typing.get_type_hints(type(section))
             for f in dataclasses.fields(section):
                 _check_type(f"{source}: {name}.{f.name}", getattr(section, f.name), hints[f.name])
-        t, d = self.train, self.data
 
         def need(ok: bool, key: str, rule: str, value: Any) -> None:
             if not ok:
                 raise InputError(f"{source}: {key} must be {rule}, got {value!r}")
 
-        need(t.num_workers >= 1, "train.num_workers", ">= 1", t.num_workers)
-        need(t.epochs >= 1, "train.epochs", ">= 1", t.epochs)
-        need(t.batch_size >= 2, "train.batch_size", ">= 2 (in-batch negatives need a batch)", t.batch_size)
-        need(t.learning_rate > 0, "train.learning_rate", "> 0", t.learning_rate)
-        need(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", t.warmup_ratio)
-        need(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
-        need(t.scale > 0 and math.isfinite(t.scale), "train.scale", "> 0", t.scale)
-        need(t.max_grad_norm is None or t.max_grad_norm > 0, "train.max_grad_norm", "> 0", t.max_grad_norm)
-        need(t.max_steps is None or t.max_steps >= 1, "train.max_steps", ">= 1", t.max_steps)
-        need(t.log_every_steps >= 1, "train.log_every_steps", ">= 1", t.log_every_steps)
-        need(t.eval_every_steps is None or t.eval_every_steps >= 1, "train.eval_every_steps", ">= 1",
-             t.eval_every_steps)
-        need(t.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", t.keep_checkpoints)
-        need(t.max_failures >= 0, "train.max_failures", ">= 0", t.max_failures)
-        need(t.checkpoint_metric in METRICS, "train.checkpoint_metric", f"one of {', '.join(METRICS)}",
-             t.checkpoint_metric)
-        need(t.precision in ("fp32", "bf16", "fp16"), "train.precision", "fp32, bf16 or fp16", t.precision)
-        need(t.use_gpu or t.precision == "fp32", "train.precision", "fp32 without --use-gpu", t.precision)
-        need(t.cpus_per_worker is None or t.cpus_per_worker > 0, "train.cpus_per_worker", "> 0", t.cpus_per_worker)
-        need(t.torch_threads is None or t.torch_threads >= 1, "train.torch_threads", ">= 1", t.torch_threads)
-        need(self.model.pooling in ("mean", "cls"), "model.pooling", "mean or cls", self.model.pooling)
-        need(self.model.max_seq_length is None or self.model.max_seq_length >= 8, "model.max_seq_length", ">= 8",
-             self.model.max_seq_length)
-        need(0 <= d.max_dropped_fraction <= 1, "data.max_dropped_fraction", "in [0, 1]", d.max_dropped_fraction)
-        need(0 < d.heldout_fraction < 1, "data.heldout_fraction", "in (0, 1)", d.heldout_fraction)
-        need(d.heldout_size is None or d.heldout_size >= 1, "data.heldout_size", ">= 1", d.heldout_size)
-        need(d.heldout_max >= 1, "data.heldout_max", ">= 1", d.heldout_max)
-        need(d.question_column != d.answer_column, "data.answer_column", "different from data.question_column",
-             d.answer_column)
+        for section in self.sections().values():
+            section.check(need)
 
     def sections(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in SECTIONS}
+        return {name: getattr(self, name) for name in self.used}
 
 
 def _check_type(key: str, value: Any, hint: Any) -> None:
@@ -246,7 +403,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise InputError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(values, dict):
-        raise InputError(f"{path}: expected a mapping of sections (data:, model:, train:, output:)")
+        raise InputError(f"{path}: expected a mapping of sections ({', '.join(s + ':' for s in SECTIONS)})")
     return values
 
 
@@ -260,16 +417,17 @@ def _flag(f: dataclasses.Field) -> list[str]:
     return flags
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
     """One flag per config field, generated from the dataclasses so the CLI cannot drift from the config."""
     parser.add_argument("--config", help="YAML config file; flags given on the command line override it.")
-    for section_name, section_cls in SECTIONS.items():
+    for section_name in sections:
+        section_cls = SECTIONS[section_name]
         group = parser.add_argument_group(section_name, section_cls.__doc__)
         hints = typing.get_type_hints(section_cls)
         for f in dataclasses.fields(section_cls):
             hint = hints[f.name]
             dest = f"{section_name}.{f.name}"
-            default_text = "" if f.default in (None, dataclasses.MISSING) else f" (default: {f.default})"
+            default_text = "" if f.default in (None, "", dataclasses.MISSING) else f" (default: {f.default})"
             help_text = f.metadata["help"] + default_text
             if _base_type(hint) is bool:
                 group.add_argument(*_flag(f), dest=dest, action=argparse.BooleanOptionalAction,
@@ -292,7 +450,7 @@ def _parser_for(hint: Any):
     return base if base in (int, float, str) else str
 
 
-def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
+def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> JobConfig:
     """YAML file (if any) first, then every flag given on the command line."""
     values: dict[str, dict[str, Any]] = {}
     source = "command line"
@@ -304,17 +462,18 @@ def config_from_args(args: argparse.Namespace) -> TrainJobConfig:
             section, key = dest.split(".", 1)
             values.setdefault(section, {})
             values[section] = dict(values[section] or {}, **{key: value})
-    return TrainJobConfig.from_dict(values, source=source)
+    return JobConfig.from_dict(values, source=source, sections=sections)
 
 
 def config_reference_markdown() -> str:
     """The configuration reference in the README, generated from the dataclasses (a test keeps them equal)."""
     lines = []
     for section_name, section_cls in SECTIONS.items():
-        lines += [f"**{section_name}** — {section_cls.__doc__.strip()}", "", "| key | flag | default | meaning |",
-                  "|---|---|---|---|"]
+        commands = ", ".join(f"`{c}`" for c, used in COMMAND_SECTIONS.items() if section_name in used)
+        lines += [f"**{section_name}** ({commands}) — {section_cls.__doc__.strip()}", "",
+                  "| key | flag | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(section_cls):
-            default = "" if f.default is None else f"`{f.default}`"
+            default = "" if f.default is None else '`""`' if f.default == "" else f"`{f.default}`"
             flags = " ".join(f"`{flag}`" for flag in _flag(f))
             lines.append(f"| `{section_name}.{f.name}` | {flags} | {default} | {f.metadata['help']} |")
         lines.append("")

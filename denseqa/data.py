@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from denseqa.config import DataConfig
 from denseqa.errors import InputError
+from denseqa.storage import is_uri
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +47,6 @@ class QAData:
     heldout: list[tuple[str, str]]
     counts: dict[str, int] = field(default_factory=dict)  # read, dropped, heldout, train
     files: list[str] = field(default_factory=list)
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
 
 
 def resolve_parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -105,8 +102,13 @@ def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_null(t) or pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
 
 
-def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> None:
-    """Read each file's footer (not its data) and check that the columns exist and hold strings."""
+def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str],
+                 hint: str = "name the right one with --question-column / --answer-column",
+                 integer_ok: tuple[str, ...] = ()) -> None:
+    """Read each file's footer (not its data) and check that the columns exist and hold strings.
+
+    Columns in ``integer_ok`` may hold integers too (passage ids). ``hint`` says which flags name the columns.
+    """
     for f in files:
         try:
             schema = pq.read_schema(f, filesystem=fs)
@@ -114,12 +116,11 @@ def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str]) -> N
             raise InputError(f"{f}: not a readable parquet file ({e})") from None
         for col in columns:
             if col not in schema.names:
-                raise InputError(
-                    f"{f}: column {col!r} missing (columns: {', '.join(schema.names)}); "
-                    f"name the right one with --question-column / --answer-column"
-                )
-            if not _is_string(schema.field(col).type):
-                raise InputError(f"{f}: column {col!r} must be string, found {schema.field(col).type}")
+                raise InputError(f"{f}: column {col!r} missing (columns: {', '.join(schema.names)}); {hint}")
+            t = schema.field(col).type
+            if not (_is_string(t) or (col in integer_ok and pa.types.is_integer(t))):
+                kind = "string or integer" if col in integer_ok else "string"
+                raise InputError(f"{f}: column {col!r} must be {kind}, found {t}")
 
 
 def split_key(question: str, seed: int) -> int:

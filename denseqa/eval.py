@@ -1,4 +1,6 @@
-"""Held-out retrieval metrics during training, through sentence-transformers' ``InformationRetrievalEvaluator``.
+"""Evaluation: held-out retrieval metrics during training, and the evaluation job over a built index.
+
+Both compute their metrics with sentence-transformers' ``InformationRetrievalEvaluator``.
 
 The held-out questions are searched against the corpus of held-out answers. A question may have several right
 answers: every answer of every held-out pair with the same question text counts as relevant, and a repeated
@@ -7,7 +9,15 @@ answer text is one document.
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from denseqa.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 METRIC_KEYS = {
     "recall@1": "cosine_recall@1",
@@ -17,9 +27,10 @@ METRIC_KEYS = {
 }
 
 
-def build_evaluator(pairs: list[tuple[str, str]], batch_size: int = 64, name: str = "heldout"):
+def build_evaluator(pairs: list[tuple[str, str]], batch_size: int = 64, name: str = "heldout",
+                    query_prompt: str = "", passage_prompt: str = ""):
     """An ``InformationRetrievalEvaluator`` for (question, answer) pairs."""
-    from sentence_transformers.evaluation import InformationRetrievalEvaluator
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.util import cos_sim
 
     doc_ids: dict[str, str] = {}
@@ -42,6 +53,9 @@ def build_evaluator(pairs: list[tuple[str, str]], batch_size: int = 64, name: st
         name=name,
         write_csv=False,
         score_functions={"cosine": cos_sim},
+        # Exactly the prompts training used; "" (not None) also keeps a model's default prompt from applying.
+        query_prompt=query_prompt,
+        corpus_prompt=passage_prompt,
     )
 
 
@@ -50,3 +64,197 @@ def evaluate(model, evaluator) -> dict[str, float]:
     raw: dict[str, Any] = evaluator(model)
     prefix = f"{evaluator.name}_" if evaluator.name else ""
     return {ours: float(raw[prefix + theirs]) for ours, theirs in METRIC_KEYS.items()}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation job
+
+REPORT_KS = (1, 5, 10, 100)
+CURVE_MAX_K = 100
+REPORT_JSON, REPORT_MD, REPORT_PNG = "eval.json", "eval.md", "recall.png"
+
+
+@dataclass
+class Judgements:
+    """Questions and, for each, the ids of the passages that answer it."""
+
+    questions: list[str]
+    relevant: list[set[str]]
+    counts: dict[str, int]
+
+
+def load_judgements(cfg, searcher) -> Judgements:
+    """Read the held-out Q/A parquet and find each question's relevant passages in the index's docstore.
+
+    Relevant: the passages whose text equals one of the question's answers (or whose id is given in
+    ``relevant_id_column``). Rows of the same question are merged. A question none of whose answers is in the
+    corpus cannot be judged; it is left out and counted.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from denseqa.data import check_schema, resolve_parquet_files
+
+    target = cfg.relevant_id_column or cfg.answer_column
+    fs, files = resolve_parquet_files(cfg.queries)
+    check_schema(fs, files, [cfg.question_column, target], integer_ok=(cfg.relevant_id_column or "",),
+                 hint="name the right one with --question-column / --answer-column / --relevant-id-column")
+    table = pa.concat_tables(pq.read_table(f, columns=[cfg.question_column, target], filesystem=fs) for f in files)
+    questions = table.column(cfg.question_column).cast(pa.string())
+    targets = table.column(target).cast(pa.string())
+    keep = pc.and_(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(questions)), 0), False),
+                   pc.is_valid(targets))
+    rows = list(zip(pc.filter(questions, keep).to_pylist(), pc.filter(targets, keep).to_pylist(), strict=True))
+    wanted: dict[str, set[str]] = {}
+    for question, value in rows:
+        wanted.setdefault(question, set()).add(value)
+
+    ids = searcher.docstore.column("id").to_pylist()
+    if cfg.relevant_id_column:
+        known = set(ids)
+        lookup = {value: {value} for values in wanted.values() for value in values if value in known}
+    else:
+        needed = {value for values in wanted.values() for value in values}
+        lookup: dict[str, set[str]] = {}
+        for doc_id, text in zip(ids, searcher.docstore.column("text").to_pylist(), strict=True):
+            if text in needed:
+                lookup.setdefault(text, set()).add(doc_id)
+    judged = [(q, set().union(*(lookup.get(v, set()) for v in values))) for q, values in wanted.items()]
+    judged = [(q, rel) for q, rel in judged if rel]
+    counts = {"rows": table.num_rows, "dropped_empty": table.num_rows - len(rows), "questions": len(wanted),
+              "without_relevant_in_corpus": len(wanted) - len(judged)}
+    if not judged:
+        raise InputError(f"{cfg.queries}: none of the {len(wanted)} questions has a relevant passage in the index "
+                         f"{cfg.index} (matched by {target!r}); are these held-out pairs of the indexed corpus?")
+    if cfg.max_queries is not None and len(judged) > cfg.max_queries:
+        pick = np.sort(np.random.default_rng(0).choice(len(judged), cfg.max_queries, replace=False))
+        judged = [judged[i] for i in pick]
+    counts["evaluated"] = len(judged)
+    return Judgements([q for q, _ in judged], [rel for _, rel in judged], counts)
+
+
+def retrieval_metrics(ranked_ids: list[list[str]], relevant: list[set[str]]) -> dict[str, Any]:
+    """Recall@1/5/10/100, MRR@10, nDCG@10 and the recall@k curve, by sentence-transformers' IR metric code.
+
+    Each ranking is passed with strictly decreasing scores, so the evaluator keeps our rank order exactly.
+    """
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    qids = [f"q{i}" for i in range(len(ranked_ids))]
+    evaluator = InformationRetrievalEvaluator(
+        queries=dict(zip(qids, qids, strict=True)), corpus={}, relevant_docs=dict(zip(qids, relevant, strict=True)),
+        mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1], precision_recall_at_k=list(range(1, CURVE_MAX_K + 1)),
+        map_at_k=[10], write_csv=False,
+    )
+    results = [[{"corpus_id": doc_id, "score": -float(rank)} for rank, doc_id in enumerate(ranking)]
+               for ranking in ranked_ids]
+    raw = evaluator.compute_metrics(results)
+    metrics = {f"recall@{k}": float(raw["recall@k"][k]) for k in REPORT_KS}
+    metrics["mrr@10"] = float(raw["mrr@k"][10])
+    metrics["ndcg@10"] = float(raw["ndcg@k"][10])
+    metrics["recall_curve"] = [round(float(raw["recall@k"][k]), 6) for k in range(1, CURVE_MAX_K + 1)]
+    return metrics
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    columns = [f"recall@{k}" for k in REPORT_KS] + ["mrr@10", "ndcg@10"]
+    lines = [f"Retrieval of {report['judgements']['evaluated']} held-out questions in {report['index']['count']} "
+             f"passages ({report['index']['factory']}, model {report['model']['path']}).", "",
+             "| mode | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for mode, metrics in report["modes"].items():
+        lines.append(f"| {mode} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_recall(report: dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    ks = list(range(1, CURVE_MAX_K + 1))
+    for mode, metrics in report["modes"].items():
+        ax.plot(ks, metrics["recall_curve"], label=f"{mode} (R@10 {metrics['recall@10']:.3f})", linewidth=2)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (passages retrieved)")
+    ax.set_ylabel("recall@k")
+    ax.set_ylim(0, 1.0)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(f"{report['judgements']['evaluated']} held-out questions, {report['index']['count']} passages")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_evaluation(cfg) -> dict[str, Any]:
+    """Search the held-out questions with every mode the index supports; write eval.json, eval.md, recall.png."""
+    import json
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from denseqa import storage
+    from denseqa.config import ModelConfig
+    from denseqa.model import Encoder
+    from denseqa.search import Searcher, read_manifest
+
+    e = cfg.eval
+    if not e.index:
+        raise InputError("no index given: pass --index FOLDER (written by build-index)")
+    if not e.queries:
+        raise InputError("no queries given: pass --queries PARQUET (e.g. heldout.parquet in the model folder)")
+    output = storage.absolute(e.output or e.index.rstrip("/") + ".eval")
+    if storage.is_nonempty_dir(output) and not e.overwrite:
+        raise InputError(f"{output}: report folder exists and is not empty; pass --overwrite or another --output")
+    manifest = read_manifest(e.index)
+    encoder = None
+    if e.model:
+        recorded = manifest["model"]
+        encoder = Encoder.load(ModelConfig(model=e.model, max_seq_length=recorded.get("max_seq_length"),
+                                           query_prompt=recorded["query_prompt"],
+                                           passage_prompt=recorded["passage_prompt"]))
+    searcher = Searcher(e.index, encoder=encoder)
+    judgements = load_judgements(e, searcher)
+
+    modes = ["dense"] + (["bm25", "hybrid"] if searcher.bm25 is not None else [])
+    started = time.time()
+    vectors = searcher.encode(judgements.questions, e.batch_size)
+    encode_seconds = time.time() - started
+    results, seconds = {}, {}
+    for mode in modes:
+        t0 = time.time()
+        _, positions = searcher.rank(judgements.questions, CURVE_MAX_K, mode, vectors=vectors)
+        seconds[mode] = round(time.time() - t0 + (encode_seconds if mode != "bm25" else 0), 3)
+        ids = searcher.docstore.column("id")
+        ranked = [[ids[int(p)].as_py() for p in row if p >= 0] for row in positions]
+        results[mode] = retrieval_metrics(ranked, judgements.relevant)
+        logger.info("%s: %s", mode, " ".join(f"{k} {v:.4f}" for k, v in results[mode].items() if k != "recall_curve"))
+    report = {
+        "index": {"path": e.index, "count": manifest["count"], "factory": manifest["index"]["factory"],
+                  "search": {k: manifest["index"]["search"].get(k) for k in ("param", "value", "recall")}},
+        "model": {k: (encoder.describe() if encoder else manifest["model"])[k] for k in ("path", "weights_sha256")},
+        "queries": e.queries,
+        "judgements": judgements.counts,
+        "modes": results,
+        "seconds": seconds,
+        "config": cfg.to_dict(),
+        "notes": None if searcher.bm25 is not None else "index built without BM25: bm25 and hybrid not evaluated",
+    }
+    staging_root = tempfile.mkdtemp(prefix="denseqa-eval-")
+    staging = os.path.join(staging_root, "report")
+    os.makedirs(staging)
+    try:
+        report["markdown"] = report_markdown(report)
+        with open(os.path.join(staging, REPORT_MD), "w") as f:
+            f.write(report["markdown"])
+        plot_recall(report, os.path.join(staging, REPORT_PNG))
+        with open(os.path.join(staging, REPORT_JSON), "w") as f:
+            json.dump(report, f, indent=2)
+        storage.publish_folder(staging, output, marker=REPORT_JSON)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    report["output"] = output
+    return report

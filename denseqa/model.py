@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -163,3 +164,102 @@ def embed_texts(forward, model, texts: list[str]) -> torch.Tensor:
     features = model.preprocess(texts)
     features = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in features.items()}
     return forward(features)["sentence_embedding"]
+
+
+def prompts_of(cfg: ModelConfig) -> tuple[str, str]:
+    """(query prompt, passage prompt): the configured ones, else those the model was fine-tuned with.
+
+    A model written by ``denseqa train`` records its prompts in ``denseqa.json``, so indexing and search use the
+    same ones without being told again.
+    """
+    trained: dict = {}
+    source = resolve_model_source(cfg.model) if cfg.model else None
+    record = os.path.join(source, "denseqa.json") if source and os.path.isdir(source) else None
+    if record and os.path.isfile(record):
+        with open(record) as f:
+            trained = json.load(f).get("prompts") or {}
+    query = cfg.query_prompt if cfg.query_prompt is not None else trained.get("query", "")
+    passage = cfg.passage_prompt if cfg.passage_prompt is not None else trained.get("passage", "")
+    return query, passage
+
+
+def model_fingerprint(model) -> str:
+    """sha256 of the model's weights (names, dtypes and values in order): equal exactly when the weights are.
+
+    Computed from the loaded tensors, not from files, so it is the same for a folder, a hub snapshot or a model
+    in memory, and it catches an index built with other weights than the encoder that queries it.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class Encoder:
+    """The bi-encoder as search uses it: the model with the prompts and normalisation it was trained with.
+
+    Both sides are L2-normalised (whatever the model's last module), so the inner product in FAISS is the cosine
+    similarity that MultipleNegativesRankingLoss trained. :meth:`describe` is what an index manifest records and
+    :meth:`check_matches` compares against, so a query is never encoded differently from the passages.
+    """
+
+    def __init__(self, model, source: str, query_prompt: str = "", passage_prompt: str = "") -> None:
+        self.model = model
+        self.source = source
+        self.query_prompt = query_prompt
+        self.passage_prompt = passage_prompt
+        self.dimension = int(model.get_embedding_dimension())
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def load(cls, cfg: ModelConfig, device: str | None = None) -> Encoder:
+        model = load_model(cfg, device=device)
+        return cls(model, resolve_model_source(cfg.model), *prompts_of(cfg))
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.model)
+        return self._fingerprint
+
+    def encode_queries(self, texts: list[str], batch_size: int = 64):
+        return self._encode(texts, self.query_prompt, batch_size)
+
+    def encode_passages(self, texts: list[str], batch_size: int = 64):
+        return self._encode(texts, self.passage_prompt, batch_size)
+
+    def _encode(self, texts: list[str], prompt: str, batch_size: int):
+        import numpy as np
+
+        # prompt="" (not None) keeps a model's default prompt from applying: training used exactly this prompt.
+        # encode() sorts the texts by length, so each forward pass pads to similar lengths.
+        vectors = self.model.encode(list(texts), prompt=prompt, batch_size=batch_size, convert_to_numpy=True,
+                                    normalize_embeddings=True, show_progress_bar=False)
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+
+    def describe(self) -> dict:
+        return {
+            "path": self.source,
+            "weights_sha256": self.fingerprint,
+            "dimension": self.dimension,
+            "normalize": "l2",
+            "similarity": "cosine (inner product of L2-normalised vectors)",
+            "query_prompt": self.query_prompt,
+            "passage_prompt": self.passage_prompt,
+            "max_seq_length": int(self.model.max_seq_length) if self.model.max_seq_length else None,
+        }
+
+    def check_matches(self, recorded: dict, where: str) -> None:
+        """Raise InputError naming the first difference between this encoder and the one an index was built with."""
+        mine = self.describe()
+        for key, label in (("dimension", "dimension"), ("normalize", "normalisation"),
+                           ("weights_sha256", "model weights (sha256)"), ("query_prompt", "query prompt"),
+                           ("passage_prompt", "passage prompt")):
+            if recorded.get(key) != mine[key]:
+                raise InputError(
+                    f"{where}: index was built with {label} {recorded.get(key)!r} but the model "
+                    f"{self.source!r} has {mine[key]!r}; query it with the model it was built with "
+                    f"({recorded.get('path')}) or rebuild the index"
+                )

@@ -26,11 +26,13 @@ from typing import Any
 
 import torch
 
-from denseqa.config import TrainJobConfig
+from denseqa import storage
+from denseqa.config import JobConfig
 from denseqa.errors import InputError, TrainingError
 from denseqa.logs import logger, setup_logging
 
 RECORD_FILE = "denseqa.json"
+HELDOUT_FILE = "heldout.parquet"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 FAILURE_MARKER = ".injected_failure_done"
@@ -52,7 +54,7 @@ class TrainPlan:
     run_dir: str
 
 
-def make_plan(cfg: TrainJobConfig, train_pairs: int, run_dir: str, cpus_per_worker: float) -> TrainPlan:
+def make_plan(cfg: JobConfig, train_pairs: int, run_dir: str, cpus_per_worker: float) -> TrainPlan:
     t = cfg.train
     world = t.num_workers
     # Ray Data's equal split gives each rank floor(n / world) rows; only full batches are used.
@@ -155,10 +157,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from denseqa.eval import build_evaluator, evaluate
     from denseqa.losses import GatheredMultipleNegativesRankingLoss
-    from denseqa.model import freeze_parameters_without_grad, load_model
+    from denseqa.model import freeze_parameters_without_grad, load_model, prompts_of
 
     setup_logging()
-    cfg = TrainJobConfig.from_dict(loop_config["config"])
+    cfg = JobConfig.from_dict(loop_config["config"])
     plan = TrainPlan(**loop_config["plan"])
     t = cfg.train
     ctx = ray.train.get_context()
@@ -170,6 +172,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # Model, frozen dead parameters (DDP fails on them), optimizer, schedule.
     model = load_model(cfg.model, device=str(device))
+    query_prompt, passage_prompt = prompts_of(cfg.model)
     frozen = freeze_parameters_without_grad(model)
     optimizer = build_optimizer(model, t)
     warmup = int(t.warmup_ratio * plan.total_steps)
@@ -190,7 +193,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
     loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
                                                    mask_duplicates=t.mask_duplicates)
-    evaluator = build_evaluator([tuple(p) for p in loop_config["heldout"]], batch_size=t.eval_batch_size)
+    evaluator = build_evaluator([tuple(p) for p in loop_config["heldout"]], batch_size=t.eval_batch_size,
+                                query_prompt=query_prompt, passage_prompt=passage_prompt)
     shard = ray.train.get_dataset_shard("train")
 
     def run_eval() -> dict[str, float]:
@@ -245,7 +249,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _maybe_inject_failure(t, plan, state, rank, world)
 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = contrastive_loss(forward, model, loss_fn, list(batch["question"]), list(batch["answer"]))
+                questions = [query_prompt + q for q in batch["question"]]
+                answers = [passage_prompt + a for a in batch["answer"]]
+                loss = contrastive_loss(forward, model, loss_fn, questions, answers)
             if t.inject_nan_at_step == state.step + 1:
                 loss = loss * float("nan")
             # All ranks see the same mean loss, so they all stop together on a NaN (no rank left waiting).
@@ -291,7 +297,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if stop_reason is not None and is_rank_zero:
         logger.error("stopping: %s", stop_reason)
         # Ray Train's result carries the metrics of the last checkpoint only, so the reason goes in a file.
-        _write_run_file(plan.run_dir, STOPPED_FILE, {"step": state.step + 1, "reason": stop_reason})
+        storage.write_json(storage.join(plan.run_dir, STOPPED_FILE), {"step": state.step + 1, "reason": stop_reason})
 
 
 def _maybe_inject_failure(t, plan: TrainPlan, state: TrainState, rank: int, world: int) -> None:
@@ -350,7 +356,7 @@ def _fmt_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------- the driver
 
 
-def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
+def run_training(cfg: JobConfig) -> dict[str, Any]:
     """Validate, read the data, train on Ray Train, write the model folder with its ``denseqa.json`` record.
 
     Returns the record. Raises :class:`InputError` (before any worker starts) or :class:`TrainingError`.
@@ -361,6 +367,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
 
     from denseqa.data import load_qa_data
     from denseqa.model import check_model_source, describe_model
+    from denseqa.resources import cpus_per_worker_default
 
     started = time.time()
     output, run_dir = _resolve_output(cfg)
@@ -368,7 +375,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
     data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
 
     t = cfg.train
-    cpus_per_worker = t.cpus_per_worker or _default_cpus_per_worker(t.num_workers, t.use_gpu)
+    cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
     plan = make_plan(cfg, data.counts["train"], run_dir, cpus_per_worker)
     logger.info("model %s; %d workers, %.2f CPUs each%s; run folder %s", describe_model(cfg.model), t.num_workers,
                 cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
@@ -392,13 +399,13 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
         ),
         datasets={"train": data.train},
     )
-    _remove_run_file(run_dir, STOPPED_FILE)  # left by an earlier attempt that this one resumes
+    storage.remove(storage.join(run_dir, STOPPED_FILE))  # left by an earlier attempt that this one resumes
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as e:
         raise TrainingError(f"training failed (after {t.max_failures} restarts allowed): {_root_cause(e)}; "
                             f"checkpoints are in {run_dir}, continue with --resume") from None
-    stopped = _read_run_file(run_dir, STOPPED_FILE)
+    stopped = storage.read_json(storage.join(run_dir, STOPPED_FILE))
     if stopped:
         last = result.checkpoint.path if result.checkpoint else "none"
         raise TrainingError(f"{stopped['reason']}; training stopped, the last good checkpoint is {last}")
@@ -409,7 +416,7 @@ def run_training(cfg: TrainJobConfig) -> dict[str, Any]:
         with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
             state = TrainState(**json.load(f))
         record = _make_record(cfg, data, plan, state, run_dir, output, time.time() - started)
-        publish_model(os.path.join(checkpoint_dir, "model"), output, record)
+        publish_model(os.path.join(checkpoint_dir, "model"), output, record, data.heldout)
     logger.info("model written to %s (held-out %s)", output, _fmt(record["metrics"]["final"]))
     return record
 
@@ -421,19 +428,15 @@ def _root_cause(error: Exception) -> str:
     return causes[-1] if causes else next((line for line in lines if line), type(error).__name__)
 
 
-def _resolve_output(cfg: TrainJobConfig) -> tuple[str, str]:
-    from denseqa.data import is_uri
-
+def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
     out = cfg.output
     if not out.output:
         raise InputError("no output given: pass --output FOLDER for the trained model")
-    output = out.output if is_uri(out.output) else os.path.abspath(os.path.expanduser(out.output))
-    run_dir = out.run_dir or output.rstrip("/") + ".run"
-    if not is_uri(run_dir):
-        run_dir = os.path.abspath(os.path.expanduser(run_dir))
-    if not is_uri(output) and os.path.isdir(output) and os.listdir(output) and not out.overwrite:
+    output = storage.absolute(out.output)
+    run_dir = storage.absolute(out.run_dir or output.rstrip("/") + ".run")
+    if storage.is_nonempty_dir(output) and not out.overwrite:
         raise InputError(f"{output}: output folder exists and is not empty; pass --overwrite or another --output")
-    has_run = _exists(os.path.join(run_dir, "checkpoint_manager_snapshot.json"))
+    has_run = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
     if has_run and not out.resume:
         raise InputError(f"{run_dir}: run folder already holds a run; pass --resume to continue it, "
                          "or choose another --run-dir")
@@ -442,65 +445,18 @@ def _resolve_output(cfg: TrainJobConfig) -> tuple[str, str]:
     return output, run_dir
 
 
-def _filesystem(path: str):
-    """(pyarrow filesystem, path in it) for a local path or a URI."""
-    import pyarrow.fs as pafs
-
-    from denseqa.data import is_uri
-
-    return pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), os.path.abspath(path))
-
-
-def _exists(path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    fs, p = _filesystem(path)
-    return fs.get_file_info(p).type != pafs.FileType.NotFound
-
-
-def _write_run_file(run_dir: str, name: str, obj: Any) -> None:
-    fs, p = _filesystem(run_dir.rstrip("/") + "/" + name)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(obj).encode())
-
-
-def _read_run_file(run_dir: str, name: str) -> Any:
-    path = run_dir.rstrip("/") + "/" + name
-    if not _exists(path):
-        return None
-    fs, p = _filesystem(path)
-    with fs.open_input_stream(p) as f:
-        return json.loads(f.read())
-
-
-def _remove_run_file(run_dir: str, name: str) -> None:
-    path = run_dir.rstrip("/") + "/" + name
-    if _exists(path):
-        fs, p = _filesystem(path)
-        fs.delete_file(p)
-
-
-def _default_cpus_per_worker(num_workers: int, use_gpu: bool) -> float:
-    """1 CPU per GPU worker; on CPU, share all but one CPU so Ray Data's read tasks always find one."""
-    import ray
-
-    if use_gpu:
-        return 1.0
-    total = ray.cluster_resources().get("CPU", 1.0)
-    return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))
-
-
 def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str, wall_s: float) -> dict:
     import platform
     from importlib.metadata import version
 
-    from denseqa.model import describe_model
+    from denseqa.model import describe_model, prompts_of
 
     metric = cfg.train.checkpoint_metric
     trained = [e for e in state.evals if e["step"] > 0]
     best = max(trained, key=lambda e: e["metrics"][metric]) if trained else None
     return {
         "model": describe_model(cfg.model),
+        "prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True)),
         "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
         "training": {
             "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
@@ -525,36 +481,21 @@ def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, ou
     }
 
 
-def publish_model(model_dir: str, output: str, record: dict) -> None:
-    """Write the model folder and its record so that a half-written output never exists under ``output``.
-
-    Locally: copy into a hidden sibling folder, then rename it into place. For a URI (no atomic rename on object
-    stores) the record ``denseqa.json`` is written last, so its presence marks a complete folder.
+def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple[str, str]]) -> None:
+    """Write the model folder, its held-out pairs (``heldout.parquet``, for the evaluation job: questions this
+    model never trained on) and its record ``denseqa.json``, atomically (see :func:`denseqa.storage.publish_folder`).
     """
-    from denseqa.data import is_uri
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    with tempfile.TemporaryDirectory() as staging_root:
-        staging = os.path.join(staging_root, "model")
-        shutil.copytree(model_dir, staging)
-        if is_uri(output):
-            import pyarrow.fs as pafs
-
-            fs, path = _filesystem(output)
-            pafs.copy_files(staging, path, destination_filesystem=fs)
-            with fs.open_output_stream(f"{path.rstrip('/')}/{RECORD_FILE}") as f:
-                f.write(json.dumps(record, indent=2).encode())
-            return
-        with open(os.path.join(staging, RECORD_FILE), "w") as f:
-            json.dump(record, f, indent=2)
-        parent = os.path.dirname(output)
-        os.makedirs(parent, exist_ok=True)
-        incoming = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.incoming-", dir=parent)
-        os.rmdir(incoming)
-        shutil.copytree(staging, incoming)  # same filesystem as output, so the renames below are atomic
-    if os.path.exists(output):
-        retired = incoming.replace(".incoming-", ".old-")
-        os.rename(output, retired)
-        os.rename(incoming, output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.rename(incoming, output)
+    staging_root = tempfile.mkdtemp(prefix="denseqa-model-")
+    staging = os.path.join(staging_root, "model")
+    shutil.copytree(model_dir, staging)
+    pq.write_table(pa.table({"question": [q for q, _ in heldout], "answer": [a for _, a in heldout]}),
+                   os.path.join(staging, HELDOUT_FILE))
+    with open(os.path.join(staging, RECORD_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    try:
+        storage.publish_folder(staging, output, marker=RECORD_FILE)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from denseqa.config import TrainJobConfig, load_yaml
+from denseqa.config import JobConfig, load_yaml
 from denseqa.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,12 +16,12 @@ def test_every_yaml_config_in_the_repo_loads():
     assert files, "configs/ holds no YAML file"
     for f in files:
         # When it is parsed and validated, Then it is accepted
-        TrainJobConfig.from_dict(load_yaml(str(f)), source=str(f))
+        JobConfig.from_dict(load_yaml(str(f)), source=str(f))
 
 
 def test_unknown_key_is_an_error_that_names_it():
     with pytest.raises(InputError, match=r"unknown key train\.learning_rat;"):
-        TrainJobConfig.from_dict({"train": {"learning_rat": 1e-5}}, source="x.yaml")
+        JobConfig.from_dict({"train": {"learning_rat": 1e-5}}, source="x.yaml")
 
 
 @pytest.mark.parametrize(
@@ -37,7 +37,7 @@ def test_unknown_key_is_an_error_that_names_it():
 )
 def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):
     with pytest.raises(InputError, match=message) as e:
-        TrainJobConfig.from_dict(values, source="x.yaml")
+        JobConfig.from_dict(values, source="x.yaml")
     assert "\n" not in str(e.value)
 
 

@@ -1,0 +1,103 @@
+"""The corpus to search: passages with ids, read and cleaned with Ray Data, validated on the driver first.
+
+Two sources:
+
+- a parquet of passages with an id column and a text column (names configurable); ids must be unique;
+- the answers of a Q/A parquet (``--from-answers``): many questions share an answer, so the distinct answer
+  texts are the passages, and each id is a hash of its text, the same in every run and on every machine.
+
+Bad input fails before any embedding starts, with one line (:class:`~denseqa.errors.InputError`, exit code 2).
+Rows with a null or blank text (or a null id) are dropped and counted, as in training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from denseqa.config import CorpusConfig
+from denseqa.data import check_schema, resolve_parquet_files
+from denseqa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+# Columns of the cleaned corpus dataset, whatever the input calls them.
+ID, TEXT = "id", "text"
+
+
+@dataclass
+class Corpus:
+    """A cleaned, lazily read corpus: a Ray Dataset of string columns ``id`` and ``text``."""
+
+    dataset: Any  # ray.data.Dataset
+    path: str
+    files: list[str]
+    rows: int  # rows in the files, before cleaning
+    derived_ids: bool  # ids are hashes of the texts (Q/A answers): equal texts are one passage
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def text_id(text: str) -> str:
+    """A stable id for a passage known only by its text: 16 hex digits of its blake2b hash."""
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _clean_batch(batch: pa.Table, id_column: str | None, text_column: str) -> pa.Table:
+    """Keep rows with a non-blank text (and a non-null id); string ids; derived ids when there is no id column."""
+    text = batch.column(text_column).cast(pa.string())
+    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
+    if id_column is None:
+        text = pc.filter(text, keep)
+        ids = pa.array([text_id(t) for t in text.to_pylist()], type=pa.string())
+    else:
+        ids = batch.column(id_column)
+        keep = pc.and_(keep, pc.is_valid(ids))
+        ids, text = pc.filter(ids, keep).cast(pa.string()), pc.filter(text, keep)
+    return pa.table({ID: ids, TEXT: text})
+
+
+def _check_unique_ids(fs, files: list[str], id_column: str, path: str) -> None:
+    """Duplicate ids would make search results ambiguous: refuse them before embedding.
+
+    Reads only the id column, so the driver holds the ids, never the texts.
+    """
+    ids = pa.chunked_array(
+        [pq.read_table(f, columns=[id_column], filesystem=fs).column(id_column).cast(pa.string()) for f in files]
+    ).drop_null()
+    if len(pc.unique(ids)) != len(ids):
+        counts = pc.value_counts(ids)
+        repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
+        raise InputError(
+            f"{path}: id {repeated['values'].as_py()!r} appears {repeated['counts'].as_py()} times in column "
+            f"{id_column!r}; passage ids must be unique (or use --from-answers to derive ids from the texts)"
+        )
+
+
+def load_corpus(cfg: CorpusConfig) -> Corpus:
+    """Validate the corpus files on the driver, then return the lazily read and cleaned Ray Dataset."""
+    import ray.data
+
+    if not cfg.path:
+        raise InputError("no corpus given: pass --corpus PATH (a parquet file, a directory or a glob)")
+    fs, files = resolve_parquet_files(cfg.path)
+    id_column = None if cfg.from_answers else cfg.id_column
+    columns = [cfg.text] if id_column is None else [id_column, cfg.text]
+    check_schema(fs, files, columns, hint="name the right one with --id-column / --text-column",
+                 integer_ok=(cfg.id_column,))
+    rows = sum(pq.ParquetFile(f, filesystem=fs).metadata.num_rows for f in files)
+    if rows == 0:
+        raise InputError(f"{cfg.path}: no rows")
+    if id_column is not None:
+        _check_unique_ids(fs, files, id_column, cfg.path)
+
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns).map_batches(
+        _clean_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
+    )
+    return Corpus(dataset=dataset, path=cfg.path, files=files, rows=rows, derived_ids=id_column is None)

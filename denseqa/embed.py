@@ -1,0 +1,143 @@
+"""Stage 3, embed: the corpus through the bi-encoder with a Ray Data actor pool, streamed to parquet shards.
+
+Each actor loads the model once (one actor per GPU, or CPU actors) and embeds the batches Ray Data hands it;
+``SentenceTransformer.encode`` sorts a batch's texts by length, so a forward pass pads to similar lengths. The
+vectors stream to parquet shards of ``(id, text, vector)`` as they are produced: neither the driver nor any
+actor ever holds the whole corpus. The text travels with its vector so that the index and its docstore are
+assembled from one pass over the same files, aligned by construction.
+
+A completed embedding writes ``embeddings.json`` next to the shards, recording the model and the input files; a
+re-run of an interrupted build with the same model and corpus reuses the shards instead of embedding again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import pyarrow as pa
+
+from denseqa import storage
+from denseqa.config import EmbedConfig, ModelConfig
+
+logger = logging.getLogger(__name__)
+
+VECTOR = "vector"
+DONE_FILE = "embeddings.json"
+
+
+class PassageEmbedder:
+    """A Ray Data actor: holds the encoder, turns batches of ``(id, text)`` into ``(id, text, vector)``."""
+
+    def __init__(self, model: dict, encode_batch_size: int, torch_threads: int | None, use_gpu: bool) -> None:
+        import torch
+
+        from denseqa.logs import setup_logging
+        from denseqa.model import Encoder
+
+        setup_logging()
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.encoder = Encoder.load(ModelConfig(**model), device="cuda" if use_gpu else "cpu")
+        self.encode_batch_size = encode_batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        vectors = self.encoder.encode_passages(batch.column("text").to_pylist(), self.encode_batch_size)
+        column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        return batch.append_column(VECTOR, column)
+
+
+def embedding_identity(encoder_description: dict, corpus) -> dict:
+    """What the shards depend on: the model (weights, prompts, length) and the input files (size, mtime)."""
+    import pyarrow.fs as pafs
+
+    from denseqa.data import resolve_parquet_files
+
+    fs, files = resolve_parquet_files(corpus.path)
+    infos = fs.get_file_info(files)
+    return {
+        "model": {k: encoder_description[k] for k in ("weights_sha256", "passage_prompt", "max_seq_length")},
+        "files": [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns}
+                  for i in infos if i.type == pafs.FileType.File],
+        "derived_ids": corpus.derived_ids,
+    }
+
+
+def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict) -> dict[str, Any]:
+    """Embed ``corpus`` into parquet shards under ``out_dir``; reuse them if a finished run left the same ones.
+
+    Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
+    """
+    import ray
+
+    from denseqa.resources import cpus_per_worker_default
+
+    done = storage.read_json(storage.join(out_dir, DONE_FILE))
+    if done and done.get("identity") == identity:
+        logger.info("embeddings of this corpus with this model are already in %s: reusing them", out_dir)
+        return {**done["stats"], "reused": True}
+    storage.remove(out_dir)  # a partial or stale set of shards must not mix with the new ones
+
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    actors = cfg.actors or (max(1, cluster_gpus) if cfg.use_gpu else 1)
+    cpus = cfg.cpus_per_actor or cpus_per_worker_default(actors, cfg.use_gpu)
+    threads = cfg.torch_threads or (None if cfg.use_gpu else max(1, (os.cpu_count() or 1) // actors))
+    logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, cpus,
+                " + 1 GPU" if cfg.use_gpu else f", {threads} torch threads", cfg.batch_size)
+    started = time.time()
+    embedded = corpus.dataset.map_batches(
+        PassageEmbedder,
+        fn_constructor_kwargs={"model": _model_dict(model_cfg), "encode_batch_size": cfg.encode_batch_size,
+                               "torch_threads": threads, "use_gpu": cfg.use_gpu},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        concurrency=actors,
+        num_cpus=cpus,
+        num_gpus=1 if cfg.use_gpu else None,
+    )
+    fs, path = storage.filesystem(out_dir)
+    embedded.write_parquet(path, filesystem=fs)
+    seconds = time.time() - started
+    rows = sum(count for _, count in shard_files(out_dir))
+    stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors,
+             "passages_per_s": round(rows / max(seconds, 1e-9), 2)}
+    storage.write_json(storage.join(out_dir, DONE_FILE), {"identity": identity, "stats": stats})
+    logger.info("embedded %d passages in %.1f s (%.1f passages/s)", rows, seconds, stats["passages_per_s"])
+    return {**stats, "reused": False}
+
+
+def _model_dict(cfg: ModelConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def shard_files(out_dir: str) -> list[tuple[str, int]]:
+    """The embedding shards in a fixed (sorted) order with their row counts, from the parquet footers."""
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+
+    fs, path = storage.filesystem(out_dir)
+    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    return [(f, pq.ParquetFile(f, filesystem=fs).metadata.num_rows) for f in files]
+
+
+def iter_shards(files: list[str], out_dir: str, columns: list[str], batch_size: int):
+    """Yield pyarrow record batches of ``columns`` from the shard files, in order, ``batch_size`` rows at most."""
+    import pyarrow.parquet as pq
+
+    fs, _ = storage.filesystem(out_dir)
+    for f in files:
+        yield from pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=batch_size, columns=columns)
+
+
+def vectors_of(batch: pa.RecordBatch):
+    """The vector column of a record batch as a contiguous float32 matrix (no copy when possible)."""
+    import numpy as np
+
+    column = batch.column(VECTOR)
+    dim = column.type.list_size
+    return np.ascontiguousarray(column.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim), dtype=np.float32)

@@ -1,0 +1,492 @@
+"""Stage 4, index: the embedded corpus into a FAISS index folder that :class:`denseqa.search.Searcher` loads.
+
+Read :func:`run_build_index` top to bottom: validate, embed (:mod:`denseqa.embed`), assemble the docstore, choose
+the index, train it on a sample, add the vectors (in parallel Ray tasks when sharded), tune its search parameters
+against exact search, write the folder atomically.
+
+The choice follows autofaiss (Criteo): exact search while the corpus is small; a graph (HNSW, Malkov & Yashunin,
+2018) or an inverted file over flat vectors (IVF-Flat) in the middle; product quantisation with a learned rotation
+(OPQ + IVF-PQ, Jégou et al., 2011; Ge et al., 2013) when the raw vectors do not fit the memory budget. Any
+FAISS ``index_factory`` string overrides it. nprobe / efSearch are then set to the smallest value whose
+recall@10 against exact search, measured on corpus vectors used as queries, reaches the target.
+
+The folder: ``index.faiss`` (vector i is docstore row i), ``docstore.parquet`` (id, text), ``bm25/`` and
+``manifest.json`` (model, dimension, normalisation, count, index type and parameters, measured recall, build time,
+versions). It is assembled in ``<output>.building/`` and renamed into place when complete; ``manifest.json`` is
+what readers check, so an interrupted build never leaves a folder that loads.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from denseqa import storage
+from denseqa.config import IndexConfig, JobConfig
+from denseqa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "index.faiss"
+DOCSTORE_FILE = "docstore.parquet"
+MANIFEST_FILE = "manifest.json"
+BM25_DIR = "bm25"
+FORMAT_VERSION = 1
+RECALL_AT = 10
+
+# Search parameter values tried in increasing cost order; the first that reaches the target recall is kept.
+EF_SEARCH_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
+HNSW_M = 32
+PQ_SUBQUANTIZERS = (96, 64, 48, 32, 24, 16, 12, 8, 4)
+
+
+# ------------------------------------------------------------------------------------------ choosing the index
+
+
+@dataclass
+class IndexChoice:
+    factory: str
+    kind: str  # flat | hnsw | ivf | ivfpq
+    reason: str
+    estimated_bytes: int
+    nlist: int | None = None
+
+
+def default_nlist(n: int) -> int:
+    """About 4·sqrt(n) inverted lists (a power of two), with at least 39 training points each (FAISS's minimum)."""
+    target = 4 * math.sqrt(max(n, 1))
+    nlist = 2 ** max(4, round(math.log2(target)))
+    while nlist > 16 and nlist * 39 > n:
+        nlist //= 2
+    return nlist
+
+
+def kind_of(factory: str) -> str:
+    if "HNSW" in factory and "IVF" not in factory:
+        return "hnsw"
+    if "IVF" in factory:
+        return "ivfpq" if re.search(r"PQ\d", factory.split("IVF", 1)[1]) else "ivf"
+    return "flat" if factory.strip() in ("Flat", "IDMap,Flat") else "other"
+
+
+def choose_index(n: int, d: int, cfg: IndexConfig) -> IndexChoice:
+    """Pick an index for ``n`` vectors of dimension ``d`` within ``cfg.memory_budget_gb``."""
+    budget = cfg.memory_budget_gb * 2**30
+    flat_bytes = n * d * 4
+    nlist = default_nlist(n)
+    if cfg.factory:
+        kind = kind_of(cfg.factory)
+        if cfg.shards > 1 and kind not in ("flat", "ivf", "ivfpq"):
+            raise InputError(f"index.factory {cfg.factory!r}: a sharded build (--shards {cfg.shards}) needs a flat or "
+                             "IVF index, whose shards merge; build it with --shards 1")
+        return IndexChoice(cfg.factory, kind, "given by --factory", flat_bytes, _nlist_of(cfg.factory))
+    if n <= cfg.exact_max_vectors:
+        if flat_bytes > budget:
+            raise InputError(f"{n} vectors of dimension {d} need {flat_bytes / 2**30:.2f} GiB for exact search, more "
+                             f"than --memory-budget-gb {cfg.memory_budget_gb}; raise it or lower --exact-max-vectors")
+        return IndexChoice("Flat", "flat", f"{n} <= exact_max_vectors {cfg.exact_max_vectors}: exact search",
+                           flat_bytes)
+    hnsw_bytes = int(n * (d * 4 + HNSW_M * 2 * 4 * 1.1))
+    if n <= cfg.hnsw_max_vectors and cfg.shards == 1 and hnsw_bytes <= budget:
+        return IndexChoice(f"HNSW{HNSW_M},Flat", "hnsw",
+                           f"{n} <= hnsw_max_vectors {cfg.hnsw_max_vectors} and fits the budget: graph search",
+                           hnsw_bytes)
+    ivf_bytes = n * (d * 4 + 8) + nlist * d * 4
+    if ivf_bytes <= budget:
+        why = "sharded build" if cfg.shards > 1 and n <= cfg.hnsw_max_vectors else \
+            f"{n} > hnsw_max_vectors {cfg.hnsw_max_vectors}"
+        return IndexChoice(f"IVF{nlist},Flat", "ivf", f"{why}; flat vectors fit the budget", ivf_bytes, nlist)
+    for m in PQ_SUBQUANTIZERS:
+        pq_bytes = n * (m + 8) + nlist * d * 4 + d * d * 4
+        if d % m == 0 and pq_bytes <= budget:
+            return IndexChoice(f"OPQ{m},IVF{nlist},PQ{m}", "ivfpq",
+                               f"flat vectors ({ivf_bytes / 2**30:.2f} GiB) exceed the budget "
+                               f"({cfg.memory_budget_gb} GiB): {m} bytes per vector", pq_bytes, nlist)
+    raise InputError(f"{n} vectors of dimension {d} do not fit --memory-budget-gb {cfg.memory_budget_gb} even "
+                     "with product quantisation; raise the budget")
+
+
+def _nlist_of(factory: str) -> int | None:
+    match = re.search(r"IVF(\d+)", factory)
+    return int(match.group(1)) if match else None
+
+
+def search_parameter(kind: str) -> str | None:
+    return {"hnsw": "efSearch", "ivf": "nprobe", "ivfpq": "nprobe"}.get(kind)
+
+
+def set_search_parameter(index, kind: str, value: int | None) -> None:
+    import faiss
+
+    name = search_parameter(kind)
+    if name and value is not None:
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+
+# ------------------------------------------------------------------------------------------ the corpus on disk
+
+
+@dataclass
+class Layout:
+    """The embedding shards in order, with which rows of each are kept (ids seen before are dropped)."""
+
+    files: list[str]
+    keep: list[np.ndarray | None]  # per file: boolean mask of kept rows, None = all
+    kept: list[int]  # per file: rows kept
+    shards_dir: str
+
+    @property
+    def count(self) -> int:
+        return sum(self.kept)
+
+    def offsets(self) -> list[int]:
+        return [0, *np.cumsum(self.kept).tolist()][:-1]
+
+
+def assemble_docstore(shards_dir: str, docstore_path: str, derived_ids: bool, batch_size: int) -> Layout:
+    """Stream ``(id, text)`` of the shards into the docstore parquet, row i = index position i.
+
+    With ids derived from the text (Q/A answers), a repeated answer keeps its first occurrence only.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseqa.embed import iter_shards, shard_files
+
+    files, keep, kept = [], [], []
+    seen: set[str] = set()
+    writer = None
+    try:
+        for path, _rows in shard_files(shards_dir):
+            mask_parts = []
+            for batch in iter_shards([path], shards_dir, ["id", "text"], batch_size):
+                ids = batch.column("id").to_pylist()
+                mask = np.ones(len(ids), dtype=bool)
+                if derived_ids:
+                    for i, doc_id in enumerate(ids):
+                        if doc_id in seen:
+                            mask[i] = False
+                        else:
+                            seen.add(doc_id)
+                mask_parts.append(mask)
+                table = pa.Table.from_batches([batch]).filter(pa.array(mask))
+                if writer is None:
+                    writer = pq.ParquetWriter(docstore_path, table.schema)
+                writer.write_table(table)
+            mask = np.concatenate(mask_parts) if mask_parts else np.zeros(0, dtype=bool)
+            files.append(path)
+            keep.append(None if mask.all() else mask)
+            kept.append(int(mask.sum()))
+    finally:
+        if writer is not None:
+            writer.close()
+    return Layout(files, keep, kept, shards_dir)
+
+
+def read_vectors(layout: Layout, file_indexes: list[int], batch_size: int):
+    """Yield kept vectors of the given files in order, as float32 matrices of at most ``batch_size`` rows."""
+    from denseqa.embed import VECTOR, iter_shards, vectors_of
+
+    for i in file_indexes:
+        mask, start = layout.keep[i], 0
+        for batch in iter_shards([layout.files[i]], layout.shards_dir, [VECTOR], batch_size):
+            x = vectors_of(batch)
+            if mask is not None:
+                x = x[mask[start:start + len(x)]]
+            start += batch.num_rows
+            if len(x):
+                yield x
+
+
+def gather_rows(layout: Layout, positions: np.ndarray, batch_size: int) -> np.ndarray:
+    """The vectors at sorted global ``positions``, read in one streaming pass."""
+    out, start = [], 0
+    positions = np.sort(positions)
+    for x in read_vectors(layout, list(range(len(layout.files))), batch_size):
+        lo, hi = np.searchsorted(positions, [start, start + len(x)])
+        out.append(x[positions[lo:hi] - start])
+        start += len(x)
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def _add_files(index, layout: Layout, file_indexes: list[int], batch_size: int) -> None:
+    for x in read_vectors(layout, file_indexes, batch_size):
+        index.add(x)
+
+
+def _add_shard(trained: np.ndarray, layout: Layout, file_indexes: list[int], batch_size: int) -> np.ndarray:
+    """Ray task: the trained empty index plus this shard's vectors, serialised for the driver to merge."""
+    import faiss
+
+    index = faiss.deserialize_index(trained)
+    _add_files(index, layout, file_indexes, batch_size)
+    return faiss.serialize_index(index)
+
+
+def split_files(kept: list[int], shards: int) -> list[list[int]]:
+    """Contiguous groups of files with about equal kept rows; merged in this order, positions stay sequential."""
+    total = sum(kept)
+    groups: list[list[int]] = [[] for _ in range(shards)]
+    running = 0
+    for i, k in enumerate(kept):
+        g = min(shards - 1, int(running * shards / max(total, 1)))
+        groups[g].append(i)
+        running += k
+    return [g for g in groups if g]
+
+
+def merge_shard(index, shard) -> None:
+    """Append ``shard``'s vectors to ``index``; ids continue sequentially (flat codes or inverted lists)."""
+    import faiss
+
+    if faiss.try_extract_index_ivf(index) is not None:
+        faiss.merge_into(index, shard, True)
+    else:
+        index.merge_from(shard)
+
+
+def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexConfig):
+    """Train on a sample and add every vector; in ``cfg.shards`` parallel Ray tasks when asked (same result)."""
+    import faiss
+
+    index = faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    n = layout.count
+    if not index.is_trained:
+        wanted = cfg.train_size or max(50_000, 64 * (choice.nlist or 1))
+        sample = np.random.default_rng(cfg.seed).choice(n, size=min(n, wanted), replace=False)
+        x = gather_rows(layout, sample, cfg.add_batch_size)
+        logger.info("training %s on %d vectors", choice.factory, len(x))
+        index.train(x)
+        del x
+    groups = split_files(layout.kept, cfg.shards)
+    if cfg.shards == 1 or len(groups) == 1:
+        _add_files(index, layout, list(range(len(layout.files))), cfg.add_batch_size)
+        return index
+    import ray
+
+    if len(groups) < cfg.shards:
+        logger.warning("%d shard files only: building %d shards instead of %d", len(layout.files), len(groups),
+                       cfg.shards)
+    trained = ray.put(faiss.serialize_index(index))
+    layout_ref = ray.put(layout)
+    add = ray.remote(num_cpus=1)(_add_shard)
+    refs = [add.remote(trained, layout_ref, g, cfg.add_batch_size) for g in groups]
+    for i, ref in enumerate(refs):
+        merge_shard(index, faiss.deserialize_index(ray.get(ref)))
+        logger.info("shard %d/%d added (%d vectors so far)", i + 1, len(refs), index.ntotal)
+        if cfg.inject_kill_after_shards == i + 1:
+            logger.warning("test-only: the build process kills itself after shard %d", i + 1)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return index
+
+
+# ------------------------------------------------------------------------------------------ tuning
+
+
+def exact_neighbours(layout: Layout, queries: np.ndarray, k: int, batch_size: int) -> np.ndarray:
+    """Positions of the exact top-k by inner product over the whole corpus, streamed chunk by chunk."""
+    import faiss
+
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    start = 0
+    for x in read_vectors(layout, list(range(len(layout.files))), batch_size):
+        scores, ids = faiss.knn(queries, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+        if ids.shape[1] < k:  # a chunk smaller than k: pad so the heap sees k columns
+            pad = k - ids.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, pad)), constant_values=-1)
+        heap.add_result(np.ascontiguousarray(scores, dtype=np.float32),
+                        np.ascontiguousarray(np.where(ids >= 0, ids + start, -1), dtype=np.int64))
+        start += len(x)
+    heap.finalize()
+    return heap.I
+
+
+def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
+    """Each row's first k ids other than the query's own position (a corpus vector is its own best match)."""
+    return [set([i for i in row if i != me and i >= 0][:k]) for row, me in zip(ids, own, strict=True)]
+
+
+def recall_at_k(index, queries: np.ndarray, own: np.ndarray, truth: list[set[int]], k: int) -> float:
+    _, found = index.search(queries, k + 1)
+    found_sets = _without_self(found, own, k)
+    return float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found_sets, truth, strict=True)]))
+
+
+def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig) -> dict[str, Any]:
+    """Smallest nprobe / efSearch reaching the target recall@10 against exact search; queries/s at that value."""
+    n = layout.count
+    result: dict[str, Any] = {"target_recall": cfg.target_recall, "recall_at": RECALL_AT}
+    if n <= RECALL_AT + 1:
+        return {**result, "param": None, "value": None, "recall": 1.0, "target_reached": True, "tuned_on": 0}
+    rng = np.random.default_rng(cfg.seed + 1)
+    own = np.sort(rng.choice(n, size=min(n, cfg.tune_queries), replace=False))
+    queries = gather_rows(layout, own, cfg.add_batch_size)
+    truth = _without_self(exact_neighbours(layout, queries, RECALL_AT + 1, cfg.add_batch_size), own, RECALL_AT)
+    name = search_parameter(choice.kind)
+    if name is None:
+        values: list[int | None] = [None]
+    elif name == "efSearch":
+        values = list(EF_SEARCH_VALUES)
+    else:
+        nlist = faiss_nlist(index)
+        values = [2**i for i in range(int(math.log2(nlist)) + 1)] + ([nlist] if nlist & (nlist - 1) else [])
+    tried = []
+    for value in values:
+        set_search_parameter(index, choice.kind, value)
+        recall = recall_at_k(index, queries, own, truth, RECALL_AT)
+        tried.append({"value": value, "recall": round(recall, 4)})
+        logger.info("tuning: %s=%s recall@%d %.4f", name, value, RECALL_AT, recall)
+        if recall >= cfg.target_recall:
+            break
+    best = tried[-1] if tried[-1]["recall"] >= cfg.target_recall else max(tried, key=lambda t: t["recall"])
+    if best["recall"] < cfg.target_recall:
+        logger.warning("recall@%d %.4f stays below the target %.2f for every %s tried: the vectors are compressed "
+                       "too much for it; raise --memory-budget-gb or pass --factory", RECALL_AT, best["recall"],
+                       cfg.target_recall, name)
+    set_search_parameter(index, choice.kind, best["value"])
+    started = time.perf_counter()
+    index.search(queries, RECALL_AT)
+    qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    return {**result, "param": name, "value": best["value"], "recall": best["recall"],
+            "target_reached": best["recall"] >= cfg.target_recall, "tuned_on": len(queries), "tried": tried,
+            "queries_per_s_batched": round(qps, 1)}
+
+
+def faiss_nlist(index) -> int:
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    return int(ivf.nlist) if ivf is not None else 1
+
+
+# ------------------------------------------------------------------------------------------ the job
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def resolve_output(cfg: IndexConfig) -> str:
+    if not cfg.output:
+        raise InputError("no output given: pass --output FOLDER for the index")
+    output = storage.absolute(cfg.output)
+    if storage.is_nonempty_dir(output) and not cfg.overwrite:
+        raise InputError(f"{output}: index folder exists and is not empty; pass --overwrite or another --output")
+    return output
+
+
+def run_build_index(cfg: JobConfig) -> dict[str, Any]:
+    """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
+    import faiss
+
+    from denseqa.corpus import load_corpus
+    from denseqa.embed import embed_corpus, embedding_identity
+    from denseqa.model import Encoder, check_model_source
+
+    started = time.time()
+    icfg = cfg.index
+    output = resolve_output(icfg)
+    check_model_source(cfg.model.model)
+    corpus = load_corpus(cfg.corpus)  # validates on the driver; starts or joins Ray
+    encoder = Encoder.load(cfg.model, device="cpu")  # for the manifest: weights hash, dimension, prompts
+    model_info = encoder.describe()
+    del encoder
+
+    building = output.rstrip("/") + ".building"
+    shards_dir = storage.join(building, "embeddings")
+    embedding = embed_corpus(corpus, cfg.model, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
+
+    staging_root = tempfile.mkdtemp(prefix="denseqa-index-", dir=None if storage.is_uri(output) else building)
+    staging = os.path.join(staging_root, "index")
+    os.makedirs(staging)
+    try:
+        index_started = time.time()
+        layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), corpus.derived_ids,
+                                   icfg.add_batch_size)
+        n, d = layout.count, model_info["dimension"]
+        if n == 0:
+            raise InputError(f"{corpus.path}: no rows left after dropping {corpus.rows} rows with an empty text")
+        choice = choose_index(n, d, icfg)
+        logger.info("%d passages (%d read, %d dropped, %d repeated): %s — %s", n, corpus.rows,
+                    corpus.rows - embedding["rows"], embedding["rows"] - n, choice.factory, choice.reason)
+        index = build_faiss_index(layout, d, choice, icfg)
+        tuning = tune_search(index, choice, layout, icfg)
+        faiss.write_index(index, os.path.join(staging, INDEX_FILE))
+        index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
+        del index
+        bm25_info = _build_bm25(staging, icfg) if icfg.bm25 else None
+        manifest = {
+            "format": FORMAT_VERSION,
+            "output": output,
+            "model": model_info,
+            "dimension": d,
+            "metric": "inner_product",
+            "normalize": model_info["normalize"],
+            "count": n,
+            "corpus": {"path": corpus.path, "files": len(corpus.files), "rows_read": corpus.rows,
+                       "dropped_empty": corpus.rows - embedding["rows"], "repeated_merged": embedding["rows"] - n,
+                       "derived_ids": corpus.derived_ids},
+            "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
+                      "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
+                      "file_bytes": index_bytes, "shards": min(icfg.shards, len(layout.files)),
+                      "search": tuning},
+            "bm25": bm25_info,
+            "build": {"embedding": embedding, "index_seconds": round(time.time() - index_started, 2),
+                      "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": _peak_rss_mb(),
+                      "embeddings_kept": shards_dir if icfg.keep_embeddings else None},
+            "config": cfg.to_dict(),
+            "versions": _versions(),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
+        storage.publish_folder(staging, output, marker=MANIFEST_FILE)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)
+    if not icfg.keep_embeddings:
+        storage.remove(building)
+    logger.info("index written to %s: %d vectors, %s, %s=%s, recall@%d %.4f, %.1f s", output, n, choice.factory,
+                tuning["param"], tuning["value"], RECALL_AT, tuning["recall"], time.time() - started)
+    return manifest
+
+
+def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from denseqa.bm25 import BM25Index
+
+    started = time.time()
+    texts = pq.read_table(os.path.join(staging, DOCSTORE_FILE), columns=["text"]).column("text").to_pylist()
+    BM25Index.build(texts, cfg.bm25_stopwords).save(os.path.join(staging, BM25_DIR))
+    return {"library": "bm25s", "stopwords": cfg.bm25_stopwords, "seconds": round(time.time() - started, 2)}
+
+
+def _versions() -> dict[str, str]:
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import faiss
+
+    found = {"python": platform.python_version(), "faiss": faiss.__version__}
+    for package in ("denseqa", "ray", "torch", "sentence-transformers", "bm25s"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found

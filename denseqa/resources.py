@@ -1,0 +1,19 @@
+"""How many logical CPUs a Ray worker or actor asks for, so that Ray Data's read tasks are never starved."""
+
+from __future__ import annotations
+
+import math
+
+
+def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
+    """1 CPU per GPU worker; on CPU, share all but one CPU of the cluster among the workers.
+
+    Workers (training workers, embedding actors) that hold every CPU leave none for the tasks that read the data
+    they consume, and the job waits forever. 2 workers on a 2-core machine get 0.5 CPU each.
+    """
+    import ray
+
+    if use_gpu:
+        return 1.0
+    total = ray.cluster_resources().get("CPU", 1.0)
+    return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))

@@ -1,0 +1,178 @@
+"""Search an index folder: dense (FAISS), lexical (BM25) or both fused by reciprocal rank.
+
+:class:`Searcher` is what the evaluation job and the Serve deployments use, so that the figures in a report are
+those of the service. It refuses an index whose manifest does not match the encoder it is given (dimension,
+normalisation, weights, prompts): vectors of another model would give confident nonsense.
+
+Hybrid search fuses the two rankings with reciprocal rank fusion (Cormack, Clarke & Büttcher, 2009):
+``score(d) = Σ 1 / (k_rrf + rank(d))`` over the rankings that contain ``d``, with ``k_rrf = 60`` as in the paper;
+it needs no score calibration between BM25 and cosine similarity.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from denseqa import storage
+from denseqa.errors import InputError
+from denseqa.index import BM25_DIR, DOCSTORE_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, set_search_parameter
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["dense", "bm25", "hybrid"]
+MODES = ("dense", "bm25", "hybrid")
+RRF_K = 60
+FUSION_DEPTH = 100  # candidates taken from each ranking before fusing
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    text: str
+    position: int  # row in the docstore and the FAISS index
+
+
+def read_manifest(index_dir: str) -> dict:
+    """The manifest of a complete index folder; one-line InputError otherwise."""
+    if not storage.exists(index_dir):
+        raise InputError(f"{index_dir}: index folder not found")
+    manifest = storage.read_json(storage.join(index_dir, MANIFEST_FILE))
+    if manifest is None:
+        raise InputError(f"{index_dir}: not a complete index (no {MANIFEST_FILE}): its build did not finish; "
+                         "run build-index again")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise InputError(f"{index_dir}: index format {manifest.get('format')!r}, this denseqa reads "
+                         f"{FORMAT_VERSION}; rebuild the index")
+    return manifest
+
+
+def rrf_fuse(rankings: list[np.ndarray], k: int, k_rrf: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion of rankings of positions (-1 = empty slot): (scores, positions) of the top k."""
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, position in enumerate(ranking):
+            if position >= 0:
+                scores[int(position)] = scores.get(int(position), 0.0) + 1.0 / (k_rrf + rank + 1)
+    # Ties (equal fused score) break by position, so the order is deterministic.
+    best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+    return np.array([s for _, s in best], dtype=np.float32), np.array([p for p, _ in best], dtype=np.int64)
+
+
+class Searcher:
+    """Loads an index folder (local or URI) and answers ``search(queries, k, mode)``.
+
+    ``encoder``: the :class:`~denseqa.model.Encoder` for the queries; by default the model the manifest names is
+    loaded. ``load_encoder=False`` leaves it out (a Serve searcher that receives query vectors, or BM25 only).
+    """
+
+    def __init__(self, index_dir: str, encoder=None, load_encoder: bool = True, device: str | None = None) -> None:
+        import faiss
+        import pyarrow.parquet as pq
+
+        from denseqa.bm25 import BM25Index
+        from denseqa.config import ModelConfig
+        from denseqa.model import Encoder
+
+        self.index_dir = index_dir
+        self.manifest = read_manifest(index_dir)
+        self._download_dir = tempfile.mkdtemp(prefix="denseqa-index-") if storage.is_uri(index_dir) else None
+        local = storage.download(index_dir, self._download_dir) if self._download_dir else storage.absolute(index_dir)
+        recorded = self.manifest["model"]
+        if encoder is None and load_encoder:
+            model_cfg = ModelConfig(model=recorded["path"], max_seq_length=recorded.get("max_seq_length"),
+                                    query_prompt=recorded["query_prompt"], passage_prompt=recorded["passage_prompt"])
+            encoder = Encoder.load(model_cfg, device=device)
+        if encoder is not None:
+            encoder.check_matches(recorded, index_dir)
+        self.encoder = encoder
+        self.index = faiss.read_index(os.path.join(local, INDEX_FILE))
+        if self.index.d != self.manifest["dimension"] or self.index.ntotal != self.manifest["count"]:
+            raise InputError(f"{index_dir}: {INDEX_FILE} holds {self.index.ntotal} vectors of dimension "
+                             f"{self.index.d}, the manifest says {self.manifest['count']} of "
+                             f"{self.manifest['dimension']}; rebuild the index")
+        search = self.manifest["index"]["search"]
+        set_search_parameter(self.index, self.manifest["index"]["kind"], search.get("value"))
+        self.docstore = pq.read_table(os.path.join(local, DOCSTORE_FILE), columns=["id", "text"])
+        bm25_dir = os.path.join(local, BM25_DIR)
+        self.bm25 = BM25Index.load(bm25_dir) if os.path.isdir(bm25_dir) else None
+        self._ids = self.docstore.column("id")
+        self._texts = self.docstore.column("text")
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    # -------------------------------------------------------------------- rankings as positions
+
+    def dense_positions(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions) of the k nearest passages of each query vector; -1 where fewer exist."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
+            raise InputError(f"query vectors must have shape (n, {self.index.d}), got {vectors.shape}")
+        return self.index.search(vectors, min(k, self.index.ntotal))
+
+    def bm25_positions(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.bm25 is None:
+            raise InputError(f"{self.index_dir}: this index was built without BM25 (--no-bm25); bm25 and hybrid "
+                             "search need it")
+        return self.bm25.search(queries, k)
+
+    def encode(self, queries: list[str], batch_size: int = 64) -> np.ndarray:
+        if self.encoder is None:
+            raise InputError("dense search needs a query encoder; this Searcher was loaded without one")
+        return self.encoder.encode_queries(queries, batch_size)
+
+    def rank(self, queries: list[str], k: int, mode: Mode = "dense", vectors: np.ndarray | None = None,
+             batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, positions), shape ``(len(queries), k)`` padded with -1, best first, for one search mode.
+
+        ``vectors``: the queries already encoded (a Serve encoder replica did it); else they are encoded here.
+        """
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "bm25" and vectors is None:
+            vectors = self.encode(queries, batch_size)
+        if mode == "dense":
+            scores, positions = self.dense_positions(vectors, k)
+        elif mode == "bm25":
+            scores, positions = self.bm25_positions(queries, k)
+        else:
+            depth = max(k, FUSION_DEPTH)
+            _, dense = self.dense_positions(vectors, depth)
+            _, lexical = self.bm25_positions(queries, depth)
+            fused = [rrf_fuse([d, b], k) for d, b in zip(dense, lexical, strict=True)]
+            scores = _pad([f[0] for f in fused], k, np.float32, 0.0)
+            positions = _pad([f[1] for f in fused], k, np.int64, -1)
+        return _pad(list(scores), k, np.float32, 0.0), _pad(list(positions), k, np.int64, -1)
+
+    # -------------------------------------------------------------------- hits
+
+    def search(self, queries: list[str], k: int = 10, mode: Mode = "dense", vectors: np.ndarray | None = None,
+               batch_size: int = 64) -> list[list[Hit]]:
+        """For each query, its hits (id, score, text) in rank order."""
+        scores, positions = self.rank(queries, k, mode, vectors, batch_size)
+        return [self.hits(s, p) for s, p in zip(scores, positions, strict=True)]
+
+    def hits(self, scores: np.ndarray, positions: np.ndarray) -> list[Hit]:
+        keep = [(float(s), int(p)) for s, p in zip(scores, positions, strict=True) if p >= 0]
+        rows = [p for _, p in keep]
+        ids = self._ids.take(rows).to_pylist() if rows else []
+        texts = self._texts.take(rows).to_pylist() if rows else []
+        return [Hit(id=i, score=s, text=t, position=p) for (s, p), i, t in zip(keep, ids, texts, strict=True)]
+
+    def info(self) -> dict:
+        return json.loads(json.dumps(self.manifest))
+
+
+def _pad(rows: list[np.ndarray], k: int, dtype, fill) -> np.ndarray:
+    out = np.full((len(rows), k), fill, dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, :min(k, len(row))] = row[:k]
+    return out

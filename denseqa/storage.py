@@ -1,0 +1,127 @@
+"""Local paths and URIs (s3://, gs://, ...) through pyarrow filesystems, and atomic publication of output folders.
+
+Every output of denseqa (a model, an index, a report) is assembled in a local staging folder and then published
+so that a reader never sees it half-written: locally by a rename on the same filesystem; on an object store (no
+atomic rename) by uploading everything and writing the folder's marker file (its record or manifest) last, which
+readers check for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """An absolute local path (``~`` expanded), or the URI unchanged."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def filesystem(path: str):
+    """(pyarrow filesystem, path in it) for a local path or a URI."""
+    import pyarrow.fs as pafs
+
+    return pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), absolute(path))
+
+
+def join(base: str, *names: str) -> str:
+    return "/".join([base.rstrip("/"), *names]) if is_uri(base) else os.path.join(base, *names)
+
+
+def exists(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_nonempty_dir(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return False
+    return bool(fs.get_file_info(pafs.FileSelector(p, recursive=False)))
+
+
+def write_json(path: str, obj: Any) -> None:
+    fs, p = filesystem(path)
+    with fs.open_output_stream(p) as f:
+        f.write(json.dumps(obj, indent=2).encode())
+
+
+def read_json(path: str) -> Any:
+    """The parsed JSON file, or None when it does not exist."""
+    if not exists(path):
+        return None
+    fs, p = filesystem(path)
+    with fs.open_input_stream(p) as f:
+        return json.loads(f.read())
+
+
+def remove(path: str) -> None:
+    """Delete a file or a folder tree if it exists."""
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    kind = fs.get_file_info(p).type
+    if kind == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif kind == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def download(path: str, local_dir: str) -> str:
+    """A local folder with the content of ``path``: the path itself when local, else a copy into ``local_dir``."""
+    if not is_uri(path):
+        return absolute(path)
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    pafs.copy_files(p, local_dir, source_filesystem=fs)
+    return local_dir
+
+
+def publish_folder(staging: str, output: str, marker: str) -> None:
+    """Move the complete local folder ``staging`` to ``output`` so that no reader ever sees a partial folder.
+
+    Locally: copy next to ``output`` (same filesystem), then rename into place; a previous folder is swapped out
+    and removed after. For a URI, upload everything except ``marker`` first, then ``marker``: its presence marks
+    a complete folder. ``staging`` is consumed.
+    """
+    if is_uri(output):
+        import pyarrow.fs as pafs
+
+        fs, path = filesystem(output)
+        marker_file = os.path.join(staging, marker)
+        with open(marker_file, "rb") as f:
+            marker_bytes = f.read()
+        os.remove(marker_file)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_dir(path)
+        pafs.copy_files(staging, path, destination_filesystem=fs)
+        with fs.open_output_stream(f"{path.rstrip('/')}/{marker}") as f:
+            f.write(marker_bytes)
+        shutil.rmtree(staging, ignore_errors=True)
+        return
+    output = absolute(output)
+    parent = os.path.dirname(output)
+    os.makedirs(parent, exist_ok=True)
+    incoming = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.incoming-", dir=parent)
+    os.rmdir(incoming)
+    # A rename within one filesystem is atomic; a move from /tmp to another disk would be a copy.
+    shutil.move(staging, incoming)
+    if os.path.exists(output):
+        retired = incoming.replace(".incoming-", ".old-")
+        os.rename(output, retired)
+        os.rename(incoming, output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.rename(incoming, output)
