@@ -79,10 +79,10 @@ def _check_unique_ids(fs, files: list[str], id_column: str, path: str) -> None:
         )
 
 
-def load_corpus(cfg: CorpusConfig) -> Corpus:
-    """Validate the corpus files on the driver, then return the lazily read and cleaned Ray Dataset."""
-    import ray.data
+def check_corpus(cfg: CorpusConfig) -> tuple[Any, list[str], int]:
+    """Validate the corpus files on the driver (paths, columns, types, rows, unique ids) without starting Ray.
 
+    Returns (filesystem, files, rows)."""
     if not cfg.path:
         raise InputError("no corpus given: pass --corpus PATH (a parquet file, a directory or a glob)")
     fs, files = resolve_parquet_files(cfg.path)
@@ -95,7 +95,17 @@ def load_corpus(cfg: CorpusConfig) -> Corpus:
         raise InputError(f"{cfg.path}: no rows")
     if id_column is not None:
         _check_unique_ids(fs, files, id_column, cfg.path)
+    return fs, files, rows
 
+
+def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = None) -> Corpus:
+    """Validate the corpus (:func:`check_corpus`, unless ``checked`` is its result), then return the lazily read
+    and cleaned Ray Dataset."""
+    import ray.data
+
+    fs, files, rows = checked or check_corpus(cfg)
+    id_column = None if cfg.from_answers else cfg.id_column
+    columns = [cfg.text] if id_column is None else [id_column, cfg.text]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns).map_batches(
         _clean_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}

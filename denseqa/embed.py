@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from denseqa import storage
 from denseqa.config import EmbedConfig, ModelConfig
+from denseqa.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     embedded.write_parquet(path, filesystem=fs)
     seconds = time.time() - started
     rows = sum(count for _, count in shard_files(out_dir))
+    if rows == 0:
+        raise InputError(f"{corpus.path}: no rows left after dropping {corpus.rows} rows with a null or empty text "
+                         "(or a null id)")
     stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors,
              "passages_per_s": round(rows / max(seconds, 1e-9), 2)}
     storage.write_json(storage.join(out_dir, DONE_FILE), {"identity": identity, "stats": stats})

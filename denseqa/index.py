@@ -117,6 +117,21 @@ def choose_index(n: int, d: int, cfg: IndexConfig) -> IndexChoice:
                      "with product quantisation; raise the budget")
 
 
+def check_factory(cfg: IndexConfig, d: int) -> None:
+    """A --factory string FAISS cannot build, or one that cannot be sharded, fails before any work starts."""
+    import faiss
+
+    if not cfg.factory:
+        return
+    choose_index(1, d, cfg)  # the shard check
+    try:
+        faiss.index_factory(d, cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1]
+        raise InputError(
+            f"index.factory {cfg.factory!r}: FAISS cannot build it for dimension {d} ({reason})") from None
+
+
 def _nlist_of(factory: str) -> int | None:
     match = re.search(r"IVF(\d+)", factory)
     return int(match.group(1)) if match else None
@@ -194,26 +209,34 @@ def assemble_docstore(shards_dir: str, docstore_path: str, derived_ids: bool, ba
     return Layout(files, keep, kept, shards_dir)
 
 
-def read_vectors(layout: Layout, file_indexes: list[int], batch_size: int):
-    """Yield kept vectors of the given files in order, as float32 matrices of at most ``batch_size`` rows."""
+def read_vectors(layout: Layout, batch_size: int, start: int = 0, stop: int | None = None):
+    """Yield the kept vectors at positions ``[start, stop)`` in order, as float32 matrices of at most
+    ``batch_size`` rows; files outside the range are not read."""
     from denseqa.embed import VECTOR, iter_shards, vectors_of
 
-    for i in file_indexes:
-        mask, start = layout.keep[i], 0
+    stop = layout.count if stop is None else stop
+    for i, offset in enumerate(layout.offsets()):
+        if offset >= stop or offset + layout.kept[i] <= start:
+            continue
+        mask, row, position = layout.keep[i], 0, offset
         for batch in iter_shards([layout.files[i]], layout.shards_dir, [VECTOR], batch_size):
             x = vectors_of(batch)
             if mask is not None:
-                x = x[mask[start:start + len(x)]]
-            start += batch.num_rows
-            if len(x):
-                yield x
+                x = x[mask[row:row + len(x)]]
+            row += batch.num_rows
+            lo, hi = max(start - position, 0), min(stop - position, len(x))
+            position += len(x)
+            if hi > lo:
+                yield x[lo:hi]
+            if position >= stop:
+                break
 
 
 def gather_rows(layout: Layout, positions: np.ndarray, batch_size: int) -> np.ndarray:
     """The vectors at sorted global ``positions``, read in one streaming pass."""
     out, start = [], 0
     positions = np.sort(positions)
-    for x in read_vectors(layout, list(range(len(layout.files))), batch_size):
+    for x in read_vectors(layout, batch_size):
         lo, hi = np.searchsorted(positions, [start, start + len(x)])
         out.append(x[positions[lo:hi] - start])
         start += len(x)
@@ -223,30 +246,24 @@ def gather_rows(layout: Layout, positions: np.ndarray, batch_size: int) -> np.nd
 # ------------------------------------------------------------------------------------------ building
 
 
-def _add_files(index, layout: Layout, file_indexes: list[int], batch_size: int) -> None:
-    for x in read_vectors(layout, file_indexes, batch_size):
+def _add_range(index, layout: Layout, start: int, stop: int, batch_size: int) -> None:
+    for x in read_vectors(layout, batch_size, start, stop):
         index.add(x)
 
 
-def _add_shard(trained: np.ndarray, layout: Layout, file_indexes: list[int], batch_size: int) -> np.ndarray:
-    """Ray task: the trained empty index plus this shard's vectors, serialised for the driver to merge."""
+def _add_shard(trained: np.ndarray, layout: Layout, start: int, stop: int, batch_size: int) -> np.ndarray:
+    """Ray task: the trained empty index plus the vectors at positions [start, stop), serialised for the driver."""
     import faiss
 
     index = faiss.deserialize_index(trained)
-    _add_files(index, layout, file_indexes, batch_size)
+    _add_range(index, layout, start, stop, batch_size)
     return faiss.serialize_index(index)
 
 
-def split_files(kept: list[int], shards: int) -> list[list[int]]:
-    """Contiguous groups of files with about equal kept rows; merged in this order, positions stay sequential."""
-    total = sum(kept)
-    groups: list[list[int]] = [[] for _ in range(shards)]
-    running = 0
-    for i, k in enumerate(kept):
-        g = min(shards - 1, int(running * shards / max(total, 1)))
-        groups[g].append(i)
-        running += k
-    return [g for g in groups if g]
+def shard_ranges(n: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous, about equal position ranges; merged in this order, positions stay sequential."""
+    bounds = np.linspace(0, n, min(shards, max(n, 1)) + 1).astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def merge_shard(index, shard) -> None:
@@ -272,19 +289,19 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
         logger.info("training %s on %d vectors", choice.factory, len(x))
         index.train(x)
         del x
-    groups = split_files(layout.kept, cfg.shards)
-    if cfg.shards == 1 or len(groups) == 1:
-        _add_files(index, layout, list(range(len(layout.files))), cfg.add_batch_size)
+    if cfg.shards == 1:
+        _add_range(index, layout, 0, n, cfg.add_batch_size)
         return index
     import ray
 
-    if len(groups) < cfg.shards:
-        logger.warning("%d shard files only: building %d shards instead of %d", len(layout.files), len(groups),
-                       cfg.shards)
-    trained = ray.put(faiss.serialize_index(index))
+    serialized = faiss.serialize_index(index)
+    trained = ray.put(serialized)
+    # Merge into a deserialised copy: FAISS merges only indexes of the same C++ class, and the factory's "Flat"
+    # (IndexFlat with the IP metric) comes back from serialisation as IndexFlatIP.
+    index = faiss.deserialize_index(serialized)
     layout_ref = ray.put(layout)
     add = ray.remote(num_cpus=1)(_add_shard)
-    refs = [add.remote(trained, layout_ref, g, cfg.add_batch_size) for g in groups]
+    refs = [add.remote(trained, layout_ref, a, b, cfg.add_batch_size) for a, b in shard_ranges(n, cfg.shards)]
     for i, ref in enumerate(refs):
         merge_shard(index, faiss.deserialize_index(ray.get(ref)))
         logger.info("shard %d/%d added (%d vectors so far)", i + 1, len(refs), index.ntotal)
@@ -303,7 +320,7 @@ def exact_neighbours(layout: Layout, queries: np.ndarray, k: int, batch_size: in
 
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     start = 0
-    for x in read_vectors(layout, list(range(len(layout.files))), batch_size):
+    for x in read_vectors(layout, batch_size):
         scores, ids = faiss.knn(queries, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
         if ids.shape[1] < k:  # a chunk smaller than k: pad so the heap sees k columns
             pad = k - ids.shape[1]
@@ -396,7 +413,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
     import faiss
 
-    from denseqa.corpus import load_corpus
+    from denseqa.corpus import check_corpus, load_corpus
     from denseqa.embed import embed_corpus, embedding_identity
     from denseqa.model import Encoder, check_model_source
 
@@ -404,10 +421,12 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     icfg = cfg.index
     output = resolve_output(icfg)
     check_model_source(cfg.model.model)
-    corpus = load_corpus(cfg.corpus)  # validates on the driver; starts or joins Ray
+    checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
     encoder = Encoder.load(cfg.model, device="cpu")  # for the manifest: weights hash, dimension, prompts
     model_info = encoder.describe()
     del encoder
+    check_factory(icfg, model_info["dimension"])
+    corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
 
     building = output.rstrip("/") + ".building"
     shards_dir = storage.join(building, "embeddings")
@@ -421,8 +440,6 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), corpus.derived_ids,
                                    icfg.add_batch_size)
         n, d = layout.count, model_info["dimension"]
-        if n == 0:
-            raise InputError(f"{corpus.path}: no rows left after dropping {corpus.rows} rows with an empty text")
         choice = choose_index(n, d, icfg)
         logger.info("%d passages (%d read, %d dropped, %d repeated): %s — %s", n, corpus.rows,
                     corpus.rows - embedding["rows"], embedding["rows"] - n, choice.factory, choice.reason)
@@ -445,7 +462,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
                        "derived_ids": corpus.derived_ids},
             "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
                       "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
-                      "file_bytes": index_bytes, "shards": min(icfg.shards, len(layout.files)),
+                      "file_bytes": index_bytes, "shards": len(shard_ranges(n, icfg.shards)),
                       "search": tuning},
             "bm25": bm25_info,
             "build": {"embedding": embedding, "index_seconds": round(time.time() - index_started, 2),

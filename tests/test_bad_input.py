@@ -1,6 +1,7 @@
-"""Acceptance 5: every bad input gives one clear line naming the file and the problem, exit code 2, no traceback.
+"""Every bad input gives one clear line naming the file and the problem, exit code 2, no traceback.
 
-Each case runs the real command line (`python jobs/train.py ...`) in a fresh process, as a user would.
+Each case runs the real command line (`python jobs/<job>.py ...`) in a fresh process, as a user would: the
+training job, then the index job and the evaluation job.
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "jobs" / "train.py"), *args], cwd=cwd,
+def run_job(job: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / f"{job}.py"), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300, env=_env())
+
+
+def run_train(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    return run_job("train", *args, cwd=cwd)
 
 
 def _env() -> dict:
@@ -28,9 +33,9 @@ def _env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str, command: str = "train") -> None:
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
-    errors = [line for line in result.stderr.splitlines() if line.startswith("denseqa train: error:")]
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"denseqa {command}: error:")]
     assert len(errors) == 1, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     for fragment in fragments:
@@ -122,3 +127,94 @@ def test_directory_and_glob_inputs_are_read(tmp_path):
     _, by_dir = resolve_parquet_files(str(folder))
     _, by_glob = resolve_parquet_files(str(folder / "part-*.parquet"))
     assert by_dir == by_glob == [str(folder / "part-0.parquet"), str(folder / "part-1.parquet")]
+
+
+# ------------------------------------------------------------------------------------- the index job
+
+
+def build_index(*args: str) -> subprocess.CompletedProcess:
+    return run_job("build_index", *args)
+
+
+def assert_index_error(result, *fragments):
+    assert_one_line_error(result, *fragments, command="build-index")
+
+
+@pytest.fixture
+def index_out(tmp_path) -> str:
+    return str(tmp_path / "out" / "index")
+
+
+def test_index_corpus_missing(tmp_path, index_out):
+    missing = tmp_path / "passages.parquet"
+    assert_index_error(build_index("--corpus", str(missing), "--output", index_out), str(missing), "path not found")
+    assert_index_error(build_index("--output", index_out), "no corpus given: pass --corpus")
+
+
+def test_index_column_missing_or_wrong_type(qa_parquet, index_out):
+    path = qa_parquet(pid=["a"], text=["some text"])
+    assert_index_error(build_index("--corpus", path, "--output", index_out), path, "column 'id' missing",
+                       "columns: pid, text", "--id-column")
+    path = qa_parquet(name="floats.parquet", id=[1.5], text=["some text"])
+    assert_index_error(build_index("--corpus", path, "--output", index_out), path,
+                       "column 'id' must be string or integer, found double")
+    path = qa_parquet(name="qa.parquet", question=["q"], answer=["a"])
+    assert_index_error(build_index("--corpus", path, "--output", index_out), "column 'id' missing")
+    # the same file is a valid corpus once it is read as Q/A answers: validation moves on to the output check
+    os_out = Path(index_out)
+    os_out.mkdir(parents=True)
+    (os_out / "index.faiss").write_text("an earlier index")
+    assert_index_error(build_index("--corpus", path, "--from-answers", "--output", index_out), index_out,
+                       "index folder exists and is not empty", "--overwrite")
+    assert (os_out / "index.faiss").read_text() == "an earlier index"  # nothing already written is lost
+
+
+def test_index_duplicate_ids(qa_parquet, index_out):
+    path = qa_parquet(id=["a", "b", "a", "c"], text=["one", "two", "three", "four"])
+    assert_index_error(build_index("--corpus", path, "--output", index_out), path, "id 'a' appears 2 times",
+                       "must be unique")
+
+
+def test_index_no_rows(tmp_path, qa_parquet, index_out):
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}), empty)
+    assert_index_error(build_index("--corpus", str(empty), "--output", index_out), str(empty), "no rows")
+
+
+def test_index_no_output_and_bad_values(qa_parquet, index_out, tiny_model_dir):
+    path = qa_parquet(id=["a"], text=["x"])
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--model", tiny_model_dir,
+                                   "--factory", "IVF64,Nonsense"), "index.factory 'IVF64,Nonsense'",
+                       "FAISS cannot build it for dimension 32")
+    assert_index_error(build_index("--corpus", path), "no output given: pass --output")
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--target-recall", "1.5"),
+                       "index.target_recall must be in (0, 1], got 1.5")
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--factory", "HNSW32,Flat",
+                                   "--shards", "2"), "sharded build (--shards 2) needs a flat or IVF index")
+
+
+def test_index_all_texts_empty(qa_parquet, index_out, tiny_model_dir):
+    path = qa_parquet(id=["a", "b"], text=["  ", None])
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--model", tiny_model_dir), path,
+                       "no rows left after dropping")
+    assert not Path(index_out).exists()
+
+
+# ------------------------------------------------------------------------------------- the evaluation job
+
+
+def evaluate(*args: str) -> subprocess.CompletedProcess:
+    return run_job("evaluate", *args)
+
+
+def test_evaluate_bad_index_and_queries(tmp_path, qa_parquet):
+    queries = qa_parquet(question=["q"], answer=["a"])
+    missing = tmp_path / "no-index"
+    assert_one_line_error(evaluate("--index", str(missing), "--queries", queries), str(missing),
+                          "index folder not found", command="evaluate")
+    half = tmp_path / "half-built"
+    half.mkdir()
+    (half / "index.faiss").write_text("")
+    assert_one_line_error(evaluate("--index", str(half), "--queries", queries), str(half),
+                          "not a complete index (no manifest.json)", command="evaluate")
+    assert_one_line_error(evaluate("--index", str(half)), "no queries given: pass --queries", command="evaluate")

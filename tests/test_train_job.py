@@ -5,96 +5,19 @@ with token authentication on, as a user runs denseqa.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, real_pairs
+from .conftest import real_pairs, submit_job
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """`ray start --head` from this venv (its python is the one jobs run), token auth on, 2 CPUs like CI."""
-    tmp = tmp_path_factory.mktemp("cluster")
-    token = tmp / "auth_token"
-    token.write_text(secrets.token_hex(32))
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": str(token),
-        "HF_HUB_OFFLINE": "1",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    dashboard, gcs_port = _free_port(), _free_port()
-    # --block keeps `ray start` in the foreground, in a session of its own: teardown stops exactly this cluster.
-    # (`ray stop` would stop every Ray on the machine, a user's own cluster or a benchmark included.)
-    head = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--num-cpus", "2", "--port", str(gcs_port), "--dashboard-port",
-         str(dashboard), "--include-dashboard", "true", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    address = f"http://127.0.0.1:{dashboard}"
-    try:
-        _wait_until_jobs_are_accepted(address, env)
-        yield {"env": env, "address": address, "tmp": tmp}
-    finally:
-        _stop_process_group(head)
-        _forget_address(gcs_port)
-
-
-def _forget_address(gcs_port: int) -> None:
-    """Remove Ray's 'current cluster' file if it names the cluster just stopped (`ray stop` would do this, but it
-    stops every cluster): a stale file makes the next plain `ray.init()` on this machine try to join a dead one."""
-    address_file = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-    if address_file.exists() and address_file.read_text().strip().endswith(f":{gcs_port}"):
-        address_file.unlink()
-
-
-def _stop_process_group(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def _wait_until_jobs_are_accepted(address: str, env: dict, timeout_s: float = 240) -> None:
-    """`ray start` returns before the dashboard's job agent is up ("No available agent to submit job")."""
-    deadline = time.time() + timeout_s
-    while True:
-        probe = subprocess.run(["ray", "job", "submit", "--address", address, "--", "python", "-c", "print(1)"],
-                               env=env, capture_output=True, text=True, timeout=180)
-        if probe.returncode == 0:
-            return
-        if time.time() > deadline:
-            raise RuntimeError(f"the local cluster accepts no job: {probe.stderr[-1000:]}")
-        time.sleep(3)
-
-
-def submit(cluster, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["ray", "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
-         "python", "jobs/train.py", *args],
-        env=cluster["env"], capture_output=True, text=True, timeout=timeout,
-    )
+def submit(cluster, *args: str):
+    return submit_job(cluster, "train", *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,88 @@
+"""Acceptance 1 of the indexing issue: the Ray Data embedding job gives what `SentenceTransformer.encode` gives.
+
+Runs the real job function on a local Ray runtime (2 CPUs) with the real all-MiniLM-L6-v2 and real Debian texts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from denseqa.config import CorpusConfig, EmbedConfig, ModelConfig
+from denseqa.corpus import load_corpus, text_id
+from denseqa.embed import embed_corpus, embedding_identity, iter_shards, shard_files, vectors_of
+from denseqa.index import assemble_docstore
+
+from .conftest import real_pairs
+
+pytestmark = pytest.mark.slow
+
+
+def _embed(tmp_path, corpus_cfg: CorpusConfig, model_cfg: ModelConfig, name: str):
+    from denseqa.model import Encoder
+
+    corpus = load_corpus(corpus_cfg)
+    description = Encoder.load(model_cfg).describe()
+    out = str(tmp_path / name)
+    # Small Ray Data batches, so several batches (and shard files) go through the actor
+    stats = embed_corpus(corpus, model_cfg, EmbedConfig(batch_size=16, encode_batch_size=8), out,
+                         embedding_identity(description, corpus))
+    ids, texts, vectors = [], [], []
+    for batch in iter_shards([f for f, _ in shard_files(out)], out, ["id", "text", "vector"], 1000):
+        ids += batch.column("id").to_pylist()
+        texts += batch.column("text").to_pylist()
+        vectors.append(vectors_of(batch))
+    return corpus, stats, out, ids, texts, np.concatenate(vectors)
+
+
+def test_ray_data_embeddings_equal_sentence_transformers_encode(ray_local, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from denseqa.model import bundled_model_path
+
+    # Given 60 real Debian descriptions with ids, two of them blank
+    pairs = real_pairs(60, seed=3)
+    texts = pairs.column("answer").to_pylist()
+    texts[5], texts[17] = "   ", None
+    path = tmp_path / "passages.parquet"
+    pq.write_table(pa.table({"pid": [f"p{i}" for i in range(60)], "body": texts}), path)
+
+    # When the Ray Data job embeds them with a passage prompt
+    model_cfg = ModelConfig(passage_prompt="passage: ")
+    corpus, stats, _, ids, got_texts, vectors = _embed(
+        tmp_path, CorpusConfig(path=str(path), id_column="pid", text_column="body"), model_cfg, "emb")
+
+    # Then the blank rows are dropped and counted, every other passage is there once with its id and text
+    assert corpus.rows == 60 and stats["rows"] == 58
+    expected = {f"p{i}": t for i, t in enumerate(texts) if i not in (5, 17)}
+    assert dict(zip(ids, got_texts, strict=True)) == expected and len(ids) == 58
+    # And each vector equals encode() of the same text with the same prompt, L2-normalised
+    reference = SentenceTransformer(str(bundled_model_path()), device="cpu").encode(
+        got_texts, prompt="passage: ", normalize_embeddings=True, convert_to_numpy=True)
+    assert vectors.shape == (58, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(vectors, reference, atol=2e-5)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_answers_of_a_qa_parquet_become_distinct_passages_with_stable_ids(ray_local, tmp_path, tiny_model_dir):
+    # Given Q/A pairs where three questions share one answer
+    questions = [f"question {i}" for i in range(8)]
+    answers = ["shared answer", "answer one", "shared answer", "answer two", "shared answer", "answer three",
+               "answer four", ""]
+    path = tmp_path / "qa.parquet"
+    pq.write_table(pa.table({"question": questions, "answer": answers}), path)
+
+    # When the corpus is built from the answers and the docstore assembled
+    corpus, stats, out, ids, _, _ = _embed(tmp_path, CorpusConfig(path=str(path), from_answers=True),
+                                           ModelConfig(model=tiny_model_dir), "emb")
+    layout = assemble_docstore(out, str(tmp_path / "docstore.parquet"), corpus.derived_ids, batch_size=3)
+
+    # Then each distinct non-empty answer is one passage, its id a hash of its text, in first-seen order
+    docstore = pq.read_table(tmp_path / "docstore.parquet")
+    distinct = ["shared answer", "answer one", "answer two", "answer three", "answer four"]
+    assert sorted(docstore.column("text").to_pylist()) == sorted(distinct)
+    assert docstore.column("id").to_pylist() == [text_id(t) for t in docstore.column("text").to_pylist()]
+    assert layout.count == 5 and stats["rows"] == 7  # 8 rows, 1 empty dropped, 2 repeats merged at assembly
+    assert text_id("shared answer") == text_id("shared answer") != text_id("answer one")

@@ -1,0 +1,105 @@
+"""The Searcher over a real index folder built by the job function: results, and refusals of a wrong encoder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from denseqa.config import JobConfig
+from denseqa.errors import InputError
+from denseqa.search import Searcher, rrf_fuse
+
+from .conftest import real_pairs
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_index(ray_local, tmp_path_factory, tiny_model_dir):
+    """An index over 150 real Debian answers, built by the real job function with the tiny model."""
+    from denseqa.index import run_build_index
+
+    tmp = tmp_path_factory.mktemp("search")
+    pairs = real_pairs(150, seed=5)
+    pq.write_table(pairs, tmp / "qa.parquet")
+    cfg = JobConfig.from_dict({
+        "corpus": {"path": str(tmp / "qa.parquet"), "from_answers": True},
+        "model": {"model": tiny_model_dir, "query_prompt": "query: "},
+        "embed": {"batch_size": 64},
+        "index": {"output": str(tmp / "index")},
+    }, sections=("corpus", "model", "embed", "index"))
+    manifest = run_build_index(cfg)
+    return {"path": str(tmp / "index"), "manifest": manifest, "pairs": pairs, "tmp": tmp}
+
+
+def test_dense_results_equal_brute_force_over_the_docstore(tiny_index, tiny_model_dir):
+    from denseqa.config import ModelConfig
+    from denseqa.model import Encoder
+
+    searcher = Searcher(tiny_index["path"])
+    assert len(searcher) == tiny_index["manifest"]["count"] == len(set(tiny_index["pairs"].column("answer")))
+    questions = tiny_index["pairs"].column("question").to_pylist()[:20]
+    hits = searcher.search(questions, k=5)
+    # Brute force: the same model and prompts, every docstore text, exact inner product
+    encoder = Encoder.load(ModelConfig(model=tiny_model_dir, query_prompt="query: "))
+    texts = searcher.docstore.column("text").to_pylist()
+    scores = encoder.encode_queries(questions) @ encoder.encode_passages(texts).T
+    for row, query_hits in zip(scores, hits, strict=True):
+        best = np.argsort(-row, kind="stable")[:5]
+        assert [h.text for h in query_hits] == [texts[i] for i in best]
+        np.testing.assert_allclose([h.score for h in query_hits], row[best], rtol=1e-4, atol=1e-5)
+    # BM25 returns only passages sharing a term with the question; hybrid fills k from the dense side
+    lexical = searcher.search(questions, k=5, mode="bm25")
+    assert all(len(h) <= 5 and all(hit.score > 0 for hit in h) for h in lexical) and sum(map(len, lexical)) > 20
+    assert all(len(h) == 5 for h in searcher.search(questions, k=5, mode="hybrid"))
+
+
+def test_an_encoder_that_does_not_match_the_index_is_refused(tiny_index, tiny_model_dir, tmp_path):
+    from transformers import BertModel
+
+    from denseqa.config import ModelConfig
+    from denseqa.model import Encoder, bundled_model_path
+
+    # Other weights (one parameter changed), another dimension, another prompt: each refused, naming what differs
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    model = BertModel.from_pretrained(other)
+    model.embeddings.word_embeddings.weight.data[0, 0] += 1.0
+    model.save_pretrained(other)
+    cases = [
+        (Encoder.load(ModelConfig(model=str(other), query_prompt="query: ")), "model weights (sha256)"),
+        (Encoder.load(ModelConfig(model=str(bundled_model_path()))), "dimension 32 but the model"),
+        (Encoder.load(ModelConfig(model=tiny_model_dir, query_prompt="")), "query prompt 'query: '"),
+    ]
+    for encoder, fragment in cases:
+        with pytest.raises(InputError, match="index was built with") as e:
+            Searcher(tiny_index["path"], encoder=encoder)
+        assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_folder_without_manifest_does_not_load(tiny_index, tmp_path):
+    half = tmp_path / "half"
+    shutil.copytree(tiny_index["path"], half)
+    (half / "manifest.json").unlink()
+    with pytest.raises(InputError, match="not a complete index"):
+        Searcher(str(half))
+    manifest = json.loads(open(tiny_index["path"] + "/manifest.json").read())
+    assert manifest["index"]["factory"] == "Flat" and manifest["model"]["normalize"] == "l2"
+
+
+def test_reciprocal_rank_fusion():
+    # d=7 is 1st in one ranking and 3rd in the other; 3 is 2nd in both
+    scores, positions = rrf_fuse([np.array([7, 3, 1]), np.array([5, 3, 7, -1])], k=3)
+    assert positions.tolist() == [7, 3, 5]
+    np.testing.assert_allclose(scores, [1 / 61 + 1 / 63, 2 / 62, 1 / 61], rtol=1e-6)
+
+
+def test_queries_parquet_unused_columns_are_ignored(tmp_path):
+    # (a guard for the evaluation job's reader: extra columns in the held-out parquet do not matter)
+    pq.write_table(pa.table({"question": ["q"], "answer": ["a"], "extra": [1]}), tmp_path / "h.parquet")
+    assert pq.read_table(tmp_path / "h.parquet", columns=["question", "answer"]).num_columns == 2
