@@ -247,7 +247,7 @@ class IndexConfig:
     )
     tune_queries: int = _f(1000, "Corpus vectors used as queries to measure recall@10 against exact search.")
     train_size: int | None = _f(
-        None, "Vectors sampled to train the index (default: 64 per IVF list, at least 50,000, at most all)."
+        None, "Vectors sampled to train the index (default: 40 per IVF list, at least 50,000, at most all)."
     )
     shards: int = _f(
         1, "Add the vectors in this many parallel Ray tasks (flat and IVF indexes), then merge them in order."

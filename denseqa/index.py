@@ -283,7 +283,7 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
     index = faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
     n = layout.count
     if not index.is_trained:
-        wanted = cfg.train_size or max(50_000, 64 * (choice.nlist or 1))
+        wanted = cfg.train_size or max(50_000, 40 * (choice.nlist or 1))
         sample = np.random.default_rng(cfg.seed).choice(n, size=min(n, wanted), replace=False)
         x = gather_rows(layout, sample, cfg.add_batch_size)
         logger.info("training %s on %d vectors", choice.factory, len(x))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up, start a local Ray cluster (token auth on) if none is running, and submit the training job on the
-# bundled all-MiniLM-L6-v2 and the English Debian sample in data/. The model lands in out/model.
+# Set up, start a local Ray cluster (token auth on) if none is running, and submit the jobs on the bundled
+# all-MiniLM-L6-v2 and the English Debian sample in data/: train (out/model), embed and index the sample's
+# answers (out/index), evaluate the model's held-out questions against that index (out/eval).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -17,14 +18,20 @@ if ! ray status >/dev/null 2>&1; then
 fi
 [ "$started" = 1 ] && [ -z "${KEEP_CLUSTER:-}" ] && trap 'ray stop >/dev/null 2>&1' EXIT
 run="$PWD/out/runs/$(date +%Y%m%d-%H%M%S)"
-ray job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
-  python jobs/train.py --config configs/train-debian-en.yaml \
-    --data "$PWD/data/debian-en-sample.parquet" --output "$PWD/out/model" --run-dir "$run" --overwrite
+submit() { ray job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- python "$@"; }
+submit jobs/train.py --config configs/train-debian-en.yaml \
+  --data "$PWD/data/debian-en-sample.parquet" --output "$PWD/out/model" --run-dir "$run" --overwrite
+submit jobs/build_index.py --model "$PWD/out/model" --corpus "$PWD/data/debian-en-sample.parquet" \
+  --from-answers --output "$PWD/out/index" --overwrite
+submit jobs/evaluate.py --index "$PWD/out/index" --queries "$PWD/out/model/heldout.parquet" \
+  --output "$PWD/out/eval" --overwrite
 echo
 echo "model: $PWD/out/model (record: out/model/denseqa.json, checkpoints: $run)"
+echo "index: $PWD/out/index (manifest.json); evaluation: $PWD/out/eval (eval.md, eval.json, recall.png)"
 python - <<'PY'
 import json
 r = json.load(open("out/model/denseqa.json"))
 for k in ("before", "final"):
-    print(f"held-out {k:6s}", " ".join(f"{m} {v:.3f}" for m, v in r["metrics"][k].items()))
+    print(f"held-out during training {k:6s}", " ".join(f"{m} {v:.3f}" for m, v in r["metrics"][k].items()))
 PY
+cat out/eval/eval.md

@@ -1,0 +1,277 @@
+"""Embedding, indexing and retrieval-quality benchmarks for BENCHMARKS.md (issue 3), on one machine, in one run.
+
+1. throughput: passages/s of the Ray Data embedding job (``denseqa.embed.embed_corpus``: actor pool, reading and
+   parquet writing included, actor start-up and model load included) against a bare
+   ``SentenceTransformer.encode`` over the same passages with the same torch threads (model load excluded).
+2. ann: for 100k and 1M synthetic 384-dimension vectors, each index the chooser picks (default budget, and a
+   0.5 GB budget at 1M): build time, peak memory of the process, index size, tuned recall@10 against exact
+   search, queries/s one query at a time and in batches of 1,000. Each case runs in a fresh process so its
+   peak memory is its own.
+3. quality: 2,000 held-out Debian English questions against 10,000 answers that contain theirs: BM25, dense
+   zero-shot (bundled all-MiniLM-L6-v2), dense fine-tuned (this repo's training job, same data minus the
+   held-out questions), and their hybrids; plus how well HNSW's recall tuned on corpus vectors holds for real
+   question vectors.
+
+    python bench/bench_index.py --parts throughput,ann,quality
+
+Needs ../shared/data. Results go to bench/results/index.json after each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "debian-packages-en.parquet"
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# ------------------------------------------------------------------------------------------ 1. throughput
+
+
+def throughput(work: Path, rows: int, threads: int) -> dict:
+    import ray
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from denseqa.config import CorpusConfig, EmbedConfig, ModelConfig
+    from denseqa.corpus import load_corpus
+    from denseqa.embed import embed_corpus
+    from denseqa.model import bundled_model_path
+
+    answers = list(dict.fromkeys(pq.read_table(DATA, columns=["answer"]).column("answer").to_pylist()))[:rows]
+    path = work / "passages.parquet"
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(len(answers))], "text": answers}), path)
+
+    torch.set_num_threads(threads)
+    model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+    started = time.perf_counter()
+    model.encode(answers, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, prompt="")
+    bare = len(answers) / (time.perf_counter() - started)
+    del model
+
+    # The job on the whole corpus and on its first fifth: the difference gives the steady-state rate, without
+    # the fixed start-up (actor process, imports, model load, first read).
+    small = work / "passages-small.parquet"
+    pq.write_table(pq.read_table(path).slice(0, len(answers) // 5), small)
+    runs = {}
+    ray.init(address="local", num_cpus=threads, include_dashboard=False)
+    try:
+        for name, source in (("small", small), ("full", path)):
+            corpus = load_corpus(CorpusConfig(path=str(source)))
+            runs[name] = embed_corpus(corpus, ModelConfig(), EmbedConfig(encode_batch_size=64, torch_threads=threads),
+                                      str(work / f"embeddings-{name}"), identity={"bench": time.time()})
+    finally:
+        ray.shutdown()
+    full, part = runs["full"], runs["small"]
+    steady = (full["rows"] - part["rows"]) / (full["seconds"] - part["seconds"])
+    fixed = full["seconds"] - full["rows"] / steady
+    return {"passages": len(answers), "torch_threads": threads, "bare_encode_passages_per_s": round(bare, 2),
+            "ray_data_job_passages_per_s": full["passages_per_s"], "ray_data_job_seconds": full["seconds"],
+            "ratio": round(full["passages_per_s"] / bare, 3),
+            "ray_data_job_steady_passages_per_s": round(steady, 2), "steady_ratio": round(steady / bare, 3),
+            "ray_data_job_fixed_startup_s": round(fixed, 1),
+            "small_run": {"passages": part["rows"], "seconds": part["seconds"]}}
+
+
+# ------------------------------------------------------------------------------------------ 2. ANN indexes
+
+
+def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, clusters: int = 2000,
+                           chunk: int = 100_000) -> None:
+    """Clustered unit vectors (as sentence embeddings are), written as the embedding job writes them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d)).astype(np.float32)
+    folder.mkdir(parents=True)
+    for i, start in enumerate(range(0, n, chunk)):
+        m = min(chunk, n - start)
+        x = centres[rng.integers(0, clusters, m)] + 0.8 * rng.standard_normal((m, d)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        ids = [str(j) for j in range(start, start + m)]
+        pq.write_table(pa.table({"id": ids, "text": ids, "vector": pa.FixedSizeListArray.from_arrays(
+            pa.array(x.reshape(-1)), d)}), folder / f"part-{i:04d}.parquet")
+
+
+def ann_case(shards: str, budget_gb: float) -> dict:
+    """One chooser case in this (fresh) process: build, tune, measure."""
+    import faiss
+
+    from denseqa.config import IndexConfig
+    from denseqa.index import assemble_docstore, build_faiss_index, choose_index, gather_rows, tune_search
+
+    rss_start = peak_rss_mb()
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = assemble_docstore(shards, os.path.join(tmp, "docstore.parquet"), derived_ids=False,
+                                   batch_size=65536)
+        n = layout.count
+        d = pq.ParquetFile(layout.files[0]).schema_arrow.field("vector").type.list_size
+        cfg = IndexConfig(memory_budget_gb=budget_gb)
+        choice = choose_index(n, d, cfg)
+        started = time.perf_counter()
+        index = build_faiss_index(layout, d, choice, cfg)
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        tuning = tune_search(index, choice, layout, cfg)
+        tune_s = time.perf_counter() - started
+        queries = gather_rows(layout, np.random.default_rng(99).choice(n, 1000, replace=False), 65536)
+        index_bytes = len(faiss.serialize_index(index))
+    started = time.perf_counter()
+    index.search(queries, 10)
+    batched_qps = len(queries) / (time.perf_counter() - started)
+    latencies = []
+    for q in queries[:500]:
+        t = time.perf_counter()
+        index.search(q[None, :], 10)
+        latencies.append(time.perf_counter() - t)
+    return {"vectors": n, "dimension": d, "memory_budget_gb": budget_gb, "factory": choice.factory,
+            "kind": choice.kind, "reason": choice.reason, "build_s": round(build_s, 1), "tune_s": round(tune_s, 1),
+            "index_mb": round(index_bytes / 2**20, 1), "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_start,
+            "search_param": tuning["param"], "search_value": tuning["value"], "recall@10": tuning["recall"],
+            "target_reached": tuning["target_reached"], "queries_per_s_batched": round(batched_qps, 1),
+            "queries_per_s_single": round(1 / np.mean(latencies), 1),
+            "latency_p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 3),
+            "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 3)}
+
+
+def ann(work: Path, sizes: list[int]) -> list[dict]:
+    results = []
+    # Default budget at every size; at the largest also a 0.5 GB budget, which forces compression
+    for n, budgets in ((n, (4.0, 0.5) if n == max(sizes) else (4.0,)) for n in sizes):
+        shards = work / f"synthetic-{n}"
+        write_synthetic_shards(shards, n, 384)
+        for budget in budgets:
+            out = subprocess.run([sys.executable, __file__, "--ann-case", str(shards), str(budget)],
+                                 capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(out.stderr[-3000:])
+            case = json.loads(out.stdout.strip().splitlines()[-1])
+            print(json.dumps(case), flush=True)
+            results.append(case)
+        shutil.rmtree(shards)
+    return results
+
+
+# ------------------------------------------------------------------------------------------ 3. quality
+
+
+def quality(work: Path, steps: int, heldout: int, corpus_size: int) -> dict:
+    import ray
+
+    from denseqa.cli import main as denseqa
+    from denseqa.search import Searcher
+
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    try:
+        model = work / "fine-tuned"
+        started = time.time()
+        assert denseqa(["train", "--data", str(DATA), "--output", str(model), "--heldout-size", str(heldout),
+                        "--heldout-max", str(heldout), "--max-steps", str(steps), "--eval-every-steps", str(steps),
+                        "--batch-size", "32", "--max-seq-length", "128", "--learning-rate", "3e-5",
+                        "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(os.cpu_count()),
+                        "--log-every-steps", "20"]) == 0
+        train_s = time.time() - started
+        # The corpus: the held-out answers plus other answers of the data, distinct, 10,000 in all
+        held = pq.read_table(model / "heldout.parquet")
+        held_answers = list(dict.fromkeys(held.column("answer").to_pylist()))
+        others = [a for a in dict.fromkeys(pq.read_table(DATA, columns=["answer"]).column("answer").to_pylist())
+                  if a not in set(held_answers)]
+        rng = np.random.default_rng(0)
+        picked = [others[i] for i in sorted(rng.choice(len(others), corpus_size - len(held_answers),
+                                                       replace=False))]
+        corpus = work / "corpus.parquet"
+        pq.write_table(pa.table({"answer": held_answers + picked}), corpus)
+
+        rows, reports = {}, {}
+        for name, model_args in (("zero-shot", ["--max-seq-length", "128"]), ("fine-tuned", ["--model", str(model)])):
+            index = work / f"index-{name}"
+            assert denseqa(["build-index", "--corpus", str(corpus), "--from-answers", "--output", str(index),
+                            *model_args, "--keep-embeddings"]) == 0
+            assert denseqa(["evaluate", "--index", str(index), "--queries", str(model / "heldout.parquet"),
+                            "--output", str(work / f"eval-{name}")]) == 0
+            report = json.loads((work / f"eval-{name}" / "eval.json").read_text())
+            manifest = json.loads((index / "manifest.json").read_text())
+            reports[name] = {"embedding": manifest["build"]["embedding"], "factory": manifest["index"]["factory"]}
+            rows.setdefault("bm25", report["modes"]["bm25"])
+            rows[f"dense {name}"] = report["modes"]["dense"]
+            rows[f"hybrid {name}"] = report["modes"]["hybrid"]
+        for metrics in rows.values():
+            metrics.pop("recall_curve", None)
+
+        # HNSW on the fine-tuned embeddings (reused): recall tuned on corpus vectors vs on real questions
+        flat_dir, hnsw_dir = work / "index-fine-tuned", work / "index-fine-tuned-hnsw"
+        assert denseqa(["build-index", "--corpus", str(corpus), "--from-answers", "--output", str(hnsw_dir),
+                        "--model", str(model), "--factory", "HNSW32,Flat"]) == 0
+        flat, hnsw = Searcher(str(flat_dir)), Searcher(str(hnsw_dir), encoder=None)
+        vectors = flat.encode(list(dict.fromkeys(held.column("question").to_pylist())))
+        _, exact = flat.dense_positions(vectors, 10)
+        _, approx = hnsw.dense_positions(vectors, 10)
+        real_recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)]))
+        tuned = hnsw.manifest["index"]["search"]
+        hnsw_check = {"factory": "HNSW32,Flat", "efSearch": tuned["value"],
+                      "recall@10_on_corpus_vectors (tuning)": tuned["recall"],
+                      "recall@10_on_heldout_question_vectors": round(real_recall, 4)}
+    finally:
+        ray.shutdown()
+    return {"questions": report["judgements"]["evaluated"], "corpus": corpus_size, "training_steps": steps,
+            "training_seconds": round(train_s, 1), "table": rows, "indexes": reports,
+            "hnsw_on_real_queries": hnsw_check}
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--ann-case":
+        print(json.dumps(ann_case(sys.argv[2], float(sys.argv[3]))))
+        return
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="throughput,ann,quality")
+    p.add_argument("--rows", type=int, default=10_000, help="passages for the throughput part")
+    p.add_argument("--ann-sizes", default="100000,1000000", help="synthetic vector counts for the ann part")
+    p.add_argument("--quality-steps", type=int, default=100)
+    p.add_argument("--heldout", type=int, default=2000)
+    p.add_argument("--corpus", type=int, default=10_000)
+    p.add_argument("--out", default=str(REPO / "bench" / "results" / "index.json"))
+    a = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ADDRESS", "local")
+    out = Path(a.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.update({"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.machine()}",
+                    "python": platform.python_version()})
+    work = Path(tempfile.mkdtemp(prefix="denseqa-bench-index-"))
+
+    def save(key: str, value) -> None:
+        results[key] = {"measured": time.strftime("%Y-%m-%d %H:%M"), "result": value}
+        out.write_text(json.dumps(results, indent=1))
+        print(json.dumps({key: value}, indent=1), flush=True)
+
+    try:
+        parts = a.parts.split(",")
+        if "throughput" in parts:
+            save("throughput", throughput(work, a.rows, os.cpu_count() or 1))
+        if "ann" in parts:
+            save("ann", ann(work, [int(n) for n in a.ann_sizes.split(",")]))
+        if "quality" in parts:
+            save("quality", quality(work, a.quality_steps, a.heldout, a.corpus))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
