@@ -212,7 +212,9 @@ class EmbedConfig:
     batch_size: int = _f(1024, "Passages per Ray Data batch handed to an actor (sorted by length inside it).")
     encode_batch_size: int = _f(64, "Passages per forward pass of the model.")
     actors: int | None = _f(None, "Embedding actors (default: one per GPU with --use-gpu, else 1).")
-    use_gpu: bool = _f(False, "One GPU per embedding actor.")
+    use_gpu: bool | None = _f(
+        None, "One GPU per embedding actor (default: when the cluster has GPUs; --no-use-gpu: CPU actors)."
+    )
     cpus_per_actor: float | None = _f(
         None, "Logical CPUs per actor (default: 1 with a GPU; else what leaves one CPU free for reading)."
     )
@@ -253,7 +255,11 @@ class IndexConfig:
         1, "Add the vectors in this many parallel Ray tasks (flat and IVF indexes), then merge them in order."
     )
     add_batch_size: int = _f(65536, "Vectors read and added per chunk.")
-    bm25: bool = _f(True, "Also build a BM25 index (bm25s) of the texts, for the bm25 and hybrid search modes.")
+    bm25: bool = _f(
+        True,
+        "Also build a BM25 index (bm25s) of the texts, for the bm25 and hybrid search modes. It is built in the "
+        "driver's memory: turn it off for corpora larger than that.",
+    )
     bm25_stopwords: str | None = _f("en", "Stopword list for BM25 tokenization (bm25s name, e.g. en; none: keep all).")
     keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
     overwrite: bool = _f(False, "Replace an existing index folder.")

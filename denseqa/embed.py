@@ -82,21 +82,22 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     storage.remove(out_dir)  # a partial or stale set of shards must not mix with the new ones
 
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    actors = cfg.actors or (max(1, cluster_gpus) if cfg.use_gpu else 1)
-    cpus = cfg.cpus_per_actor or cpus_per_worker_default(actors, cfg.use_gpu)
-    threads = cfg.torch_threads or (None if cfg.use_gpu else max(1, (os.cpu_count() or 1) // actors))
+    use_gpu = cluster_gpus > 0 if cfg.use_gpu is None else cfg.use_gpu  # default: GPUs when the cluster has them
+    actors = cfg.actors or (max(1, cluster_gpus) if use_gpu else 1)
+    cpus = cfg.cpus_per_actor or cpus_per_worker_default(actors, use_gpu)
+    threads = cfg.torch_threads or (None if use_gpu else max(1, (os.cpu_count() or 1) // actors))
     logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, cpus,
-                " + 1 GPU" if cfg.use_gpu else f", {threads} torch threads", cfg.batch_size)
+                " + 1 GPU" if use_gpu else f", {threads} torch threads", cfg.batch_size)
     started = time.time()
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,
         fn_constructor_kwargs={"model": _model_dict(model_cfg), "encode_batch_size": cfg.encode_batch_size,
-                               "torch_threads": threads, "use_gpu": cfg.use_gpu},
+                               "torch_threads": threads, "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         concurrency=actors,
         num_cpus=cpus,
-        num_gpus=1 if cfg.use_gpu else None,
+        num_gpus=1 if use_gpu else None,
     )
     fs, path = storage.filesystem(out_dir)
     embedded.write_parquet(path, filesystem=fs)
@@ -105,7 +106,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     if rows == 0:
         raise InputError(f"{corpus.path}: no rows left after dropping {corpus.rows} rows with a null or empty text "
                          "(or a null id)")
-    stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors,
+    stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors, "gpu": use_gpu,
              "passages_per_s": round(rows / max(seconds, 1e-9), 2)}
     storage.write_json(storage.join(out_dir, DONE_FILE), {"identity": identity, "stats": stats})
     logger.info("embedded %d passages in %.1f s (%.1f passages/s)", rows, seconds, stats["passages_per_s"])

@@ -1,15 +1,23 @@
 """Evaluation: held-out retrieval metrics during training, and the evaluation job over a built index.
 
-Both compute their metrics with sentence-transformers' ``InformationRetrievalEvaluator``.
+Both compute their metrics with sentence-transformers' ``InformationRetrievalEvaluator``, and in both a question
+may have several right answers: every answer of every held-out pair with the same question text is relevant.
 
-The held-out questions are searched against the corpus of held-out answers. A question may have several right
-answers: every answer of every held-out pair with the same question text counts as relevant, and a repeated
-answer text is one document.
+- During training (:func:`build_evaluator`), the held-out questions are searched among the held-out answers only
+  (a repeated answer text is one document): cheap enough to run at every checkpoint.
+- The evaluation job (:func:`run_evaluation`) searches them in a built index, the whole corpus, with the
+  :class:`~denseqa.search.Searcher` the service uses: dense, BM25 and their hybrid, written as JSON, Markdown and
+  a recall@k plot.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,12 +198,6 @@ def plot_recall(report: dict[str, Any], path: str) -> None:
 
 def run_evaluation(cfg) -> dict[str, Any]:
     """Search the held-out questions with every mode the index supports; write eval.json, eval.md, recall.png."""
-    import json
-    import os
-    import shutil
-    import tempfile
-    import time
-
     from denseqa import storage
     from denseqa.config import ModelConfig
     from denseqa.model import Encoder

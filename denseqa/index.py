@@ -19,6 +19,7 @@ what readers check, so an interrupted build never leaves a folder that loads.
 from __future__ import annotations
 
 import datetime
+import glob
 import logging
 import math
 import os
@@ -432,6 +433,9 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     shards_dir = storage.join(building, "embeddings")
     embedding = embed_corpus(corpus, cfg.model, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
 
+    if not storage.is_uri(output):
+        for stale in glob.glob(os.path.join(building, "denseqa-index-*")):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
     staging_root = tempfile.mkdtemp(prefix="denseqa-index-", dir=None if storage.is_uri(output) else building)
     staging = os.path.join(staging_root, "index")
     os.makedirs(staging)

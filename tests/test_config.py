@@ -48,3 +48,12 @@ def test_readme_configuration_reference_is_generated_from_the_config_classes():
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     assert readme.split(start, 1)[1].split(end, 1)[0] == config_reference_markdown(), (
         "README's configuration reference is stale: regenerate it with python -m denseqa.config")
+
+
+def test_a_command_refuses_a_section_it_does_not_read():
+    # A build-index config with a train: section is a mistake (the key would be silently ignored otherwise)
+    with pytest.raises(InputError, match=r"unknown section 'train'; valid: corpus, model, embed, index"):
+        JobConfig.from_dict({"train": {"batch_size": 8}}, source="x.yaml",
+                            sections=("corpus", "model", "embed", "index"))
+    cfg = JobConfig.from_dict({"index": {"shards": 2}}, sections=("corpus", "model", "embed", "index"))
+    assert set(cfg.to_dict()) == {"corpus", "model", "embed", "index"} and cfg.index.shards == 2

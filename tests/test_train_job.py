@@ -60,6 +60,11 @@ def test_job_trains_the_default_model_and_writes_a_loadable_model_with_its_recor
         assert all(0 <= v <= 1 for v in record["metrics"][key].values())
     assert [e["step"] for e in record["metrics"]["history"]] == [0, 2, 4]
     assert record["config"]["train"]["num_workers"] == 2 and record["wall_time_s"] > 0
+    # And the held-out pairs are written beside the model, for the evaluation job, none of them trained on
+    import pyarrow.parquet as pq
+
+    heldout = pq.read_table(out / "heldout.parquet")
+    assert heldout.column_names == ["question", "answer"] and heldout.num_rows == 50
     assert {"ray", "torch", "sentence-transformers"} <= set(record["versions"])
 
 
