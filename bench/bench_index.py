@@ -41,6 +41,12 @@ DATA = REPO.parent / "shared" / "data" / "debian-packages-en.parquet"
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over an
+    exec, so a case started from the (large) parent process would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
@@ -95,15 +101,16 @@ def throughput(work: Path, rows: int, threads: int) -> dict:
 # ------------------------------------------------------------------------------------------ 2. ANN indexes
 
 
-def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, clusters: int = 2000,
-                           chunk: int = 100_000) -> None:
-    """Clustered unit vectors (as sentence embeddings are), written as the embedding job writes them."""
+def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: int = 100_000) -> None:
+    """Clustered unit vectors (as sentence embeddings are), written as the embedding job writes them: n / 50
+    Gaussian clusters with standard deviation 1 around standard normal centres, normalised."""
     rng = np.random.default_rng(seed)
+    clusters = max(1000, n // 50)
     centres = rng.standard_normal((clusters, d)).astype(np.float32)
     folder.mkdir(parents=True)
     for i, start in enumerate(range(0, n, chunk)):
         m = min(chunk, n - start)
-        x = centres[rng.integers(0, clusters, m)] + 0.8 * rng.standard_normal((m, d)).astype(np.float32)
+        x = centres[rng.integers(0, clusters, m)] + rng.standard_normal((m, d)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
         ids = [str(j) for j in range(start, start + m)]
         pq.write_table(pa.table({"id": ids, "text": ids, "vector": pa.FixedSizeListArray.from_arrays(
@@ -132,7 +139,9 @@ def ann_case(shards: str, budget_gb: float) -> dict:
         tuning = tune_search(index, choice, layout, cfg)
         tune_s = time.perf_counter() - started
         queries = gather_rows(layout, np.random.default_rng(99).choice(n, 1000, replace=False), 65536)
-        index_bytes = len(faiss.serialize_index(index))
+        peak_build = peak_rss_mb()  # before anything else allocates
+        faiss.write_index(index, os.path.join(tmp, "index.faiss"))  # as the job does; serialize_index would copy
+        index_bytes = os.path.getsize(os.path.join(tmp, "index.faiss"))
     started = time.perf_counter()
     index.search(queries, 10)
     batched_qps = len(queries) / (time.perf_counter() - started)
@@ -143,7 +152,7 @@ def ann_case(shards: str, budget_gb: float) -> dict:
         latencies.append(time.perf_counter() - t)
     return {"vectors": n, "dimension": d, "memory_budget_gb": budget_gb, "factory": choice.factory,
             "kind": choice.kind, "reason": choice.reason, "build_s": round(build_s, 1), "tune_s": round(tune_s, 1),
-            "index_mb": round(index_bytes / 2**20, 1), "peak_rss_mb": peak_rss_mb(), "rss_before_mb": rss_start,
+            "index_mb": round(index_bytes / 2**20, 1), "peak_rss_mb": peak_build, "rss_before_mb": rss_start,
             "search_param": tuning["param"], "search_value": tuning["value"], "recall@10": tuning["recall"],
             "target_reached": tuning["target_reached"], "queries_per_s_batched": round(batched_qps, 1),
             "queries_per_s_single": round(1 / np.mean(latencies), 1),
@@ -151,13 +160,12 @@ def ann_case(shards: str, budget_gb: float) -> dict:
             "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 3)}
 
 
-def ann(work: Path, sizes: list[int]) -> list[dict]:
+def ann(work: Path, cases: list[tuple[int, float]]) -> list[dict]:
     results = []
-    # Default budget at every size; at the largest also a 0.5 GB budget, which forces compression
-    for n, budgets in ((n, (4.0, 0.5) if n == max(sizes) else (4.0,)) for n in sizes):
+    for n in dict.fromkeys(n for n, _ in cases):
         shards = work / f"synthetic-{n}"
         write_synthetic_shards(shards, n, 384)
-        for budget in budgets:
+        for budget in [b for m, b in cases if m == n]:
             out = subprocess.run([sys.executable, __file__, "--ann-case", str(shards), str(budget)],
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
@@ -215,19 +223,31 @@ def quality(work: Path, steps: int, heldout: int, corpus_size: int) -> dict:
         for metrics in rows.values():
             metrics.pop("recall_curve", None)
 
-        # HNSW on the fine-tuned embeddings (reused): recall tuned on corpus vectors vs on real questions
-        flat_dir, hnsw_dir = work / "index-fine-tuned", work / "index-fine-tuned-hnsw"
-        assert denseqa(["build-index", "--corpus", str(corpus), "--from-answers", "--output", str(hnsw_dir),
-                        "--model", str(model), "--factory", "HNSW32,Flat"]) == 0
-        flat, hnsw = Searcher(str(flat_dir)), Searcher(str(hnsw_dir), encoder=None)
+        # HNSW over the fine-tuned embeddings (the shards kept by the build above, so the positions are those of
+        # the flat index): recall@10 tuned on corpus vectors, against recall@10 for the real held-out questions
+        from denseqa.config import IndexConfig
+        from denseqa.index import assemble_docstore, build_faiss_index, choose_index, tune_search
+
+        flat = Searcher(str(work / "index-fine-tuned"))
+        layout = assemble_docstore(str(work / "index-fine-tuned.building" / "embeddings"),
+                                   str(work / "docstore-check.parquet"), derived_ids=True, batch_size=65536)
+        assert layout.count == len(flat)
+        cfg = IndexConfig(factory="HNSW32,Flat")
+        choice = choose_index(layout.count, flat.index.d, cfg)
+        hnsw = build_faiss_index(layout, flat.index.d, choice, cfg)
+        tuned = tune_search(hnsw, choice, layout, cfg)
         vectors = flat.encode(list(dict.fromkeys(held.column("question").to_pylist())))
         _, exact = flat.dense_positions(vectors, 10)
-        _, approx = hnsw.dense_positions(vectors, 10)
+        _, approx = hnsw.search(vectors, 10)
         real_recall = float(np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)]))
-        tuned = hnsw.manifest["index"]["search"]
-        hnsw_check = {"factory": "HNSW32,Flat", "efSearch": tuned["value"],
+        hnsw_check = {"factory": choice.factory, "efSearch": tuned["value"],
                       "recall@10_on_corpus_vectors (tuning)": tuned["recall"],
                       "recall@10_on_heldout_question_vectors": round(real_recall, 4)}
+        for ef in (16, 32, 64, 128, 256):
+            hnsw.hnsw.efSearch = ef
+            _, approx = hnsw.search(vectors, 10)
+            hnsw_check[f"question recall@10 at efSearch {ef}"] = round(float(np.mean(
+                [len(set(a) & set(e)) / 10 for a, e in zip(approx, exact, strict=True)])), 4)
     finally:
         ray.shutdown()
     return {"questions": report["judgements"]["evaluated"], "corpus": corpus_size, "training_steps": steps,
@@ -242,7 +262,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--parts", default="throughput,ann,quality")
     p.add_argument("--rows", type=int, default=10_000, help="passages for the throughput part")
-    p.add_argument("--ann-sizes", default="100000,1000000", help="synthetic vector counts for the ann part")
+    p.add_argument("--ann-cases", default="100000:4,1000000:4,1000000:0.5",
+                   help="vectors:memory budget in GB of each ann case; each replaces the same case of a former run")
     p.add_argument("--quality-steps", type=int, default=100)
     p.add_argument("--heldout", type=int, default=2000)
     p.add_argument("--corpus", type=int, default=10_000)
@@ -266,7 +287,11 @@ def main() -> None:
         if "throughput" in parts:
             save("throughput", throughput(work, a.rows, os.cpu_count() or 1))
         if "ann" in parts:
-            save("ann", ann(work, [int(n) for n in a.ann_sizes.split(",")]))
+            cases = [(int(n), float(b)) for n, b in (c.split(":") for c in a.ann_cases.split(","))]
+            measured = ann(work, cases)
+            kept = [c for c in results.get("ann", {}).get("result", [])
+                    if (c["vectors"], c["memory_budget_gb"]) not in set(cases)]
+            save("ann", sorted(kept + measured, key=lambda c: (c["vectors"], -c["memory_budget_gb"])))
         if "quality" in parts:
             save("quality", quality(work, a.quality_steps, a.heldout, a.corpus))
     finally:

@@ -197,6 +197,12 @@ class CorpusConfig:
         "(a stable hash), so the same answer gets the same id in every run.",
     )
 
+    question_column: str = _f(
+        "question",
+        "With --from-answers (or --tune-questions): the question column; a sample of its questions tunes the "
+        "index's search parameters, as the queries it will serve.",
+    )
+
     def check(self, need) -> None:
         need(self.text_column != "", "corpus.text_column", "a column name", self.text_column)
 
@@ -247,7 +253,12 @@ class IndexConfig:
     target_recall: float = _f(
         0.95, "Tune nprobe / efSearch to the smallest value whose recall@10 against exact search reaches this."
     )
-    tune_queries: int = _f(1000, "Corpus vectors used as queries to measure recall@10 against exact search.")
+    tune_queries: int = _f(1000, "Queries (questions, else corpus vectors) that measure recall@10 in tuning.")
+    tune_questions: str | None = _f(
+        None,
+        "Parquet of questions (column corpus.question_column) to tune on. Default: with --from-answers the "
+        "corpus's own questions; otherwise corpus vectors stand in for queries.",
+    )
     train_size: int | None = _f(
         None, "Vectors sampled to train the index (default: 40 per IVF list, at least 50,000, at most all)."
     )

@@ -226,12 +226,12 @@ def run_evaluation(cfg) -> dict[str, Any]:
     vectors = searcher.encode(judgements.questions, e.batch_size)
     encode_seconds = time.time() - started
     results, seconds = {}, {}
+    ids = searcher.docstore.column("id").to_pylist()
     for mode in modes:
         t0 = time.time()
         _, positions = searcher.rank(judgements.questions, CURVE_MAX_K, mode, vectors=vectors)
         seconds[mode] = round(time.time() - t0 + (encode_seconds if mode != "bm25" else 0), 3)
-        ids = searcher.docstore.column("id")
-        ranked = [[ids[int(p)].as_py() for p in row if p >= 0] for row in positions]
+        ranked = [[ids[p] for p in row.tolist() if p >= 0] for row in positions]
         results[mode] = retrieval_metrics(ranked, judgements.relevant)
         logger.info("%s: %s", mode, " ".join(f"{k} {v:.4f}" for k, v in results[mode].items() if k != "recall_curve"))
     report = {

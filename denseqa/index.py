@@ -45,6 +45,7 @@ MANIFEST_FILE = "manifest.json"
 BM25_DIR = "bm25"
 FORMAT_VERSION = 1
 RECALL_AT = 10
+RECALL_PLATEAU = 0.005  # when the target recall is out of reach, settle within this of the best one measured
 
 # Search parameter values tried in increasing cost order; the first that reaches the target recall is kept.
 EF_SEARCH_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
@@ -345,17 +346,28 @@ def recall_at_k(index, queries: np.ndarray, own: np.ndarray, truth: list[set[int
     return float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found_sets, truth, strict=True)]))
 
 
-def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig) -> dict[str, Any]:
-    """Smallest nprobe / efSearch reaching the target recall@10 against exact search; queries/s at that value."""
+def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
+                questions: np.ndarray | None = None) -> dict[str, Any]:
+    """Smallest nprobe / efSearch reaching the target recall@10 against exact search; queries/s at that value.
+
+    Measured on ``questions`` (query vectors) when given, else on a sample of corpus vectors (each one's own row
+    left out). Questions are the better measure: they are not passages, they lie elsewhere in the space, and
+    a graph or inverted file tuned on passages can miss their neighbours (see BENCHMARKS.md).
+    """
     n = layout.count
     result: dict[str, Any] = {"target_recall": cfg.target_recall, "recall_at": RECALL_AT}
-    if n <= RECALL_AT + 1:
-        return {**result, "param": None, "value": None, "recall": 1.0, "target_reached": True, "tuned_on": 0}
-    rng = np.random.default_rng(cfg.seed + 1)
-    own = np.sort(rng.choice(n, size=min(n, cfg.tune_queries), replace=False))
-    queries = gather_rows(layout, own, cfg.add_batch_size)
-    truth = _without_self(exact_neighbours(layout, queries, RECALL_AT + 1, cfg.add_batch_size), own, RECALL_AT)
     name = search_parameter(choice.kind)
+    if n <= RECALL_AT + 1 or (name is None and choice.kind == "flat"):  # exact search: nothing to tune
+        return {**result, "param": None, "value": None, "recall": 1.0, "target_reached": True, "tuned_on": 0,
+                "queries": "exact search"}
+    if questions is not None and len(questions):
+        source, queries = "questions", np.ascontiguousarray(questions, dtype=np.float32)
+        own = np.full(len(queries), -1)  # no query is a corpus row
+    else:
+        source = "corpus vectors"
+        own = np.sort(np.random.default_rng(cfg.seed + 1).choice(n, size=min(n, cfg.tune_queries), replace=False))
+        queries = gather_rows(layout, own, cfg.add_batch_size)
+    truth = _without_self(exact_neighbours(layout, queries, RECALL_AT + 1, cfg.add_batch_size), own, RECALL_AT)
     if name is None:
         values: list[int | None] = [None]
     elif name == "efSearch":
@@ -371,18 +383,51 @@ def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig) ->
         logger.info("tuning: %s=%s recall@%d %.4f", name, value, RECALL_AT, recall)
         if recall >= cfg.target_recall:
             break
-    best = tried[-1] if tried[-1]["recall"] >= cfg.target_recall else max(tried, key=lambda t: t["recall"])
+    best = tried[-1]
     if best["recall"] < cfg.target_recall:
-        logger.warning("recall@%d %.4f stays below the target %.2f for every %s tried: the vectors are compressed "
-                       "too much for it; raise --memory-budget-gb or pass --factory", RECALL_AT, best["recall"],
-                       cfg.target_recall, name)
+        # Out of reach (compressed vectors): take the smallest value at the plateau, not the most expensive one,
+        # since beyond it more probes cost time and buy no recall.
+        top = max(t["recall"] for t in tried)
+        best = next(t for t in tried if t["recall"] >= top - RECALL_PLATEAU)
+        logger.warning("recall@%d stays below the target %.2f for every %s tried (at most %.4f): the vectors are "
+                       "compressed too much for it; using %s=%s (%.4f). Raise --memory-budget-gb or pass --factory",
+                       RECALL_AT, cfg.target_recall, name, top, name, best["value"], best["recall"])
     set_search_parameter(index, choice.kind, best["value"])
     started = time.perf_counter()
     index.search(queries, RECALL_AT)
     qps = len(queries) / max(time.perf_counter() - started, 1e-9)
     return {**result, "param": name, "value": best["value"], "recall": best["recall"],
-            "target_reached": best["recall"] >= cfg.target_recall, "tuned_on": len(queries), "tried": tried,
-            "queries_per_s_batched": round(qps, 1)}
+            "target_reached": best["recall"] >= cfg.target_recall, "tuned_on": len(queries), "queries": source,
+            "tried": tried, "queries_per_s_batched": round(qps, 1)}
+
+
+def tuning_questions(cfg: JobConfig) -> list[str] | None:
+    """A seeded sample of distinct questions to tune on: from --tune-questions, else (with --from-answers) the
+    corpus's own question column when it has one, else None (tune on corpus vectors)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from denseqa.data import resolve_parquet_files
+
+    column = cfg.corpus.question_column
+    path = cfg.index.tune_questions or (cfg.corpus.path if cfg.corpus.from_answers else None)
+    if not path:
+        return None
+    fs, files = resolve_parquet_files(path)
+    if any(column not in pq.read_schema(f, filesystem=fs).names for f in files):
+        if cfg.index.tune_questions:
+            raise InputError(f"{path}: column {column!r} missing; name the question column with --question-column")
+        return None
+    values = pa.chunked_array([pq.read_table(f, columns=[column], filesystem=fs).column(column).cast(pa.string())
+                               for f in files])
+    values = values.filter(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False))
+    distinct = pc.unique(values).to_pylist()
+    if not distinct:
+        return None
+    rng = np.random.default_rng(cfg.index.seed + 2)
+    picked = rng.choice(len(distinct), size=min(len(distinct), cfg.index.tune_queries), replace=False)
+    return [distinct[i] for i in sorted(picked)]
 
 
 def faiss_nlist(index) -> int:
@@ -425,8 +470,10 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
     encoder = Encoder.load(cfg.model, device="cpu")  # for the manifest: weights hash, dimension, prompts
     model_info = encoder.describe()
-    del encoder
     check_factory(icfg, model_info["dimension"])
+    questions = tuning_questions(cfg)
+    question_vectors = encoder.encode_queries(questions) if questions else None
+    del encoder
     corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
 
     building = output.rstrip("/") + ".building"
@@ -448,7 +495,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         logger.info("%d passages (%d read, %d dropped, %d repeated): %s — %s", n, corpus.rows,
                     corpus.rows - embedding["rows"], embedding["rows"] - n, choice.factory, choice.reason)
         index = build_faiss_index(layout, d, choice, icfg)
-        tuning = tune_search(index, choice, layout, icfg)
+        tuning = tune_search(index, choice, layout, icfg, question_vectors)
         faiss.write_index(index, os.path.join(staging, INDEX_FILE))
         index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
         del index
@@ -482,8 +529,9 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         shutil.rmtree(staging_root, ignore_errors=True)
     if not icfg.keep_embeddings:
         storage.remove(building)
-    logger.info("index written to %s: %d vectors, %s, %s=%s, recall@%d %.4f, %.1f s", output, n, choice.factory,
-                tuning["param"], tuning["value"], RECALL_AT, tuning["recall"], time.time() - started)
+    logger.info("index written to %s: %d vectors, %s, %s=%s, recall@%d %.4f on %s, %.1f s", output, n,
+                choice.factory, tuning["param"], tuning["value"], RECALL_AT, tuning["recall"], tuning["queries"],
+                time.time() - started)
     return manifest
 
 

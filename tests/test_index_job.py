@@ -132,3 +132,7 @@ def test_an_interrupted_build_leaves_no_loadable_folder_and_a_rerun_completes(cl
     searcher = Searcher(str(index))
     assert len(searcher) == len(set(pq.read_table(sample).column("answer"))) and not building.exists()
     assert searcher.manifest["index"]["shards"] == 3 and searcher.manifest["build"]["embedding"]["reused"]
+    # With --from-answers the search parameter was tuned on the corpus's own questions, the queries it will serve
+    tuning = searcher.manifest["index"]["search"]
+    distinct_questions = len(set(pq.read_table(sample).column("question")))
+    assert tuning["queries"] == "questions" and tuning["tuned_on"] == distinct_questions
