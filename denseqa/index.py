@@ -351,8 +351,9 @@ def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
     """Smallest nprobe / efSearch reaching the target recall@10 against exact search; queries/s at that value.
 
     Measured on ``questions`` (query vectors) when given, else on a sample of corpus vectors (each one's own row
-    left out). Questions are the better measure: they are not passages, they lie elsewhere in the space, and
-    a graph or inverted file tuned on passages can miss their neighbours (see BENCHMARKS.md).
+    left out). Questions are the better measure: they are not passages and lie elsewhere in the space, so a
+    graph or inverted file tuned on passages overestimates their recall (0.989 against 0.955 for HNSW on the
+    Debian data, BENCHMARKS.md).
     """
     n = layout.count
     result: dict[str, Any] = {"target_recall": cfg.target_recall, "recall_at": RECALL_AT}
@@ -529,8 +530,9 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         shutil.rmtree(staging_root, ignore_errors=True)
     if not icfg.keep_embeddings:
         storage.remove(building)
-    logger.info("index written to %s: %d vectors, %s, %s=%s, recall@%d %.4f on %s, %.1f s", output, n,
-                choice.factory, tuning["param"], tuning["value"], RECALL_AT, tuning["recall"], tuning["queries"],
+    searched = (f"{tuning['param']}={tuning['value']}, recall@{RECALL_AT} {tuning['recall']:.4f} on "
+                f"{tuning['queries']}") if tuning["param"] else "exact search"
+    logger.info("index written to %s: %d vectors, %s, %s, %.1f s", output, n, choice.factory, searched,
                 time.time() - started)
     return manifest
 
