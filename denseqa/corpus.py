@@ -40,6 +40,7 @@ class Corpus:
     files: list[str]
     rows: int  # rows in the files, before cleaning
     derived_ids: bool  # ids are hashes of the texts (Q/A answers): equal texts are one passage
+    filesystem: Any = None  # pyarrow filesystem of ``files``
     counts: dict[str, int] = field(default_factory=dict)
 
 
@@ -110,4 +111,5 @@ def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = 
     dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns).map_batches(
         _clean_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
     )
-    return Corpus(dataset=dataset, path=cfg.path, files=files, rows=rows, derived_ids=id_column is None)
+    return Corpus(dataset=dataset, path=cfg.path, files=files, rows=rows, derived_ids=id_column is None,
+                  filesystem=fs)

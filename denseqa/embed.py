@@ -12,6 +12,7 @@ re-run of an interrupted build with the same model and corpus reuses the shards 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -54,10 +55,7 @@ def embedding_identity(encoder_description: dict, corpus) -> dict:
     """What the shards depend on: the model (weights, prompts, length) and the input files (size, mtime)."""
     import pyarrow.fs as pafs
 
-    from denseqa.data import resolve_parquet_files
-
-    fs, files = resolve_parquet_files(corpus.path)
-    infos = fs.get_file_info(files)
+    infos = corpus.filesystem.get_file_info(corpus.files)
     return {
         "model": {k: encoder_description[k] for k in ("weights_sha256", "passage_prompt", "max_seq_length")},
         "files": [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns}
@@ -91,7 +89,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     started = time.time()
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,
-        fn_constructor_kwargs={"model": _model_dict(model_cfg), "encode_batch_size": cfg.encode_batch_size,
+        fn_constructor_kwargs={"model": dataclasses.asdict(model_cfg), "encode_batch_size": cfg.encode_batch_size,
                                "torch_threads": threads, "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -111,12 +109,6 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     storage.write_json(storage.join(out_dir, DONE_FILE), {"identity": identity, "stats": stats})
     logger.info("embedded %d passages in %.1f s (%.1f passages/s)", rows, seconds, stats["passages_per_s"])
     return {**stats, "reused": False}
-
-
-def _model_dict(cfg: ModelConfig) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(cfg)
 
 
 def shard_files(out_dir: str) -> list[tuple[str, int]]:
