@@ -253,13 +253,24 @@ class Encoder:
 
     def check_matches(self, recorded: dict, where: str) -> None:
         """Raise InputError naming the first difference between this encoder and the one an index was built with."""
-        mine = self.describe()
-        for key, label in (("dimension", "dimension"), ("normalize", "normalisation"),
-                           ("weights_sha256", "model weights (sha256)"), ("query_prompt", "query prompt"),
-                           ("passage_prompt", "passage prompt")):
-            if recorded.get(key) != mine[key]:
-                raise InputError(
-                    f"{where}: index was built with {label} {recorded.get(key)!r} but the model "
-                    f"{self.source!r} has {mine[key]!r}; query it with the model it was built with "
-                    f"({recorded.get('path')}) or rebuild the index"
-                )
+        check_model_matches(self.describe(), recorded, where)
+
+
+# What must agree between the model that embedded the passages and the one that encodes the queries.
+MATCHED_FIELDS = (("dimension", "dimension"), ("normalize", "normalisation"),
+                  ("weights_sha256", "model weights (sha256)"), ("query_prompt", "query prompt"),
+                  ("passage_prompt", "passage prompt"))
+
+
+def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
+    """InputError naming the first difference between two model descriptions (:meth:`Encoder.describe`).
+
+    ``expected``: the encoder that will query; ``recorded``: the one the index at ``where`` was built with.
+    """
+    for key, label in MATCHED_FIELDS:
+        if recorded.get(key) != expected.get(key):
+            raise InputError(
+                f"{where}: index was built with {label} {recorded.get(key)!r} but the model "
+                f"{expected.get('path')!r} has {expected.get(key)!r}; query it with the model it was built with "
+                f"({recorded.get('path')}) or rebuild the index"
+            )

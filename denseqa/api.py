@@ -1,0 +1,108 @@
+"""The HTTP API of the search service: request and response models, input limits, and error bodies.
+
+Kept apart from the Ray Serve deployments (:mod:`denseqa.serve`) so the same contract can be checked, documented
+(FastAPI's OpenAPI page at ``/docs``) and reused by a plain FastAPI process (the benchmark's baseline).
+
+Every bad input is answered with a 4xx and one JSON body, ``{"error": {"field": ..., "message": ...}}``, where
+``field`` names the offending part of the request (``"k"``, ``"queries[3]"``, ``"body"``); never with a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+MAX_K = 1000
+
+
+class SearchRequest(BaseModel):
+    """One query (``query``) or several (``queries``), the number of hits ``k`` and the search ``mode``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    query: StrictStr | None = Field(None, description="A single query; give this or `queries`.")
+    queries: list[StrictStr] | None = Field(None, description="Several queries answered in one call.")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="Hits per query.")
+    mode: Literal["dense", "bm25", "hybrid"] = Field(
+        "dense", description="dense (FAISS), bm25 (lexical) or hybrid (reciprocal rank fusion of both)."
+    )
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    text: str
+
+
+class QueryResult(BaseModel):
+    query: str
+    hits: list[Hit] = Field(description="Best first.")
+
+
+class SearchResponse(BaseModel):
+    results: list[QueryResult] = Field(description="One entry per query, in the order given.")
+    mode: str
+    k: int
+    index: str = Field(description="The index folder that answered (it changes after a hot swap).")
+    took_ms: float = Field(description="Time spent in the service, from request parsed to response built.")
+
+
+class Limits(BaseModel):
+    """Input limits of one deployment; set in the Serve config's application ``args``."""
+
+    max_queries: int = Field(64, ge=1, description="Most queries in one request.")
+    max_query_chars: int = Field(2000, ge=1, description="Longest query, in characters.")
+
+
+class BadRequest(Exception):
+    """A request the service refuses; answered with ``status`` and the field it names."""
+
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
+        super().__init__(message)
+        self.field, self.message, self.status = field, message, status
+
+
+def error_body(field: str, message: str) -> dict:
+    return {"error": {"field": field, "message": message}}
+
+
+def checked_queries(request: SearchRequest, limits: Limits) -> list[str]:
+    """The request's queries after the checks a pydantic model cannot express (limits are configurable)."""
+    if (request.query is None) == (request.queries is None):
+        raise BadRequest("query", "give exactly one of `query` (a string) or `queries` (a list of strings)")
+    field = "query" if request.query is not None else "queries"
+    queries = [request.query] if request.query is not None else request.queries
+    if not queries:
+        raise BadRequest("queries", "`queries` is empty; give at least one query")
+    if len(queries) > limits.max_queries:
+        raise BadRequest("queries", f"{len(queries)} queries in one request; at most {limits.max_queries}", 413)
+    for i, query in enumerate(queries):
+        name = field if field == "query" else f"queries[{i}]"
+        if not query.strip():
+            raise BadRequest(name, "query is empty or only whitespace")
+        if len(query) > limits.max_query_chars:
+            raise BadRequest(name, f"query has {len(query)} characters; at most {limits.max_query_chars}", 413)
+    return queries
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn FastAPI's validation errors and :class:`BadRequest` into the one error body, naming the field."""
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        if first.get("type") == "json_invalid" or not loc:
+            # Invalid JSON, or a body that is not an object: the body as a whole is at fault.
+            message = "request body is not a JSON object: " + str(first.get("msg", "invalid"))
+            return JSONResponse(error_body("body", message), status_code=400)
+        field = loc[0] + "".join(f"[{part}]" for part in loc[1:])
+        return JSONResponse(error_body(field, str(first.get("msg"))), status_code=422)
+
+    @app.exception_handler(BadRequest)
+    async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:
+        return JSONResponse(error_body(exc.field, exc.message), status_code=exc.status)

@@ -1,0 +1,387 @@
+"""The search service on Ray Serve: HTTP ingress -> batched query encoder -> index searcher.
+
+Three deployments, each scaled on its own (``autoscaling_config`` in the Serve config file, ``configs/serve.yaml``):
+
+- :class:`SearchAPI`, the FastAPI ingress (``@serve.ingress``): validates requests (:mod:`denseqa.api`) and calls
+  the two others through ``DeploymentHandle``\\ s. Cheap; a fraction of a CPU.
+- :class:`QueryEncoder`: the bi-encoder the index was built with, on a GPU when the replica has one. Concurrent
+  requests are encoded together by ``@serve.batch`` (dynamic batching, as in Clipper, Crankshaw et al., NSDI 2017):
+  one forward pass for many queries is what makes a small model fast on any accelerator, and on CPUs too.
+- :class:`IndexSearcher`: the FAISS index, BM25 and docstore of one index folder, loaded through the library's
+  :class:`~denseqa.search.Searcher`, so the service answers exactly what the evaluation job measured.
+
+Hot swap: set ``user_config: {index: NEW_FOLDER}`` on ``IndexSearcher`` and deploy the config again. Serve calls
+:meth:`IndexSearcher.reconfigure` on the running replicas; each loads the new folder beside the old one and swaps
+the reference when it is ready, so no request is dropped (requests already running finish on the old index). A
+folder whose manifest names another model than the running encoder is refused: the replica logs why, keeps serving
+the old index and reports the refusal in ``GET /info``. A replica that has nothing loaded yet fails its health check
+and does not receive traffic.
+
+Deploy with ``denseqa serve --index DIR`` (this file's :func:`deploy` with the repository's Serve config), or with
+``serve run`` / ``serve deploy`` of a Serve config file whose ``args.index`` names the folder.
+"""
+
+# No `from __future__ import annotations` here: Serve's @serve.ingress rewrites each route's signature from
+# inspect.signature(), which would leave FastAPI string annotations it cannot resolve (the request body would be
+# taken for a query parameter). pyproject.toml exempts this file from the rule that requires the import.
+import asyncio
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from denseqa.api import (
+    BadRequest,
+    Limits,
+    SearchRequest,
+    SearchResponse,
+    checked_queries,
+    install_error_handlers,
+)
+from denseqa.errors import DenseqaError, InputError
+
+logger = logging.getLogger("ray.serve")
+
+APP_NAME = "denseqa"
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "serve.yaml"
+
+
+class SearchAppArgs(Limits):
+    """The application's ``args`` in a Serve config file (``import_path: denseqa.serve:build_app``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str = Field(description="Index folder written by build-index: a path every node reaches, or a URI.")
+
+
+class EncoderSettings(BaseModel):
+    """``user_config`` of QueryEncoder: dynamic batching, changeable without restarting the replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, description="Most queries encoded in one forward pass.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long the first query of a batch waits for others to join it."
+    )
+
+
+class SearcherSettings(BaseModel):
+    """``user_config`` of IndexSearcher: the index folder to serve (default: the application's ``args.index``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    index: str | None = None
+
+
+class IndexNotLoaded(RuntimeError):
+    pass
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
+    return " ".join(str(error).split())
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+
+
+@serve.deployment(name="QueryEncoder", user_config=EncoderSettings().model_dump())
+class QueryEncoder:
+    """Encodes queries with the model an index was built with; concurrent calls share forward passes."""
+
+    def __init__(self, model: dict) -> None:
+        import torch
+
+        from denseqa.config import ModelConfig
+        from denseqa.model import Encoder
+
+        # Ray sets CUDA_VISIBLE_DEVICES from the replica's num_gpus: a GPU is used exactly when one was requested.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        cfg = ModelConfig(model=model["path"], max_seq_length=model.get("max_seq_length"),
+                          query_prompt=model["query_prompt"], passage_prompt=model["passage_prompt"])
+        self.encoder = Encoder.load(cfg, device=self.device)
+        self.encoder.check_matches(model, model["path"])
+        self.settings = EncoderSettings()
+        self.batches = 0
+        self.batched_queries = 0
+
+    def reconfigure(self, config: dict | None) -> None:
+        try:
+            settings = EncoderSettings.model_validate(config or {})
+        except ValidationError as e:
+            # A running replica keeps its settings rather than dying on a typo in a redeployed config.
+            logger.error("QueryEncoder user_config refused (%s); keeping %s", _one_line(e), self.settings)
+            return
+        self.settings = settings
+        self._encode_batch.set_max_batch_size(settings.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _encode_batch(self, queries: list[str]) -> list[np.ndarray]:
+        self.batches += 1
+        self.batched_queries += len(queries)
+        # In a thread, so the replica keeps queueing the next batch's queries while this one runs.
+        vectors = await asyncio.to_thread(self.encoder.encode_queries, queries, len(queries))
+        return list(vectors)
+
+    async def encode(self, queries: list[str]) -> np.ndarray:
+        """Unit-norm float32 vectors, shape (len(queries), dimension); each query joins a shared batch."""
+        return np.stack(await asyncio.gather(*(self._encode_batch(q) for q in queries)))
+
+    def describe(self) -> dict:
+        return {**self.encoder.describe(), "device": self.device, "batching": self.settings.model_dump(),
+                "mean_batch_size": self.batched_queries / self.batches if self.batches else None}
+
+
+# ------------------------------------------------------------------------------------------------ searcher
+
+
+@serve.deployment(name="IndexSearcher", user_config=SearcherSettings().model_dump())
+class IndexSearcher:
+    """Holds one loaded index folder; swaps to another on ``reconfigure`` when it matches the encoder."""
+
+    def __init__(self, index: str, model: dict) -> None:
+        self.default_index = index
+        self.model = model  # what every index served here must have been built with
+        self.searcher = None
+        self.last_change: dict[str, Any] | None = None
+
+    async def reconfigure(self, config: dict | None) -> None:
+        try:
+            target = SearcherSettings.model_validate(config or {}).index or self.default_index
+        except ValidationError as e:
+            self._refuse(str((config or {}).get("index")), _one_line(e))
+            return
+        if self.searcher is not None and target == self.searcher.index_dir:
+            return
+        try:
+            # Loaded beside the one serving, off the event loop: requests keep being answered meanwhile.
+            searcher = await asyncio.to_thread(self._load, target)
+        except (DenseqaError, OSError) as e:
+            self._refuse(target, _one_line(e))
+            return
+        previous, self.searcher = self.searcher, searcher
+        self.last_change = {"index": target, "status": "serving", "at": time.time(),
+                            "previous": previous.index_dir if previous else None}
+        logger.info("IndexSearcher serving %s (%d passages)", target, len(searcher))
+
+    def _load(self, index: str):
+        from denseqa.model import check_model_matches
+        from denseqa.search import Searcher
+
+        searcher = Searcher(index, load_encoder=False)
+        check_model_matches(self.model, searcher.manifest["model"], index)
+        return searcher
+
+    def _refuse(self, target: str, reason: str) -> None:
+        if self.searcher is None:
+            # Nothing to fall back on: fail, so Serve reports the deployment as failed with this message.
+            raise InputError(f"IndexSearcher cannot load {target}: {reason}")
+        self.last_change = {"index": target, "status": "refused", "reason": reason, "at": time.time(),
+                            "serving": self.searcher.index_dir}
+        logger.error("IndexSearcher refused %s: %s; still serving %s", target, reason, self.searcher.index_dir)
+
+    def check_health(self) -> None:
+        if self.searcher is None:
+            raise IndexNotLoaded("no index loaded")
+
+    def search(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None) -> dict:
+        searcher = self.searcher  # one reference for the whole request, even if a swap happens meanwhile
+        if searcher is None:
+            raise IndexNotLoaded("no index loaded")
+        scores, positions = searcher.rank(queries, k, mode, vectors)
+        hits = [[{"id": h.id, "score": h.score, "text": h.text} for h in searcher.hits(s, p)]
+                for s, p in zip(scores, positions, strict=True)]
+        return {"index": searcher.index_dir, "hits": hits}
+
+    def status(self) -> dict:
+        searcher = self.searcher
+        return {"index": searcher.index_dir if searcher else None, "count": len(searcher) if searcher else 0,
+                "bm25": bool(searcher and searcher.bm25 is not None), "last_change": self.last_change,
+                "manifest": searcher.info() if searcher else None}
+
+
+# ------------------------------------------------------------------------------------------------ ingress
+
+http = FastAPI(
+    title="denseqa search",
+    summary="Semantic search over the passages of a denseqa index: dense, BM25 or hybrid.",
+    version="1",
+)
+install_error_handlers(http)
+
+
+def _is(error: Exception, kind: type) -> bool:
+    # Serve re-raises a replica's exception as a RayTaskError that is also an instance of the original class.
+    return isinstance(error, kind) or isinstance(getattr(error, "cause", None), kind)
+
+
+@serve.deployment(name="SearchAPI")
+@serve.ingress(http)
+class SearchAPI:
+    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, limits: dict) -> None:
+        self.encoder = encoder
+        self.searcher = searcher
+        self.limits = Limits.model_validate(limits)
+
+    @http.post("/search", response_model=SearchResponse, responses={
+        400: {"description": "Invalid JSON, or a mode the index cannot answer"},
+        413: {"description": "Too many queries, or a query too long"},
+        422: {"description": "A field is missing or invalid; the body names it"},
+        503: {"description": "No index loaded yet"}})
+    async def search(self, request: SearchRequest):
+        """Search the index: the hits of each query, best first."""
+        started = time.perf_counter()
+        queries = checked_queries(request, self.limits)
+        try:
+            vectors = await self.encoder.encode.remote(queries) if request.mode != "bm25" else None
+            answer = await self.searcher.search.remote(queries, request.k, request.mode, vectors)
+        except Exception as e:
+            if _is(e, InputError):  # e.g. bm25 asked of an index built without it
+                raise BadRequest("mode", _one_line(getattr(e, "cause", None) or e), 400) from None
+            if _is(e, IndexNotLoaded):
+                raise BadRequest("index", "no index loaded yet", 503) from None
+            raise
+        results = [{"query": q, "hits": h} for q, h in zip(queries, answer["hits"], strict=True)]
+        return SearchResponse(results=results, mode=request.mode, k=request.k, index=answer["index"],
+                              took_ms=(time.perf_counter() - started) * 1000)
+
+    @http.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        """200 when an index is loaded and answering, 503 otherwise."""
+        try:
+            status = await self.searcher.status.remote()
+        except Exception as e:
+            return JSONResponse({"status": "unavailable", "reason": _one_line(e)}, status_code=503)
+        if not status["index"]:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "index": status["index"], "count": status["count"]})
+
+    @http.get("/info")
+    async def info(self) -> dict:
+        """The model, the index manifest, the last index change (swap or refusal) and the input limits."""
+        model, status = await asyncio.gather(self.encoder.describe.remote(), self.searcher.status.remote())
+        return {"model": model, "index": status, "limits": self.limits.model_dump()}
+
+
+def build_app(args: dict) -> serve.Application:
+    """The application for a Serve config's ``import_path`` (``denseqa.serve:build_app``) and ``args``."""
+    from denseqa.search import read_manifest
+
+    try:
+        parsed = SearchAppArgs.model_validate(args)
+    except ValidationError as e:
+        raise InputError(f"Serve application args: {_one_line(e)}") from None
+    model = read_manifest(parsed.index)["model"]  # the encoder is the one the initial index was built with
+    encoder = QueryEncoder.bind(model)
+    searcher = IndexSearcher.bind(parsed.index, model)
+    return SearchAPI.bind(encoder, searcher, Limits.model_validate(parsed.model_dump(exclude={"index"})).model_dump())
+
+
+# ------------------------------------------------------------------------------------------------ deploying
+
+
+def load_serve_config(path: str | None = None) -> dict:
+    """A Serve config file (default: the repository's ``configs/serve.yaml``), as a dict."""
+    path = str(path or DEFAULT_SERVE_CONFIG)
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: Serve config file not found; pass --serve-config")
+    with open(path) as f:
+        try:
+            config = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise InputError(f"{path}: not valid YAML: {_one_line(e)}") from None
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise InputError(f"{path}: a Serve config needs an `applications` list")
+    return config
+
+
+def application(config: dict, name: str = APP_NAME) -> dict:
+    for app in config.get("applications", []):
+        if app.get("name") == name:
+            return app
+    raise InputError(f"Serve config has no application named {name!r}")
+
+
+def deployment(config: dict, name: str, app_name: str = APP_NAME) -> dict:
+    """The entry of deployment ``name`` in the config (created if absent), for overriding its options."""
+    deployments = application(config, app_name).setdefault("deployments", [])
+    for entry in deployments:
+        if entry.get("name") == name:
+            return entry
+    deployments.append({"name": name})
+    return deployments[-1]
+
+
+def with_overrides(config: dict, index: str | None = None, host: str | None = None, port: int | None = None,
+                   **args: Any) -> dict:
+    """A copy of a Serve config with the index, HTTP address and application args replaced where given."""
+    config = copy.deepcopy(config)
+    app = application(config)
+    app.setdefault("args", {})
+    if index is not None:
+        app["args"]["index"] = index
+    app["args"].update({k: v for k, v in args.items() if v is not None})
+    http_options = config.setdefault("http_options", {})
+    if host is not None:
+        http_options["host"] = host
+    if port is not None:
+        http_options["port"] = port
+    return config
+
+
+def deploy(config: dict, timeout_s: float = 600) -> str:
+    """Deploy a Serve config on the connected Ray cluster, as ``serve deploy`` would; wait until it runs.
+
+    Returns the HTTP address. Raises DenseqaError with Serve's message if an application fails to deploy.
+    """
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        raise InputError(f"Serve config: {_one_line(e)}") from None
+    # What `serve run CONFIG` does (Ray 2.60): the controller builds each application from its import path and
+    # args and applies the per-deployment options, so a redeploy that only changes a user_config reconfigures
+    # the running replicas instead of restarting them (that is how an index is hot-swapped).
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
+                                   proxy_location=schema.proxy_location,
+                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+    client.deploy_apps(schema, _blocking=False)
+    wait_until_running([app.name for app in schema.applications], timeout_s)
+    host = schema.http_options.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{schema.http_options.port}"
+
+
+def wait_until_running(names: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        applications = serve.status().applications
+        states = {name: applications.get(name) for name in names}
+        failed = {n: s for n, s in states.items() if s is not None and s.status == "DEPLOY_FAILED"}
+        if failed:
+            name, state = next(iter(failed.items()))
+            message = state.message.strip().splitlines()
+            raise DenseqaError(f"Serve application {name!r} failed to deploy: "
+                               f"{next((m for m in reversed(message) if m.strip()), 'see the Serve logs')}")
+        if all(s is not None and s.status == "RUNNING" for s in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise DenseqaError(f"Serve applications not running after {timeout_s:.0f} s: "
+                               + ", ".join(f"{n}={s.status if s else 'absent'}" for n, s in states.items()))
+        time.sleep(0.5)
