@@ -34,10 +34,17 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"report written to {report['output']}")
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from denseqa.serve import run_serve
+
+    run_serve(config_from_args(args, COMMAND_SECTIONS["serve"]))
+
+
 COMMANDS = {
     "train": (_train, "Fine-tune a bi-encoder on Q/A pairs with Ray Train (gathered in-batch negatives)."),
     "build-index": (_build_index, "Embed a corpus with a Ray Data actor pool and build a FAISS index folder."),
     "evaluate": (_evaluate, "Search held-out questions in an index: dense, BM25 and hybrid, as JSON, Markdown, PNG."),
+    "serve": (_serve, "Deploy an index as a Ray Serve HTTP search service (POST /search) and print its address."),
 }
 
 

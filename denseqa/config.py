@@ -319,14 +319,49 @@ class EvalConfig:
         need(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
 
 
+@dataclass
+class ServeConfig:
+    """The search service: a Ray Serve application (HTTP ingress, batched query encoder, index searcher)."""
+
+    index: str | None = _f(
+        None, "Index folder to serve (build-index's output); queries are encoded with the model it was built with.",
+        flag="--index",
+    )
+    serve_config: str | None = _f(
+        None, "Serve config file to deploy (autoscaling, resources, batching, limits). Default: configs/serve.yaml."
+    )
+    host: str | None = _f(None, "HTTP host of the Serve proxies (default: the Serve config's).")
+    port: int | None = _f(None, "HTTP port (default: the Serve config's).")
+    max_queries: int | None = _f(None, "Most queries in one request (default: the Serve config's).")
+    max_query_chars: int | None = _f(None, "Longest query in characters (default: the Serve config's).")
+    max_batch_size: int | None = _f(
+        None, "Most queries the encoder batches into one forward pass (default: the Serve config's)."
+    )
+    batch_wait_timeout_s: float | None = _f(
+        None, "How long a query waits for others to share its batch, in seconds (default: the Serve config's)."
+    )
+    timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.")
+
+    def check(self, need) -> None:
+        need(self.port is None or 0 < self.port < 65536, "serve.port", "in 1..65535", self.port)
+        for key in ("max_queries", "max_query_chars", "max_batch_size"):
+            value = getattr(self, key)
+            need(value is None or value >= 1, f"serve.{key}", ">= 1", value)
+        need(self.batch_wait_timeout_s is None or self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s",
+             ">= 0", self.batch_wait_timeout_s)
+        need(self.timeout_s > 0, "serve.timeout_s", "> 0", self.timeout_s)
+
+
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "output": OutputConfig,
-            "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig}
+            "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig,
+            "serve": ServeConfig}
 # The sections each command reads; the others are refused in its config file.
 COMMAND_SECTIONS = {
     "train": ("data", "model", "train", "output"),
     "build-index": ("corpus", "model", "embed", "index"),
     "evaluate": ("eval",),
+    "serve": ("serve",),
 }
 
 
@@ -342,6 +377,7 @@ class JobConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     used: tuple[str, ...] = tuple(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -429,7 +465,7 @@ def load_yaml(path: str) -> dict[str, Any]:
 
 def _flag(f: dataclasses.Field) -> list[str]:
     flags = ["--" + f.name.replace("_", "-")]
-    if "flag" in f.metadata:
+    if "flag" in f.metadata and f.metadata["flag"] not in flags:
         flags.insert(0, f.metadata["flag"])
     return flags
 

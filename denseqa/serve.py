@@ -26,6 +26,7 @@ Deploy with ``denseqa serve --index DIR`` (this file's :func:`deploy` with the r
 # taken for a query parameter). pyproject.toml exempts this file from the rule that requires the import.
 import asyncio
 import copy
+import json
 import logging
 import os
 import time
@@ -278,12 +279,16 @@ class SearchAPI:
 
 def build_app(args: dict) -> serve.Application:
     """The application for a Serve config's ``import_path`` (``denseqa.serve:build_app``) and ``args``."""
+    from denseqa import storage
     from denseqa.search import read_manifest
 
     try:
         parsed = SearchAppArgs.model_validate(args)
     except ValidationError as e:
         raise InputError(f"Serve application args: {_one_line(e)}") from None
+    if not storage.is_uri(parsed.index) and not os.path.isabs(parsed.index):
+        raise InputError(f"Serve application args.index {parsed.index!r}: give an absolute path or a URI; replicas "
+                         "do not run in your working directory")
     model = read_manifest(parsed.index)["model"]  # the encoder is the one the initial index was built with
     encoder = QueryEncoder.bind(model)
     searcher = IndexSearcher.bind(parsed.index, model)
@@ -385,3 +390,63 @@ def wait_until_running(names: list[str], timeout_s: float) -> None:
             raise DenseqaError(f"Serve applications not running after {timeout_s:.0f} s: "
                                + ", ".join(f"{n}={s.status if s else 'absent'}" for n, s in states.items()))
         time.sleep(0.5)
+
+
+# ------------------------------------------------------------------------------------------------ command
+
+
+def serve_config_for(cfg) -> dict:
+    """The Serve config file of a ``serve`` section, with the section's index, address and limits filled in."""
+    from denseqa import storage
+    from denseqa.search import read_manifest
+
+    s = cfg.serve
+    if not s.index:
+        raise InputError("no index to serve: pass --index (a folder written by build-index)")
+    index = storage.absolute(s.index)  # replicas do not run in this working directory
+    read_manifest(index)  # a missing or unfinished index fails here, in one line, before anything is deployed
+    config = with_overrides(load_serve_config(s.serve_config), index=index, host=s.host, port=s.port,
+                            max_queries=s.max_queries, max_query_chars=s.max_query_chars)
+    batching = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+    if any(v is not None for v in batching.values()):
+        entry = deployment(config, "QueryEncoder")
+        entry["user_config"] = {**(entry.get("user_config") or {}),
+                                **{k: v for k, v in batching.items() if v is not None}}
+    return config
+
+
+def run_serve(cfg) -> str:
+    """``denseqa serve``: deploy on the running Ray cluster and return; or, with none, on a local one, and block.
+
+    A cluster keeps a deployed application after this process exits (stop it with ``serve shutdown``); a local
+    Ray instance started here would take the application down with it, so then this command stays in the
+    foreground until interrupted.
+    """
+    import ray
+
+    config = serve_config_for(cfg)
+    started_here = False
+    if os.environ.get("RAY_ADDRESS") == "local":
+        ray.init(address="local")
+        started_here = True
+    else:
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto")
+        except ConnectionError:
+            if os.environ.get("RAY_ADDRESS"):
+                raise DenseqaError(f"no Ray cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']}") from None
+            ray.init()
+            started_here = True
+    url = deploy(config, cfg.serve.timeout_s)
+    print(json.dumps({
+        "url": url, "docs": f"{url}/docs", "index": application(config)["args"]["index"],
+        "try": f"curl -s {url}/search -H 'content-type: application/json' -d '{{\"query\": \"...\", \"k\": 5}}'",
+    }, indent=2), flush=True)
+    if started_here:
+        print("serving from a local Ray instance started by this command; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url

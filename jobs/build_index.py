@@ -1,6 +1,7 @@
 """Embed a corpus with a Ray Data actor pool and build a FAISS index folder.
 
-    ray job submit --working-dir . -- python jobs/build_index.py --model /abs/out/model --corpus /abs/passages.parquet --output /abs/out/index
+    ray job submit --working-dir . -- python jobs/build_index.py \\
+        --model /abs/out/model --corpus /abs/passages.parquet --output /abs/out/index
 
 Use absolute paths or URIs (s3://, gs://): a job runs in a copy of the working directory, so a relative path
 would point inside that copy. Every flag: ``python jobs/build_index.py --help``. Same as ``denseqa build-index``.

@@ -1,6 +1,7 @@
-"""Evaluate retrieval of held-out questions in an index
+"""Evaluate retrieval of held-out questions in an index: dense, BM25 and hybrid.
 
-    ray job submit --working-dir . -- python jobs/evaluate.py  dense, BM25 and hybrid.:--index /abs/out/index --queries /abs/out/model/heldout.parquet
+    ray job submit --working-dir . -- python jobs/evaluate.py \\
+        --index /abs/out/index --queries /abs/out/model/heldout.parquet
 
 Use absolute paths or URIs (s3://, gs://): a job runs in a copy of the working directory, so a relative path
 would point inside that copy. Every flag: ``python jobs/evaluate.py --help``. Same as ``denseqa evaluate``.

@@ -218,3 +218,25 @@ def test_evaluate_bad_index_and_queries(tmp_path, qa_parquet):
     assert_one_line_error(evaluate("--index", str(half), "--queries", queries), str(half),
                           "not a complete index (no manifest.json)", command="evaluate")
     assert_one_line_error(evaluate("--index", str(half)), "no queries given: pass --queries", command="evaluate")
+
+
+def serve(*args: str) -> subprocess.CompletedProcess:
+    return run_job("serve", *args)
+
+
+def test_serve_bad_index_config_and_values(tmp_path):
+    assert_one_line_error(serve(), "no index to serve: pass --index", command="serve")
+    missing = tmp_path / "nope"
+    assert_one_line_error(serve("--index", str(missing)), str(missing), "index folder not found", command="serve")
+    half = tmp_path / "half"
+    half.mkdir()
+    assert_one_line_error(serve("--index", str(half)), "not a complete index (no manifest.json)", command="serve")
+    (half / "manifest.json").write_text('{"format": 1}')  # config problems are found before any Ray work
+    bad_yaml = tmp_path / "serve.yaml"
+    bad_yaml.write_text("applications: [unclosed\n")
+    assert_one_line_error(serve("--index", str(half), "--serve-config", str(bad_yaml)), str(bad_yaml),
+                          "not valid YAML", command="serve")
+    assert_one_line_error(serve("--index", str(half), "--port", "70000"), "serve.port must be in 1..65535",
+                          command="serve")
+    assert_one_line_error(serve("--index", str(half), "--max-batch-size", "0"), "serve.max_batch_size must be >= 1",
+                          command="serve")

@@ -1,0 +1,319 @@
+"""The Ray Serve search application over real HTTP on a local Ray: results, bad input, load, hot swap.
+
+Three real index folders are built by the indexing job's function: A and B with the bundled all-MiniLM-L6-v2 over
+different real Debian answers, C with the tiny random BERT (a model that does not match the running encoder).
+The application is deployed with the repository's configs/serve.yaml (one replica per deployment, so the test
+is deterministic on 2 CPUs) through the same `deploy()` that `denseqa serve` uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from denseqa.config import JobConfig
+
+from .conftest import _free_port, real_pairs
+
+pytestmark = pytest.mark.slow
+
+SECTIONS = ("corpus", "model", "embed", "index")
+
+
+def _build(tmp, name: str, pairs, model: dict | None = None) -> str:
+    from denseqa.index import run_build_index
+
+    pq.write_table(pairs, tmp / f"{name}.parquet")
+    run_build_index(JobConfig.from_dict({
+        "corpus": {"path": str(tmp / f"{name}.parquet"), "from_answers": True},
+        "model": model or {},
+        "index": {"output": str(tmp / name)},
+    }, sections=SECTIONS))
+    return str(tmp / name)
+
+
+@pytest.fixture(scope="module")
+def indexes(ray_local, tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("serve")
+    pairs_a, pairs_b = real_pairs(300, seed=11), real_pairs(200, seed=12)
+    return {
+        "A": _build(tmp, "A", pairs_a), "B": _build(tmp, "B", pairs_b),
+        "C": _build(tmp, "C", real_pairs(60, seed=13), {"model": tiny_model_dir}),
+        "questions": pairs_a.column("question").to_pylist(), "questions_b": pairs_b.column("question").to_pylist(),
+    }
+
+
+def _test_config(index: str, port: int, searcher_index: str | None = None) -> dict:
+    from denseqa import serve as ds
+
+    config = ds.with_overrides(ds.load_serve_config(), index=index, host="127.0.0.1", port=port)
+    # Serve logs every request at INFO (access log): thousands of lines in a load test.
+    ds.application(config)["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+    for name in ("SearchAPI", "QueryEncoder", "IndexSearcher"):
+        ds.deployment(config, name)["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    ds.deployment(config, "IndexSearcher")["user_config"] = {"index": searcher_index}
+    return config
+
+
+@pytest.fixture(scope="module")
+def service(indexes):
+    from ray import serve
+
+    from denseqa import serve as ds
+
+    port = _free_port()
+    url = ds.deploy(_test_config(indexes["A"], port))
+    yield {"url": url, "port": port}
+    serve.shutdown()
+
+
+def post(url: str, body=None, data: str | None = None, timeout: float = 60) -> requests.Response:
+    if data is not None:
+        return requests.post(f"{url}/search", data=data, headers={"content-type": "application/json"},
+                             timeout=timeout)
+    return requests.post(f"{url}/search", json=body, timeout=timeout)
+
+
+def _assert_same_hits(response_hits: list[dict], expected) -> None:
+    assert [h["id"] for h in response_hits] == [h.id for h in expected]
+    assert [h["text"] for h in response_hits] == [h.text for h in expected]
+    np.testing.assert_allclose([h["score"] for h in response_hits], [h.score for h in expected], atol=1e-5)
+
+
+def test_results_equal_the_library_searcher(service, indexes):
+    from denseqa.search import Searcher
+
+    searcher = Searcher(indexes["A"])
+    questions = indexes["questions"][:24]
+    for mode in ("dense", "bm25", "hybrid"):
+        expected = searcher.search(questions, k=10, mode=mode)
+        many = post(service["url"], {"queries": questions, "k": 10, "mode": mode})
+        assert many.status_code == 200, many.text
+        body = many.json()
+        assert body["index"] == indexes["A"] and body["mode"] == mode and body["took_ms"] > 0
+        assert [r["query"] for r in body["results"]] == questions
+        for result, hits in zip(body["results"], expected, strict=True):
+            _assert_same_hits(result["hits"], hits)
+        for question, hits in zip(questions[:5], expected[:5], strict=True):
+            one = post(service["url"], {"query": question, "k": 10, "mode": mode}).json()
+            _assert_same_hits(one["results"][0]["hits"], hits)
+    # Dense results really are nearest neighbours: the question's own answer is found for most questions
+    answers = {h["text"] for r in post(service["url"], {"queries": questions, "k": 10}).json()["results"]
+               for h in r["hits"][:1]}
+    assert len(answers) > 12
+
+
+BAD_INPUTS = [
+    # (raw body, status, field)
+    ("{not json", 400, "body"),
+    ("", 400, "body"),
+    ("[1, 2]", 400, "body"),
+    ("{}", 422, "query"),
+    ('{"k": 5}', 422, "query"),
+    ('{"query": "a", "queries": ["b"]}', 422, "query"),
+    ('{"query": ""}', 422, "query"),
+    ('{"query": "   \\n\\t"}', 422, "query"),
+    ('{"query": 42}', 422, "query"),
+    ('{"query": null, "queries": null}', 422, "query"),
+    ('{"queries": []}', 422, "queries"),
+    ('{"queries": "not a list"}', 422, "queries"),
+    ('{"queries": ["fine", 3]}', 422, "queries[1]"),
+    ('{"queries": ["fine", " "]}', 422, "queries[1]"),
+    ('{"query": "x", "k": 0}', 422, "k"),
+    ('{"query": "x", "k": 1001}', 422, "k"),
+    ('{"query": "x", "k": -3}', 422, "k"),
+    ('{"query": "x", "k": "10"}', 422, "k"),
+    ('{"query": "x", "k": 2.5}', 422, "k"),
+    ('{"query": "x", "mode": "semantic"}', 422, "mode"),
+    ('{"query": "x", "top_k": 3}', 422, "top_k"),
+    ('{"queries": [' + ", ".join(['"q"'] * 65) + "]}", 413, "queries"),
+    ('{"query": "' + "x" * 2001 + '"}', 413, "query"),
+    ('{"queries": ["ok", "' + "y" * 2001 + '"]}', 413, "queries[1]"),
+]
+
+
+def test_every_bad_input_gets_a_4xx_naming_the_field(service, indexes):
+    from denseqa.search import read_manifest
+
+    url = service["url"]
+    for raw, status, field in BAD_INPUTS:
+        response = post(url, data=raw)
+        assert response.status_code == status, (raw[:80], response.status_code, response.text[:300])
+        error = response.json()["error"]
+        assert error["field"] == field, (raw[:80], error)
+        assert error["message"]
+    assert requests.get(f"{url}/search", timeout=30).status_code == 405
+    assert requests.post(f"{url}/nowhere", json={"query": "x"}, timeout=30).status_code == 404
+    # The limits are inclusive, and the server still answers after all of that
+    ok = post(url, {"queries": ["q"] * 64, "k": 1000})
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 64
+    assert len(ok.json()["results"][0]["hits"]) == read_manifest(indexes["A"])["count"]  # k beyond the corpus
+    assert post(url, {"query": "z" * 2000, "k": 1}).status_code == 200
+
+
+def test_health_info_and_openapi(service, indexes):
+    from denseqa.search import read_manifest
+
+    url = service["url"]
+    health = requests.get(f"{url}/healthz", timeout=30)
+    manifest = read_manifest(indexes["A"])
+    assert health.status_code == 200 and health.json() == {"status": "ok", "index": indexes["A"],
+                                                           "count": manifest["count"]}
+    info = requests.get(f"{url}/info", timeout=30).json()
+    assert info["model"]["weights_sha256"] == manifest["model"]["weights_sha256"]
+    assert info["model"]["device"] == "cpu" and info["model"]["batching"]["max_batch_size"] == 32
+    assert info["index"]["manifest"]["count"] == manifest["count"] and info["index"]["bm25"] is True
+    assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000}
+    docs = requests.get(f"{url}/docs", timeout=30)
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert {"/search", "/healthz", "/info"} <= set(spec["paths"])
+
+
+class Load:
+    """Clients that post real questions in a loop and keep every outcome (status, index that answered)."""
+
+    def __init__(self, url: str, questions: list[str], clients: int = 16, requests_each: int | None = None):
+        self.url, self.questions, self.requests_each = url, questions, requests_each
+        self.outcomes: list[tuple[float, int, str | None]] = []
+        self.errors: list[str] = []
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.pool = ThreadPoolExecutor(clients)
+        self.futures = [self.pool.submit(self._client, i) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        with requests.Session() as session:
+            n = 0
+            while not self.stop.is_set() and (self.requests_each is None or n < self.requests_each):
+                question = self.questions[(i * 7919 + n) % len(self.questions)]
+                mode = ("dense", "hybrid", "bm25", "dense")[n % 4]
+                try:
+                    r = session.post(f"{self.url}/search", json={"query": question, "k": 5, "mode": mode},
+                                     timeout=120)
+                    ok = r.status_code == 200 and len(r.json()["results"][0]["hits"]) >= 1
+                    index = r.json().get("index") if r.status_code == 200 else None
+                    if not ok:
+                        with self.lock:
+                            self.errors.append(f"{r.status_code} {r.text[:200]}")
+                except Exception as e:  # a dropped connection is a failed request too
+                    with self.lock:
+                        self.errors.append(repr(e))
+                    index, ok = None, False
+                with self.lock:
+                    self.outcomes.append((time.monotonic(), 200 if ok else 0, index))
+                n += 1
+
+    def finish(self) -> None:
+        """Wait for every client: after its requests_each, or (unbounded) once told to stop."""
+        if self.requests_each is None:
+            self.stop.set()
+        for f in self.futures:
+            f.result()
+        self.pool.shutdown()
+
+
+def test_concurrent_load_has_no_errors(service, indexes):
+    load = Load(service["url"], indexes["questions"], clients=16, requests_each=32)
+    load.finish()
+    assert len(load.outcomes) == 512 and not load.errors, load.errors[:5]
+    # Concurrent queries were encoded together: more than one query per forward pass on average
+    info = requests.get(f"{service['url']}/info", timeout=30).json()
+    assert info["model"]["mean_batch_size"] > 1.5, info["model"]
+
+
+def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes):
+    from denseqa import serve as ds
+    from denseqa.search import Searcher
+
+    url = service["url"]
+    load = Load(url, indexes["questions"] + indexes["questions_b"], clients=16)
+    try:
+        time.sleep(3)
+        swap_at = time.monotonic()
+        ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["B"]))
+        deadline = time.monotonic() + 120
+        while post(url, {"query": "x"}).json()["index"] != indexes["B"]:
+            assert time.monotonic() < deadline, "the new index never answered"
+            time.sleep(0.2)
+        swapped_at = time.monotonic()
+        time.sleep(3)
+        # Now an index built with another model: refused, B keeps serving
+        ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["C"]))
+        deadline = time.monotonic() + 120
+        while (requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"] or {}).get("status") != \
+                "refused":
+            assert time.monotonic() < deadline, "the mismatched index was neither served nor refused"
+            time.sleep(0.2)
+        time.sleep(2)
+    finally:
+        load.finish()
+    assert not load.errors, load.errors[:5]
+    answered_by = Counter(index for _, _, index in load.outcomes)
+    assert set(answered_by) == {indexes["A"], indexes["B"]}, answered_by
+    assert all(index == indexes["A"] for t, _, index in load.outcomes if t < swap_at)
+    assert all(index == indexes["B"] for t, _, index in load.outcomes if t > swapped_at + 1)
+    assert len(load.outcomes) > 200
+
+    info = requests.get(f"{url}/info", timeout=30).json()["index"]
+    assert info["index"] == indexes["B"]
+    assert info["last_change"]["index"] == indexes["C"] and info["last_change"]["serving"] == indexes["B"]
+    assert "index was built with dimension" in info["last_change"]["reason"]
+    # Results now come from B, equal to the library's
+    questions = indexes["questions_b"][:10]
+    expected = Searcher(indexes["B"]).search(questions, k=5)
+    body = post(url, {"queries": questions, "k": 5}).json()
+    for result, hits in zip(body["results"], expected, strict=True):
+        _assert_same_hits(result["hits"], hits)
+    assert requests.get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
+
+
+def test_searcher_replica_logic_without_serve(indexes):
+    """The IndexSearcher class itself: unhealthy until loaded, a first bad index fails, later ones are refused."""
+    from denseqa.errors import InputError
+    from denseqa.search import read_manifest
+    from denseqa.serve import IndexNotLoaded, IndexSearcher
+
+    model = read_manifest(indexes["A"])["model"]
+    replica = IndexSearcher.func_or_class(indexes["A"], model)
+    with pytest.raises(IndexNotLoaded):
+        replica.check_health()
+    with pytest.raises(InputError, match="cannot load .*C.*index was built with dimension"):
+        asyncio.run(replica.reconfigure({"index": indexes["C"]}))
+    asyncio.run(replica.reconfigure({"index": None}))  # the application's args.index
+    replica.check_health()
+    assert replica.status()["index"] == indexes["A"]
+    asyncio.run(replica.reconfigure({"index": "/no/such/folder"}))
+    asyncio.run(replica.reconfigure({"indx": indexes["B"]}))
+    assert replica.status()["index"] == indexes["A"]
+    assert replica.last_change["status"] == "refused" and "indx" in replica.last_change["reason"]
+    asyncio.run(replica.reconfigure({"index": indexes["B"]}))
+    assert replica.status()["index"] == indexes["B"] and replica.last_change["previous"] == indexes["A"]
+
+
+def test_shipped_serve_config_is_valid_and_autoscales():
+    from ray.serve.schema import ServeDeploySchema
+
+    from denseqa import serve as ds
+
+    config = ds.load_serve_config()
+    schema = ServeDeploySchema.model_validate(config)
+    (app,) = schema.applications
+    assert app.import_path == "denseqa.serve:build_app"
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"SearchAPI", "QueryEncoder", "IndexSearcher"}
+    for name in ("QueryEncoder", "IndexSearcher"):
+        scaling = deployments[name].autoscaling_config
+        assert scaling["max_replicas"] > scaling["min_replicas"] >= 1 and scaling["target_ongoing_requests"] > 0
+    encoder = deployments["QueryEncoder"]
+    assert encoder.max_ongoing_requests >= encoder.user_config["max_batch_size"]
+    assert ds.EncoderSettings.model_validate(encoder.user_config)
+    assert ds.SearcherSettings.model_validate(deployments["IndexSearcher"].user_config).index is None
