@@ -133,8 +133,10 @@ class QueryEncoder:
     async def _encode_batch(self, queries: list[str]) -> list[np.ndarray]:
         self.batches += 1
         self.batched_queries += len(queries)
-        # In a thread, so the replica keeps queueing the next batch's queries while this one runs.
-        vectors = await asyncio.to_thread(self.encoder.encode_queries, queries, len(queries))
+        # Encoded here, on the replica's event loop, not in a thread: Serve's batcher closes a batch as soon as
+        # its wait expires, whatever is running, so with the loop free (a thread) batches stayed at ~1 query under
+        # load. Blocking the loop makes the calls that arrive meanwhile pile up and form the next, full batch.
+        vectors = self.encoder.encode_queries(queries, len(queries))
         return list(vectors)
 
     async def encode(self, queries: list[str]) -> np.ndarray:
@@ -246,18 +248,50 @@ class SearchAPI:
         """Search the index: the hits of each query, best first."""
         started = time.perf_counter()
         queries = checked_queries(request, self.limits)
-        try:
-            vectors = await self.encoder.encode.remote(queries) if request.mode != "bm25" else None
-            answer = await self.searcher.search.remote(queries, request.k, request.mode, vectors)
-        except Exception as e:
-            if _is(e, InputError):  # e.g. bm25 asked of an index built without it
-                raise BadRequest("mode", _one_line(getattr(e, "cause", None) or e), 400) from None
-            if _is(e, IndexNotLoaded):
-                raise BadRequest("index", "no index loaded yet", 503) from None
-            raise
+        answer = await self._answer((queries, request.k, request.mode))
+        if isinstance(answer, Exception):
+            if _is(answer, InputError):  # e.g. bm25 asked of an index built without it
+                raise BadRequest("mode", _one_line(getattr(answer, "cause", None) or answer), 400)
+            if _is(answer, IndexNotLoaded):
+                raise BadRequest("index", "no index loaded yet", 503)
+            raise answer
         results = [{"query": q, "hits": h} for q, h in zip(queries, answer["hits"], strict=True)]
         return SearchResponse(results=results, mode=request.mode, k=request.k, index=answer["index"],
                               took_ms=(time.perf_counter() - started) * 1000)
+
+    # Requests that arrive together share one encoder call and one searcher call per (mode, k): every handle
+    # call costs a few milliseconds of CPU in each replica it passes, more than FAISS spends on a query. Many
+    # batches may be in flight: Serve forms a batch before it waits for a free slot, so a low limit would queue
+    # small batches here instead of letting the encoder merge them into full ones.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=64)
+    async def _answer(self, requests: list[tuple[list[str], int, str]]) -> list[dict | Exception]:
+        dense = [q for queries, _, mode in requests if mode != "bm25" for q in queries]
+        try:
+            vectors = await self.encoder.encode.remote(dense) if dense else None
+        except Exception as e:
+            return [e] * len(requests)
+        rows, start = [], 0  # each request's rows in `vectors`
+        for queries, _, mode in requests:
+            rows.append(slice(start, start + len(queries)) if mode != "bm25" else None)
+            start += len(queries) if mode != "bm25" else 0
+        groups: dict[tuple[str, int], list[int]] = {}
+        for i, (_, k, mode) in enumerate(requests):
+            groups.setdefault((mode, k), []).append(i)
+        calls = []
+        for (mode, k), members in groups.items():
+            queries = [q for i in members for q in requests[i][0]]
+            group_vectors = None if mode == "bm25" else np.concatenate([vectors[rows[i]] for i in members])
+            calls.append(self.searcher.search.remote(queries, k, mode, group_vectors))
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        out: list[dict | Exception] = [None] * len(requests)
+        for members, answer in zip(groups.values(), answers, strict=True):
+            offset = 0
+            for i in members:
+                n = len(requests[i][0])
+                out[i] = answer if isinstance(answer, Exception) else \
+                    {"index": answer["index"], "hits": answer["hits"][offset:offset + n]}
+                offset += n
+        return out
 
     @http.get("/healthz")
     async def healthz(self) -> JSONResponse:

@@ -1,0 +1,282 @@
+"""Serving benchmark for BENCHMARKS.md (issue 4): the Ray Serve application against one plain FastAPI process.
+
+Both serve the same index folder (the bundled all-MiniLM-L6-v2 over real Debian English answers) with the same
+encoder and FAISS index, on this machine, in the same run:
+
+- serve: ``configs/serve.yaml`` deployed by ``denseqa.serve.deploy`` on a local Ray (HTTP proxy -> SearchAPI ->
+  QueryEncoder with ``@serve.batch`` -> IndexSearcher); ``--encoder-cpus`` overrides the encoder replica's CPUs
+  (which is also its torch thread count: Ray sets OMP_NUM_THREADS from it).
+- baseline: the same request model and checks (:mod:`denseqa.api`) in one FastAPI app under one uvicorn process;
+  each request encodes its query and searches on its own (FastAPI's thread pool, torch's default threads).
+
+Closed-loop load: N clients (threads with keep-alive connections), each sending real held-out questions one
+request at a time (``{"query": q, "k": 10}``, dense) for ``--duration`` seconds after a warm-up. Reported per
+system and client count: requests/s, p50/p99 latency, errors; and the serve/baseline ratios.
+
+    python bench/bench_serve.py --clients 1,8,32 --duration 20
+
+Needs ../shared/data. Results go to bench/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO.parent / "shared" / "data" / "debian-packages-en.parquet"
+
+# At module level: FastAPI resolves the route's (string) annotations in this module's globals.
+from denseqa.api import Limits, SearchRequest, SearchResponse, checked_queries, install_error_handlers  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------ data and index
+
+
+def build_index(work: Path, corpus_size: int, queries: int) -> tuple[str, list[str]]:
+    """An index over ``corpus_size`` distinct real answers (reused if present) and ``queries`` of their questions."""
+    table = pq.read_table(DATA)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(table.num_rows)
+    seen, rows = set(), []
+    for i in order:
+        answer = table["answer"][int(i)].as_py()
+        if answer.strip() and answer not in seen:
+            seen.add(answer)
+            rows.append(int(i))
+        if len(rows) == corpus_size:
+            break
+    pairs = table.take(pa.array(rows))
+    questions = pairs.column("question").to_pylist()
+    order = rng.permutation(len(questions))[:queries]
+    questions = [questions[i] for i in order]
+    index = work / f"index-{corpus_size}"
+    if not (index / "manifest.json").exists():
+        from denseqa.config import JobConfig
+        from denseqa.index import run_build_index
+
+        pq.write_table(pairs, work / f"pairs-{corpus_size}.parquet")
+        run_build_index(JobConfig.from_dict({
+            "corpus": {"path": str(work / f"pairs-{corpus_size}.parquet"), "from_answers": True},
+            "index": {"output": str(index), "overwrite": True},
+        }, sections=("corpus", "model", "embed", "index")))
+    return str(index), questions
+
+
+# ------------------------------------------------------------------------------------------ the two servers
+
+
+def baseline_app(index: str):
+    """One process: FastAPI + the library Searcher (encoder and FAISS index in memory), no batching."""
+    from fastapi import FastAPI
+
+    from denseqa.search import Searcher
+
+    searcher = Searcher(index)
+    limits = Limits()
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/search", response_model=SearchResponse)
+    def search(request: SearchRequest):  # a plain def: FastAPI runs it in its thread pool
+        started = time.perf_counter()
+        queries = checked_queries(request, limits)
+        hits = searcher.search(queries, request.k, request.mode)
+        results = [{"query": q, "hits": [{"id": h.id, "score": h.score, "text": h.text} for h in row]}
+                   for q, row in zip(queries, hits, strict=True)]
+        return SearchResponse(results=results, mode=request.mode, k=request.k, index=index,
+                              took_ms=(time.perf_counter() - started) * 1000)
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok"}
+
+    return app
+
+
+def run_baseline_server(index: str, port: int) -> None:
+    import uvicorn
+
+    uvicorn.run(baseline_app(index), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def start_baseline(index: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, __file__, "--baseline-server", index, "--port", str(port)],
+                               start_new_session=True)
+    url = f"127.0.0.1:{port}"
+    wait_healthy(url, process)
+    return process, url
+
+
+def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int) -> str:
+    import ray
+
+    from denseqa import serve as ds
+
+    ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
+    port = free_port()
+    config = ds.with_overrides(ds.load_serve_config(), index=index, host="127.0.0.1", port=port)
+    if encoder_cpus is not None:
+        ds.deployment(config, "QueryEncoder")["ray_actor_options"]["num_cpus"] = encoder_cpus
+    ds.deploy(config)
+    url = f"127.0.0.1:{port}"
+    wait_healthy(url)
+    return url
+
+
+def wait_healthy(url: str, process: subprocess.Popen | None = None, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}")
+        try:
+            conn = http.client.HTTPConnection(url, timeout=5)
+            conn.request("GET", "/healthz")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} not healthy after {timeout_s} s")
+
+
+# ------------------------------------------------------------------------------------------ load
+
+
+def load(url: str, questions: list[str], clients: int, duration_s: float, warmup_s: float) -> dict:
+    """Closed loop: each client sends its next question as soon as the previous answer arrives."""
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    errors = [0] * clients
+    start = time.monotonic()
+    measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
+
+    def client(i: int) -> None:
+        conn = http.client.HTTPConnection(url, timeout=120)
+        n = i * 9973
+        while True:
+            sent = time.monotonic()
+            if sent >= stop_at:
+                break
+            body = json.dumps({"query": questions[n % len(questions)], "k": 10})
+            n += 1
+            try:
+                conn.request("POST", "/search", body, {"content-type": "application/json"})
+                response = conn.getresponse()
+                payload = response.read()
+                ok = response.status == 200 and b'"hits"' in payload
+            except OSError:
+                ok = False
+                conn.close()
+                conn = http.client.HTTPConnection(url, timeout=120)
+            done = time.monotonic()
+            if sent >= measure_from:
+                if ok:
+                    latencies[i].append(done - sent)
+                else:
+                    errors[i] += 1
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    all_latencies = np.array([x for row in latencies for x in row]) * 1000
+    return {
+        "clients": clients, "requests": int(all_latencies.size), "errors": int(sum(errors)),
+        "qps": round(all_latencies.size / duration_s, 1),
+        "p50_ms": round(float(np.percentile(all_latencies, 50)), 1),
+        "p99_ms": round(float(np.percentile(all_latencies, 99)), 1),
+    }
+
+
+def encoder_batching(url: str) -> dict:
+    conn = http.client.HTTPConnection(url, timeout=30)
+    conn.request("GET", "/info")
+    model = json.loads(conn.getresponse().read())["model"]
+    return {"mean_batch_size": model["mean_batch_size"], "batching": model["batching"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus-size", type=int, default=5000)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--encoder-cpus", type=float, default=None,
+                        help="CPUs (= torch threads) of the encoder replica; default: configs/serve.yaml's")
+    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--work", default=str(REPO / "bench" / ".work"))
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.json"))
+    parser.add_argument("--baseline-server", metavar="INDEX", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        run_baseline_server(args.baseline_server, args.port)
+        return
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    clients = [int(c) for c in args.clients.split(",")]
+    index, questions = build_index(work, args.corpus_size, args.queries)
+    result = {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "index": index, "corpus_size": args.corpus_size, "duration_s": args.duration,
+        "encoder_cpus": args.encoder_cpus, "ray_cpus": args.ray_cpus, "baseline": [], "serve": [],
+    }
+
+    # The two systems run one after the other, never together: they share the same two cores.
+    process, url = start_baseline(index)
+    try:
+        for c in clients:
+            result["baseline"].append(load(url, questions, c, args.duration, args.warmup))
+            print("baseline", result["baseline"][-1], flush=True)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait()
+
+    url = start_serve(index, args.encoder_cpus, args.ray_cpus)
+    for c in clients:
+        result["serve"].append(load(url, questions, c, args.duration, args.warmup))
+        print("serve", result["serve"][-1], flush=True)
+    result["serve_batching"] = encoder_batching(url)
+    from ray import serve
+
+    serve.shutdown()
+
+    result["ratios"] = [
+        {"clients": b["clients"], "qps": round(s["qps"] / b["qps"], 2),
+         "p50": round(s["p50_ms"] / b["p50_ms"], 2), "p99": round(s["p99_ms"] / b["p99_ms"], 2)}
+        for b, s in zip(result["baseline"], result["serve"], strict=True)
+    ]
+    print(json.dumps(result["ratios"], indent=2))
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
