@@ -130,11 +130,14 @@ def start_baseline(index: str) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int) -> str:
+def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughput_optimized: bool) -> str:
     import ray
 
     from denseqa import serve as ds
 
+    # Ray Serve's throughput-optimized mode (fewer threads and log writes per request, gRPC between the proxy
+    # and the replicas) is an environment variable of every Serve process: set before Ray starts them.
+    os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if throughput_optimized else "0"
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
     port = free_port()
     config = ds.with_overrides(ds.load_serve_config(), index=index, host="127.0.0.1", port=port)
@@ -212,11 +215,21 @@ def load(url: str, questions: list[str], clients: int, duration_s: float, warmup
     }
 
 
-def encoder_batching(url: str) -> dict:
+def encoder_counters(url: str) -> tuple[int, int]:
+    """(forward passes, queries encoded) of the encoder replica so far, from GET /info."""
     conn = http.client.HTTPConnection(url, timeout=30)
     conn.request("GET", "/info")
     model = json.loads(conn.getresponse().read())["model"]
-    return {"mean_batch_size": model["mean_batch_size"], "batching": model["batching"]}
+    return model["batches"], model["batched_queries"]
+
+
+def serve_load(url: str, questions: list[str], clients: int, duration_s: float, warmup_s: float) -> dict:
+    """:func:`load`, plus the encoder's mean batch over the run (warm-up included)."""
+    batches, queries = encoder_counters(url)
+    run = load(url, questions, clients, duration_s, warmup_s)
+    batches_after, queries_after = encoder_counters(url)
+    run["encoder_mean_batch"] = round((queries_after - queries) / max(1, batches_after - batches), 2)
+    return run
 
 
 def main() -> None:
@@ -228,6 +241,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--encoder-cpus", type=float, default=None,
                         help="CPUs (= torch threads) of the encoder replica; default: configs/serve.yaml's")
+    parser.add_argument("--variants", default="default,throughput-optimized",
+                        help="Serve runs: default, and/or throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", default=str(REPO / "bench" / ".work"))
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.json"))
@@ -259,21 +274,23 @@ def main() -> None:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait()
 
-    url = start_serve(index, args.encoder_cpus, args.ray_cpus)
-    for c in clients:
-        result["serve"].append(load(url, questions, c, args.duration, args.warmup))
-        print("serve", result["serve"][-1], flush=True)
-    result["serve_batching"] = encoder_batching(url)
+    import ray
     from ray import serve
 
-    serve.shutdown()
-
-    result["ratios"] = [
-        {"clients": b["clients"], "qps": round(s["qps"] / b["qps"], 2),
-         "p50": round(s["p50_ms"] / b["p50_ms"], 2), "p99": round(s["p99_ms"] / b["p99_ms"], 2)}
-        for b, s in zip(result["baseline"], result["serve"], strict=True)
-    ]
-    print(json.dumps(result["ratios"], indent=2))
+    for variant in args.variants.split(","):
+        url = start_serve(index, args.encoder_cpus, args.ray_cpus, variant == "throughput-optimized")
+        runs = [serve_load(url, questions, c, args.duration, args.warmup) for c in clients]
+        for run in runs:
+            print(variant, run, flush=True)
+        result["serve"].append({
+            "variant": variant, "runs": runs,
+            "ratios": [{"clients": b["clients"], "qps": round(s["qps"] / b["qps"], 2),
+                        "p50": round(s["p50_ms"] / b["p50_ms"], 2), "p99": round(s["p99_ms"] / b["p99_ms"], 2)}
+                       for b, s in zip(result["baseline"], runs, strict=True)],
+        })
+        print(variant, json.dumps(result["serve"][-1]["ratios"]), flush=True)
+        serve.shutdown()
+        ray.shutdown()
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
 

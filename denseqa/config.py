@@ -341,6 +341,11 @@ class ServeConfig:
         None, "How long a query waits for others to share its batch, in seconds (default: the Serve config's)."
     )
     timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.")
+    swap: bool = _f(
+        False,
+        "Hot-swap the running application to --index instead of deploying: its searcher replicas load the new "
+        "folder and switch without dropping a request. Refused if the folder was built with another model.",
+    )
 
     def check(self, need) -> None:
         need(self.port is None or 0 < self.port < 65536, "serve.port", "in 1..65535", self.port)

@@ -145,6 +145,7 @@ class QueryEncoder:
 
     def describe(self) -> dict:
         return {**self.encoder.describe(), "device": self.device, "batching": self.settings.model_dump(),
+                "batches": self.batches, "batched_queries": self.batched_queries,
                 "mean_batch_size": self.batched_queries / self.batches if self.batches else None}
 
 
@@ -390,6 +391,12 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
+    # A Serve config is declarative: applications missing from it are deleted. Keep the ones already running.
+    running = running_config()
+    if running:
+        ours = {app["name"] for app in config["applications"]}
+        config = {**config, "applications": [*config["applications"],
+                                             *(a for a in running["applications"] if a["name"] not in ours)]}
     try:
         schema = ServeDeploySchema.model_validate(config)
     except ValidationError as e:
@@ -405,6 +412,54 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
     host = schema.http_options.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{host}:{schema.http_options.port}"
+
+
+def running_config() -> dict | None:
+    """The Serve config of the applications deployed from config files on the connected cluster; None if none."""
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return None
+    details = client.get_serve_details()
+    applications = [copy.deepcopy(app["deployed_app_config"]) for app in details.get("applications", {}).values()
+                    if app.get("deployed_app_config")]
+    if not applications:
+        return None
+    return {"proxy_location": details.get("proxy_location"), "http_options": details.get("http_options") or {},
+            "applications": applications}
+
+
+def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> dict:
+    """Hot-swap the running application to another index folder; returns the searcher's status once it serves it.
+
+    The folder is checked against the running encoder's model here first, so a mismatch is refused before the
+    deployment is touched; the replicas check it again when they load it (the config can also be edited by hand).
+    """
+    from denseqa.model import check_model_matches
+    from denseqa.search import read_manifest
+
+    running = running_config()
+    app = next((a for a in (running or {}).get("applications", []) if a["name"] == app_name), None)
+    if app is None:
+        raise InputError(f"no running Serve application {app_name!r} to hot-swap; deploy one first with "
+                         "`denseqa serve --index DIR`")
+    check_model_matches(read_manifest(app["args"]["index"])["model"], read_manifest(index)["model"], index)
+    entry = deployment(running, "IndexSearcher", app_name)
+    entry["user_config"] = {**(entry.get("user_config") or {}), "index": index}
+    deploy(running, timeout_s)
+    handle = serve.get_deployment_handle("IndexSearcher", app_name)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = handle.status.remote().result()
+        change = status["last_change"] or {}
+        if status["index"] == index:
+            return status
+        if change.get("index") == index and change.get("status") == "refused":
+            raise InputError(f"{index}: refused by the running searcher: {change['reason']}")
+        if time.monotonic() > deadline:
+            raise DenseqaError(f"{index}: not served after {timeout_s:.0f} s; see the IndexSearcher logs")
+        time.sleep(0.5)
 
 
 def wait_until_running(names: list[str], timeout_s: float) -> None:
@@ -454,9 +509,27 @@ def run_serve(cfg) -> str:
 
     A cluster keeps a deployed application after this process exits (stop it with ``serve shutdown``); a local
     Ray instance started here would take the application down with it, so then this command stays in the
-    foreground until interrupted.
+    foreground until interrupted. With ``--swap``, hot-swap the running application's index instead.
     """
     import ray
+
+    from denseqa.search import read_manifest
+
+    if cfg.serve.swap:
+        from denseqa import storage
+
+        if not cfg.serve.index:
+            raise InputError("--swap needs --index: the new index folder")
+        index = storage.absolute(cfg.serve.index)
+        read_manifest(index)
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "auto")
+        except ConnectionError:
+            raise InputError("--swap: no running Ray cluster (set RAY_ADDRESS)") from None
+        status = swap_index(index, cfg.serve.timeout_s)
+        print(json.dumps({"index": status["index"], "count": status["count"], "previous":
+                          status["last_change"]["previous"]}, indent=2), flush=True)
+        return index
 
     config = serve_config_for(cfg)
     started_here = False

@@ -28,14 +28,14 @@ pytestmark = pytest.mark.slow
 SECTIONS = ("corpus", "model", "embed", "index")
 
 
-def _build(tmp, name: str, pairs, model: dict | None = None) -> str:
+def _build(tmp, name: str, pairs, model: dict | None = None, **index) -> str:
     from denseqa.index import run_build_index
 
     pq.write_table(pairs, tmp / f"{name}.parquet")
     run_build_index(JobConfig.from_dict({
         "corpus": {"path": str(tmp / f"{name}.parquet"), "from_answers": True},
         "model": model or {},
-        "index": {"output": str(tmp / name)},
+        "index": {"output": str(tmp / name), **index},
     }, sections=SECTIONS))
     return str(tmp / name)
 
@@ -47,6 +47,7 @@ def indexes(ray_local, tmp_path_factory, tiny_model_dir):
     return {
         "A": _build(tmp, "A", pairs_a), "B": _build(tmp, "B", pairs_b),
         "C": _build(tmp, "C", real_pairs(60, seed=13), {"model": tiny_model_dir}),
+        "D": _build(tmp, "D", real_pairs(40, seed=14), bm25=False),
         "questions": pairs_a.column("question").to_pylist(), "questions_b": pairs_b.column("question").to_pylist(),
     }
 
@@ -183,7 +184,7 @@ class Load:
 
     def __init__(self, url: str, questions: list[str], clients: int = 16, requests_each: int | None = None):
         self.url, self.questions, self.requests_each = url, questions, requests_each
-        self.outcomes: list[tuple[float, int, str | None]] = []
+        self.outcomes: list[tuple[float, int, str | None]] = []  # (sent at, 200 or 0, index that answered)
         self.errors: list[str] = []
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -196,6 +197,7 @@ class Load:
             while not self.stop.is_set() and (self.requests_each is None or n < self.requests_each):
                 question = self.questions[(i * 7919 + n) % len(self.questions)]
                 mode = ("dense", "hybrid", "bm25", "dense")[n % 4]
+                sent = time.monotonic()
                 try:
                     r = session.post(f"{self.url}/search", json={"query": question, "k": 5, "mode": mode},
                                      timeout=120)
@@ -209,7 +211,7 @@ class Load:
                         self.errors.append(repr(e))
                     index, ok = None, False
                 with self.lock:
-                    self.outcomes.append((time.monotonic(), 200 if ok else 0, index))
+                    self.outcomes.append((sent, 200 if ok else 0, index))
                 n += 1
 
     def finish(self) -> None:
@@ -232,6 +234,7 @@ def test_concurrent_load_has_no_errors(service, indexes):
 
 def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes):
     from denseqa import serve as ds
+    from denseqa.errors import InputError
     from denseqa.search import Searcher
 
     url = service["url"]
@@ -239,14 +242,15 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     try:
         time.sleep(3)
         swap_at = time.monotonic()
-        ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["B"]))
-        deadline = time.monotonic() + 120
-        while post(url, {"query": "x"}).json()["index"] != indexes["B"]:
-            assert time.monotonic() < deadline, "the new index never answered"
-            time.sleep(0.2)
+        status = ds.swap_index(indexes["B"], timeout_s=120)  # what `denseqa serve --index B --swap` runs
+        assert status["index"] == indexes["B"] and status["last_change"]["previous"] == indexes["A"]
         swapped_at = time.monotonic()
         time.sleep(3)
-        # Now an index built with another model: refused, B keeps serving
+        # An index built with another model: `--swap` refuses it before touching the deployment ...
+        with pytest.raises(InputError, match="index was built with dimension 32"):
+            ds.swap_index(indexes["C"], timeout_s=120)
+        assert requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"]["index"] == indexes["B"]
+        # ... and a Serve config edited by hand to point at it is refused by the replicas: B keeps serving
         ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["C"]))
         deadline = time.monotonic() + 120
         while (requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"] or {}).get("status") != \
@@ -259,8 +263,9 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     assert not load.errors, load.errors[:5]
     answered_by = Counter(index for _, _, index in load.outcomes)
     assert set(answered_by) == {indexes["A"], indexes["B"]}, answered_by
+    # Sent before the swap began: answered by A; sent after it returned: by B (one replica)
     assert all(index == indexes["A"] for t, _, index in load.outcomes if t < swap_at)
-    assert all(index == indexes["B"] for t, _, index in load.outcomes if t > swapped_at + 1)
+    assert all(index == indexes["B"] for t, _, index in load.outcomes if t > swapped_at)
     assert len(load.outcomes) > 200
 
     info = requests.get(f"{url}/info", timeout=30).json()["index"]
@@ -274,6 +279,21 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     for result, hits in zip(body["results"], expected, strict=True):
         _assert_same_hits(result["hits"], hits)
     assert requests.get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
+
+
+def test_a_mode_the_index_cannot_answer_is_a_400(service, indexes):
+    from denseqa import serve as ds
+
+    ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["D"]))  # built with --no-bm25
+    deadline = time.monotonic() + 120
+    while requests.get(f"{service['url']}/healthz", timeout=30).json()["index"] != indexes["D"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    for mode in ("bm25", "hybrid"):
+        response = post(service["url"], {"query": "a terminal text editor", "mode": mode})
+        assert response.status_code == 400 and response.json()["error"]["field"] == "mode", response.text
+        assert "built without BM25" in response.json()["error"]["message"]
+    assert post(service["url"], {"query": "a terminal text editor", "mode": "dense"}).status_code == 200
 
 
 def test_searcher_replica_logic_without_serve(indexes):
