@@ -13,7 +13,11 @@ Closed-loop load: N clients (threads with keep-alive connections), each sending 
 request at a time (``{"query": q, "k": 10}``, dense) for ``--duration`` seconds after a warm-up. Reported per
 system and client count: requests/s, p50/p99 latency, errors; and the serve/baseline ratios.
 
-    python bench/bench_serve.py --clients 1,8,32 --duration 20
+A second part measures the bare encoder (no HTTP, no Ray) by torch threads and batch size: what batching can
+buy on this machine.
+
+    python bench/bench_serve.py --clients 1,8,32 --duration 20            # both parts
+    python bench/bench_serve.py --parts encoder                          # one part; the file keeps the other
 
 Needs ../shared/data. Results go to bench/results/serve.json.
 """
@@ -232,38 +236,31 @@ def serve_load(url: str, questions: list[str], clients: int, duration_s: float, 
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--corpus-size", type=int, default=5000)
-    parser.add_argument("--queries", type=int, default=2000)
-    parser.add_argument("--clients", default="1,8,32")
-    parser.add_argument("--duration", type=float, default=20.0)
-    parser.add_argument("--warmup", type=float, default=3.0)
-    parser.add_argument("--encoder-cpus", type=float, default=None,
-                        help="CPUs (= torch threads) of the encoder replica; default: configs/serve.yaml's")
-    parser.add_argument("--variants", default="default,throughput-optimized",
-                        help="Serve runs: default, and/or throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
-    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--work", default=str(REPO / "bench" / ".work"))
-    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.json"))
-    parser.add_argument("--baseline-server", metavar="INDEX", help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.baseline_server:
-        run_baseline_server(args.baseline_server, args.port)
-        return
+def encoder_alone(questions: list[str], threads: tuple[int, ...] = (1, 2), batches: tuple[int, ...] = (1, 32),
+                  n: int = 256) -> list[dict]:
+    """Queries/s of the bare encoder (no HTTP, no Ray) by torch threads and batch size: what batching can buy."""
+    import torch
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    clients = [int(c) for c in args.clients.split(",")]
-    index, questions = build_index(work, args.corpus_size, args.queries)
-    result = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "index": index, "corpus_size": args.corpus_size, "duration_s": args.duration,
-        "encoder_cpus": args.encoder_cpus, "ray_cpus": args.ray_cpus, "baseline": [], "serve": [],
-    }
+    from denseqa.config import ModelConfig
+    from denseqa.model import Encoder
 
+    encoder = Encoder.load(ModelConfig(), device="cpu")
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        for b in batches:
+            encoder.encode_queries(questions[:b], b)  # warm-up
+            started = time.perf_counter()
+            for i in range(0, n, b):
+                encoder.encode_queries(questions[i:i + b], b)
+            rows.append({"threads": t, "batch": b, "qps": round(n / (time.perf_counter() - started), 1)})
+            print("encoder alone", rows[-1], flush=True)
+    return rows
+
+
+def http_part(args, index: str, questions: list[str], clients: list[int]) -> dict:
+    result = {"duration_s": args.duration, "encoder_cpus": args.encoder_cpus, "ray_cpus": args.ray_cpus,
+              "baseline": [], "serve": []}
     # The two systems run one after the other, never together: they share the same two cores.
     process, url = start_baseline(index)
     try:
@@ -291,8 +288,50 @@ def main() -> None:
         print(variant, json.dumps(result["serve"][-1]["ratios"]), flush=True)
         serve.shutdown()
         ray.shutdown()
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", default="http,encoder",
+                        help="http: the two servers under load; encoder: the bare encoder by threads and batch")
+    parser.add_argument("--corpus-size", type=int, default=5000)
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--clients", default="1,8,32")
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--encoder-cpus", type=float, default=None,
+                        help="CPUs (= torch threads) of the encoder replica; default: configs/serve.yaml's")
+    parser.add_argument("--variants", default="default,throughput-optimized",
+                        help="Serve runs: default, and/or throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--work", default=str(REPO / "bench" / ".work"))
+    parser.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.json"))
+    parser.add_argument("--baseline-server", metavar="INDEX", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        run_baseline_server(args.baseline_server, args.port)
+        return
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    clients = [int(c) for c in args.clients.split(",")]
+    index, questions = build_index(work, args.corpus_size, args.queries)
+    output = Path(args.output)
+    result = json.loads(output.read_text()) if output.exists() else {}  # a part run alone keeps the others
+    result.update({
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "index": index, "corpus_size": args.corpus_size,
+    })
+    parts = args.parts.split(",")
+    if "http" in parts:
+        result.update(http_part(args, index, questions, clients))
+    if "encoder" in parts:
+        result["encoder_alone"] = encoder_alone(questions)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
