@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 from typing import Literal
 
@@ -84,6 +86,10 @@ class Searcher:
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
         self._download_dir = tempfile.mkdtemp(prefix="denseqa-index-") if storage.is_uri(index_dir) else None
+        if self._download_dir:
+            # The local copy of a remote index goes with this object (a hot-swapped Serve searcher drops the old
+            # one once its last request is done).
+            weakref.finalize(self, shutil.rmtree, self._download_dir, True)
         local = storage.download(index_dir, self._download_dir) if self._download_dir else storage.absolute(index_dir)
         recorded = self.manifest["model"]
         if encoder is None and load_encoder:

@@ -84,6 +84,9 @@ class SearcherSettings(BaseModel):
     index: str | None = None
 
 
+ENCODER_DEFAULTS = EncoderSettings()
+
+
 class IndexNotLoaded(RuntimeError):
     pass
 
@@ -98,7 +101,7 @@ def _one_line(error: Exception) -> str:
 # ------------------------------------------------------------------------------------------------ encoder
 
 
-@serve.deployment(name="QueryEncoder", user_config=EncoderSettings().model_dump())
+@serve.deployment(name="QueryEncoder", user_config=ENCODER_DEFAULTS.model_dump())
 class QueryEncoder:
     """Encodes queries with the model an index was built with; concurrent calls share forward passes."""
 
@@ -114,7 +117,7 @@ class QueryEncoder:
                           query_prompt=model["query_prompt"], passage_prompt=model["passage_prompt"])
         self.encoder = Encoder.load(cfg, device=self.device)
         self.encoder.check_matches(model, model["path"])
-        self.settings = EncoderSettings()
+        self.settings: EncoderSettings | None = None  # set by reconfigure, which Serve calls right after this
         self.batches = 0
         self.batched_queries = 0
 
@@ -122,6 +125,8 @@ class QueryEncoder:
         try:
             settings = EncoderSettings.model_validate(config or {})
         except ValidationError as e:
+            if self.settings is None:  # a new replica: fail, so the deployment reports the bad config
+                raise InputError(f"QueryEncoder user_config: {_one_line(e)}") from None
             # A running replica keeps its settings rather than dying on a typo in a redeployed config.
             logger.error("QueryEncoder user_config refused (%s); keeping %s", _one_line(e), self.settings)
             return
@@ -129,7 +134,8 @@ class QueryEncoder:
         self._encode_batch.set_max_batch_size(settings.max_batch_size)
         self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=ENCODER_DEFAULTS.max_batch_size,
+                 batch_wait_timeout_s=ENCODER_DEFAULTS.batch_wait_timeout_s)
     async def _encode_batch(self, queries: list[str]) -> list[np.ndarray]:
         self.batches += 1
         self.batched_queries += len(queries)
@@ -144,7 +150,8 @@ class QueryEncoder:
         return np.stack(await asyncio.gather(*(self._encode_batch(q) for q in queries)))
 
     def describe(self) -> dict:
-        return {**self.encoder.describe(), "device": self.device, "batching": self.settings.model_dump(),
+        settings = self.settings or ENCODER_DEFAULTS
+        return {**self.encoder.describe(), "device": self.device, "batching": settings.model_dump(),
                 "batches": self.batches, "batched_queries": self.batched_queries,
                 "mean_batch_size": self.batched_queries / self.batches if self.batches else None}
 

@@ -337,3 +337,22 @@ def test_shipped_serve_config_is_valid_and_autoscales():
     assert encoder.max_ongoing_requests >= encoder.user_config["max_batch_size"]
     assert ds.EncoderSettings.model_validate(encoder.user_config)
     assert ds.SearcherSettings.model_validate(deployments["IndexSearcher"].user_config).index is None
+
+
+def test_encoder_replica_settings_without_serve(indexes):
+    """The QueryEncoder class itself: a bad first user_config fails the replica, a later one keeps the settings;
+    its vectors are the library Encoder's."""
+    from denseqa.errors import InputError
+    from denseqa.search import Searcher, read_manifest
+    from denseqa.serve import QueryEncoder
+
+    replica = QueryEncoder.func_or_class(read_manifest(indexes["A"])["model"])
+    with pytest.raises(InputError, match="max_batch_siz"):
+        replica.reconfigure({"max_batch_siz": 8})
+    replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.001})
+    replica.reconfigure({"max_batch_size": 0})
+    assert replica.describe()["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.001}
+    questions = indexes["questions"][:20]
+    vectors = asyncio.run(replica.encode(questions))
+    np.testing.assert_allclose(vectors, Searcher(indexes["A"]).encode(questions), atol=2e-5)
+    assert replica.batches >= 3 and replica.batched_queries == 20  # at most 8 per forward pass
