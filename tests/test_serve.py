@@ -223,6 +223,35 @@ class Load:
         self.pool.shutdown()
 
 
+def test_encoder_batching_is_reconfigured_live(service, indexes):
+    """user_config of QueryEncoder changes the running replica's batching; a bad one is logged and ignored there,
+    and fails a new replica (which has no settings to keep)."""
+    from denseqa import serve as ds
+    from denseqa.errors import InputError
+    from denseqa.search import read_manifest
+
+    def deploy_with(settings: dict) -> dict:
+        config = _test_config(indexes["A"], service["port"])
+        ds.deployment(config, "QueryEncoder")["user_config"] = settings
+        ds.deploy(config)
+        return requests.get(f"{service['url']}/info", timeout=30).json()["model"]
+
+    batches_at_start = deploy_with({"max_batch_size": 32, "batch_wait_timeout_s": 0.005})["batches"]
+    model = deploy_with({"max_batch_size": 4, "batch_wait_timeout_s": 0.001})
+    assert model["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.001}
+    before = model["batches"]
+    assert before >= batches_at_start  # the same replica: its counters were not reset by a restart
+    assert post(service["url"], {"queries": indexes["questions"][:12], "k": 3}).status_code == 200
+    after = requests.get(f"{service['url']}/info", timeout=30).json()["model"]
+    assert after["batches"] - before >= 3  # 12 queries, at most 4 per forward pass
+    assert deploy_with({"max_batch_size": 0})["batching"]["max_batch_size"] == 4  # refused, kept
+    assert deploy_with(ds.EncoderSettings().model_dump())["batching"]["max_batch_size"] == 32
+
+    fresh = ds.QueryEncoder.func_or_class(read_manifest(indexes["A"])["model"])
+    with pytest.raises(InputError, match="max_batch_siz"):
+        fresh.reconfigure({"max_batch_siz": 8})
+
+
 def test_concurrent_load_has_no_errors(service, indexes):
     load = Load(service["url"], indexes["questions"], clients=16, requests_each=32)
     load.finish()
@@ -337,22 +366,3 @@ def test_shipped_serve_config_is_valid_and_autoscales():
     assert encoder.max_ongoing_requests >= encoder.user_config["max_batch_size"]
     assert ds.EncoderSettings.model_validate(encoder.user_config)
     assert ds.SearcherSettings.model_validate(deployments["IndexSearcher"].user_config).index is None
-
-
-def test_encoder_replica_settings_without_serve(indexes):
-    """The QueryEncoder class itself: a bad first user_config fails the replica, a later one keeps the settings;
-    its vectors are the library Encoder's."""
-    from denseqa.errors import InputError
-    from denseqa.search import Searcher, read_manifest
-    from denseqa.serve import QueryEncoder
-
-    replica = QueryEncoder.func_or_class(read_manifest(indexes["A"])["model"])
-    with pytest.raises(InputError, match="max_batch_siz"):
-        replica.reconfigure({"max_batch_siz": 8})
-    replica.reconfigure({"max_batch_size": 8, "batch_wait_timeout_s": 0.001})
-    replica.reconfigure({"max_batch_size": 0})
-    assert replica.describe()["batching"] == {"max_batch_size": 8, "batch_wait_timeout_s": 0.001}
-    questions = indexes["questions"][:20]
-    vectors = asyncio.run(replica.encode(questions))
-    np.testing.assert_allclose(vectors, Searcher(indexes["A"]).encode(questions), atol=2e-5)
-    assert replica.batches >= 3 and replica.batched_queries == 20  # at most 8 per forward pass
