@@ -1,0 +1,98 @@
+"""The deployment files: cluster.yaml (Ray cluster launcher), the Serve configs, KubeRay's RayService, the image.
+
+Checked against what ships inside the installed `ray` package (the launcher's JSON schema, Serve's config schema)
+and against each other, so they cannot drift apart: the cluster keeps token auth, asks GPUs only where the jobs
+and replicas use them, and the RayService serves exactly configs/serve-cluster.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+
+def _yaml(path: str) -> dict:
+    return yaml.safe_load((REPO / path).read_text())
+
+
+def test_cluster_yaml_is_valid_for_the_ray_cluster_launcher():
+    import jsonschema
+    import ray
+
+    with open(os.path.join(os.path.dirname(ray.__file__), "autoscaler", "ray-schema.json")) as f:
+        schema = json.load(f)
+    cluster = _yaml("cluster.yaml")
+    jsonschema.validate(cluster, schema)
+    # What `ray up` does before launching anything: fill in the launcher's defaults, then validate again
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(cluster))
+
+    types = cluster["available_node_types"]
+    assert types[cluster["head_node_type"]]["resources"] == {"CPU": 0}
+    gpu = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    cpu = [name for name, t in types.items() if name != cluster["head_node_type"] and not t["resources"].get("GPU")]
+    assert gpu and all(t["min_workers"] == 0 for t in gpu), "GPU nodes must scale from zero"
+    assert cpu, "a CPU worker type for ingest and the searcher"
+    assert cluster["idle_timeout_minutes"] > 0
+    assert sum(t.get("max_workers", 0) for t in types.values()) <= cluster["max_workers"]
+    # Token auth on every node, the token copied to every node, the project installed on every node
+    for command in (*cluster["head_start_ray_commands"], *cluster["worker_start_ray_commands"]):
+        assert "ray start" not in command or "RAY_AUTH_MODE=token" in command, command
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert any("pip install" in c and "~/denseqa" in c for c in cluster["setup_commands"])
+    assert cluster["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def _without_resources(config: dict) -> dict:
+    config = json.loads(json.dumps(config))
+    app = config["applications"][0]
+    app["args"].pop("index")
+    for d in app["deployments"]:
+        d.pop("ray_actor_options", None)
+    return config
+
+
+def test_cluster_serve_config_differs_from_the_local_one_only_in_resources():
+    from ray.serve.schema import ServeDeploySchema
+
+    local, cluster = _yaml("configs/serve.yaml"), _yaml("configs/serve-cluster.yaml")
+    ServeDeploySchema.model_validate(cluster)
+    assert _without_resources(local) == _without_resources(cluster)
+    options = {d["name"]: d["ray_actor_options"] for d in cluster["applications"][0]["deployments"]}
+    assert options["QueryEncoder"]["num_gpus"] >= 1
+    assert not options["IndexSearcher"].get("num_gpus") and not options["SearchAPI"].get("num_gpus")
+    assert re.match(r"^(s3|gs)://", cluster["applications"][0]["args"]["index"])
+
+
+def test_rayservice_serves_the_repository_serve_config_with_token_auth():
+    import ray
+
+    manifest = _yaml("deploy/kuberay/rayservice.yaml")
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    assert serve_config == _yaml("configs/serve-cluster.yaml")
+    assert serve_config["applications"][0]["import_path"] == "denseqa.serve:build_app"
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"} and cluster["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu_limits["nvidia.com/gpu"] == "1" and groups["gpu"]["minReplicas"] == 0
+    pods = [cluster["headGroupSpec"], *groups.values()]
+    images = {c["image"] for g in pods for c in g["template"]["spec"]["containers"]}
+    assert images == {"REGISTRY/denseqa:0.1.0"}
+
+
+@pytest.mark.parametrize("path", ["deploy/Dockerfile"])
+def test_image_is_built_on_the_pinned_ray(path):
+    import ray
+
+    base = re.search(r"^FROM (\S+)", (REPO / path).read_text(), re.M).group(1)
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-")
