@@ -3,7 +3,8 @@
 Three deployments, each scaled on its own (``autoscaling_config`` in the Serve config file, ``configs/serve.yaml``):
 
 - :class:`SearchAPI`, the FastAPI ingress (``@serve.ingress``): validates requests (:mod:`denseqa.api`) and calls
-  the two others through ``DeploymentHandle``\\ s. Cheap; a fraction of a CPU.
+  the two others through ``DeploymentHandle``\\ s, once per group of requests that arrive together (each call
+  costs milliseconds of CPU per replica it crosses). Cheap; a fraction of a CPU.
 - :class:`QueryEncoder`: the bi-encoder the index was built with, on a GPU when the replica has one. Concurrent
   requests are encoded together by ``@serve.batch`` (dynamic batching, as in Clipper, Crankshaw et al., NSDI 2017):
   one forward pass for many queries is what makes a small model fast on any accelerator, and on CPUs too.
