@@ -240,3 +240,6 @@ def test_serve_bad_index_config_and_values(tmp_path):
                           command="serve")
     assert_one_line_error(serve("--index", str(half), "--max-batch-size", "0"), "serve.max_batch_size must be >= 1",
                           command="serve")
+    # --swap changes a running application: it never starts a Ray of its own (these runs have RAY_ADDRESS=local)
+    assert_one_line_error(serve("--index", str(half), "--swap"), "RAY_ADDRESS=local would start a new Ray",
+                          command="serve")
