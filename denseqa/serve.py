@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -335,7 +334,7 @@ def build_app(args: dict) -> serve.Application:
     model = read_manifest(parsed.index)["model"]  # the encoder is the one the initial index was built with
     encoder = QueryEncoder.bind(model)
     searcher = IndexSearcher.bind(parsed.index, model)
-    return SearchAPI.bind(encoder, searcher, Limits.model_validate(parsed.model_dump(exclude={"index"})).model_dump())
+    return SearchAPI.bind(encoder, searcher, parsed.model_dump(exclude={"index"}))
 
 
 # ------------------------------------------------------------------------------------------------ deploying
@@ -343,16 +342,12 @@ def build_app(args: dict) -> serve.Application:
 
 def load_serve_config(path: str | None = None) -> dict:
     """A Serve config file (default: the repository's ``configs/serve.yaml``), as a dict."""
+    from denseqa.config import load_yaml
+
     path = str(path or DEFAULT_SERVE_CONFIG)
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: Serve config file not found; pass --serve-config")
-    with open(path) as f:
-        try:
-            config = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise InputError(f"{path}: not valid YAML: {_one_line(e)}") from None
-    if not isinstance(config, dict) or not config.get("applications"):
-        raise InputError(f"{path}: a Serve config needs an `applications` list")
+    config = load_yaml(path)  # one-line errors for a missing file or invalid YAML
+    if not config.get("applications"):
+        raise InputError(f"{path}: a Serve config needs an `applications` list; pass --serve-config")
     return config
 
 
