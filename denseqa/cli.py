@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from denseqa.config import COMMAND_SECTIONS, add_config_arguments, config_from_args
+from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, add_config_arguments, config_from_args
 from denseqa.errors import DenseqaError
 from denseqa.logs import setup_logging
 
@@ -40,7 +40,14 @@ def _serve(args: argparse.Namespace) -> None:
     run_serve(config_from_args(args, COMMAND_SECTIONS["serve"]))
 
 
+def _run(args: argparse.Namespace) -> None:
+    from denseqa.pipeline import run_pipeline
+
+    run_pipeline(config_from_args(args, COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED))
+
+
 COMMANDS = {
+    "run": (_run, "The whole pipeline in one run folder: train, index, evaluate, deploy; skips steps already done."),
     "train": (_train, "Fine-tune a bi-encoder on Q/A pairs with Ray Train (gathered in-batch negatives)."),
     "build-index": (_build_index, "Embed a corpus with a Ray Data actor pool and build a FAISS index folder."),
     "evaluate": (_evaluate, "Search held-out questions in an index: dense, BM25 and hybrid, as JSON, Markdown, PNG."),
@@ -52,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseqa", description="Q/A pairs to a deployed semantic search on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        add_config_arguments(sub.add_parser(name, help=help_text, description=help_text), COMMAND_SECTIONS[name])
+        command = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "run":  # every section: names repeat across them, so flags are --section.key
+            add_config_arguments(command, COMMAND_SECTIONS[name], qualified=True, skip=PIPELINE_OWNED)
+        else:
+            add_config_arguments(command, COMMAND_SECTIONS[name])
     return parser
 
 

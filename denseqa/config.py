@@ -10,6 +10,7 @@ section or key is an error, never silently ignored. Command-line flags are the f
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import math
 import types
@@ -357,17 +358,72 @@ class ServeConfig:
         need(self.timeout_s > 0, "serve.timeout_s", "> 0", self.timeout_s)
 
 
+PIPELINE_STEPS = ("train", "index", "evaluate", "serve")
+
+
+@dataclass
+class PipelineConfig:
+    """The one-command run (`denseqa run`): train → index → evaluate → serve, all outputs in one run folder.
+
+    The run folder decides every output path, so the keys in :data:`PIPELINE_OWNED` are not given to `run`.
+    """
+
+    run_dir: str | None = _f(
+        None,
+        "Run folder (local path or URI such as s3://bucket/runs/x): model/, train/ (checkpoints), index/, eval/, "
+        "config.yaml (the resolved config) and pipeline.json (what each step produced, from which inputs). On a "
+        "multi-node cluster it must be storage every node reaches.",
+        flag="--run-dir",
+    )
+    force: str | None = _f(
+        None,
+        "Redo these steps even if their outputs match the config (comma-separated: train, index, evaluate); later "
+        "steps follow because their input changed.",
+        flag="--force",
+    )
+    deploy: bool = _f(True, "Deploy the search service at the end (off: stop after the evaluation).")
+    example_query: str | None = _f(
+        None, "Query sent to the deployed endpoint at the end, shown with its results (default: a held-out question)."
+    )
+    shared_filesystem: bool = _f(
+        False,
+        "The local run_dir is on a filesystem every node mounts at the same path (NFS, EFS): allow it on a "
+        "multi-node cluster.",
+    )
+    inject_kill_after_step: str | None = _f(
+        None, "Test only: the pipeline kills itself (SIGKILL) right after this step finished."
+    )
+
+    def check(self, need) -> None:
+        for step in (self.force or "").split(","):
+            need(not step.strip() or step.strip() in PIPELINE_STEPS[:-1], "pipeline.force",
+                 f"a comma-separated list of {', '.join(PIPELINE_STEPS[:-1])}", self.force)
+        need(self.inject_kill_after_step in (None, *PIPELINE_STEPS), "pipeline.inject_kill_after_step",
+             f"one of {', '.join(PIPELINE_STEPS)}", self.inject_kill_after_step)
+
+    @property
+    def forced(self) -> set[str]:
+        return {step.strip() for step in (self.force or "").split(",") if step.strip()}
+
+
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "output": OutputConfig,
             "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig,
-            "serve": ServeConfig}
+            "serve": ServeConfig, "pipeline": PipelineConfig}
 # The sections each command reads; the others are refused in its config file.
 COMMAND_SECTIONS = {
     "train": ("data", "model", "train", "output"),
     "build-index": ("corpus", "model", "embed", "index"),
     "evaluate": ("eval",),
     "serve": ("serve",),
+    "run": ("pipeline", "data", "model", "train", "corpus", "embed", "index", "eval", "serve"),
 }
+# Keys of `run` that its run folder decides (see PipelineConfig); giving one is an error, not silently ignored.
+PIPELINE_OWNED = frozenset({
+    *(f"output.{f}" for f in ("output", "run_dir", "resume", "overwrite")),
+    "index.output", "index.overwrite", "eval.index", "eval.queries", "eval.output", "eval.overwrite", "eval.model",
+    "eval.question_column", "eval.answer_column", "eval.relevant_id_column", "serve.index", "serve.swap",
+})
 
 
 @dataclass
@@ -383,6 +439,7 @@ class JobConfig:
     index: IndexConfig = field(default_factory=IndexConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     used: tuple[str, ...] = tuple(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:
@@ -390,9 +447,15 @@ class JobConfig:
         return {name: dataclasses.asdict(getattr(self, name)) for name in self.used}
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config",
-                  sections: tuple[str, ...] | None = None) -> JobConfig:
+    def from_dict(cls, values: dict[str, Any], source: str = "config", sections: tuple[str, ...] | None = None,
+                  owned: frozenset[str] = frozenset()) -> JobConfig:
+        """Build and validate from {section: {key: value}}; ``owned`` keys (``section.key``) may not be given."""
         used = tuple(sections or SECTIONS)
+        for name, section_values in values.items():
+            for key in section_values if isinstance(section_values, dict) else ():
+                if f"{name}.{key}" in owned:
+                    raise InputError(f"{source}: {name}.{key} is decided by the run folder (pipeline.run_dir); "
+                                     "remove it")
         unknown = set(values) - set(used)
         if unknown:
             raise InputError(f"{source}: unknown section {sorted(unknown)[0]!r}; valid: {', '.join(used)}")
@@ -475,23 +538,36 @@ def _flag(f: dataclasses.Field) -> list[str]:
     return flags
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS)) -> None:
-    """One flag per config field, generated from the dataclasses so the CLI cannot drift from the config."""
+def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
+                         qualified: bool = False, skip: frozenset[str] = frozenset()) -> None:
+    """One flag per config field, generated from the dataclasses so the CLI cannot drift from the config.
+
+    ``qualified`` (for `run`, which reads every section, where names repeat: train.batch_size, embed.batch_size):
+    every field gets ``--section.key`` and keeps its short flag only where no other field of these sections has
+    it. Fields in ``skip`` (``section.key``) get no flag.
+    """
     parser.add_argument("--config", help="YAML config file; flags given on the command line override it.")
+    spelled = collections.Counter(flag for name in sections for f in dataclasses.fields(SECTIONS[name])
+                                  if f"{name}.{f.name}" not in skip for flag in _flag(f))
     for section_name in sections:
         section_cls = SECTIONS[section_name]
         group = parser.add_argument_group(section_name, section_cls.__doc__)
         hints = typing.get_type_hints(section_cls)
         for f in dataclasses.fields(section_cls):
+            if f"{section_name}.{f.name}" in skip:
+                continue
+            flags = _flag(f)
+            if qualified:
+                flags = [f"--{section_name}.{f.name.replace('_', '-')}", *(x for x in flags if spelled[x] == 1)]
             hint = hints[f.name]
             dest = f"{section_name}.{f.name}"
             default_text = "" if f.default in (None, "", dataclasses.MISSING) else f" (default: {f.default})"
             help_text = f.metadata["help"] + default_text
             if _base_type(hint) is bool:
-                group.add_argument(*_flag(f), dest=dest, action=argparse.BooleanOptionalAction,
+                group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
             else:
-                group.add_argument(*_flag(f), dest=dest, type=_parser_for(hint), default=argparse.SUPPRESS,
+                group.add_argument(*flags, dest=dest, type=_parser_for(hint), default=argparse.SUPPRESS,
                                    metavar=f.name.upper(), help=help_text)
 
 
@@ -508,7 +584,8 @@ def _parser_for(hint: Any):
     return base if base in (int, float, str) else str
 
 
-def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] | None = None) -> JobConfig:
+def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] | None = None,
+                     owned: frozenset[str] = frozenset()) -> JobConfig:
     """YAML file (if any) first, then every flag given on the command line."""
     values: dict[str, dict[str, Any]] = {}
     source = "command line"
@@ -520,15 +597,20 @@ def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] | None 
             section, key = dest.split(".", 1)
             values.setdefault(section, {})
             values[section] = dict(values[section] or {}, **{key: value})
-    return JobConfig.from_dict(values, source=source, sections=sections)
+    return JobConfig.from_dict(values, source=source, sections=sections, owned=owned)
 
 
 def config_reference_markdown() -> str:
     """The configuration reference in the README, generated from the dataclasses (a test keeps them equal)."""
-    lines = []
+    lines = [
+        "`denseqa run` reads every section but `output`; there each key is also `--section.key` "
+        "(`--train.batch-size`, `--embed.batch-size`), and a short flag only where one key has it. "
+        "The run folder decides " + ", ".join(f"`{k}`" for k in sorted(PIPELINE_OWNED) if not k.startswith("output."))
+        + " (and `output.*`): `run` refuses them.", ""]
     for section_name, section_cls in SECTIONS.items():
         commands = ", ".join(f"`{c}`" for c, used in COMMAND_SECTIONS.items() if section_name in used)
-        lines += [f"**{section_name}** ({commands}) — {section_cls.__doc__.strip()}", "",
+        summary = " ".join(section_cls.__doc__.strip().split("\n\n")[0].split())
+        lines += [f"**{section_name}** ({commands}) — {summary}", "",
                   "| key | flag | default | meaning |", "|---|---|---|---|"]
         for f in dataclasses.fields(section_cls):
             default = "" if f.default is None else '`""`' if f.default == "" else f"`{f.default}`"

@@ -49,6 +49,7 @@ from denseqa.api import (
     checked_queries,
     install_error_handlers,
 )
+from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError
 
 logger = logging.getLogger("ray.serve")
@@ -507,28 +508,6 @@ def serve_config_for(cfg) -> dict:
     return config
 
 
-def _connect_ray(may_start_local: bool) -> bool:
-    """Join the cluster RAY_ADDRESS names, or the one running on this machine; else start a local Ray if allowed.
-
-    Returns whether a local Ray was started here (it stops with this process).
-    """
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS")
-    if address != "local":
-        try:
-            ray.init(address=address or "auto")
-            return False
-        except ConnectionError:
-            if address or not may_start_local:
-                raise InputError(f"no running Ray cluster at {address or 'this machine'}: start one (ray start "
-                                 "--head) or set RAY_ADDRESS") from None
-    elif not may_start_local:
-        raise InputError("RAY_ADDRESS=local would start a new Ray; this needs the running cluster's address")
-    ray.init(address="local")
-    return True
-
-
 def run_serve(cfg) -> str:
     """``denseqa serve``: deploy on the running Ray cluster and return; or, with none, on a local one, and block.
 
@@ -545,14 +524,14 @@ def run_serve(cfg) -> str:
             raise InputError("--swap needs --index: the new index folder")
         index = storage.absolute(cfg.serve.index)
         read_manifest(index)
-        _connect_ray(may_start_local=False)
+        connect(may_start_local=False)
         status = swap_index(index, cfg.serve.timeout_s)
         print(json.dumps({"index": status["index"], "count": status["count"], "previous":
                           status["last_change"]["previous"]}, indent=2), flush=True)
         return index
 
     config = serve_config_for(cfg)
-    started_here = _connect_ray(may_start_local=True)
+    started_here = connect(may_start_local=True)
     url = deploy(config, cfg.serve.timeout_s)
     print(json.dumps({
         "url": url, "docs": f"{url}/docs", "index": application(config)["args"]["index"],

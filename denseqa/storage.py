@@ -51,19 +51,45 @@ def is_nonempty_dir(path: str) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(p, recursive=False)))
 
 
-def write_json(path: str, obj: Any) -> None:
-    fs, p = filesystem(path)
-    with fs.open_output_stream(p) as f:
-        f.write(json.dumps(obj, indent=2).encode())
+def write_bytes(path: str, data: bytes) -> None:
+    """Write a file atomically: a reader sees the old content or the new, never a part.
+
+    Locally through a temporary file renamed over the target; an object store's single PUT is atomic already.
+    """
+    if is_uri(path):
+        fs, p = filesystem(path)
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
+    path = absolute(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
-def read_json(path: str) -> Any:
-    """The parsed JSON file, or None when it does not exist."""
+def read_bytes(path: str) -> bytes | None:
+    """The file's content, or None when it does not exist."""
     if not exists(path):
         return None
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
-        return json.loads(f.read())
+        return f.read()
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def read_json(path: str) -> Any:
+    """The parsed JSON file, or None when it does not exist."""
+    data = read_bytes(path)
+    return None if data is None else json.loads(data)
 
 
 def remove(path: str) -> None:

@@ -1,0 +1,78 @@
+"""The Ray cluster a command runs on: joining it (or starting a local one), and what it spans.
+
+A job submitted with ``ray job submit`` joins the cluster it was submitted to; a command started by hand joins the
+cluster RAY_ADDRESS names or the one running on this machine, and only where allowed starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from denseqa import storage
+from denseqa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+
+def connect(may_start_local: bool) -> bool:
+    """Join the cluster RAY_ADDRESS names, or the one running on this machine; else start a local Ray if allowed.
+
+    Returns whether a local Ray was started here (it stops with this process).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = os.environ.get("RAY_ADDRESS")
+    if address != "local":
+        try:
+            ray.init(address=address or "auto")
+            return False
+        except ConnectionError:
+            if address or not may_start_local:
+                raise InputError(f"no running Ray cluster at {address or 'this machine'}: start one (ray start "
+                                 "--head) or set RAY_ADDRESS") from None
+    elif not may_start_local:
+        raise InputError("RAY_ADDRESS=local would start a new Ray; this needs the running cluster's address")
+    ray.init(address="local")
+    return True
+
+
+def span() -> tuple[int, int | None]:
+    """(nodes alive now, most nodes the autoscaler may run: None when unbounded, 0 when there is no autoscaler).
+
+    The autoscaler's limits come from the cluster config it reports to the GCS (the cluster launcher and KubeRay
+    do); Ray exposes no public call for it, so this reads it the way Ray Data's autoscaler does.
+    """
+    import ray
+
+    alive = sum(1 for node in ray.nodes() if node["Alive"])
+    try:
+        import ray._private.state
+
+        config = ray._private.state.state.get_cluster_config()
+    except Exception as e:  # a private API: if it moves, fall back to the nodes alive now
+        logger.debug("no autoscaler config readable: %s", e)
+        config = None
+    groups = list(config.node_group_configs) if config else []
+    if any(group.max_count == -1 for group in groups):
+        return alive, None
+    return alive, sum(group.max_count for group in groups)
+
+
+def check_reachable_by_every_node(path: str, what: str, shared_filesystem: bool = False) -> None:
+    """Refuse a local ``path`` on a cluster of several nodes (now or after autoscaling) unless it is shared.
+
+    Training workers write checkpoints and embedding actors write shards from other machines: a local folder
+    would scatter them over the nodes' own disks.
+    """
+    if storage.is_uri(path) or shared_filesystem:
+        return
+    alive, most = span()
+    if alive > 1 or most is None or most > 1:
+        nodes = f"{alive} nodes" + ("" if most == alive else f", up to {'any number' if most is None else most}"
+                                                              " with autoscaling")
+        raise InputError(f"{what} {path} is a local path, but this cluster has {nodes} and every node must reach "
+                         "the run folder: use a URI (s3://bucket/runs/x, gs://...), or pass --shared-filesystem "
+                         "if this path is on storage every node mounts (NFS, EFS)")

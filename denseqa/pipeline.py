@@ -1,0 +1,324 @@
+"""The whole run as one job: train → index → evaluate → serve, in one run folder, resumable step by step.
+
+Like a build system (make, DVC's lock file), every step records in ``pipeline.json`` what it ran from (its part
+of the config, the fingerprint of its input files and of the previous step's output) and the fingerprint of what
+it wrote. A step whose recorded inputs equal the current ones, and whose output is still the one it wrote, is
+skipped: a run that failed resumes at the step that failed, and changing an index option rebuilds the index but
+keeps the model. ``--force STEP`` redoes a step; the steps after it follow, because their input changed. Serving
+is never skipped: deploying an unchanged config is a no-op for Ray Serve, and the endpoint is the deliverable.
+
+Run folder (local or a URI; every node must reach it)::
+
+    config.yaml     the resolved config of the latest run
+    pipeline.json   per step: inputs, output fingerprint, when, how long
+    model/          the fine-tuned model (denseqa.json, heldout.parquet)
+    train/<key>/    Ray Train's checkpoints, one folder per training config (an interrupted one resumes)
+    index/          the FAISS index folder (manifest.json)
+    eval/           eval.md, eval.json, recall.png
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import signal
+import time
+import urllib.request
+from typing import Any
+
+import yaml
+
+from denseqa import storage
+from denseqa.config import (
+    COMMAND_SECTIONS,
+    PIPELINE_OWNED,
+    PIPELINE_STEPS,
+    CorpusConfig,
+    EvalConfig,
+    JobConfig,
+    OutputConfig,
+)
+from denseqa.errors import InputError
+from denseqa.eval import REPORT_JSON, REPORT_MD
+from denseqa.index import MANIFEST_FILE
+from denseqa.train import HELDOUT_FILE, RECORD_FILE
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "pipeline.json"
+CONFIG_FILE = "config.yaml"
+# The file that marks each step's output complete (written last; see denseqa.storage.publish_folder).
+MARKERS = {"train": RECORD_FILE, "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
+# Keys that change how a step runs (logging, retries, parallelism, test hooks) but not what it produces: they are
+# left out of its inputs, so changing them redoes nothing. The whole embed section is of this kind.
+OPERATIONAL = frozenset({
+    "train.log_every_steps", "train.max_failures", "train.inject_failure_at_step", "train.inject_nan_at_step",
+    "train.torch_threads", "train.cpus_per_worker", "train.eval_batch_size",
+    "index.shards", "index.add_batch_size", "index.inject_kill_after_shards", "eval.batch_size",
+})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunFolder:
+    root: str
+
+    def __truediv__(self, name: str) -> str:
+        return storage.join(self.root, name)
+
+    def output(self, step: str) -> str:
+        return self / {"train": "model", "index": "index", "evaluate": "eval"}[step]
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+def corpus_config(cfg: JobConfig) -> CorpusConfig:
+    """The passages to index: corpus.path if given, else the distinct answers of the training data."""
+    if cfg.corpus.path:
+        return cfg.corpus
+    return dataclasses.replace(cfg.corpus, path=cfg.data.path, from_answers=True,
+                               text_column=cfg.corpus.text_column or cfg.data.answer_column,
+                               question_column=cfg.data.question_column)
+
+
+def resolved_config(cfg: JobConfig) -> dict[str, Any]:
+    """Every key of the run with its value (defaults included), as a config file `run --config` accepts again."""
+    return {name: {k: v for k, v in values.items() if f"{name}.{k}" not in PIPELINE_OWNED}
+            for name, values in cfg.to_dict().items()}
+
+
+def files_fingerprint(path: str) -> str:
+    """sha256 over the (path, size, modification time) of every parquet file behind ``path``: replacing the data
+    in place changes it, reading it does not."""
+    from denseqa.data import resolve_parquet_files
+
+    fs, files = resolve_parquet_files(path)
+    listing = [(info.path, info.size, info.mtime_ns) for info in fs.get_file_info(files)]
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+def output_fingerprint(run: RunFolder, step: str) -> str | None:
+    """sha256 of the step's marker file (it holds the output's own record), or None while the output is absent."""
+    data = storage.read_bytes(storage.join(run.output(step), MARKERS[step]))
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _section(cfg: JobConfig, name: str, section: Any = None) -> dict[str, Any]:
+    values = dataclasses.asdict(section if section is not None else getattr(cfg, name))
+    return {f"{name}.{k}": v for k, v in values.items()
+            if f"{name}.{k}" not in OPERATIONAL and f"{name}.{k}" not in PIPELINE_OWNED}
+
+
+def step_inputs(cfg: JobConfig, step: str, upstream: str | None) -> dict[str, Any]:
+    """Everything a step's output depends on, flat (``section.key`` → value), with ``upstream`` the fingerprint of
+    the previous step's output."""
+    if step == "train":
+        return {**_section(cfg, "data"), **_section(cfg, "model"), **_section(cfg, "train"),
+                "data files": files_fingerprint(cfg.data.path)}
+    if step == "index":
+        corpus = corpus_config(cfg)
+        return {**_section(cfg, "corpus", corpus), **_section(cfg, "index"), "corpus files": files_fingerprint(
+            corpus.path), "model": upstream}
+    if step == "evaluate":
+        return {**_section(cfg, "eval"), "index": upstream}
+    raise ValueError(step)
+
+
+def decide(step: str, inputs: dict[str, Any], record: dict | None, fingerprint: str | None,
+           forced: set[str]) -> str | None:
+    """Why ``step`` must run, or None when its output exists and was made from these inputs."""
+    if step in forced:
+        return "--force"
+    if record is None:
+        return "not run before"
+    if fingerprint is None:
+        return "its output is missing"
+    if fingerprint != record.get("fingerprint"):
+        return "its output was replaced since"
+    before = record.get("inputs", {})
+    changed = [k for k in sorted(set(inputs) | set(before)) if inputs.get(k) != before.get(k)]
+    if changed:
+        shown = [f"{k}: {_short(before.get(k))} → {_short(inputs.get(k))}" for k in changed[:3]]
+        return "changed " + "; ".join(shown) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
+    return None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text[:10] + "…" if isinstance(value, str) and len(value) == 64 else text  # fingerprints
+
+
+# ------------------------------------------------------------------------------------------------ the steps
+
+
+def run_train_step(cfg: JobConfig, run: RunFolder, key: str) -> None:
+    from denseqa.train import run_training
+
+    checkpoints = storage.join(run / "train", key[:12])
+    resume = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))
+    if resume:
+        logger.info("train: continuing the interrupted training in %s", checkpoints)
+    run_training(JobConfig(data=cfg.data, model=cfg.model, train=cfg.train,
+                           output=OutputConfig(output=run.output("train"), run_dir=checkpoints, resume=resume,
+                                               overwrite=True),
+                           used=COMMAND_SECTIONS["train"]))
+
+
+def run_index_step(cfg: JobConfig, run: RunFolder) -> None:
+    from denseqa.index import run_build_index
+
+    # The fine-tuned model carries its prompts (denseqa.json); the pipeline's own model keys still apply.
+    model = dataclasses.replace(cfg.model, model=run.output("train"))
+    embed = cfg.embed
+    if embed.use_gpu is None:
+        # On an autoscaling cluster the GPU nodes may all be gone when this step starts: follow training's choice
+        # rather than "GPUs if the cluster has some now", so the autoscaler brings them up for the embedding too.
+        embed = dataclasses.replace(embed, use_gpu=cfg.train.use_gpu)
+    index = dataclasses.replace(cfg.index, output=run.output("index"), overwrite=True)
+    run_build_index(JobConfig(corpus=corpus_config(cfg), model=model, embed=embed, index=index,
+                              used=COMMAND_SECTIONS["build-index"]))
+
+
+def run_evaluate_step(cfg: JobConfig, run: RunFolder) -> dict[str, Any]:
+    from denseqa.eval import run_evaluation
+
+    evaluation = EvalConfig(index=run.output("index"), queries=storage.join(run.output("train"), HELDOUT_FILE),
+                            max_queries=cfg.eval.max_queries, batch_size=cfg.eval.batch_size,
+                            output=run.output("evaluate"), overwrite=True)
+    return run_evaluation(JobConfig(eval=evaluation, used=COMMAND_SECTIONS["evaluate"]))
+
+
+def run_serve_step(cfg: JobConfig, run: RunFolder) -> str:
+    from denseqa.serve import deploy, serve_config_for
+
+    serve_cfg = JobConfig(serve=dataclasses.replace(cfg.serve, index=run.output("index")), used=("serve",))
+    return deploy(serve_config_for(serve_cfg), cfg.serve.timeout_s)
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
+    """Run every step that is not up to date, deploy, query the endpoint once; returns the summary it prints.
+
+    When no cluster was running and this process started a local Ray, it stays in the foreground afterwards
+    (the service lives as long as that Ray), like ``denseqa serve``.
+    """
+    from denseqa.cluster import check_reachable_by_every_node, connect
+    from denseqa.model import check_model_source
+
+    p = cfg.pipeline
+    if not p.run_dir:
+        raise InputError("no run folder given: pass --run-dir FOLDER (a local path or a URI such as s3://...)")
+    run = RunFolder(storage.absolute(p.run_dir))
+    if not cfg.data.path:
+        raise InputError("no training data given: pass --data PARQUET (question/answer pairs)")
+    check_model_source(cfg.model.model)
+    files_fingerprint(cfg.data.path)  # a missing data or corpus path fails here, before Ray starts
+    files_fingerprint(corpus_config(cfg).path)
+    started_here = connect(may_start_local=True)
+    check_reachable_by_every_node(run.root, "run folder", p.shared_filesystem)
+
+    storage.write_bytes(run / CONFIG_FILE, yaml.safe_dump(resolved_config(cfg), sort_keys=False).encode())
+    state = storage.read_json(run / STATE_FILE) or {"steps": {}}
+    logger.info("run folder %s (resolved config in %s)", run.root, CONFIG_FILE)
+    upstream, ran = None, {}
+    for step in PIPELINE_STEPS[:-1]:
+        inputs = step_inputs(cfg, step, upstream)
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
+        record = state["steps"].get(step)
+        why = decide(step, inputs, record, output_fingerprint(run, step), p.forced)
+        if why is None:
+            logger.info("%s: up to date, skipped (%s made from the same inputs on %s)", step, run.output(step),
+                        record["finished"])
+            ran[step] = "skipped"
+        else:
+            logger.info("%s: running (%s)", step, why)
+            started = time.time()
+            if step == "train":
+                run_train_step(cfg, run, key)
+            elif step == "index":
+                run_index_step(cfg, run)
+            else:
+                run_evaluate_step(cfg, run)
+            state["steps"][step] = {
+                "inputs": inputs, "output": run.output(step), "fingerprint": output_fingerprint(run, step),
+                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "seconds": round(time.time() - started, 1), "why": why,
+            }
+            storage.write_json(run / STATE_FILE, state)
+            ran[step] = f"ran in {state['steps'][step]['seconds']:.0f} s"
+        upstream = state["steps"][step]["fingerprint"]
+        if p.inject_kill_after_step == step:
+            logger.warning("test hook: killing the pipeline after %s", step)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    summary = summarize(run, ran)
+    if p.deploy:
+        url = run_serve_step(cfg, run)
+        query = p.example_query or summary["example_query"]
+        summary.update(url=url, example={"query": query, "hits": query_endpoint(url, query, k=3)})
+        if p.inject_kill_after_step == "serve":
+            os.kill(os.getpid(), signal.SIGKILL)
+    print(summary_text(summary), flush=True)
+    if p.deploy and started_here:
+        from ray import serve
+
+        print("serving from a local Ray instance started by this command; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return summary
+
+
+def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    model = storage.read_json(storage.join(run.output("train"), MARKERS["train"]))
+    manifest = storage.read_json(storage.join(run.output("index"), MARKERS["index"]))
+    report = storage.read_json(storage.join(run.output("evaluate"), MARKERS["evaluate"]))
+    fs, path = storage.filesystem(storage.join(run.output("train"), HELDOUT_FILE))
+    heldout = pq.read_table(path, columns=["question"], filesystem=fs).column("question")
+    return {
+        "run_dir": run.root, "steps": ran,
+        "model": {"path": run.output("train"), "steps": model["training"]["steps"],
+                  "heldout_before": model["metrics"]["before"], "heldout_final": model["metrics"]["final"]},
+        "index": {"path": run.output("index"), "count": manifest["count"], "factory": manifest["index"]["factory"]},
+        "eval": {"path": run.output("evaluate"), "report": storage.join(run.output("evaluate"), REPORT_MD),
+                 "modes": {mode: {k: v for k, v in m.items() if k != "recall_curve"}
+                           for mode, m in report["modes"].items()}},
+        "example_query": heldout[0].as_py() if len(heldout) else "how do I search my documents",
+    }
+
+
+def query_endpoint(url: str, query: str, k: int) -> list[dict[str, Any]]:
+    """POST the query to the deployed service over HTTP, as any client would."""
+    request = urllib.request.Request(f"{url}/search", data=json.dumps({"query": query, "k": k}).encode(),
+                                     headers={"content-type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["results"][0]["hits"]
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    m, i, e = summary["model"], summary["index"], summary["eval"]
+    steps = summary["steps"]
+    lines = [f"run folder {summary['run_dir']}",
+             f"  model  {m['path']}  ({steps['train']}; {m['steps']} steps)",
+             f"  index  {i['path']}  ({steps['index']}; {i['count']} passages, {i['factory']})",
+             f"  eval   {e['report']}  ({steps['evaluate']})"]
+    for mode, metrics in e["modes"].items():
+        lines.append(f"         {mode:7s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if "url" in summary:
+        url, example = summary["url"], summary["example"]
+        body = json.dumps({"query": example["query"], "k": 3}, ensure_ascii=False).replace("'", "'\\''")
+        lines += [f"endpoint {url}/search  (OpenAPI docs: {url}/docs)",
+                  f"  curl -s {url}/search -H 'content-type: application/json' -d '{body}'",
+                  f"  {example['query']!r} →"]
+        lines += [f"    {hit['score']:.3f}  {hit['id']}  {hit['text'][:90]!r}" for hit in example["hits"]]
+    return "\n".join(lines)
