@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="denseqa", description="Q/A pairs to a deployed semantic search on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, help_text) in COMMANDS.items():
-        command = sub.add_parser(name, help=help_text, description=help_text)
+        # No abbreviations: with --section.key flags, "--index" would otherwise be read as a prefix of "--index.seed".
+        command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == "run":  # every section: names repeat across them, so flags are --section.key
             add_config_arguments(command, COMMAND_SECTIONS[name], qualified=True, skip=PIPELINE_OWNED)
         else:

@@ -71,8 +71,28 @@ def check_reachable_by_every_node(path: str, what: str, shared_filesystem: bool 
         return
     alive, most = span()
     if alive > 1 or most is None or most > 1:
-        nodes = f"{alive} nodes" + ("" if most == alive else f", up to {'any number' if most is None else most}"
-                                                              " with autoscaling")
+        nodes = f"{alive} node{'s' * (alive > 1)}"
+        if most is None or most > alive:
+            nodes += f" (up to {'any number' if most is None else most} with autoscaling)"
         raise InputError(f"{what} {path} is a local path, but this cluster has {nodes} and every node must reach "
                          "the run folder: use a URI (s3://bucket/runs/x, gs://...), or pass --shared-filesystem "
                          "if this path is on storage every node mounts (NFS, EFS)")
+
+
+def check_can_schedule(what: str, cpus: float, gpus: float = 0) -> None:
+    """Fail now, saying why, when a cluster that cannot add nodes lacks the free CPUs or GPUs ``what`` needs.
+
+    Ray would queue the work and wait forever; with an autoscaler the missing nodes are started instead.
+    """
+    import ray
+
+    if span()[1] != 0:
+        return
+    free, total = ray.available_resources(), ray.cluster_resources()
+    for name, need in (("CPU", cpus), ("GPU", gpus)):
+        if need > free.get(name, 0.0) + 1e-6:
+            raise InputError(
+                f"{what} needs {need:g} free {name}s, but this cluster has {free.get(name, 0.0):g} of "
+                f"{total.get(name, 0.0):g} free and cannot add nodes: running actors hold the rest (a deployed "
+                "search service holds 1.75 CPUs with configs/serve.yaml: stop it with `serve shutdown -y`), "
+                "or give Ray more (ray start --num-cpus N)")

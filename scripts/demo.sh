@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up, start a local Ray cluster (token auth on) if none is running, and submit the jobs on the bundled
-# all-MiniLM-L6-v2 and the English Debian sample in data/: train (out/model), embed and index the sample's
-# answers (out/index), evaluate the model's held-out questions against that index (out/eval), deploy the index
-# as the Ray Serve search service (http://127.0.0.1:$SERVE_PORT, default 8000) and query it once.
-# KEEP_CLUSTER=1 leaves a cluster this script started (and so the service) running.
+# The README's main command. Set up, start a local Ray cluster (token auth on) if none is running, and submit the
+# pipeline job on the bundled all-MiniLM-L6-v2 and the English Debian sample in data/ (configs/pipeline-debian-en.yaml):
+# train, index the sample's answers, evaluate on its held-out questions, deploy the search service at
+# http://127.0.0.1:$SERVE_PORT (default 8000) and query it. Everything lands in out/run; running it again skips
+# the steps whose outputs are up to date. The cluster and the service keep running afterwards (`ray stop` stops
+# both); STOP_CLUSTER=1 stops a cluster this script started when it ends.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -12,44 +13,27 @@ bash scripts/setup.sh
 export RAY_AUTH_MODE=token HF_HUB_OFFLINE=1
 ray get-auth-token --generate >/dev/null 2>&1  # ~/.ray/auth_token, created once; `ray job submit` sends it
 DASHBOARD=${RAY_DASHBOARD_PORT:-8265}
-started=0
+PORT=${SERVE_PORT:-8000}
 if ! ray status >/dev/null 2>&1; then
   # Started from this venv, so jobs run this venv's python.
   ray start --head --dashboard-port "$DASHBOARD" --include-dashboard true --disable-usage-stats >/dev/null
-  started=1
+  [ -n "${STOP_CLUSTER:-}" ] && trap 'ray stop >/dev/null 2>&1' EXIT
 fi
-[ "$started" = 1 ] && [ -z "${KEEP_CLUSTER:-}" ] && trap 'ray stop >/dev/null 2>&1' EXIT
-run="$PWD/out/runs/$(date +%Y%m%d-%H%M%S)"
-submit() { ray job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- python "$@"; }
-submit jobs/train.py --config configs/train-debian-en.yaml \
-  --data "$PWD/data/debian-en-sample.parquet" --output "$PWD/out/model" --run-dir "$run" --overwrite
-submit jobs/build_index.py --model "$PWD/out/model" --corpus "$PWD/data/debian-en-sample.parquet" \
-  --from-answers --output "$PWD/out/index" --overwrite
-submit jobs/evaluate.py --index "$PWD/out/index" --queries "$PWD/out/model/heldout.parquet" \
-  --output "$PWD/out/eval" --overwrite
-PORT=${SERVE_PORT:-8000}
-submit jobs/serve.py --index "$PWD/out/index" --port "$PORT"
+ray job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
+  python jobs/pipeline.py --config configs/pipeline-debian-en.yaml \
+  --data "$PWD/data/debian-en-sample.parquet" --run-dir "$PWD/out/run" --serve.port "$PORT"
+
+query='{"query": "read PDF files from the command line", "k": 3}'
 echo
-echo "POST http://127.0.0.1:$PORT/search {\"query\": \"read PDF files from the command line\", \"k\": 3}"
-answer=$(curl -sf "http://127.0.0.1:$PORT/search" -H 'content-type: application/json' \
-  -d '{"query": "read PDF files from the command line", "k": 3}')
-python - "$answer" <<'PY'
+echo "curl -s http://127.0.0.1:$PORT/search -H 'content-type: application/json' -d '$query'"
+curl -sf "http://127.0.0.1:$PORT/search" -H 'content-type: application/json' -d "$query" | python -c '
 import json, sys
-for hit in json.loads(sys.argv[1])["results"][0]["hits"]:
-    print(f"  {hit['score']:.3f}  {hit['text'][:100]!r}")
-PY
+for hit in json.load(sys.stdin)["results"][0]["hits"]:
+    print(f"  {hit[\"score\"]:.3f}  {hit[\"id\"]}  {hit[\"text\"][:90]!r}")'
 echo
-echo "model: $PWD/out/model (record: out/model/denseqa.json, checkpoints: $run)"
-echo "index: $PWD/out/index (manifest.json); evaluation: $PWD/out/eval (eval.md, eval.json, recall.png)"
-python - <<'PY'
-import json
-r = json.load(open("out/model/denseqa.json"))
-for k in ("before", "final"):
-    print(f"held-out during training {k:6s}", " ".join(f"{m} {v:.3f}" for m, v in r["metrics"][k].items()))
-PY
-cat out/eval/eval.md
-if [ "$started" = 1 ] && [ -z "${KEEP_CLUSTER:-}" ]; then
-  echo "the search service stops with the cluster this script started (KEEP_CLUSTER=1 keeps both running)"
+echo "evaluation report: out/run/eval/eval.md (eval.json, recall.png beside it); model: out/run/model"
+if [ -n "${STOP_CLUSTER:-}" ]; then
+  echo "STOP_CLUSTER=1: the service stops with the cluster"
 else
-  echo "search service: http://127.0.0.1:$PORT (OpenAPI docs at /docs); stop it with: serve shutdown -y"
+  echo "the search service keeps running at http://127.0.0.1:$PORT (docs: /docs); stop it and the cluster: ray stop"
 fi

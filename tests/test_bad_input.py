@@ -243,3 +243,25 @@ def test_serve_bad_index_config_and_values(tmp_path):
     # --swap changes a running application: it never starts a Ray of its own (these runs have RAY_ADDRESS=local)
     assert_one_line_error(serve("--index", str(half), "--swap"), "RAY_ADDRESS=local would start a new Ray",
                           command="serve")
+
+
+def test_run_bad_input_fails_before_anything_runs(tmp_path, qa_parquet):
+    data = qa_parquet(question=["how?"] * 3, answer=["so"] * 3)
+    run = tmp_path / "run"
+
+    def run_pipeline(*args: str) -> subprocess.CompletedProcess:
+        return run_job("pipeline", *args)
+
+    assert_one_line_error(run_pipeline("--data", data), "no run folder given: pass --run-dir", command="run")
+    assert_one_line_error(run_pipeline("--run-dir", str(run)), "no training data given: pass --data", command="run")
+    missing = tmp_path / "nope.parquet"
+    assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", str(missing)), str(missing), command="run")
+    config = tmp_path / "run.yaml"
+    config.write_text("index:\n  output: /elsewhere\n")
+    assert_one_line_error(run_pipeline("--config", str(config), "--run-dir", str(run), "--data", data),
+                          "index.output is decided by the run folder", command="run")
+    assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--force", "serve"),
+                          "pipeline.force must be a comma-separated list of train, index, evaluate", command="run")
+    assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--model", "org/unknown-model"),
+                          "org/unknown-model", command="run")
+    assert not run.exists(), "nothing is written before the input is checked"

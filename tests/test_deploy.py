@@ -96,3 +96,43 @@ def test_image_is_built_on_the_pinned_ray(path):
 
     base = re.search(r"^FROM (\S+)", (REPO / path).read_text(), re.M).group(1)
     assert base.startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def test_rayjob_runs_the_pipeline_whose_index_the_rayservice_serves():
+    import shlex
+
+    import ray
+
+    from denseqa.cli import build_parser
+    from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, config_from_args
+
+    manifest = _yaml("deploy/kuberay/rayjob.yaml")
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    spec = manifest["spec"]
+    # The entrypoint names files of the image, which holds this repository at /home/ray/denseqa (deploy/Dockerfile)
+    image_root = re.search(r"^COPY .* (\S+)$", (REPO / "deploy/Dockerfile").read_text(), re.M).group(1)
+    python, script, *argv = shlex.split(spec["entrypoint"].replace(image_root, str(REPO)))
+    assert python == "python" and script == str(REPO / "jobs" / "pipeline.py")
+    # parsed and validated by the real `denseqa run` command line
+    cfg = config_from_args(build_parser().parse_args(["run", *argv]), COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
+    assert re.match(r"^(s3|gs)://", cfg.pipeline.run_dir) and cfg.pipeline.deploy is False
+    assert cfg.train.use_gpu and cfg.embed.use_gpu, "GPU requests are what brings up the GPU nodes"
+    service = _yaml("deploy/kuberay/rayservice.yaml")
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve_config["applications"][0]["args"]["index"] == cfg.pipeline.run_dir + "/index"
+    assert cfg.serve.serve_config == "configs/serve-cluster.yaml"
+
+    cluster = spec["rayClusterSpec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    assert cluster["rayVersion"] == ray.__version__
+    assert cluster["authOptions"] == {"mode": "token"} and cluster["enableInTreeAutoscaling"] is True
+    groups = {g["groupName"]: g for g in cluster["workerGroupSpecs"]}
+    gpu = groups["gpu"]
+    assert gpu["minReplicas"] == 0 and gpu["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "nvidia.com/gpu"] == "1"
+    # the autoscaler can satisfy what the steps ask for: a GPU per training worker and per embedding actor
+    assert gpu["maxReplicas"] >= max(cfg.train.num_workers, cfg.embed.actors)
+    launcher = _yaml("cluster.yaml")["available_node_types"]["gpu_worker"]
+    assert launcher["max_workers"] >= max(cfg.train.num_workers, cfg.embed.actors)
+    pods = [cluster["headGroupSpec"], *groups.values()]
+    assert {c["image"] for g in pods for c in g["template"]["spec"]["containers"]} == {"REGISTRY/denseqa:0.1.0"}

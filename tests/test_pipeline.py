@@ -1,0 +1,199 @@
+"""The one-command pipeline: flags, what makes a step redo, the multi-node check, and the real job end to end.
+
+The job tests submit jobs/pipeline.py with `ray job submit` to a local cluster (token auth on), on 300 real Debian
+pairs and the bundled all-MiniLM-L6-v2: a first run is killed right after its index step; the re-run skips
+training and indexing, evaluates, deploys the service, and the endpoint answers over HTTP like the library's
+Searcher over the same index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from denseqa.cli import build_parser
+from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, JobConfig, config_from_args
+from denseqa.errors import InputError
+
+from .conftest import _free_port, real_pairs, submit_job
+
+
+def _parse(*argv: str) -> JobConfig:
+    return config_from_args(build_parser().parse_args(["run", *argv]), COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
+
+
+def test_run_flags_are_section_qualified_and_short_only_where_unambiguous(capsys):
+    cfg = _parse("--run-dir", "r", "--data", "qa.parquet", "--train.batch-size", "8", "--embed.batch-size", "100",
+                 "--max-steps", "3", "--factory", "Flat", "--no-deploy", "--force", "index")
+    assert (cfg.train.batch_size, cfg.embed.batch_size, cfg.train.max_steps) == (8, 100, 3)
+    assert (cfg.index.factory, cfg.pipeline.deploy, cfg.pipeline.forced) == ("Flat", False, {"index"})
+    # --batch-size would be train's, embed's or eval's; --index and --output belong to the run folder
+    for ambiguous in (["--batch-size", "8"], ["--index", "x"], ["--output", "x"], ["--overwrite"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["run", *ambiguous])
+        assert "unrecognized arguments" in capsys.readouterr().err
+
+
+def test_keys_the_run_folder_decides_and_bad_force_are_refused(tmp_path):
+    for values, key in (({"index": {"output": "/x"}}, "index.output"), ({"eval": {"queries": "q"}}, "eval.queries"),
+                        ({"output": {"run_dir": "/x"}}, "output.run_dir")):
+        with pytest.raises(InputError, match=rf"^run.yaml: {key} is decided by the run folder"):
+            JobConfig.from_dict(values, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
+    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of train, index, evaluate"):
+        _parse("--force", "index,serve")
+
+
+def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
+    from denseqa.pipeline import decide, step_inputs
+
+    data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
+    base = _parse("--run-dir", "r", "--data", data)
+    inputs = {step: step_inputs(base, step, "fp-up") for step in ("train", "index", "evaluate")}
+    record = {step: {"inputs": inputs[step], "fingerprint": "fp-out"} for step in inputs}
+
+    def why(cfg, step, upstream="fp-up", fingerprint="fp-out", forced=()):
+        return decide(step, step_inputs(cfg, step, upstream), record[step], fingerprint, set(forced))
+
+    assert all(why(base, step) is None for step in inputs)
+    # an index option redoes the index, not training; logging, retries and parallelism redo nothing
+    factory = _parse("--run-dir", "r", "--data", data, "--factory", "HNSW32,Flat")
+    assert why(factory, "train") is None
+    assert why(factory, "index") == "changed index.factory: None → 'HNSW32,Flat'"
+    quiet = _parse("--run-dir", "r", "--data", data, "--log-every-steps", "1", "--index.shards", "4",
+                   "--embed.actors", "3", "--eval.batch-size", "8")
+    assert all(why(quiet, step) is None for step in inputs)
+    assert why(_parse("--run-dir", "r", "--data", data, "--model.max-seq-length", "64"), "train").startswith(
+        "changed model.max_seq_length: None → 64")
+    # the previous step's new output, a missing or replaced output, --force
+    assert why(base, "evaluate", upstream="fp-new") == "changed index: 'fp-up' → 'fp-new'"
+    assert why(base, "index", fingerprint=None) == "its output is missing"
+    assert why(base, "index", fingerprint="other") == "its output was replaced since"
+    assert why(base, "train", forced=["train"]) == "--force"
+    # the data file replaced in place (same path, new content) redoes training
+    qa_parquet(question=["q1", "q2", "q3"], answer=["a1", "a2", "a3"])
+    assert why(base, "train").startswith("changed data files:")
+
+
+def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from denseqa.cluster import check_reachable_by_every_node
+
+    # Two real raylets on this machine: what a cluster of two nodes looks like to the driver.
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        ray.init(address=nodes.address)
+        check_reachable_by_every_node("/data/run", "run folder")  # one node: a local path is fine
+        nodes.add_node(num_cpus=1)
+        nodes.wait_for_nodes()
+        with pytest.raises(InputError, match=r"^run folder /data/run is a local path, but this cluster has 2 nodes "
+                                             r"and every node must reach the run folder: use a URI"):
+            check_reachable_by_every_node("/data/run", "run folder")
+        check_reachable_by_every_node("s3://bucket/run", "run folder")
+        check_reachable_by_every_node("/mnt/efs/run", "run folder", shared_filesystem=True)
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+# ------------------------------------------------------------------------------------------- the real job
+
+
+def _job_args(tmp: Path, name: str, pairs_seed: int, port: int | None = None) -> list[str]:
+    pq.write_table(real_pairs(300, seed=pairs_seed), tmp / f"{name}.parquet")
+    args = ["--data", str(tmp / f"{name}.parquet"), "--run-dir", str(tmp / name), "--heldout-size", "40",
+            "--train.num-workers", "2", "--train.batch-size", "8", "--max-steps", "3", "--eval-every-steps", "3",
+            "--model.max-seq-length", "64"]
+    return args + (["--serve.host", "127.0.0.1", "--serve.port", str(port)] if port else ["--no-deploy"])
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _steps(run: Path) -> dict:
+    return json.loads((run / "pipeline.json").read_text())["steps"]
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_its_index_step_resumes_without_redoing_train_and_index(cluster, tmp_path):
+    run, args = tmp_path / "run", _job_args(tmp_path, "run", pairs_seed=21)
+    # Given a run killed (SIGKILL) right after its index step
+    first = submit_job(cluster, "pipeline", *args, "--inject-kill-after-step", "index")
+    assert first.returncode != 0, first.stdout[-3000:]
+    assert set(_steps(run)) == {"train", "index"}
+    assert (run / "model" / "denseqa.json").exists() and (run / "index" / "manifest.json").exists()
+    assert not (run / "eval").exists()
+    model_sha, index_sha = _sha(run / "model" / "denseqa.json"), _sha(run / "index" / "manifest.json")
+
+    # When the same job is submitted again
+    second = submit_job(cluster, "pipeline", *args)
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-5000:]
+    # Then training and indexing are skipped, their outputs untouched, and the evaluation runs
+    assert "train: up to date, skipped" in log and "index: up to date, skipped" in log, log[-5000:]
+    assert "evaluate: running (not run before)" in log
+    assert _sha(run / "model" / "denseqa.json") == model_sha and _sha(run / "index" / "manifest.json") == index_sha
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    assert report["judgements"]["evaluated"] == 40 and set(report["modes"]) == {"dense", "bm25", "hybrid"}
+    assert (run / "eval" / "eval.md").exists() and (run / "eval" / "recall.png").exists()
+    saved = (run / "config.yaml").read_text()
+    assert "max_steps: 3" in saved and "output:" not in saved
+    before = _steps(run)
+
+    # And --force index redoes the index and, since its input changed, the evaluation; training stays
+    forced = submit_job(cluster, "pipeline", *args, "--force", "index")
+    log = forced.stdout + forced.stderr
+    assert forced.returncode == 0, log[-5000:]
+    assert "train: up to date, skipped" in log and "index: running (--force)" in log
+    assert "evaluate: running (changed index:" in log
+    after = _steps(run)
+    assert _sha(run / "model" / "denseqa.json") == model_sha and after["train"] == before["train"]
+    assert after["index"]["fingerprint"] != before["index"]["fingerprint"]
+    assert after["evaluate"]["inputs"]["index"] == after["index"]["fingerprint"]
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_in_one_job_ends_with_a_working_endpoint(cluster, tmp_path):
+    port = _free_port()
+    run, args = tmp_path / "run", _job_args(tmp_path, "run", pairs_seed=22, port=port)
+    # When the pipeline is submitted once
+    job = submit_job(cluster, "pipeline", *args)
+    log = job.stdout + job.stderr
+    assert job.returncode == 0, log[-5000:]
+    for step in ("train", "index", "evaluate"):
+        assert f"{step}: running (not run before)" in log
+    assert set(_steps(run)) == {"train", "index", "evaluate"}
+
+    # Then the printed endpoint answers over real HTTP with the library Searcher's results over the run's index
+    url = f"http://127.0.0.1:{port}"
+    assert f"curl -s {url}/search" in log and f"endpoint {url}/search" in log
+    from denseqa.search import Searcher
+
+    searcher = Searcher(str(run / "index"))
+    questions = pq.read_table(run / "model" / "heldout.parquet").column("question").to_pylist()[:8]
+    expected = searcher.search(questions, k=5)
+    response = requests.post(f"{url}/search", json={"queries": questions, "k": 5}, timeout=60)
+    assert response.status_code == 200, response.text
+    for got, want in zip(response.json()["results"], expected, strict=True):
+        assert [h["id"] for h in got["hits"]] == [h.id for h in want]
+        assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in want], abs=1e-5)
+    # the example query in the job's output is a held-out question, shown with the endpoint's top hit
+    top = requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, timeout=60).json()
+    assert f"{questions[0]!r} →" in log and top["results"][0]["hits"][0]["id"] in log
+
+    # And with the service holding 1.75 of this 2-CPU cluster's CPUs, a run that must rebuild says so at once
+    # (Ray would otherwise wait forever for the CPUs), and loses nothing
+    state = (run / "pipeline.json").read_bytes()
+    again = submit_job(cluster, "pipeline", *args, "--factory", "HNSW32,Flat", timeout=300)
+    assert again.returncode != 0
+    assert "denseqa run: error: embedding needs 1.1 free CPUs, but this cluster has 0.25 of 2 free and cannot add " \
+           "nodes" in again.stdout + again.stderr
+    assert (run / "pipeline.json").read_bytes() == state and (run / "index" / "manifest.json").exists()
+    assert requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, timeout=60).status_code == 200
