@@ -26,10 +26,12 @@ ray job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
 query='{"query": "read PDF files from the command line", "k": 3}'
 echo
 echo "curl -s http://127.0.0.1:$PORT/search -H 'content-type: application/json' -d '$query'"
-curl -sf "http://127.0.0.1:$PORT/search" -H 'content-type: application/json' -d "$query" | python -c '
+answer=$(curl -sf "http://127.0.0.1:$PORT/search" -H 'content-type: application/json' -d "$query")
+python - "$answer" <<'PY'
 import json, sys
-for hit in json.load(sys.stdin)["results"][0]["hits"]:
-    print(f"  {hit[\"score\"]:.3f}  {hit[\"id\"]}  {hit[\"text\"][:90]!r}")'
+for hit in json.loads(sys.argv[1])["results"][0]["hits"]:
+    print(f"  {hit['score']:.3f}  {hit['id']}  {hit['text'][:90]!r}")
+PY
 echo
 echo "evaluation report: out/run/eval/eval.md (eval.json, recall.png beside it); model: out/run/model"
 if [ -n "${STOP_CLUSTER:-}" ]; then
