@@ -94,5 +94,5 @@ def check_can_schedule(what: str, cpus: float, gpus: float = 0) -> None:
             raise InputError(
                 f"{what} needs {need:g} free {name}s, but this cluster has {free.get(name, 0.0):g} of "
                 f"{total.get(name, 0.0):g} free and cannot add nodes: running actors hold the rest (a deployed "
-                "search service holds 1.75 CPUs with configs/serve.yaml: stop it with `serve shutdown -y`), "
-                "or give Ray more (ray start --num-cpus N)")
+                "search service, for one: stop it with `serve shutdown -y`), or give Ray more (ray start "
+                f"--num-{name.lower()}s N)")

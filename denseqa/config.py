@@ -398,8 +398,8 @@ class PipelineConfig:
         for step in (self.force or "").split(","):
             need(not step.strip() or step.strip() in PIPELINE_STEPS[:-1], "pipeline.force",
                  f"a comma-separated list of {', '.join(PIPELINE_STEPS[:-1])}", self.force)
-        need(self.inject_kill_after_step in (None, *PIPELINE_STEPS), "pipeline.inject_kill_after_step",
-             f"one of {', '.join(PIPELINE_STEPS)}", self.inject_kill_after_step)
+        need(self.inject_kill_after_step in (None, *PIPELINE_STEPS[:-1]), "pipeline.inject_kill_after_step",
+             f"one of {', '.join(PIPELINE_STEPS[:-1])}", self.inject_kill_after_step)
 
     @property
     def forced(self) -> set[str]:

@@ -231,6 +231,10 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     p = cfg.pipeline
     if not p.run_dir:
         raise InputError("no run folder given: pass --run-dir FOLDER (a local path or a URI such as s3://...)")
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ and not (storage.is_uri(p.run_dir) or os.path.isabs(
+            os.path.expanduser(p.run_dir))):  # set by Ray in the driver of a submitted job
+        raise InputError(f"run folder {p.run_dir!r} is a relative path: a submitted job runs in a temporary copy of "
+                         "its working directory, so give an absolute path or a URI")
     run = RunFolder(storage.absolute(p.run_dir))
     if not cfg.data.path:
         raise InputError("no training data given: pass --data PARQUET (question/answer pairs)")
@@ -280,18 +284,11 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
         url = run_serve_step(cfg, run)
         query = p.example_query or summary["example_query"]
         summary.update(url=url, example={"query": query, "hits": query_endpoint(url, query, k=3)})
-        if p.inject_kill_after_step == "serve":
-            os.kill(os.getpid(), signal.SIGKILL)
     print(summary_text(summary), flush=True)
     if p.deploy and started_here:
-        from ray import serve
+        from denseqa.serve import serve_until_interrupted
 
-        print("serving from a local Ray instance started by this command; Ctrl-C stops it", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+        serve_until_interrupted()
     return summary
 
 

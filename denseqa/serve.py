@@ -538,10 +538,15 @@ def run_serve(cfg) -> str:
         "try": f"curl -s {url}/search -H 'content-type: application/json' -d '{{\"query\": \"...\", \"k\": 5}}'",
     }, indent=2), flush=True)
     if started_here:
-        print("serving from a local Ray instance started by this command; Ctrl-C stops it", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+        serve_until_interrupted()
     return url
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process, and so the local Ray instance it started and the application on it, alive until Ctrl-C."""
+    print("serving from a local Ray instance started by this command; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

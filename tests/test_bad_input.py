@@ -265,3 +265,10 @@ def test_run_bad_input_fails_before_anything_runs(tmp_path, qa_parquet):
     assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--model", "org/unknown-model"),
                           "org/unknown-model", command="run")
     assert not run.exists(), "nothing is written before the input is checked"
+    # inside a submitted job (Ray sets this variable in its driver), a relative run folder would land in the
+    # job's temporary copy of the working directory
+    job = subprocess.run([sys.executable, str(REPO / "jobs" / "pipeline.py"), "--run-dir", "out/run", "--data", data],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**_env(), "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"})
+    assert_one_line_error(job, "run folder 'out/run' is a relative path: a submitted job runs in a temporary copy",
+                          command="run")
