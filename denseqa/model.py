@@ -60,9 +60,14 @@ def bundled_model_path() -> Path:
 
 
 def resolve_model_source(name: str | None) -> str:
-    """A local folder for the default model, an absolute path for a local one, or the hub id unchanged."""
+    """A local folder for the default model, an absolute path for a local one, a local copy of a URI (a model in
+    an s3:// run folder), or the hub id unchanged."""
+    from denseqa import storage
+
     if not name:
         return str(bundled_model_path())
+    if storage.is_uri(name):
+        return storage.cached_copy(name, "model")
     expanded = os.path.expanduser(name)
     if os.path.exists(expanded):
         return os.path.abspath(expanded)
@@ -215,8 +220,12 @@ class Encoder:
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: str | None = None) -> Encoder:
+        from denseqa import storage
+
         model = load_model(cfg, device=device)
-        return cls(model, resolve_model_source(cfg.model), *prompts_of(cfg))
+        # A URI stays the model's name: a replica on another node fetches its own copy from it.
+        source = cfg.model if cfg.model and storage.is_uri(cfg.model) else resolve_model_source(cfg.model)
+        return cls(model, source, *prompts_of(cfg))
 
     @property
     def fingerprint(self) -> str:

@@ -8,6 +8,7 @@ readers check for.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -57,7 +58,11 @@ def write_bytes(path: str, data: bytes) -> None:
     Locally through a temporary file renamed over the target; an object store's single PUT is atomic already.
     """
     if is_uri(path):
+        import pyarrow.fs as pafs
+
         fs, p = filesystem(path)
+        if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs; object stores have no folders to create
+            fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
         with fs.open_output_stream(p) as f:
             f.write(data)
         return
@@ -118,6 +123,40 @@ def download(path: str, local_dir: str) -> str:
     return local_dir
 
 
+def cached_copy(uri: str, what: str) -> str:
+    """A local copy of the folder at ``uri``, for what needs local files (a model for transformers).
+
+    Kept under ``$DENSEQA_CACHE`` (default ``~/.cache/denseqa``) and keyed by the folder's listing (paths, sizes,
+    modification times), so a folder replaced at the same URI is fetched again; concurrent callers on one node
+    (embedding actors) each copy into a private folder and the first rename wins.
+    """
+    import pyarrow.fs as pafs
+
+    from denseqa.errors import InputError
+
+    fs, path = filesystem(uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except (FileNotFoundError, OSError) as e:
+        raise InputError(f"{what} {uri!r}: cannot be listed ({e})") from None
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    if not listing:
+        raise InputError(f"{what} {uri!r}: no files there")
+    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
+    root = os.path.join(os.path.expanduser(os.environ.get("DENSEQA_CACHE", "~/.cache/denseqa")), "folders")
+    target = os.path.join(root, key)
+    if os.path.isdir(target):
+        return target
+    os.makedirs(root, exist_ok=True)
+    incoming = tempfile.mkdtemp(prefix=f".{key}.incoming-", dir=root)
+    pafs.copy_files(path, incoming, source_filesystem=fs)
+    try:
+        os.rename(incoming, target)
+    except OSError:  # another process finished the same copy first
+        shutil.rmtree(incoming, ignore_errors=True)
+    return target
+
+
 def publish_folder(staging: str, output: str, marker: str) -> None:
     """Move the complete local folder ``staging`` to ``output`` so that no reader ever sees a partial folder.
 
@@ -135,6 +174,8 @@ def publish_folder(staging: str, output: str, marker: str) -> None:
         os.remove(marker_file)
         if fs.get_file_info(path).type != pafs.FileType.NotFound:
             fs.delete_dir(path)
+        if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs: copy_files creates subfolders, not the target
+            fs.create_dir(path, recursive=True)
         pafs.copy_files(staging, path, destination_filesystem=fs)
         with fs.open_output_stream(f"{path.rstrip('/')}/{marker}") as f:
             f.write(marker_bytes)

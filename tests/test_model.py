@@ -79,3 +79,32 @@ def test_parameters_without_gradient_are_frozen(tiny_model_dir):
     assert all(p.requires_grad for n, p in model.named_parameters() if ".pooler." not in n)
     # And the probe pass leaves no gradient behind
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_model_at_a_uri_is_fetched_once_per_version_and_keeps_its_uri(tmp_path, monkeypatch, tiny_model_dir):
+    import numpy as np
+
+    from denseqa.model import Encoder
+
+    # Given a model folder behind a URI (file:// goes through the same pyarrow filesystem code as s3://)
+    monkeypatch.setenv("DENSEQA_CACHE", str(tmp_path / "cache"))
+    remote = tmp_path / "bucket" / "model"
+    load_model(ModelConfig(model=tiny_model_dir)).save(str(remote))
+    uri = f"file://{remote}"
+    # When it is loaded by URI
+    encoder = Encoder.load(ModelConfig(model=uri))
+    local = Encoder.load(ModelConfig(model=str(remote)))
+    # Then it embeds like the folder itself, and records the URI (a replica on another node fetches from it)
+    texts = ["install a web server", "apache http server"]
+    np.testing.assert_allclose(encoder.encode_queries(texts), local.encode_queries(texts), atol=1e-6)
+    assert encoder.describe()["path"] == uri
+    copies = list((tmp_path / "cache" / "folders").iterdir())
+    assert len(copies) == 1
+    # and is fetched again only when the folder changed
+    Encoder.load(ModelConfig(model=uri))
+    assert len(list((tmp_path / "cache" / "folders").iterdir())) == 1
+    (remote / "README.md").write_text("changed")
+    Encoder.load(ModelConfig(model=uri))
+    assert len(list((tmp_path / "cache" / "folders").iterdir())) == 2
+    with pytest.raises(InputError, match=r"model 'file://.*/missing': cannot be listed"):
+        Encoder.load(ModelConfig(model=f"file://{tmp_path}/missing"))

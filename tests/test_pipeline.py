@@ -124,6 +124,8 @@ def _steps(run: Path) -> dict:
 @pytest.mark.slow
 def test_a_run_killed_after_its_index_step_resumes_without_redoing_train_and_index(cluster, tmp_path):
     run, args = tmp_path / "run", _job_args(tmp_path, "run", pairs_seed=21)
+    # The run folder as a URI: file:// takes the code path of s3:// and gs:// (pyarrow filesystems, no renames)
+    args[args.index("--run-dir") + 1] = f"file://{run}"
     # Given a run killed (SIGKILL) right after its index step
     first = submit_job(cluster, "pipeline", *args, "--inject-kill-after-step", "index")
     assert first.returncode != 0, first.stdout[-3000:]
