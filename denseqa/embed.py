@@ -71,6 +71,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     """
     import ray
 
+    from denseqa.cluster import check_can_schedule
     from denseqa.resources import cpus_per_worker_default
 
     done = storage.read_json(storage.join(out_dir, DONE_FILE))
@@ -84,6 +85,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     actors = cfg.actors or (max(1, cluster_gpus) if use_gpu else 1)
     cpus = cfg.cpus_per_actor or cpus_per_worker_default(actors, use_gpu)
     threads = cfg.torch_threads or (None if use_gpu else max(1, (os.cpu_count() or 1) // actors))
+    check_can_schedule("embedding", 1 + actors * cpus, actors if use_gpu else 0)  # the actors and one read task
     logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, cpus,
                 " + 1 GPU" if use_gpu else f", {threads} torch threads", cfg.batch_size)
     started = time.time()

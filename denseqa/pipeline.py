@@ -155,21 +155,15 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the steps
 
 
-def check_resources(cfg: JobConfig, step: str) -> None:
-    """The least a step asks of the cluster: one CPU for Ray Data's read tasks plus its workers' (a tenth of a CPU
-    each at least, by default) or a GPU each."""
+def check_training_fits(cfg: JobConfig) -> None:
+    """Training's workers with the CPUs (or GPUs) run_training will ask for, plus one CPU for Ray Data's reads, must
+    fit a cluster that cannot grow. Checked before training reads its data, which needs the CPUs too."""
     from denseqa.cluster import check_can_schedule
+    from denseqa.resources import cpus_per_worker_default
 
-    if step == "train":
-        t = cfg.train
-        per_worker = 1.0 if t.use_gpu else (t.cpus_per_worker or 0.1)
-        check_can_schedule("training", 1 + t.num_workers * per_worker, t.num_workers if t.use_gpu else 0)
-    elif step == "index":
-        e = cfg.embed
-        use_gpu = cfg.train.use_gpu if e.use_gpu is None else e.use_gpu
-        actors = e.actors or 1
-        check_can_schedule("embedding", 1 + actors * (e.cpus_per_actor or (1.0 if use_gpu else 0.1)),
-                           actors if use_gpu else 0)
+    t = cfg.train
+    per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
+    check_can_schedule("training", 1 + t.num_workers * per_worker, t.num_workers if t.use_gpu else 0)
 
 
 def run_train_step(cfg: JobConfig, run: RunFolder, key: str) -> None:
@@ -259,7 +253,8 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
             ran[step] = "skipped"
         else:
             logger.info("%s: running (%s)", step, why)
-            check_resources(cfg, step)
+            if step == "train":
+                check_training_fits(cfg)
             started = time.time()
             if step == "train":
                 run_train_step(cfg, run, key)
