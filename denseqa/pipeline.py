@@ -148,8 +148,7 @@ def decide(step: str, inputs: dict[str, Any], record: dict | None, fingerprint: 
 
 
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text[:10] + "…" if isinstance(value, str) and len(value) == 64 else text  # fingerprints
+    return repr(value[:9] + "…" if isinstance(value, str) and len(value) == 64 else value)  # fingerprints: a prefix
 
 
 # ------------------------------------------------------------------------------------------------ the steps

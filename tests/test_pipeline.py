@@ -71,6 +71,9 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
         "changed model.max_seq_length: None → 64")
     # the previous step's new output, a missing or replaced output, --force
     assert why(base, "evaluate", upstream="fp-new") == "changed index: 'fp-up' → 'fp-new'"
+    sha = "0123456789" + "a" * 54
+    assert decide("evaluate", {"index": sha}, {"inputs": {"index": "f" * 64}, "fingerprint": "x"}, "x", set()) == \
+        "changed index: 'fffffffff…' → '012345678…'"
     assert why(base, "index", fingerprint=None) == "its output is missing"
     assert why(base, "index", fingerprint="other") == "its output was replaced since"
     assert why(base, "train", forced=["train"]) == "--force"
