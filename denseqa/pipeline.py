@@ -92,13 +92,11 @@ def resolved_config(cfg: JobConfig) -> dict[str, Any]:
 
 
 def files_fingerprint(path: str) -> str:
-    """sha256 over the (path, size, modification time) of every parquet file behind ``path``: replacing the data
-    in place changes it, reading it does not."""
+    """The listing digest (paths, sizes, modification times) of every parquet file behind ``path``."""
     from denseqa.data import resolve_parquet_files
 
     fs, files = resolve_parquet_files(path)
-    listing = [(info.path, info.size, info.mtime_ns) for info in fs.get_file_info(files)]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+    return storage.listing_digest(fs.get_file_info(files))
 
 
 def output_fingerprint(run: RunFolder, step: str) -> str | None:

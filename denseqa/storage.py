@@ -123,6 +123,15 @@ def download(path: str, local_dir: str) -> str:
     return local_dir
 
 
+def listing_digest(infos) -> str:
+    """sha256 over the (path, size, modification time) of the files among pyarrow FileInfos: replacing a file
+    changes it, reading one does not."""
+    import pyarrow.fs as pafs
+
+    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
+    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
 def cached_copy(uri: str, what: str) -> str:
     """A local copy of the folder at ``uri``, for what needs local files (a model for transformers).
 
@@ -139,10 +148,9 @@ def cached_copy(uri: str, what: str) -> str:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
     except (FileNotFoundError, OSError) as e:
         raise InputError(f"{what} {uri!r}: cannot be listed ({e})") from None
-    listing = sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File)
-    if not listing:
+    if not any(i.type == pafs.FileType.File for i in infos):
         raise InputError(f"{what} {uri!r}: no files there")
-    key = hashlib.sha256(json.dumps([uri, listing]).encode()).hexdigest()[:20]
+    key = hashlib.sha256(f"{uri}\n{listing_digest(infos)}".encode()).hexdigest()[:20]
     root = os.path.join(os.path.expanduser(os.environ.get("DENSEQA_CACHE", "~/.cache/denseqa")), "folders")
     target = os.path.join(root, key)
     if os.path.isdir(target):
