@@ -55,12 +55,18 @@ class DataConfig:
     heldout_fraction: float = _f(0.05, "Share of pairs held out of training for evaluation.")
     heldout_max: int = _f(2000, "Upper bound on the held-out pairs (evaluation runs on rank 0's schedule).")
     split_seed: int = _f(0, "Seed of the held-out split. The split is by question, so repeats stay together.")
+    num_negatives: int | None = _f(
+        None,
+        "Hard negatives per pair to train with, from the columns negative_1..negative_n (written by mine-negatives). "
+        "Default: every negative_<i> column the data has; 0: ignore them.",
+    )
 
     def check(self, need) -> None:
         need(0 <= self.max_dropped_fraction <= 1, "data.max_dropped_fraction", "in [0, 1]", self.max_dropped_fraction)
         need(0 < self.heldout_fraction < 1, "data.heldout_fraction", "in (0, 1)", self.heldout_fraction)
         need(self.heldout_size is None or self.heldout_size >= 1, "data.heldout_size", ">= 1", self.heldout_size)
         need(self.heldout_max >= 1, "data.heldout_max", ">= 1", self.heldout_max)
+        need(self.num_negatives is None or self.num_negatives >= 0, "data.num_negatives", ">= 0", self.num_negatives)
         need(self.question_column != self.answer_column, "data.answer_column", "different from data.question_column",
              self.answer_column)
 
@@ -123,6 +129,12 @@ class TrainConfig:
     mask_duplicates: bool = _f(
         True, "Never count an in-batch answer as a negative when its answer or question text equals the pair's."
     )
+    cached_loss: bool = _f(
+        False,
+        "GradCache (CachedMultipleNegativesRankingLoss): embed the batch in mini-batches without keeping their "
+        "activations, so the global batch is bounded by time, not memory. Same gradients as without it.",
+    )
+    mini_batch_size: int = _f(32, "With cached_loss: texts per forward pass (what bounds a worker's memory).")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision on GPU (CPU runs fp32).")
     seed: int = _f(42, "Seed of the model initialisation and the per-epoch shuffle.")
     # -- evaluation, logging, checkpoints
@@ -158,6 +170,7 @@ class TrainConfig:
         need(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
         need(self.checkpoint_metric in METRICS, "train.checkpoint_metric", f"one of {', '.join(METRICS)}",
              self.checkpoint_metric)
+        need(self.mini_batch_size >= 1, "train.mini_batch_size", ">= 1", self.mini_batch_size)
         need(self.use_gpu or self.precision == "fp32", "train.precision", "fp32 without --use-gpu", self.precision)
         need(self.cpus_per_worker is None or self.cpus_per_worker > 0, "train.cpus_per_worker", "> 0",
              self.cpus_per_worker)
@@ -179,6 +192,50 @@ class OutputConfig:
 
     def check(self, need) -> None:
         pass
+
+
+@dataclass
+class MineConfig:
+    """The hard-negative mining job: for each training pair, answers that look right for its question but are not
+    its answer, written as columns negative_1..negative_n next to the pairs."""
+
+    output: str | None = _f(
+        None, "Folder (local or URI) for the Q/A parquet with the negative columns, and its record negatives.json."
+    )
+    overwrite: bool = _f(False, "Replace an existing output folder.")
+    method: Literal["bm25", "dense"] = _f(
+        "bm25",
+        "bm25: lexical negatives (bm25s), as DPR. dense: the nearest answers under model.model (a first-round "
+        "fine-tuned model: 'self' hard negatives, as ANCE and RocketQA), searched in an exact FAISS index.",
+    )
+    num_negatives: int = _f(1, "Negatives per pair (DPR: one BM25 negative per question).")
+    range_min: int = _f(
+        0, "Skip the retriever's top ranks below this (the question's own answers not counted): near-duplicates "
+        "of the answer sit there."
+    )
+    range_max: int = _f(30, "Take negatives from the retriever's first range_max candidates only.")
+    relative_margin: float | None = _f(
+        0.05,
+        "A negative must score at most positive - |positive| * margin (the question's lowest-scoring answer); "
+        "candidates closer to the positive are likely unlabelled positives. None: no margin.",
+    )
+    sampling: Literal["top", "random"] = _f(
+        "top", "Take the best-ranked candidates that pass the filters, or a seeded random choice among them."
+    )
+    seed: int = _f(0, "Seed of the random sampling.")
+    batch_size: int = _f(512, "Questions per Ray Data batch handed to a mining actor.")
+    actors: int = _f(1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.")
+    bm25_stopwords: str | None = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")
+
+    def check(self, need) -> None:
+        need(self.num_negatives >= 1, "mine.num_negatives", ">= 1", self.num_negatives)
+        need(self.range_min >= 0, "mine.range_min", ">= 0", self.range_min)
+        need(self.range_max - self.range_min >= self.num_negatives, "mine.range_max",
+             f">= range_min + num_negatives ({self.range_min + self.num_negatives})", self.range_max)
+        need(self.relative_margin is None or 0 <= self.relative_margin < 1, "mine.relative_margin", "in [0, 1)",
+             self.relative_margin)
+        need(self.batch_size >= 1, "mine.batch_size", ">= 1", self.batch_size)
+        need(self.actors >= 1, "mine.actors", ">= 1", self.actors)
 
 
 @dataclass
@@ -358,12 +415,13 @@ class ServeConfig:
         need(self.timeout_s > 0, "serve.timeout_s", "> 0", self.timeout_s)
 
 
-PIPELINE_STEPS = ("train", "index", "evaluate", "serve")
+# Every step `run` may take, in order; `round1` and `mine` only with pipeline.negatives (see PipelineConfig.steps).
+PIPELINE_STEPS = ("round1", "mine", "train", "index", "evaluate", "serve")
 
 
 @dataclass
 class PipelineConfig:
-    """The one-command run (`denseqa run`): train → index → evaluate → serve, all outputs in one run folder.
+    """The one-command run (`denseqa run`): [round1 → mine →] train → index → evaluate → serve, in one run folder.
 
     The run folder decides every output path, so the keys in :data:`PIPELINE_OWNED` are not given to `run`.
     """
@@ -377,9 +435,16 @@ class PipelineConfig:
     )
     force: str | None = _f(
         None,
-        "Redo these steps even if their outputs match the config (comma-separated: train, index, evaluate); later "
-        "steps follow because their input changed.",
+        "Redo these steps even if their outputs match the config (comma-separated: round1, mine, train, index, "
+        "evaluate); later steps follow because their input changed.",
         flag="--force",
+    )
+    negatives: Literal["none", "bm25", "model"] = _f(
+        "none",
+        "Hard negatives for training. bm25: mine BM25 negatives, then train with them (DPR). model: train a first "
+        "round on in-batch negatives (round1/), mine the nearest wrong answers with that model, then train again "
+        "from the same starting model with them (ANCE, RocketQA). Mining options: the mine section.",
+        flag="--negatives",
     )
     deploy: bool = _f(True, "Deploy the search service at the end (off: stop after the evaluation).")
     example_query: str | None = _f(
@@ -402,27 +467,35 @@ class PipelineConfig:
              f"one of {', '.join(PIPELINE_STEPS[:-1])}", self.inject_kill_after_step)
 
     @property
+    def steps(self) -> tuple[str, ...]:
+        """The steps of this run, in order (serving excluded)."""
+        skipped = {"none": {"round1", "mine"}, "bm25": {"round1"}, "model": set()}[self.negatives]
+        return tuple(s for s in PIPELINE_STEPS[:-1] if s not in skipped)
+
+    @property
     def forced(self) -> set[str]:
         return {step.strip() for step in (self.force or "").split(",") if step.strip()}
 
 
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "output": OutputConfig,
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "mine": MineConfig, "train": TrainConfig, "output": OutputConfig,
             "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig,
             "serve": ServeConfig, "pipeline": PipelineConfig}
 # The sections each command reads; the others are refused in its config file.
 COMMAND_SECTIONS = {
+    "mine-negatives": ("data", "model", "mine", "embed"),
     "train": ("data", "model", "train", "output"),
     "build-index": ("corpus", "model", "embed", "index"),
     "evaluate": ("eval",),
     "serve": ("serve",),
-    "run": ("pipeline", "data", "model", "train", "corpus", "embed", "index", "eval", "serve"),
+    "run": ("pipeline", "data", "model", "mine", "train", "corpus", "embed", "index", "eval", "serve"),
 }
 # Keys of `run` that its run folder decides (see PipelineConfig); giving one is an error, not silently ignored.
 PIPELINE_OWNED = frozenset({
     *(f"output.{f}" for f in ("output", "run_dir", "resume", "overwrite")),
-    "index.output", "index.overwrite", "eval.index", "eval.queries", "eval.output", "eval.overwrite", "eval.model",
-    "eval.question_column", "eval.answer_column", "eval.relevant_id_column", "serve.index", "serve.swap",
+    "mine.output", "mine.overwrite", "mine.method", "index.output", "index.overwrite", "eval.index", "eval.queries",
+    "eval.output", "eval.overwrite", "eval.model", "eval.question_column", "eval.answer_column",
+    "eval.relevant_id_column", "serve.index", "serve.swap",
 })
 
 
@@ -432,6 +505,7 @@ class JobConfig:
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
@@ -453,6 +527,9 @@ class JobConfig:
         used = tuple(sections or SECTIONS)
         for name, section_values in values.items():
             for key in section_values if isinstance(section_values, dict) else ():
+                if f"{name}.{key}" == "mine.method" and "mine.method" in owned:
+                    raise InputError(f"{source}: mine.method is decided by pipeline.negatives (bm25: bm25, model: "
+                                     "dense); remove it")
                 if f"{name}.{key}" in owned:
                     raise InputError(f"{source}: {name}.{key} is decided by the run folder (pipeline.run_dir); "
                                      "remove it")

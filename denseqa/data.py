@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 # Columns of the cleaned training dataset, whatever the input calls them.
 QUESTION, ANSWER = "question", "answer"
+NEGATIVE_PATTERN = re.compile(r"negative_(\d+)")  # hard negatives: negative_1 .. negative_n (mine-negatives)
 _SPLIT_KEY = "_split_key"
 
 
@@ -45,8 +46,27 @@ class QAData:
 
     train: Any  # ray.data.Dataset with string columns `question`, `answer`, in a fixed shuffled order
     heldout: list[tuple[str, str]]
-    counts: dict[str, int] = field(default_factory=dict)  # read, dropped, heldout, train
+    counts: dict[str, int] = field(default_factory=dict)  # read, dropped, heldout, train (, without_negatives)
     files: list[str] = field(default_factory=list)
+    negative_columns: list[str] = field(default_factory=list)  # hard-negative columns of `train`, in order
+
+
+def negative_columns(fs: pafs.FileSystem, files: list[str], wanted: int | None) -> list[str]:
+    """The hard-negative columns to train with: negative_1..negative_n of the first file (all by default)."""
+    if wanted == 0:
+        return []
+    try:
+        names = pq.read_schema(files[0], filesystem=fs).names
+    except (pa.ArrowInvalid, OSError) as e:
+        raise InputError(f"{files[0]}: not a readable parquet file ({e})") from None
+    found = sorted(int(m.group(1)) for m in map(NEGATIVE_PATTERN.fullmatch, names) if m)
+    available = 0
+    while available + 1 in found:  # negative_1, negative_2, ... without a gap
+        available += 1
+    if wanted is not None and wanted > available:
+        raise InputError(f"{files[0]}: data.num_negatives is {wanted} but the file has "
+                         f"{available} hard-negative columns (negative_1..negative_{available})")
+    return [f"negative_{i}" for i in range(1, (available if wanted is None else wanted) + 1)]
 
 
 def resolve_parquet_files(path: str) -> tuple[pafs.FileSystem, list[str]]:
@@ -129,8 +149,11 @@ def split_key(question: str, seed: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed: int) -> pa.Table:
-    """Drop rows with a null, empty or whitespace-only text; rename to question/answer; add the split key."""
+def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed: int,
+                 negative_columns: list[str]) -> pa.Table:
+    """Drop rows with a null, empty or whitespace-only text; rename to question/answer; add the split key.
+    Hard-negative columns pass through (a row without its negatives is dropped from training later, not here:
+    the held-out split must not depend on them)."""
     q = batch.column(question_column).cast(pa.string())
     a = batch.column(answer_column).cast(pa.string())
     keep = pc.and_(
@@ -139,7 +162,17 @@ def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed
     )
     q, a = pc.filter(q, keep), pc.filter(a, keep)
     keys = np.fromiter((split_key(s, seed) for s in q.to_pylist()), dtype=np.int64, count=len(q))
-    return pa.table({QUESTION: q, ANSWER: a, _SPLIT_KEY: keys})
+    negatives = {c: pc.filter(batch.column(c).cast(pa.string()), keep) for c in negative_columns}
+    return pa.table({QUESTION: q, ANSWER: a, **negatives, _SPLIT_KEY: keys})
+
+
+def keep_with_negatives(batch: pa.Table, negative_columns: list[str]) -> pa.Table:
+    """The rows whose every hard-negative text is present and not blank."""
+    keep = pa.array(np.ones(batch.num_rows, dtype=bool))
+    for c in negative_columns:
+        keep = pc.and_(keep, pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(batch.column(c))), 0),
+                                          False))
+    return batch.filter(keep)
 
 
 def heldout_count(n_rows: int, cfg: DataConfig) -> int:
@@ -154,18 +187,20 @@ def load_qa_data(cfg: DataConfig) -> QAData:
     if not cfg.path:
         raise InputError("no data given: pass --data PATH (a parquet file, a directory or a glob)")
     fs, files = resolve_parquet_files(cfg.path)
-    check_schema(fs, files, [cfg.question_column, cfg.answer_column])
+    negatives = negative_columns(fs, files, cfg.num_negatives)
+    check_schema(fs, files, [cfg.question_column, cfg.answer_column, *negatives])
 
     # Keep block order stable, so a resumed run that skips the batches it already trained on skips the same ones.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    raw = ray.data.read_parquet(files, filesystem=fs, columns=[cfg.question_column, cfg.answer_column])
+    raw = ray.data.read_parquet(files, filesystem=fs, columns=[cfg.question_column, cfg.answer_column, *negatives])
     n_read = raw.count()
     if n_read == 0:
         raise InputError(f"{cfg.path}: no rows")
     cleaned = raw.map_batches(
         _clean_batch,
         batch_format="pyarrow",
-        fn_kwargs=dict(question_column=cfg.question_column, answer_column=cfg.answer_column, seed=cfg.split_seed),
+        fn_kwargs=dict(question_column=cfg.question_column, answer_column=cfg.answer_column, seed=cfg.split_seed,
+                       negative_columns=negatives),
     )
     ordered = cleaned.sort(_SPLIT_KEY).materialize()
     n_kept = ordered.count()
@@ -185,7 +220,17 @@ def load_qa_data(cfg: DataConfig) -> QAData:
         raise InputError(f"{cfg.path}: only {n_kept} usable rows; too few to hold out {n_heldout} and train")
     heldout_ds, train_ds = ordered.split_at_indices([n_heldout])
     heldout = [(r[QUESTION], r[ANSWER]) for r in heldout_ds.take_all()]
-    train_ds = train_ds.select_columns([QUESTION, ANSWER])
+    train_ds = train_ds.select_columns([QUESTION, ANSWER, *negatives])
     counts = {"read": n_read, "dropped": n_dropped, "heldout": n_heldout, "train": n_kept - n_heldout}
-    logger.info("data: %s", ", ".join(f"{k} {v}" for k, v in counts.items()))
-    return QAData(train=train_ds, heldout=heldout, counts=counts, files=files)
+    if negatives:
+        # The miner leaves a negative empty when no candidate passed its filters; such pairs cannot fill a step.
+        train_ds = train_ds.map_batches(keep_with_negatives, batch_format="pyarrow",
+                                        fn_kwargs=dict(negative_columns=negatives)).materialize()
+        n_train = train_ds.count()
+        counts.update(without_negatives=counts["train"] - n_train, train=n_train)
+        if n_train == 0:
+            raise InputError(f"{cfg.path}: no training pair has all of {', '.join(negatives)}; lower "
+                             "--num-negatives or mine again with a wider range or a smaller margin")
+    logger.info("data: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
+                f"; hard negatives {negatives[0]}..{negatives[-1]}" if negatives else "")
+    return QAData(train=train_ds, heldout=heldout, counts=counts, files=files, negative_columns=negatives)

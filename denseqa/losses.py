@@ -18,7 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
 from torch import Tensor
 
@@ -132,3 +135,62 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     def get_config_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "gather_across_devices": self.gather_across_devices,
                 "mask_duplicates": self.mask_duplicates}
+
+
+class CachedGatheredMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
+    def __init__(
+        self,
+        model: SentenceTransformer,
+        scale: float = 20.0,
+        gather_across_devices: bool = True,
+        mask_duplicates: bool = True,
+        mini_batch_size: int = 32,
+    ) -> None:
+        """
+        :class:`GatheredMultipleNegativesRankingLoss` with gradient caching: the batch is embedded in mini-batches
+        of ``mini_batch_size`` texts, so a worker's memory holds the activations of one mini-batch (plus one
+        embedding per text), whatever its batch size. The price is a second forward pass.
+
+        How (Gao et al. 2021): (1) embed every mini-batch without gradients; (2) compute the loss over the whole
+        (gathered) batch from those embeddings and back-propagate it to the embeddings only, caching their
+        gradients; (3) during ``loss.backward()``, embed each mini-batch again with gradients, replaying (1)'s
+        random state, and back-propagate the cached gradients through it. Steps (1) and (3) are
+        sentence-transformers' (:class:`~sentence_transformers.losses.CachedMultipleNegativesRankingLoss`); step (2)
+        is this project's masked, gathered loss, so the gradients equal the uncached loss's.
+
+        Args:
+            model: the SentenceTransformer being trained. Set ``.model`` to its DDP wrapper afterwards, so that
+                the re-embedding in (3) goes through DDP's gradient synchronisation.
+            scale, gather_across_devices, mask_duplicates: as :class:`GatheredMultipleNegativesRankingLoss`.
+            mini_batch_size: texts per forward pass.
+
+        References:
+            - Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
+              (GradCache), https://arxiv.org/abs/2101.06983
+
+        Inputs: tokenized features of (question, answer, negative_1, ...), as returned by ``model.preprocess``;
+        set :attr:`text_hashes` (one tensor per column) before each call when ``mask_duplicates`` is on.
+        """
+        super().__init__(model, scale=scale, similarity_fct=cos_sim, mini_batch_size=mini_batch_size,
+                         gather_across_devices=gather_across_devices)
+        self.gathered = GatheredMultipleNegativesRankingLoss(model, scale=scale,
+                                                             gather_across_devices=gather_across_devices,
+                                                             mask_duplicates=mask_duplicates)
+        self.text_hashes: list[Tensor] | None = None
+
+    @property
+    def mask_duplicates(self) -> bool:
+        return self.gathered.mask_duplicates
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
+                       with_backward: bool = False) -> Tensor:
+        """Step (2): the gathered, masked loss from the mini-batch embeddings of each column."""
+        embeddings = [torch.cat(column) for column in reps]
+        loss = self.gathered.compute_loss_from_embeddings(embeddings, text_hashes=self.text_hashes)
+        if with_backward:
+            loss.backward()  # to the embeddings only: they are leaves here
+            loss = loss.detach()
+        return loss
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {**self.gathered.get_config_dict(), "mini_batch_size": self.mini_batch_size}

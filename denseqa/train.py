@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,15 +93,44 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------- one step
 
 
-def contrastive_loss(forward, model, loss_fn, questions: list[str], answers: list[str]) -> torch.Tensor:
-    """This worker's loss for one step: its questions against the (gathered) answers of the global batch."""
-    from denseqa.losses import text_hashes
+def contrastive_loss(forward, model, loss_fn, questions: list[str], answers: list[str],
+                     negatives: Sequence[list[str]] = ()) -> torch.Tensor:
+    """This worker's loss for one step: its questions against the (gathered) answers and hard negatives of the
+    global batch. ``negatives``: one list of B texts per hard-negative column."""
+    from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss, text_hashes
     from denseqa.model import embed_texts
 
-    q = embed_texts(forward, model, questions)  # (B, d)
-    a = embed_texts(forward, model, answers)  # (B, d)
-    hashes = [text_hashes(questions), text_hashes(answers)] if loss_fn.mask_duplicates else None
-    return loss_fn.compute_loss_from_embeddings([q, a], text_hashes=hashes)
+    columns = [questions, answers, *negatives]
+    hashes = [text_hashes(c) for c in columns] if loss_fn.mask_duplicates else None
+    if isinstance(loss_fn, CachedGatheredMultipleNegativesRankingLoss):
+        # Tokenized here, embedded inside the loss mini-batch by mini-batch (twice: see the loss).
+        loss_fn.text_hashes = hashes
+        features = [{k: v.to(model.device) if isinstance(v, torch.Tensor) else v
+                     for k, v in model.preprocess(c).items()} for c in columns]
+        return loss_fn(features, None)
+    embeddings = [embed_texts(forward, model, c) for c in columns]  # (B, d) each
+    return loss_fn.compute_loss_from_embeddings(embeddings, text_hashes=hashes)
+
+
+def build_loss(model, forward, t):
+    """The step's loss: gathered, masked MNRL, with gradient caching when train.cached_loss is on."""
+    from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss, GatheredMultipleNegativesRankingLoss
+
+    if not t.cached_loss:
+        return GatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
+                                                    mask_duplicates=t.mask_duplicates)
+    loss = CachedGatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
+                                                      mask_duplicates=t.mask_duplicates,
+                                                      mini_batch_size=t.mini_batch_size)
+    loss.model = forward  # the replayed forward passes go through DDP, which synchronises the gradients once
+    return loss
+
+
+def negatives_per_question(t, world_size: int, hard_negatives: int) -> int:
+    """Candidates that are not the question's answer: every other answer of the (global) batch, and every hard
+    negative of it (the pair's own and the other pairs')."""
+    pairs = (world_size if t.gather else 1) * t.batch_size
+    return pairs * (1 + hard_negatives) - 1
 
 
 def _all_reduce_mean(value: torch.Tensor) -> float:
@@ -156,7 +186,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from denseqa.eval import build_evaluator, evaluate
-    from denseqa.losses import GatheredMultipleNegativesRankingLoss
     from denseqa.model import freeze_parameters_without_grad, load_model, prompts_of
 
     setup_logging()
@@ -191,8 +220,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     attempt = state.attempts[-1]
 
     forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
-    loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
-                                                   mask_duplicates=t.mask_duplicates)
+    loss_fn = build_loss(model, forward, t)
+    negative_columns = loop_config["negative_columns"]
     evaluator = build_evaluator([tuple(p) for p in loop_config["heldout"]], batch_size=t.eval_batch_size,
                                 query_prompt=query_prompt, passage_prompt=passage_prompt)
     shard = ray.train.get_dataset_shard("train")
@@ -220,10 +249,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if is_rank_zero:
         logger.info(
-            "training: %d workers x %d pairs = global batch %d, so %d negatives per question%s; "
-            "%d steps (%d per epoch), eval every %d; frozen without gradient: %s",
-            world, t.batch_size, world * t.batch_size, (world if t.gather else 1) * t.batch_size - 1,
-            " (gathered across workers)" if t.gather and world > 1 else "", plan.total_steps,
+            "training: %d workers x %d pairs = global batch %d, %d hard negatives per pair, so %d negatives per "
+            "question%s; %s; %d steps (%d per epoch), eval every %d; frozen without gradient: %s",
+            world, t.batch_size, world * t.batch_size, len(negative_columns),
+            negatives_per_question(t, world, len(negative_columns)),
+            " (gathered across workers)" if t.gather and world > 1 else "",
+            f"cached loss, mini-batches of {t.mini_batch_size}" if t.cached_loss else "uncached loss",
+            plan.total_steps,
             plan.steps_per_epoch, plan.eval_every_steps, ", ".join(frozen) or "none",
         )
     if state.step == 0:
@@ -251,7 +283,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 questions = [query_prompt + q for q in batch["question"]]
                 answers = [passage_prompt + a for a in batch["answer"]]
-                loss = contrastive_loss(forward, model, loss_fn, questions, answers)
+                negatives = [[passage_prompt + n for n in batch[c]] for c in negative_columns]
+                loss = contrastive_loss(forward, model, loss_fn, questions, answers, negatives)
             if t.inject_nan_at_step == state.step + 1:
                 loss = loss * float("nan")
             # All ranks see the same mean loss, so they all stop together on a NaN (no rank left waiting).
@@ -384,7 +417,8 @@ def run_training(cfg: JobConfig) -> dict[str, Any]:
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "heldout": data.heldout},
+        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "heldout": data.heldout,
+                           "negative_columns": data.negative_columns},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -462,7 +496,11 @@ def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, ou
             "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
             "epochs": cfg.train.epochs, "workers": plan.world_size,
             "global_batch_size": plan.world_size * cfg.train.batch_size,
-            "negatives_per_question": (plan.world_size if cfg.train.gather else 1) * cfg.train.batch_size - 1,
+            "negatives_per_question": negatives_per_question(cfg.train, plan.world_size, len(data.negative_columns)),
+            "hard_negatives": _hard_negatives_record(cfg, data),
+            "loss": {"name": "CachedGatheredMultipleNegativesRankingLoss" if cfg.train.cached_loss
+                     else "GatheredMultipleNegativesRankingLoss", "cached": cfg.train.cached_loss,
+                     **({"mini_batch_size": cfg.train.mini_batch_size} if cfg.train.cached_loss else {})},
             "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
             "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
                                  * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
@@ -479,6 +517,22 @@ def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, ou
         "wall_time_s": round(wall_s, 1),
         "output": output,
     }
+
+
+def _hard_negatives_record(cfg, data) -> dict[str, Any]:
+    """Which hard negatives training used: the columns, and how they were mined (the miner's record, if the data
+    is a mine-negatives output)."""
+    from denseqa.negatives import RECORD_FILE as MINED_RECORD
+
+    if not data.negative_columns:
+        return {"per_pair": 0}
+    try:  # a mine-negatives output folder holds its record; a file or a glob does not
+        mined = storage.read_json(storage.join(cfg.data.path, MINED_RECORD))
+    except (OSError, ValueError):
+        mined = None
+    return {"per_pair": len(data.negative_columns), "columns": data.negative_columns,
+            "pairs_without_them": data.counts.get("without_negatives", 0),
+            "mined": {k: mined[k] for k in ("method", "model", "options", "counts") if k in mined} if mined else None}
 
 
 def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple[str, str]]) -> None:

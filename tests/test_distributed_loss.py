@@ -1,9 +1,13 @@
-"""Acceptance 1 and 2: the gathered negatives matrix across 2 real Ray Train workers (gloo) is exact.
+"""The gathered negatives matrix across 2 real Ray Train workers (gloo) is exact, with and without GradCache.
 
 Two workers each hold B pairs. After one step, their loss and their (DDP-averaged) parameter gradients must
 equal a single process computing the loss over the concatenated 2B pairs. With the gather off they must differ,
 which shows the test can tell. With a duplicate answer text in the two workers' batches, the pair must not be a
 negative: the distributed loss equals the single-process loss with that logit masked out.
+
+Issue 6: with hard negatives (one per pair, one of them a copy of another pair's answer, which must be masked),
+the cached loss (mini-batches of 3 texts, so batches split unevenly) gives the same loss and gradients as the
+plain loss, and both equal the single-process loss over the whole global batch.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import pytest
 import torch
 
 from denseqa.config import ModelConfig
-from denseqa.losses import GatheredMultipleNegativesRankingLoss
+from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss, GatheredMultipleNegativesRankingLoss
 from denseqa.model import freeze_parameters_without_grad, load_model
 from denseqa.train import contrastive_loss, ddp_kwargs
 
@@ -24,7 +28,10 @@ SCENARIOS = {
     "gather": dict(gather=True, duplicate=False),
     "no_gather": dict(gather=False, duplicate=False),
     "duplicate": dict(gather=True, duplicate=True),
+    "negatives": dict(gather=True, duplicate=False, negatives=True),
+    "cached_negatives": dict(gather=True, duplicate=False, negatives=True, cached=True),
 }
+MINI_BATCH = 3
 
 
 def _batch(duplicate: bool) -> tuple[list[str], list[str]]:
@@ -33,6 +40,13 @@ def _batch(duplicate: bool) -> tuple[list[str], list[str]]:
     if duplicate:
         answers[B + 1] = answers[2]  # worker 1, slot 1 repeats worker 0, slot 2's answer
     return questions, answers
+
+
+def _negatives() -> list[list[str]]:
+    """One hard negative per pair: answers of other real pairs; worker 1's first repeats worker 0's answer 1."""
+    negatives = real_pairs(4 * B, seed=7).column("answer").to_pylist()[2 * B:]
+    negatives[B] = _batch(False)[1][1]
+    return [negatives]
 
 
 def _worker(config: dict) -> None:
@@ -48,10 +62,15 @@ def _worker(config: dict) -> None:
         model = load_model(ModelConfig(model=config["model_dir"], max_seq_length=48), device="cpu")
         freeze_parameters_without_grad(model)
         forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
-        loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=scenario["gather"])
+        if scenario.get("cached"):
+            loss_fn = CachedGatheredMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=MINI_BATCH)
+            loss_fn.model = forward
+        else:
+            loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=scenario["gather"])
         questions, answers = _batch(scenario["duplicate"])
         mine = slice(rank * B, (rank + 1) * B)
-        loss = contrastive_loss(forward, model, loss_fn, questions[mine], answers[mine])
+        negatives = [column[mine] for column in _negatives()] if scenario.get("negatives") else []
+        loss = contrastive_loss(forward, model, loss_fn, questions[mine], answers[mine], negatives)
         loss.backward()
         results[f"{name}/loss"] = np.float64(_all_reduce_mean(loss))
         for n, p in model.named_parameters():
@@ -60,12 +79,14 @@ def _worker(config: dict) -> None:
     np.savez(f"{config['out_dir']}/rank{rank}.npz", **results)
 
 
-def _single_process(model_dir: str, duplicate: bool) -> tuple[float, dict[str, np.ndarray]]:
+def _single_process(model_dir: str, duplicate: bool, negatives: bool = False,
+                    mask: bool = True) -> tuple[float, dict[str, np.ndarray]]:
     model = load_model(ModelConfig(model=model_dir, max_seq_length=48), device="cpu")
     freeze_parameters_without_grad(model)
-    loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=True)
+    loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=True, mask_duplicates=mask)
     questions, answers = _batch(duplicate)
-    loss = contrastive_loss(model, model, loss_fn, questions, answers)  # all 2B pairs in one process
+    # all 2B pairs in one process
+    loss = contrastive_loss(model, model, loss_fn, questions, answers, _negatives() if negatives else [])
     loss.backward()
     return float(loss.detach()), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -128,3 +149,41 @@ def test_duplicate_answer_across_workers_is_masked(two_worker_results, tiny_mode
         assert float(results["duplicate/loss"]) == pytest.approx(masked_loss, rel=1e-5)
         for name, g in _grads(results, "duplicate").items():
             np.testing.assert_allclose(g, masked_grads[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("scenario", ["negatives", "cached_negatives"])
+def test_hard_negatives_cached_or_not_give_the_single_process_loss_and_gradients(two_worker_results, tiny_model_dir,
+                                                                                 scenario):
+    # Given the single-process loss over the 2B pairs and their 2B hard negatives (the repeated answer masked)
+    ref_loss, ref_grads = _single_process(tiny_model_dir, duplicate=False, negatives=True)
+    unmasked_loss, _ = _single_process(tiny_model_dir, duplicate=False, negatives=True, mask=False)
+    without_negatives, _ = _single_process(tiny_model_dir, duplicate=False)
+    # (the negatives and the masking both change the loss, so matching it means both were applied)
+    assert abs(ref_loss - unmasked_loss) > 1e-4 and abs(ref_loss - without_negatives) > 1e-3
+    for rank, results in enumerate(two_worker_results):
+        # Then each worker, with the plain loss and with GradCache in mini-batches of 3, matches it
+        assert float(results[f"{scenario}/loss"]) == pytest.approx(ref_loss, rel=1e-5)
+        grads = _grads(results, scenario)
+        assert set(grads) == set(ref_grads)
+        scale = _largest(ref_grads)
+        for name, g in grads.items():
+            _assert_close_gradients(g, ref_grads[name], scale, f"rank {rank}: {name}")
+
+
+def _largest(grads: dict[str, np.ndarray]) -> float:
+    return max(float(np.abs(g).max()) for g in grads.values())
+
+
+def _assert_close_gradients(actual: np.ndarray, desired: np.ndarray, scale: float, name: str) -> None:
+    """Equal up to float32 summation order: GradCache re-embeds mini-batches trimmed to their own padding, so an
+    entry may differ by ~1e-7 absolute (and the attention key biases, whose true gradient is 0, hold noise of
+    1e-12); the absolute tolerance is 1e-5 of the largest gradient entry of the model."""
+    np.testing.assert_allclose(actual, desired, rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+
+
+def test_cached_and_plain_losses_give_equal_gradients_on_each_worker(two_worker_results):
+    for results in two_worker_results:
+        plain, cached = _grads(results, "negatives"), _grads(results, "cached_negatives")
+        assert set(plain) == set(cached) and plain
+        for name in plain:
+            _assert_close_gradients(cached[name], plain[name], _largest(plain), name)
