@@ -11,6 +11,13 @@ from denseqa.errors import DenseqaError
 from denseqa.logs import setup_logging
 
 
+def _mine_negatives(args: argparse.Namespace) -> None:
+    from denseqa.negatives import run_mining
+
+    record = run_mining(config_from_args(args, COMMAND_SECTIONS["mine-negatives"]))
+    print(json.dumps({k: record[k] for k in ("output", "method", "columns", "counts", "seconds")}, indent=2))
+
+
 def _train(args: argparse.Namespace) -> None:
     from denseqa.train import run_training
 
@@ -48,6 +55,7 @@ def _run(args: argparse.Namespace) -> None:
 
 COMMANDS = {
     "run": (_run, "The whole pipeline in one run folder: train, index, evaluate, deploy; skips steps already done."),
+    "mine-negatives": (_mine_negatives, "Mine hard negatives (BM25 or a model) for Q/A pairs: negative_1..n columns."),
     "train": (_train, "Fine-tune a bi-encoder on Q/A pairs with Ray Train (gathered in-batch negatives)."),
     "build-index": (_build_index, "Embed a corpus with a Ray Data actor pool and build a FAISS index folder."),
     "evaluate": (_evaluate, "Search held-out questions in an index: dense, BM25 and hybrid, as JSON, Markdown, PNG."),
@@ -61,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         # No abbreviations: with --section.key flags, "--index" would otherwise be read as a prefix of "--index.seed".
         command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        if name == "run":  # every section: names repeat across them, so flags are --section.key
-            add_config_arguments(command, COMMAND_SECTIONS[name], qualified=True, skip=PIPELINE_OWNED)
+        if name in ("run", "mine-negatives"):  # names repeat across their sections, so flags are --section.key
+            add_config_arguments(command, COMMAND_SECTIONS[name], qualified=True,
+                                 skip=PIPELINE_OWNED if name == "run" else frozenset())
         else:
             add_config_arguments(command, COMMAND_SECTIONS[name])
     return parser

@@ -1,0 +1,272 @@
+"""Stage 2a, mine: hard negatives for each training pair, written next to it as ``negative_1..negative_n``.
+
+In-batch negatives are mostly easy: a random answer rarely looks like the right one. DPR (Karpukhin et al., 2020,
+https://arxiv.org/abs/2004.04906, Table 3) adds one BM25 negative per question, an answer that shares the
+question's words but is not its answer; ANCE (Xiong et al., 2021, https://arxiv.org/abs/2007.00808) and RocketQA
+(Qu et al., 2021, https://arxiv.org/abs/2010.08191) mine them with the model being trained (a first round, then
+mining, then a second round). Both kinds come from the same procedure here:
+
+1. the candidate answers are the distinct answers of the *training* pairs (held-out answers never become
+   negatives, so evaluation stays clean);
+2. a retriever ranks them for every training question: BM25 (bm25s), or the model through an exact FAISS index
+   built by this project's own build-index job (its Ray Data actor pool does the embedding);
+3. false-negative control, as in sentence-transformers' ``mine_hard_negatives``: candidates whose text equals
+   the pair's answer or any answer of the same question are never negatives; the top ``range_min`` ranks are
+   skipped; a candidate must score at most ``positive - |positive| * relative_margin``; then the best-ranked
+   (or a seeded random choice) ``num_negatives`` of what is left are taken. A pair for which too few candidates
+   pass keeps empty slots; training drops such pairs and counts them.
+
+The questions are mined by a Ray Data actor pool (each actor holds the retriever once), so a data set of
+millions of pairs is mined across the cluster. The output folder holds ``pairs/``, parquet files with the input's
+question and answer columns plus the negative columns (held-out pairs included, without negatives, so that the
+training job's held-out split finds the same pairs), and ``negatives.json``, the record, written last. Train on
+the folder itself (``--data OUTPUT``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from denseqa import storage
+from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig, MineConfig
+from denseqa.data import ANSWER, QUESTION, split_key
+from denseqa.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+RECORD_FILE = "negatives.json"
+PAIRS_DIR = "pairs"  # the parquet files, apart from the record, so that any parquet reader opens the folder
+# Per-row statistics, summed by the driver and dropped before writing.
+_SKIPPED, _COMPLETE = "_skipped_by_margin", "_complete"
+
+
+def negative_column_names(n: int) -> list[str]:
+    return [f"negative_{i}" for i in range(1, n + 1)]
+
+
+def select_negatives(scores: np.ndarray, positions: np.ndarray, positives: set[int], cfg: MineConfig,
+                     rng: np.random.Generator | None = None) -> tuple[list[int], int]:
+    """The negatives of one question from its ranked candidates, and how many the margin rejected.
+
+    ``scores``/``positions``: the retriever's ranking, best first (position -1: empty slot). ``positives``: the
+    positions of the question's answers (the pair's and those of other pairs with the same question text).
+    Ranks are counted without the positives, so ``range_min`` means "skip that many wrong-looking candidates".
+    If no positive is among the ranked candidates, every candidate outscores it: with a margin none qualifies.
+    """
+    ranked = [(float(s), int(p)) for s, p in zip(scores, positions, strict=True) if p >= 0]
+    positive_scores = [s for s, p in ranked if p in positives]
+    window = [(s, p) for s, p in ranked if p not in positives][cfg.range_min:cfg.range_max]
+    skipped = 0
+    if cfg.relative_margin is not None:
+        if positive_scores:
+            lowest = min(positive_scores)  # the harder positive, as mine_hard_negatives does
+            threshold = lowest - abs(lowest) * cfg.relative_margin
+            kept = [(s, p) for s, p in window if s <= threshold]
+        else:
+            kept = []
+        skipped, window = len(window) - len(kept), kept
+    chosen = [p for _, p in window]
+    if cfg.sampling == "random" and len(chosen) > cfg.num_negatives:
+        picked = np.sort((rng or np.random.default_rng(cfg.seed)).choice(len(chosen), cfg.num_negatives,
+                                                                         replace=False))
+        chosen = [chosen[i] for i in picked]  # kept in rank order
+    return chosen[:cfg.num_negatives], skipped
+
+
+class NegativeMiner:
+    """A Ray Data actor: ranks the candidate answers for a batch of training pairs and fills their negatives."""
+
+    def __init__(self, cfg: dict, texts, retriever: dict, other_answers, torch_threads: int | None) -> None:
+        import ray
+
+        from denseqa.logs import setup_logging
+
+        setup_logging()
+        self.cfg = MineConfig(**cfg)
+        def resolve(value):  # large arguments come through the object store, once per node
+            return ray.get(value) if isinstance(value, ray.ObjectRef) else value
+
+        self.other_answers: dict[str, list[str]] = resolve(other_answers)  # question -> all its answers
+        if retriever["kind"] == "bm25":
+            self.bm25 = resolve(retriever["index"])
+            self.texts: list[str] = resolve(texts)
+            self.searcher = None
+        else:
+            import torch
+
+            from denseqa.search import Searcher
+
+            if torch_threads:
+                torch.set_num_threads(torch_threads)
+            self.searcher = Searcher(retriever["index_dir"], device=retriever["device"])
+            self.texts = self.searcher.docstore.column("text").to_pylist()
+        self.position_of = {t: i for i, t in enumerate(self.texts)}
+
+    def rank(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.searcher is None:
+            return self.bm25.search(questions, k)
+        return self.searcher.rank(questions, k, mode="dense")
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        questions = batch.column(QUESTION).to_pylist()
+        answers = batch.column(ANSWER).to_pylist()
+        positives = [{self.position_of[a] for a in [answer, *self.other_answers.get(q, ())] if a in self.position_of}
+                     for q, answer in zip(questions, answers, strict=True)]
+        # Room for the positives on top of range_max, so they never push a candidate out of the window.
+        scores, positions = self.rank(questions, self.cfg.range_max + max(map(len, positives), default=1))
+        n = self.cfg.num_negatives
+        columns: list[list[str | None]] = [[] for _ in range(n)]
+        skipped = []
+        for q, s, p, own in zip(questions, scores, positions, positives, strict=True):
+            rng = np.random.default_rng([self.cfg.seed, split_key(q, self.cfg.seed)])
+            chosen, margin_skipped = select_negatives(s, p, own, self.cfg, rng)
+            skipped.append(margin_skipped)
+            for i in range(n):
+                columns[i].append(self.texts[chosen[i]] if i < len(chosen) else None)
+        out = batch.select([QUESTION, ANSWER])
+        for name, values in zip(negative_column_names(n), columns, strict=True):
+            out = out.append_column(name, pa.array(values, type=pa.string()))
+        complete = [int(v is not None) for v in columns[-1]]
+        out = out.append_column(_SKIPPED, pa.array(skipped, type=pa.int64()))
+        return out.append_column(_COMPLETE, pa.array(complete, type=pa.int64()))
+
+
+def _rename(batch: pa.Table, question_column: str, answer_column: str) -> pa.Table:
+    names = {QUESTION: question_column, ANSWER: answer_column}
+    return batch.drop_columns([c for c in batch.column_names if c.startswith("_")]).rename_columns(
+        [names.get(c, c) for c in batch.column_names if not c.startswith("_")])
+
+
+def resolve_output(cfg: MineConfig) -> str:
+    if not cfg.output:
+        raise InputError("no output given: pass --output FOLDER for the pairs with their hard negatives")
+    output = storage.absolute(cfg.output)
+    if storage.is_nonempty_dir(output) and not cfg.overwrite:
+        raise InputError(f"{output}: output folder exists and is not empty; pass --overwrite or another --output")
+    return output
+
+
+def _repeated_questions(train) -> dict[str, list[str]]:
+    """question -> its distinct answers, for the questions that have more than one (all of them are positives)."""
+    counts = train.groupby(QUESTION).count().filter(lambda row: row["count()"] > 1).take_all()
+    repeated = {row[QUESTION] for row in counts}
+    if not repeated:
+        return {}
+    answers: dict[str, set[str]] = {}
+    for row in train.filter(lambda r: r[QUESTION] in repeated).take_all():
+        answers.setdefault(row[QUESTION], set()).add(row[ANSWER])
+    return {q: sorted(a) for q, a in answers.items()}
+
+
+def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, Any]:
+    """Embed the candidate answers with build-index's Ray Data job into an exact (Flat) index under ``work``."""
+    import pyarrow.parquet as pq
+
+    from denseqa.corpus import text_id
+    from denseqa.index import run_build_index
+
+    os.makedirs(work, exist_ok=True)
+    corpus_file = os.path.join(work, "answers.parquet")
+    pq.write_table(pa.table({"id": [text_id(t) for t in texts], "text": texts}), corpus_file)
+    index_dir = os.path.join(work, "index")
+    # Flat: exact inner-product search, so the ranks and the margin are the model's own, not an approximation's.
+    run_build_index(JobConfig(corpus=CorpusConfig(path=corpus_file), model=cfg.model, embed=cfg.embed,
+                              index=IndexConfig(output=index_dir, factory="Flat", bm25=False, overwrite=True),
+                              used=COMMAND_SECTIONS["build-index"]))
+    return {"kind": "dense", "index_dir": index_dir}
+
+
+def run_mining(cfg: JobConfig) -> dict[str, Any]:
+    """Mine hard negatives for the training pairs of ``cfg.data``; write them with the pairs. Returns the record."""
+    import ray
+    import ray.data
+
+    from denseqa.bm25 import BM25Index
+    from denseqa.cluster import check_can_schedule
+    from denseqa.data import load_qa_data
+    from denseqa.model import check_model_source, describe_model
+    from denseqa.resources import cpus_per_worker_default
+
+    started = time.time()
+    m = cfg.mine
+    output = resolve_output(m)
+    if m.method == "dense":
+        check_model_source(cfg.model.model)
+    # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
+    data = load_qa_data(dataclasses.replace(cfg.data, num_negatives=0))
+    texts = sorted(data.train.unique(ANSWER))
+    if len(texts) < 2:
+        raise InputError(f"{cfg.data.path}: {len(texts)} distinct training answer(s); mining needs other answers "
+                         "to take negatives from")
+    other_answers = _repeated_questions(data.train)
+    logger.info("mining %d %s negative(s) per pair for %d training pairs among %d distinct answers (ranks %d..%d%s)",
+                m.num_negatives, m.method, data.counts["train"], len(texts), m.range_min, m.range_max,
+                f", relative margin {m.relative_margin}" if m.relative_margin is not None else "")
+
+    output_parent = os.path.dirname(output) if not storage.is_uri(output) else None
+    work = tempfile.mkdtemp(prefix="denseqa-mine-", dir=output_parent if output_parent and os.path.isdir(
+        output_parent) else None)
+    try:
+        use_gpu = False
+        if m.method == "bm25":
+            retriever = {"kind": "bm25", "index": ray.put(BM25Index.build(texts, m.bm25_stopwords))}
+        else:
+            retriever = _dense_retriever(cfg, texts, work)
+            cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+            use_gpu = cluster_gpus > 0 if cfg.embed.use_gpu is None else cfg.embed.use_gpu
+            retriever["device"] = "cuda" if use_gpu else "cpu"
+        cpus = cfg.embed.cpus_per_actor or cpus_per_worker_default(m.actors, use_gpu)
+        threads = None if use_gpu else max(1, (os.cpu_count() or 1) // m.actors)
+        check_can_schedule("mining", 1 + m.actors * cpus, m.actors if use_gpu else 0)
+        mined = data.train.map_batches(
+            NegativeMiner,
+            fn_constructor_kwargs={"cfg": dataclasses.asdict(m), "texts": ray.put(texts), "retriever": retriever,
+                                   "other_answers": ray.put(other_answers), "torch_threads": threads},
+            batch_size=m.batch_size, batch_format="pyarrow", concurrency=m.actors, num_cpus=cpus,
+            num_gpus=1 if use_gpu else None,
+        ).materialize()
+        columns = negative_column_names(m.num_negatives)
+        complete = int(mined.sum(_COMPLETE) or 0)
+        counts = {"train_pairs": data.counts["train"], "with_all_negatives": complete,
+                  "without_all_negatives": data.counts["train"] - complete,
+                  "heldout_pairs_without_negatives": data.counts["heldout"], "candidates": len(texts),
+                  "questions_with_several_answers": len(other_answers),
+                  "skipped_by_margin": int(mined.sum(_SKIPPED) or 0)}
+        heldout = ray.data.from_arrow(pa.table({
+            QUESTION: [q for q, _ in data.heldout], ANSWER: [a for _, a in data.heldout],
+            **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns}}))
+        staging = os.path.join(work, "output")
+        mined.drop_columns([_SKIPPED, _COMPLETE]).union(heldout).map_batches(
+            _rename, batch_format="pyarrow",
+            fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
+        ).write_parquet(os.path.join(staging, PAIRS_DIR))
+        record = {
+            "method": m.method,
+            "model": describe_model(cfg.model) if m.method == "dense" else None,
+            "options": {k: v for k, v in dataclasses.asdict(m).items() if k not in ("output", "overwrite")},
+            "columns": columns,
+            "counts": counts,
+            "data": {"path": cfg.data.path, "rows": data.counts},
+            "config": cfg.to_dict(),
+            "seconds": round(time.time() - started, 1),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "output": output,
+        }
+        storage.write_json(os.path.join(staging, RECORD_FILE), record)
+        storage.publish_folder(staging, output, marker=RECORD_FILE)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    logger.info("hard negatives written to %s: %d of %d training pairs have all %d (%d candidates rejected by the "
+                "margin), %.1f s", output, complete, data.counts["train"], m.num_negatives,
+                counts["skipped_by_margin"], record["seconds"])
+    return record
