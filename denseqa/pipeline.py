@@ -1,4 +1,5 @@
-"""The whole run as one job: train → index → evaluate → serve, in one run folder, resumable step by step.
+"""The whole run as one job: [round1 → mine →] train → index → evaluate → serve, in one run folder, resumable step
+by step.
 
 Like a build system (make, DVC's lock file), every step records in ``pipeline.json`` what it ran from (its part
 of the config, the fingerprint of its input files and of the previous step's output) and the fingerprint of what
@@ -11,6 +12,8 @@ Run folder (local or a URI; every node must reach it)::
 
     config.yaml     the resolved config of the latest run
     pipeline.json   per step: inputs, output fingerprint, when, how long
+    round1/         with --negatives model: the first-round model (in-batch negatives) that mines the negatives
+    negatives/      with --negatives bm25|model: the pairs with their hard negatives (negatives.json, pairs/)
     model/          the fine-tuned model (denseqa.json, heldout.parquet)
     train/<key>/    Ray Train's checkpoints, one folder per training config (an interrupted one resumes)
     index/          the FAISS index folder (manifest.json)
@@ -36,7 +39,6 @@ from denseqa import storage
 from denseqa.config import (
     COMMAND_SECTIONS,
     PIPELINE_OWNED,
-    PIPELINE_STEPS,
     CorpusConfig,
     EvalConfig,
     JobConfig,
@@ -45,6 +47,7 @@ from denseqa.config import (
 from denseqa.errors import InputError
 from denseqa.eval import REPORT_JSON, REPORT_MD
 from denseqa.index import MANIFEST_FILE
+from denseqa.negatives import RECORD_FILE as NEGATIVES_RECORD
 from denseqa.train import HELDOUT_FILE, RECORD_FILE
 
 logger = logging.getLogger(__name__)
@@ -52,13 +55,16 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "pipeline.json"
 CONFIG_FILE = "config.yaml"
 # The file that marks each step's output complete (written last; see denseqa.storage.publish_folder).
-MARKERS = {"train": RECORD_FILE, "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
+MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "train": RECORD_FILE, "index": MANIFEST_FILE,
+           "evaluate": REPORT_JSON}
+OUTPUTS = {"round1": "round1", "mine": "negatives", "train": "model", "index": "index", "evaluate": "eval"}
 # Keys that change how a step runs (logging, retries, parallelism, test hooks) but not what it produces: they are
 # left out of its inputs, so changing them redoes nothing. The whole embed section is of this kind.
 OPERATIONAL = frozenset({
     "train.log_every_steps", "train.max_failures", "train.inject_failure_at_step", "train.inject_nan_at_step",
     "train.torch_threads", "train.cpus_per_worker", "train.eval_batch_size",
     "index.shards", "index.add_batch_size", "index.inject_kill_after_shards", "eval.batch_size",
+    "mine.batch_size", "mine.actors",
 })
 
 
@@ -70,7 +76,7 @@ class RunFolder:
         return storage.join(self.root, name)
 
     def output(self, step: str) -> str:
-        return self / {"train": "model", "index": "index", "evaluate": "eval"}[step]
+        return self / OUTPUTS[step]
 
 
 # ------------------------------------------------------------------------------------------------ the plan
@@ -114,9 +120,18 @@ def _section(cfg: JobConfig, name: str, section: Any = None) -> dict[str, Any]:
 def step_inputs(cfg: JobConfig, step: str, upstream: str | None) -> dict[str, Any]:
     """Everything a step's output depends on, flat (``section.key`` → value), with ``upstream`` the fingerprint of
     the previous step's output."""
-    if step == "train":
-        return {**_section(cfg, "data"), **_section(cfg, "model"), **_section(cfg, "train"),
-                "data files": files_fingerprint(cfg.data.path)}
+    if step in ("round1", "train"):
+        inputs = {**_section(cfg, "data"), **_section(cfg, "model"), **_section(cfg, "train"),
+                  "data files": files_fingerprint(cfg.data.path)}
+        if step == "train" and cfg.pipeline.negatives != "none":
+            inputs["negatives"] = upstream
+        return inputs
+    if step == "mine":
+        inputs = {**_section(cfg, "data"), **_section(cfg, "mine"), "mine.method": mining_method(cfg),
+                  "data files": files_fingerprint(cfg.data.path)}
+        if cfg.pipeline.negatives == "model":
+            inputs.update({**_section(cfg, "model"), "model": upstream})
+        return inputs
     if step == "index":
         corpus = corpus_config(cfg)
         return {**_section(cfg, "corpus", corpus), **_section(cfg, "index"), "corpus files": files_fingerprint(
@@ -152,6 +167,18 @@ def _short(value: Any) -> str:
 # ------------------------------------------------------------------------------------------------ the steps
 
 
+def mining_method(cfg: JobConfig) -> str:
+    return "dense" if cfg.pipeline.negatives == "model" else "bm25"
+
+
+def _embed_config(cfg: JobConfig):
+    if cfg.embed.use_gpu is not None:
+        return cfg.embed
+    # On an autoscaling cluster the GPU nodes may all be gone when this step starts: follow training's choice
+    # rather than "GPUs if the cluster has some now", so the autoscaler brings them up for the embedding too.
+    return dataclasses.replace(cfg.embed, use_gpu=cfg.train.use_gpu)
+
+
 def check_training_fits(cfg: JobConfig) -> None:
     """Training's workers with the CPUs (or GPUs) run_training will ask for, plus one CPU for Ray Data's reads, must
     fit a cluster that cannot grow. Checked before training reads its data, which needs the CPUs too."""
@@ -163,17 +190,33 @@ def check_training_fits(cfg: JobConfig) -> None:
     check_can_schedule("training", 1 + t.num_workers * per_worker, t.num_workers if t.use_gpu else 0)
 
 
-def run_train_step(cfg: JobConfig, run: RunFolder, key: str) -> None:
+def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train") -> None:
+    """Training, or the first round of --negatives model (in-batch negatives only). The second round starts from
+    the same model as the first, with the mined negatives: the same number of steps either way."""
     from denseqa.train import run_training
 
     checkpoints = storage.join(run / "train", key[:12])
     resume = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))
     if resume:
-        logger.info("train: continuing the interrupted training in %s", checkpoints)
-    run_training(JobConfig(data=cfg.data, model=cfg.model, train=cfg.train,
-                           output=OutputConfig(output=run.output("train"), run_dir=checkpoints, resume=resume,
+        logger.info("%s: continuing the interrupted training in %s", step, checkpoints)
+    if step == "round1" or cfg.pipeline.negatives == "none":
+        data = dataclasses.replace(cfg.data, num_negatives=0)
+    else:
+        data = dataclasses.replace(cfg.data, path=run.output("mine"))
+    run_training(JobConfig(data=data, model=cfg.model, train=cfg.train,
+                           output=OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume,
                                                overwrite=True),
                            used=COMMAND_SECTIONS["train"]))
+
+
+def run_mine_step(cfg: JobConfig, run: RunFolder) -> None:
+    from denseqa.negatives import run_mining
+
+    method = mining_method(cfg)
+    model = dataclasses.replace(cfg.model, model=run.output("round1")) if method == "dense" else cfg.model
+    mine = dataclasses.replace(cfg.mine, method=method, output=run.output("mine"), overwrite=True)
+    run_mining(JobConfig(data=dataclasses.replace(cfg.data, num_negatives=0), model=model, mine=mine,
+                         embed=_embed_config(cfg), used=COMMAND_SECTIONS["mine-negatives"]))
 
 
 def run_index_step(cfg: JobConfig, run: RunFolder) -> None:
@@ -181,13 +224,8 @@ def run_index_step(cfg: JobConfig, run: RunFolder) -> None:
 
     # The fine-tuned model carries its prompts (denseqa.json); the pipeline's own model keys still apply.
     model = dataclasses.replace(cfg.model, model=run.output("train"))
-    embed = cfg.embed
-    if embed.use_gpu is None:
-        # On an autoscaling cluster the GPU nodes may all be gone when this step starts: follow training's choice
-        # rather than "GPUs if the cluster has some now", so the autoscaler brings them up for the embedding too.
-        embed = dataclasses.replace(embed, use_gpu=cfg.train.use_gpu)
     index = dataclasses.replace(cfg.index, output=run.output("index"), overwrite=True)
-    run_build_index(JobConfig(corpus=corpus_config(cfg), model=model, embed=embed, index=index,
+    run_build_index(JobConfig(corpus=corpus_config(cfg), model=model, embed=_embed_config(cfg), index=index,
                               used=COMMAND_SECTIONS["build-index"]))
 
 
@@ -239,7 +277,7 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     state = storage.read_json(run / STATE_FILE) or {"steps": {}}
     logger.info("run folder %s (resolved config in %s)", run.root, CONFIG_FILE)
     upstream, ran = None, {}
-    for step in PIPELINE_STEPS[:-1]:
+    for step in p.steps:
         inputs = step_inputs(cfg, step, upstream)
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
         record = state["steps"].get(step)
@@ -250,11 +288,13 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
             ran[step] = "skipped"
         else:
             logger.info("%s: running (%s)", step, why)
-            if step == "train":
+            if step in ("round1", "train"):
                 check_training_fits(cfg)
             started = time.time()
-            if step == "train":
-                run_train_step(cfg, run, key)
+            if step in ("round1", "train"):
+                run_train_step(cfg, run, key, step)
+            elif step == "mine":
+                run_mine_step(cfg, run)
             elif step == "index":
                 run_index_step(cfg, run)
             else:
@@ -292,8 +332,12 @@ def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
     report = storage.read_json(storage.join(run.output("evaluate"), MARKERS["evaluate"]))
     fs, path = storage.filesystem(storage.join(run.output("train"), HELDOUT_FILE))
     heldout = pq.read_table(path, columns=["question"], filesystem=fs).column("question")
+    mined = storage.read_json(storage.join(run.output("mine"), MARKERS["mine"])) if "mine" in ran else None
     return {
         "run_dir": run.root, "steps": ran,
+        "negatives": {"path": run.output("mine"), "method": mined["method"], "per_pair": len(mined["columns"]),
+                      "pairs": mined["counts"]["train_pairs"], "complete": mined["counts"]["with_all_negatives"]}
+        if mined else None,
         "model": {"path": run.output("train"), "steps": model["training"]["steps"],
                   "heldout_before": model["metrics"]["before"], "heldout_final": model["metrics"]["final"]},
         "index": {"path": run.output("index"), "count": manifest["count"], "factory": manifest["index"]["factory"]},
@@ -315,8 +359,12 @@ def query_endpoint(url: str, query: str, k: int) -> list[dict[str, Any]]:
 def summary_text(summary: dict[str, Any]) -> str:
     m, i, e = summary["model"], summary["index"], summary["eval"]
     steps = summary["steps"]
-    lines = [f"run folder {summary['run_dir']}",
-             f"  model  {m['path']}  ({steps['train']}; {m['steps']} steps)",
+    lines = [f"run folder {summary['run_dir']}"]
+    if summary.get("negatives"):
+        n = summary["negatives"]
+        lines.append(f"  negatives  {n['path']}  ({steps['mine']}; {n['method']}, {n['per_pair']} per pair for "
+                     f"{n['complete']} of {n['pairs']} training pairs)")
+    lines += [f"  model  {m['path']}  ({steps['train']}; {m['steps']} steps)",
              f"  index  {i['path']}  ({steps['index']}; {i['count']} passages, {i['factory']})",
              f"  eval   {e['report']}  ({steps['evaluate']})"]
     for mode, metrics in e["modes"].items():

@@ -44,7 +44,9 @@ def test_keys_the_run_folder_decides_and_bad_force_are_refused(tmp_path):
                         ({"output": {"run_dir": "/x"}}, "output.run_dir")):
         with pytest.raises(InputError, match=rf"^run.yaml: {key} is decided by the run folder"):
             JobConfig.from_dict(values, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
-    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of train, index, evaluate"):
+    with pytest.raises(InputError, match=r"^run.yaml: mine.method is decided by pipeline.negatives"):
+        JobConfig.from_dict({"mine": {"method": "dense"}}, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
+    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of round1, mine, train, index, evaluate"):
         _parse("--force", "index,serve")
 
 
@@ -80,6 +82,31 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
     # the data file replaced in place (same path, new content) redoes training
     qa_parquet(question=["q1", "q2", "q3"], answer=["a1", "a2", "a3"])
     assert why(base, "train").startswith("changed data files:")
+
+
+def test_hard_negative_steps_and_what_redoes_them(qa_parquet):
+    from denseqa.pipeline import decide, step_inputs
+
+    data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
+    assert _parse("--run-dir", "r", "--data", data).pipeline.steps == ("train", "index", "evaluate")
+    assert _parse("--run-dir", "r", "--data", data, "--negatives", "bm25").pipeline.steps == (
+        "mine", "train", "index", "evaluate")
+    model = _parse("--run-dir", "r", "--data", data, "--negatives", "model")
+    assert model.pipeline.steps == ("round1", "mine", "train", "index", "evaluate")
+    record = {step: {"inputs": step_inputs(model, step, "fp-up"), "fingerprint": "fp-out"}
+              for step in model.pipeline.steps}
+
+    def why(cfg, step, upstream="fp-up"):
+        return decide(step, step_inputs(cfg, step, upstream), record[step], "fp-out", set())
+
+    # mining with the first-round model: a new first round redoes the mining, new negatives redo training
+    assert step_inputs(model, "mine", "fp-up")["mine.method"] == "dense"
+    assert why(model, "mine", upstream="fp-new") == "changed model: 'fp-up' → 'fp-new'"
+    assert why(model, "train", upstream="fp-new") == "changed negatives: 'fp-up' → 'fp-new'"
+    # a mining option redoes the mining, not the first round; the miners' parallelism redoes nothing
+    wider = _parse("--run-dir", "r", "--data", data, "--negatives", "model", "--mine.range-max", "50")
+    assert why(wider, "round1") is None and why(wider, "mine") == "changed mine.range_max: 30 → 50"
+    assert why(_parse("--run-dir", "r", "--data", data, "--negatives", "model", "--mine.actors", "4"), "mine") is None
 
 
 def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
