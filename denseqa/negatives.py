@@ -61,14 +61,15 @@ def select_negatives(scores: np.ndarray, positions: np.ndarray, positives: set[i
     ``scores``/``positions``: the retriever's ranking, best first (position -1: empty slot). ``positives``: the
     positions of the question's answers (the pair's and those of other pairs with the same question text).
     Ranks are counted without the positives, so ``range_min`` means "skip that many wrong-looking candidates".
-    If no positive is among the ranked candidates, every candidate outscores it: with a margin none qualifies.
+    A positive that is not among the ranked candidates scores below all of them, so with a margin (taken below
+    the lowest-scoring positive) none qualifies.
     """
     ranked = [(float(s), int(p)) for s, p in zip(scores, positions, strict=True) if p >= 0]
     positive_scores = [s for s, p in ranked if p in positives]
     window = [(s, p) for s, p in ranked if p not in positives][cfg.range_min:cfg.range_max]
     skipped = 0
     if cfg.relative_margin is not None:
-        if positive_scores:
+        if len(positive_scores) == len(positives):
             lowest = min(positive_scores)  # the harder positive, as mine_hard_negatives does
             threshold = lowest - abs(lowest) * cfg.relative_margin
             kept = [(s, p) for s, p in window if s <= threshold]
@@ -169,16 +170,18 @@ def _repeated_questions(train) -> dict[str, list[str]]:
 
 
 def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, Any]:
-    """Embed the candidate answers with build-index's Ray Data job into an exact (Flat) index under ``work``."""
+    """Embed the candidate answers with build-index's Ray Data job into an exact (Flat) index under ``work`` (a
+    local path or a URI, beside the output: on a cluster, every mining actor loads it)."""
     import pyarrow.parquet as pq
 
     from denseqa.corpus import text_id
     from denseqa.index import run_build_index
 
-    os.makedirs(work, exist_ok=True)
-    corpus_file = os.path.join(work, "answers.parquet")
-    pq.write_table(pa.table({"id": [text_id(t) for t in texts], "text": texts}), corpus_file)
-    index_dir = os.path.join(work, "index")
+    corpus_file = storage.join(work, "answers.parquet")
+    fs, path = storage.filesystem(corpus_file)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(pa.table({"id": [text_id(t) for t in texts], "text": texts}), path, filesystem=fs)
+    index_dir = storage.join(work, "index")
     # Flat: exact inner-product search, so the ranks and the margin are the model's own, not an approximation's.
     run_build_index(JobConfig(corpus=CorpusConfig(path=corpus_file), model=cfg.model, embed=cfg.embed,
                               index=IndexConfig(output=index_dir, factory="Flat", bm25=False, overwrite=True),
@@ -213,9 +216,9 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 m.num_negatives, m.method, data.counts["train"], len(texts), m.range_min, m.range_max,
                 f", relative margin {m.relative_margin}" if m.relative_margin is not None else "")
 
-    output_parent = os.path.dirname(output) if not storage.is_uri(output) else None
-    work = tempfile.mkdtemp(prefix="denseqa-mine-", dir=output_parent if output_parent and os.path.isdir(
-        output_parent) else None)
+    # Beside the output, local or URI alike: the dense index there must be reachable from every mining actor.
+    work = output.rstrip("/") + ".work"
+    staging_root = None
     try:
         use_gpu = False
         if m.method == "bm25":
@@ -245,11 +248,20 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         heldout = ray.data.from_arrow(pa.table({
             QUESTION: [q for q, _ in data.heldout], ANSWER: [a for _, a in data.heldout],
             **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns}}))
-        staging = os.path.join(work, "output")
+        if storage.is_uri(output):
+            # An object store has no rename: replace the folder's files, the record (its marker) last
+            storage.remove(output)
+            pairs_dir = storage.join(output, PAIRS_DIR)
+        else:
+            parent = os.path.dirname(output)
+            os.makedirs(parent, exist_ok=True)
+            staging_root = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.staging-", dir=parent)
+            pairs_dir = os.path.join(staging_root, "output", PAIRS_DIR)
+        fs, path = storage.filesystem(pairs_dir)
         mined.drop_columns([_SKIPPED, _COMPLETE]).union(heldout).map_batches(
             _rename, batch_format="pyarrow",
             fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
-        ).write_parquet(os.path.join(staging, PAIRS_DIR))
+        ).write_parquet(path, filesystem=fs)
         record = {
             "method": m.method,
             "model": describe_model(cfg.model) if m.method == "dense" else None,
@@ -262,10 +274,15 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "output": output,
         }
-        storage.write_json(os.path.join(staging, RECORD_FILE), record)
-        storage.publish_folder(staging, output, marker=RECORD_FILE)
+        if staging_root is None:
+            storage.write_json(storage.join(output, RECORD_FILE), record)
+        else:
+            storage.write_json(os.path.join(staging_root, "output", RECORD_FILE), record)
+            storage.publish_folder(os.path.join(staging_root, "output"), output, marker=RECORD_FILE)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        storage.remove(work)
+        if staging_root is not None:
+            shutil.rmtree(staging_root, ignore_errors=True)
     logger.info("hard negatives written to %s: %d of %d training pairs have all %d (%d candidates rejected by the "
                 "margin), %.1f s", output, complete, data.counts["train"], m.num_negatives,
                 counts["skipped_by_margin"], record["seconds"])

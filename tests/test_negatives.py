@@ -1,0 +1,182 @@
+"""Hard-negative mining (issue 6, acceptance 1) and the training data that carries the negatives.
+
+The mining runs for real (Ray Data actors, bm25s, the bundled all-MiniLM-L6-v2 through a Flat FAISS index) on
+real Debian pairs; each check recomputes the ranking independently and verifies every negative against it: never
+the pair's answer nor another answer of its question, inside the rank window, below the margin.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from denseqa.config import COMMAND_SECTIONS, DataConfig, JobConfig, MineConfig
+from denseqa.data import load_qa_data
+from denseqa.errors import InputError
+from denseqa.negatives import negative_column_names, select_negatives
+
+from .conftest import real_pairs
+
+# ----------------------------------------------------------------------------------------- the selection rule
+
+
+def test_selection_skips_positives_and_top_ranks_and_keeps_a_margin():
+    scores = np.array([9.0, 8.0, 7.0, 6.0, 5.0, 4.0, 3.0, -1.0])
+    positions = np.array([10, 11, 12, 13, 14, 15, 16, -1])
+    # Position 12 is the answer (score 7): the ranks without it are 10, 11, 13, 14, 15, 16
+    cfg = MineConfig(num_negatives=2, range_min=1, range_max=5, relative_margin=None)
+    assert select_negatives(scores, positions, {12}, cfg) == ([11, 13], 0)
+    # A margin of 0.2 below 7 keeps scores <= 5.6: 11 (8) and 13 (6) are too close to be trusted as negatives
+    cfg = MineConfig(num_negatives=2, range_min=1, range_max=5, relative_margin=0.2)
+    assert select_negatives(scores, positions, {12}, cfg) == ([14, 15], 2)
+    # Two answers of the question (12 and 14): both excluded, the lower one (5) sets the margin (<= 4)
+    assert select_negatives(scores, positions, {12, 14}, cfg) == ([15, 16], 2)
+    # The answer not among the candidates: every candidate outscores it, so with a margin none qualifies
+    assert select_negatives(scores, positions, {99}, cfg) == ([], 4)
+    assert select_negatives(scores, positions, {12, 99}, cfg) == ([], 4)  # one answer ranked, one below them all
+    assert select_negatives(scores, positions, {99}, MineConfig(num_negatives=2, relative_margin=None))[0] == [10, 11]
+
+
+def test_random_sampling_is_seeded_and_keeps_rank_order():
+    scores, positions = np.arange(30, 0, -1, dtype=float), np.arange(30)
+    cfg = MineConfig(num_negatives=3, range_max=30, relative_margin=None, sampling="random")
+    first = select_negatives(scores, positions, {0}, cfg, np.random.default_rng(1))[0]
+    assert first == select_negatives(scores, positions, {0}, cfg, np.random.default_rng(1))[0]
+    assert first == sorted(first) and len(set(first)) == 3 and 0 not in first
+    assert first != select_negatives(scores, positions, {0}, cfg, np.random.default_rng(2))[0]
+
+
+def test_mining_options_are_checked():
+    with pytest.raises(InputError, match=r"mine.range_max must be >= range_min \+ num_negatives \(12\), got 10"):
+        JobConfig.from_dict({"mine": {"range_min": 10, "range_max": 10, "num_negatives": 2}}, "command line",
+                            COMMAND_SECTIONS["mine-negatives"])
+    with pytest.raises(InputError, match=r"mine.relative_margin must be in \[0, 1\), got 1.5"):
+        JobConfig.from_dict({"mine": {"relative_margin": 1.5}}, "command line", COMMAND_SECTIONS["mine-negatives"])
+
+
+# ----------------------------------------------------------------------------------------- mining real pairs
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory) -> tuple[str, pa.Table]:
+    """300 real pairs, plus a second answer for the first question (both are its positives)."""
+    table = real_pairs(300, seed=3).select(["question", "answer"])
+    extra = pa.table({"question": [table["question"][0].as_py()], "answer": [table["answer"][1].as_py()]},
+                     schema=table.schema)
+    table = pa.concat_tables([table, extra])
+    path = tmp_path_factory.mktemp("mine") / "pairs.parquet"
+    pq.write_table(table, path)
+    return str(path), table
+
+
+def _mine(path: str, out: str, **mine) -> tuple[pa.Table, dict]:
+    from denseqa.negatives import run_mining
+
+    cfg = JobConfig.from_dict({"data": {"path": path, "heldout_size": 30},
+                               "mine": {"output": out, "num_negatives": 2, "range_min": 2, "range_max": 20, **mine}},
+                              "test", COMMAND_SECTIONS["mine-negatives"])
+    record = run_mining(cfg)
+    return pq.read_table(f"{out}/pairs"), record
+
+
+def _check_negatives(mined: pa.Table, record: dict, rank, window: tuple[int, int], margin: float) -> int:
+    """Every negative against an independent ranking ``rank(question) -> [(score, text)]`` of the candidates."""
+    answers_of: dict[str, set[str]] = {}
+    for q, a in zip(mined["question"].to_pylist(), mined["answer"].to_pylist(), strict=True):
+        answers_of.setdefault(q, set()).add(a)
+    checked = 0
+    for row in mined.to_pylist():
+        negatives = [row[c] for c in negative_column_names(2)]
+        if negatives[0] is None:
+            continue
+        ranking = rank(row["question"])
+        positives = answers_of[row["question"]]
+        wrong = [(s, t) for s, t in ranking if t not in positives]
+        positive_scores = [s for s, t in ranking if t in positives]
+        for negative in filter(None, negatives):
+            # never the pair's answer, nor any answer of the same question
+            assert negative not in positives
+            # inside the rank window (ranks counted without the positives; equal scores may come in either
+            # order), and at least the margin below the positive
+            score = next(s for s, t in wrong if t == negative)
+            above = sum(s > score + 1e-6 for s, _ in wrong)
+            tied = sum(abs(s - score) <= 1e-6 for s, _ in wrong) - 1
+            assert above < window[1] and above + tied >= window[0], (row["question"], above, tied)
+            lowest = min(positive_scores)
+            assert score <= lowest - abs(lowest) * margin + 1e-5
+            checked += 1
+    assert checked >= 100
+    return checked
+
+
+def test_bm25_mining_writes_negatives_that_respect_range_and_margin(ray_local, pairs, tmp_path):
+    from denseqa.bm25 import BM25Index
+
+    path, table = pairs
+    mined, record = _mine(path, str(tmp_path / "bm25"), method="bm25")
+    # The output: every pair (held-out ones without negatives), the input's columns plus negative_1, negative_2
+    assert mined.column_names == ["question", "answer", "negative_1", "negative_2"]
+    assert mined.num_rows == table.num_rows == 301
+    data = load_qa_data(DataConfig(path=path, heldout_size=30, num_negatives=0))
+    heldout_questions = {q for q, _ in data.heldout}
+    rows = mined.to_pylist()
+    assert all(r["negative_1"] is None for r in rows if r["question"] in heldout_questions)
+    # Candidates are the distinct training answers only: no held-out answer became a negative
+    train_answers = sorted(data.train.unique("answer"))
+    assert {r[c] for r in rows for c in ("negative_1", "negative_2")} - {None} <= set(train_answers)
+    # Check every negative against an independent BM25 ranking of the same candidates
+    bm25 = BM25Index.build(train_answers, "en")
+
+    def rank(question: str):
+        scores, positions = bm25.search([question], len(train_answers))
+        return [(float(s), train_answers[p]) for s, p in zip(scores[0], positions[0], strict=True) if p >= 0]
+
+    checked = _check_negatives(mined, record, rank, (2, 20), 0.05)
+    # The record counts what was written
+    complete = sum(r["negative_2"] is not None for r in rows)
+    assert record["counts"]["with_all_negatives"] == complete and record["counts"]["train_pairs"] == 271
+    assert record["counts"]["questions_with_several_answers"] == 1 and record["counts"]["skipped_by_margin"] > 0
+    assert json.loads((tmp_path / "bm25" / "negatives.json").read_text())["columns"] == ["negative_1", "negative_2"]
+    assert checked >= 2 * complete
+
+
+def test_model_mining_writes_negatives_that_respect_range_and_margin(ray_local, pairs, tmp_path):
+    from denseqa.config import ModelConfig
+    from denseqa.model import Encoder
+
+    path, _ = pairs
+    mined, record = _mine(path, str(tmp_path / "dense"), method="dense", relative_margin=0.1)
+    assert record["method"] == "dense" and "all-MiniLM-L6-v2" in record["model"]
+    # Check every negative against cosine similarities of the bundled model, computed here
+    data = load_qa_data(DataConfig(path=path, heldout_size=30, num_negatives=0))
+    train_answers = sorted(data.train.unique("answer"))
+    encoder = Encoder.load(ModelConfig(), device="cpu")
+    passages = encoder.encode_passages(train_answers)
+
+    def rank(question: str):
+        scores = passages @ encoder.encode_queries([question])[0]
+        return [(float(scores[i]), train_answers[i]) for i in np.argsort(-scores, kind="stable")]
+
+    _check_negatives(mined, record, rank, (2, 20), 0.1)
+
+
+def test_training_data_reads_negative_columns_and_drops_pairs_without_them(ray_local, qa_parquet):
+    questions = [f"question {i}" for i in range(40)]
+    answers = [f"answer {i}" for i in range(40)]
+    negatives = [f"answer {(i + 1) % 40}" if i % 10 else None for i in range(40)]  # 4 pairs lack one
+    path = qa_parquet(question=questions, answer=answers, negative_1=negatives, negative_3=answers)
+    # negative_3 without negative_2 is not a hard-negative column of the series: only negative_1 is read
+    data = load_qa_data(DataConfig(path=path, heldout_size=5))
+    assert data.negative_columns == ["negative_1"]
+    rows = data.train.take_all()
+    assert set(rows[0]) == {"question", "answer", "negative_1"} and all(r["negative_1"] for r in rows)
+    heldout_without = sum(negatives[questions.index(q)] is None for q, _ in data.heldout)
+    assert data.counts["without_negatives"] == 4 - heldout_without
+    assert data.counts["train"] == 35 - (4 - heldout_without)
+    assert load_qa_data(DataConfig(path=path, heldout_size=5, num_negatives=0)).negative_columns == []
+    with pytest.raises(InputError, match=r"data.num_negatives is 2 but the file has 1 hard-negative columns"):
+        load_qa_data(DataConfig(path=path, heldout_size=5, num_negatives=2))
