@@ -79,6 +79,29 @@ def check_reachable_by_every_node(path: str, what: str, shared_filesystem: bool 
                          "if this path is on storage every node mounts (NFS, EFS)")
 
 
+def free_resources(until: dict[str, float] | None = None, timeout_s: float = 20.0) -> dict[str, float]:
+    """``ray.available_resources()`` once it has settled: the actors of a Ray Data job that just finished give
+    their CPUs back a moment later, so a reading taken right after it would count them as held. Returns once
+    ``until`` is met, or the reading has not grown for 3 s, or after ``timeout_s``."""
+    import time
+
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    free, stable_since = ray.available_resources(), time.monotonic()
+    while time.monotonic() < deadline:
+        if until and all(free.get(k, 0.0) + 1e-6 >= v for k, v in until.items()):
+            break
+        if time.monotonic() - stable_since >= 3.0:
+            break
+        time.sleep(0.25)
+        now = ray.available_resources()
+        if any(now.get(k, 0.0) > free.get(k, 0.0) + 1e-6 for k in now):
+            stable_since = time.monotonic()
+        free = now
+    return free
+
+
 def check_can_schedule(what: str, cpus: float, gpus: float = 0) -> None:
     """Fail now, saying why, when a cluster that cannot add nodes lacks the free CPUs or GPUs ``what`` needs.
 
@@ -88,7 +111,7 @@ def check_can_schedule(what: str, cpus: float, gpus: float = 0) -> None:
 
     if span()[1] != 0:
         return
-    free, total = ray.available_resources(), ray.cluster_resources()
+    free, total = free_resources(until={"CPU": cpus, "GPU": gpus}), ray.cluster_resources()
     for name, need in (("CPU", cpus), ("GPU", gpus)):
         if need > free.get(name, 0.0) + 1e-6:
             raise InputError(

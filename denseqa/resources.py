@@ -15,11 +15,11 @@ def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
     """
     import ray
 
-    from denseqa.cluster import span
+    from denseqa.cluster import free_resources, span
 
     if use_gpu:
         return 1.0
     total = ray.cluster_resources().get("CPU", 1.0)
     if span()[1] == 0:
-        total = min(total, ray.available_resources().get("CPU", 0.0))
+        total = min(total, free_resources(until={"CPU": total}).get("CPU", 0.0))
     return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))
