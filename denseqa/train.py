@@ -88,6 +88,7 @@ class TrainState:
     attempts: list[dict[str, int]] = field(default_factory=list)  # one per (re)start: start_step, steps_run
     evals: list[dict[str, Any]] = field(default_factory=list)  # {"step": s, "metrics": {...}}
     train_seconds: float = 0.0  # wall time of the training steps (data included, evaluation excluded)
+    peak_memory_mb: list[dict[str, float]] = field(default_factory=list)  # per rank, at the last checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -141,6 +142,30 @@ def _all_reduce_mean(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
+
+
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far: resident set (VmHWM; on CPU, activations live there) and, on GPU, the
+    most CUDA memory torch allocated."""
+    peak = {}
+    try:
+        with open("/proc/self/status") as f:
+            peak["rss"] = next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        pass
+    if device.type == "cuda":
+        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return peak
+
+
+def _all_gather_objects(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
 
 
 def _broadcast(obj: Any) -> Any:
@@ -238,6 +263,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def save_and_report(metrics: dict[str, float]) -> None:
         state.evals.append({"step": state.step, "metrics": metrics})
+        state.peak_memory_mb = _all_gather_objects(peak_memory_mb(device))  # every rank is here: a collective
         report = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
         if not is_rank_zero:
             ray.train.report(report)
@@ -502,6 +528,7 @@ def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, ou
                      else "GatheredMultipleNegativesRankingLoss", "cached": cfg.train.cached_loss,
                      **({"mini_batch_size": cfg.train.mini_batch_size} if cfg.train.cached_loss else {})},
             "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
+            "peak_memory_mb_per_worker": state.peak_memory_mb,
             "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
                                  * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
         },

@@ -116,3 +116,33 @@ def test_a_stopped_run_continues_on_request_from_its_run_folder(cluster, sample,
     assert record["training"]["steps"] == 6
     assert record["training"]["attempts"] == [{"start_step": 0, "steps_run": 2}, {"start_step": 2, "steps_run": 4}]
     assert not (run_dir / "stopped.json").exists()
+
+
+def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(cluster, sample):
+    # Issue 6, acceptance 3. Given BM25 negatives mined by the mining job, submitted like any job
+    mined = cluster["tmp"] / "negatives"
+    result = submit_job(cluster, "mine_negatives", "--data", sample, "--heldout-size", "50", "--output", str(mined),
+                        "--mine.method", "bm25", "--mine.num-negatives", "1")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    counts = json.loads((mined / "negatives.json").read_text())["counts"]
+    assert counts["train_pairs"] == 350 and counts["with_all_negatives"] >= 300
+    # When the training job runs on them with 2 workers and GradCache in mini-batches of 4 texts
+    out = cluster["tmp"] / "with-negatives" / "model"
+    result = submit(cluster, "--data", str(mined), "--heldout-size", "50", "--output", str(out), "--num-workers",
+                    "2", "--batch-size", "8", "--max-steps", "2", "--eval-every-steps", "2", "--max-seq-length", "64",
+                    "--cached-loss", "--mini-batch-size", "4")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    # Then each question met 15 in-batch answers and 16 hard negatives of the global batch, and the record says so
+    assert "1 hard negatives per pair, so 31 negatives per question (gathered across workers); cached loss" in log
+    record = json.loads((out / "denseqa.json").read_text())
+    training = record["training"]
+    assert training["steps"] == 2 and training["negatives_per_question"] == 31
+    assert training["loss"] == {"name": "CachedGatheredMultipleNegativesRankingLoss", "cached": True,
+                                "mini_batch_size": 4}
+    hard = training["hard_negatives"]
+    assert hard["per_pair"] == 1 and hard["columns"] == ["negative_1"]
+    assert hard["mined"]["method"] == "bm25" and hard["mined"]["counts"] == counts
+    assert record["data"]["rows"]["train"] == counts["with_all_negatives"]
+    assert len(training["peak_memory_mb_per_worker"]) == 2
