@@ -360,6 +360,8 @@ def summary_text(summary: dict[str, Any]) -> str:
     m, i, e = summary["model"], summary["index"], summary["eval"]
     steps = summary["steps"]
     lines = [f"run folder {summary['run_dir']}"]
+    if "round1" in steps:
+        lines.append(f"  round1  {summary['run_dir'].rstrip('/')}/round1  ({steps['round1']}; mines the negatives)")
     if summary.get("negatives"):
         n = summary["negatives"]
         lines.append(f"  negatives  {n['path']}  ({steps['mine']}; {n['method']}, {n['per_pair']} per pair for "

@@ -275,9 +275,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if is_rank_zero:
         logger.info(
-            "training: %d workers x %d pairs = global batch %d, %d hard negatives per pair, so %d negatives per "
-            "question%s; %s; %d steps (%d per epoch), eval every %d; frozen without gradient: %s",
-            world, t.batch_size, world * t.batch_size, len(negative_columns),
+            "training: %d workers x %d pairs = global batch %d%s, so %d negatives per question%s; %s; %d steps "
+            "(%d per epoch), eval every %d; frozen without gradient: %s",
+            world, t.batch_size, world * t.batch_size,
+            f" (+{len(negative_columns)} hard negative{'s' * (len(negative_columns) > 1)} each)"
+            if negative_columns else "",
             negatives_per_question(t, world, len(negative_columns)),
             " (gathered across workers)" if t.gather and world > 1 else "",
             f"cached loss, mini-batches of {t.mini_batch_size}" if t.cached_loss else "uncached loss",

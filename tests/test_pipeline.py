@@ -46,7 +46,8 @@ def test_keys_the_run_folder_decides_and_bad_force_are_refused(tmp_path):
             JobConfig.from_dict(values, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
     with pytest.raises(InputError, match=r"^run.yaml: mine.method is decided by pipeline.negatives"):
         JobConfig.from_dict({"mine": {"method": "dense"}}, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
-    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of round1, mine, train, index, evaluate"):
+    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of round1, mine, train, "
+                                         r"index, evaluate"):
         _parse("--force", "index,serve")
 
 

@@ -135,7 +135,8 @@ def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     # Then each question met 15 in-batch answers and 16 hard negatives of the global batch, and the record says so
-    assert "1 hard negatives per pair, so 31 negatives per question (gathered across workers); cached loss" in log
+    assert ("global batch 16 (+1 hard negative each), so 31 negatives per question (gathered across workers); "
+            "cached loss, mini-batches of 4") in log
     record = json.loads((out / "denseqa.json").read_text())
     training = record["training"]
     assert training["steps"] == 2 and training["negatives_per_question"] == 31
