@@ -208,9 +208,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         raise InputError("no index given: pass --index FOLDER (written by build-index)")
     if not e.queries:
         raise InputError("no queries given: pass --queries PARQUET (e.g. heldout.parquet in the model folder)")
-    output = storage.absolute(e.output or e.index.rstrip("/") + ".eval")
-    if storage.is_nonempty_dir(output) and not e.overwrite:
-        raise InputError(f"{output}: report folder exists and is not empty; pass --overwrite or another --output")
+    output = storage.output_folder(e.output or e.index.rstrip("/") + ".eval", e.overwrite, "the report", "report")
     manifest = read_manifest(e.index)
     encoder = None
     if e.model:

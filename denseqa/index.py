@@ -447,15 +447,6 @@ def _peak_rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def resolve_output(cfg: IndexConfig) -> str:
-    if not cfg.output:
-        raise InputError("no output given: pass --output FOLDER for the index")
-    output = storage.absolute(cfg.output)
-    if storage.is_nonempty_dir(output) and not cfg.overwrite:
-        raise InputError(f"{output}: index folder exists and is not empty; pass --overwrite or another --output")
-    return output
-
-
 def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
     import faiss
@@ -466,7 +457,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     icfg = cfg.index
-    output = resolve_output(icfg)
+    output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
     check_model_source(cfg.model.model)
     checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
     encoder = Encoder.load(cfg.model, device="cpu")  # for the manifest: weights hash, dimension, prompts

@@ -94,6 +94,7 @@ class NegativeMiner:
 
         setup_logging()
         self.cfg = MineConfig(**cfg)
+
         def resolve(value):  # large arguments come through the object store, once per node
             return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
@@ -148,15 +149,6 @@ def _rename(batch: pa.Table, question_column: str, answer_column: str) -> pa.Tab
         [names.get(c, c) for c in batch.column_names if not c.startswith("_")])
 
 
-def resolve_output(cfg: MineConfig) -> str:
-    if not cfg.output:
-        raise InputError("no output given: pass --output FOLDER for the pairs with their hard negatives")
-    output = storage.absolute(cfg.output)
-    if storage.is_nonempty_dir(output) and not cfg.overwrite:
-        raise InputError(f"{output}: output folder exists and is not empty; pass --overwrite or another --output")
-    return output
-
-
 def _repeated_questions(train) -> dict[str, list[str]]:
     """question -> its distinct answers, for the questions that have more than one (all of them are positives)."""
     counts = train.groupby(QUESTION).count().filter(lambda row: row["count()"] > 1).take_all()
@@ -202,7 +194,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     m = cfg.mine
-    output = resolve_output(m)
+    output = storage.output_folder(m.output, m.overwrite, "the pairs with their hard negatives")
     if m.method == "dense":
         check_model_source(cfg.model.model)
     # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.

@@ -52,6 +52,19 @@ def is_nonempty_dir(path: str) -> bool:
     return bool(fs.get_file_info(pafs.FileSelector(p, recursive=False)))
 
 
+def output_folder(path: str | None, overwrite: bool, what: str, noun: str = "output") -> str:
+    """The absolute output folder of a job; one line when none is given, or when it holds something and
+    ``overwrite`` is off (an earlier result is never replaced by accident)."""
+    from denseqa.errors import InputError
+
+    if not path:
+        raise InputError(f"no output given: pass --output FOLDER for {what}")
+    output = absolute(path)
+    if is_nonempty_dir(output) and not overwrite:
+        raise InputError(f"{output}: {noun} folder exists and is not empty; pass --overwrite or another --output")
+    return output
+
+
 def write_bytes(path: str, data: bytes) -> None:
     """Write a file atomically: a reader sees the old content or the new, never a part.
 

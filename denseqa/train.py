@@ -492,12 +492,8 @@ def _root_cause(error: Exception) -> str:
 
 def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
     out = cfg.output
-    if not out.output:
-        raise InputError("no output given: pass --output FOLDER for the trained model")
-    output = storage.absolute(out.output)
+    output = storage.output_folder(out.output, out.overwrite, "the trained model")
     run_dir = storage.absolute(out.run_dir or output.rstrip("/") + ".run")
-    if storage.is_nonempty_dir(output) and not out.overwrite:
-        raise InputError(f"{output}: output folder exists and is not empty; pass --overwrite or another --output")
     has_run = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
     if has_run and not out.resume:
         raise InputError(f"{run_dir}: run folder already holds a run; pass --resume to continue it, "
