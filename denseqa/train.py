@@ -321,7 +321,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 stop_reason = f"loss became {mean_loss} at step {state.step + 1}"
                 break
 
-            scaler.scale(loss).backward()
+            # GradCache embeds its mini-batches again inside backward(): they need the first pass's autocast.
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and t.cached_loss):
+                scaler.scale(loss).backward()
             if t.max_grad_norm is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
