@@ -436,6 +436,7 @@ def run_training(cfg: JobConfig) -> dict[str, Any]:
     output, run_dir = _resolve_output(cfg)
     check_model_source(cfg.model.model)
     data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
+    check_mining_split(cfg, data)
 
     t = cfg.train
     cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
@@ -546,17 +547,39 @@ def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, ou
     }
 
 
-def _hard_negatives_record(cfg, data) -> dict[str, Any]:
-    """Which hard negatives training used: the columns, and how they were mined (the miner's record, if the data
-    is a mine-negatives output)."""
+def mining_record(cfg, data) -> dict[str, Any] | None:
+    """The mine-negatives record of the training data, when it is such an output folder and has negatives."""
     from denseqa.negatives import RECORD_FILE as MINED_RECORD
 
     if not data.negative_columns:
-        return {"per_pair": 0}
+        return None
     try:  # a mine-negatives output folder holds its record; a file or a glob does not
-        mined = storage.read_json(storage.join(cfg.data.path, MINED_RECORD))
+        return storage.read_json(storage.join(cfg.data.path, MINED_RECORD))
     except (OSError, ValueError):
-        mined = None
+        return None
+
+
+def check_mining_split(cfg, data) -> None:
+    """Warn when the negatives were mined under another held-out split: then some held-out answers may have been
+    negatives of training questions, and the pairs held out at mining time (which have no negatives) are dropped
+    from training."""
+    mined = mining_record(cfg, data)
+    if mined is None:
+        return
+    then, now = mined["config"]["data"], dataclasses.asdict(cfg.data)
+    if mined["data"]["rows"]["heldout"] != data.counts["heldout"] or then["split_seed"] != now["split_seed"]:
+        logger.warning("%s: the negatives were mined with %d held-out pairs (split seed %d), this training holds "
+                       "out %d (seed %d): mine with the same data.heldout_* and split_seed so that evaluation stays "
+                       "clean", cfg.data.path, mined["data"]["rows"]["heldout"], then["split_seed"],
+                       data.counts["heldout"], now["split_seed"])
+
+
+def _hard_negatives_record(cfg, data) -> dict[str, Any]:
+    """Which hard negatives training used: the columns, and how they were mined (the miner's record, if the data
+    is a mine-negatives output)."""
+    if not data.negative_columns:
+        return {"per_pair": 0}
+    mined = mining_record(cfg, data)
     return {"per_pair": len(data.negative_columns), "columns": data.negative_columns,
             "pairs_without_them": data.counts.get("without_negatives", 0),
             "mined": {k: mined[k] for k in ("method", "model", "options", "counts") if k in mined} if mined else None}
