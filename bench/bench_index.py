@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from results_file import ResultsFile  # noqa: E402 (bench/, this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -271,17 +271,9 @@ def main() -> None:
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ADDRESS", "local")
-    out = Path(a.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results.update({"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.machine()}",
-                    "python": platform.python_version()})
+    results = ResultsFile(a.out)
+    save = results.save
     work = Path(tempfile.mkdtemp(prefix="denseqa-bench-index-"))
-
-    def save(key: str, value) -> None:
-        results[key] = {"measured": time.strftime("%Y-%m-%d %H:%M"), "result": value}
-        out.write_text(json.dumps(results, indent=1))
-        print(json.dumps({key: value}, indent=1), flush=True)
-
     try:
         parts = a.parts.split(",")
         if "throughput" in parts:
@@ -289,7 +281,7 @@ def main() -> None:
         if "ann" in parts:
             cases = [(int(n), float(b)) for n, b in (c.split(":") for c in a.ann_cases.split(","))]
             measured = ann(work, cases)
-            kept = [c for c in results.get("ann", {}).get("result", [])
+            kept = [c for c in results.get("ann", [])
                     if (c["vectors"], c["memory_budget_gb"]) not in set(cases)]
             save("ann", sorted(kept + measured, key=lambda c: (c["vectors"], -c["memory_budget_gb"])))
         if "quality" in parts:

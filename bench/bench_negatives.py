@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from results_file import ResultsFile  # noqa: E402 (bench/, this script's folder)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,7 +62,7 @@ def corpus_of(heldout: pa.Table, size: int) -> pa.Table:
     return pa.table({"answer": held_answers + picked})
 
 
-def quality(work: Path, steps: int, heldout: int, corpus_size: int, negatives: int) -> dict:
+def quality(work: Path, steps: int, heldout: int, corpus_size: int, negatives: int, zero_shot: bool) -> dict:
     import ray
 
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
@@ -73,19 +73,23 @@ def quality(work: Path, steps: int, heldout: int, corpus_size: int, negatives: i
     mine_args = ["--mine.num-negatives", str(negatives), "--mine.actors", "1", "--embed.encode-batch-size", "64"]
     runs: dict[str, dict] = {}
     try:
+        # A finished output in --work is reused (its record says how long it took), so an interrupted run goes on.
         def train(name: str, data: str) -> Path:
             out = work / name
-            started = time.time()
-            denseqa("train", *split[2:], "--data", data, "--output", str(out), *train_args)
+            if not (out / "denseqa.json").exists():
+                shutil.rmtree(str(out) + ".run", ignore_errors=True)
+                denseqa("train", *split[2:], "--data", data, "--output", str(out), *train_args)
             record = json.loads((out / "denseqa.json").read_text())
-            runs[name] = {"train_seconds": round(time.time() - started, 1),
+            runs[name] = {"train_seconds": record["training"]["train_seconds"], "wall_seconds": record["wall_time_s"],
                           "hard_negatives": record["training"]["hard_negatives"].get("per_pair", 0),
-                          "pairs_without_negatives": record["data"]["rows"].get("without_negatives", 0)}
+                          "pairs_without_negatives": record["data"]["rows"].get("without_negatives", 0),
+                          "heldout_at_end": record["metrics"]["final"]}
             return out
 
         def mine(name: str, *extra: str) -> str:
             out = work / name
-            denseqa("mine-negatives", *split, "--mine.output", str(out), *mine_args, *extra)
+            if not (out / "negatives.json").exists():
+                denseqa("mine-negatives", *split, "--mine.output", str(out), "--mine.overwrite", *mine_args, *extra)
             record = json.loads((out / "negatives.json").read_text())
             runs[name] = {"seconds": record["seconds"], "counts": record["counts"], "options": record["options"]}
             return str(out)
@@ -98,8 +102,8 @@ def quality(work: Path, steps: int, heldout: int, corpus_size: int, negatives: i
         corpus = work / "corpus.parquet"
         pq.write_table(corpus_of(pq.read_table(in_batch / "heldout.parquet"), corpus_size), corpus)
         table = {}
-        for name, model in (("zero-shot", None), ("in-batch", in_batch), ("bm25-negatives", bm25),
-                            ("model-negatives", mined)):
+        models = [("zero-shot", None)] if zero_shot else []
+        for name, model in [*models, ("in-batch", in_batch), ("bm25-negatives", bm25), ("model-negatives", mined)]:
             # The held-out pairs are the same for the three models (same data, same split), so one query file.
             model_args = ["--model", str(model)] if model else ["--max-seq-length", "128"]
             index = work / f"index-{name}"
@@ -171,34 +175,31 @@ def main() -> None:
     p.add_argument("--heldout", type=int, default=2000)
     p.add_argument("--corpus", type=int, default=10_000)
     p.add_argument("--negatives", type=int, default=1, help="hard negatives per pair (DPR: 1)")
+    p.add_argument("--zero-shot", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate the bundled model untrained (bench_index.py's quality part has it too)")
     p.add_argument("--batches", default="64,256,1024")
     p.add_argument("--memory-limit-gb", type=float, default=None,
                    help="run no case whose 2 workers would need more (default: 80%% of this machine's memory)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "negatives.json"))
+    p.add_argument("--work", help="work folder to keep (default: a temporary one, removed at the end); finished "
+                                  "models and mined data found there are reused")
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_ADDRESS", "local")
     total_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results.update({"machine": f"{platform.node()} {os.cpu_count()} CPUs, {total_gb:.0f} GiB, {platform.machine()}",
-                    "python": platform.python_version()})
-    work = Path(tempfile.mkdtemp(prefix="denseqa-bench-negatives-"))
-
-    def save(key: str, value) -> None:
-        results[key] = {"measured": time.strftime("%Y-%m-%d %H:%M"), "result": value}
-        out.write_text(json.dumps(results, indent=1))
-        print(json.dumps({key: value}, indent=1), flush=True)
+    save = ResultsFile(a.out).save
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="denseqa-bench-negatives-"))
+    work.mkdir(parents=True, exist_ok=True)
 
     try:
         parts = a.parts.split(",")
         if "memory" in parts:
             save("memory", memory(work, [int(b) for b in a.batches.split(",")], a.memory_limit_gb or 0.8 * total_gb))
         if "quality" in parts:
-            save("quality", quality(work, a.steps, a.heldout, a.corpus, a.negatives))
+            save("quality", quality(work, a.steps, a.heldout, a.corpus, a.negatives, a.zero_shot))
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not a.work:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
