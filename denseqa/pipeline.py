@@ -199,9 +199,10 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
     resume = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))
     if resume:
         logger.info("%s: continuing the interrupted training in %s", step, checkpoints)
-    if step == "round1" or cfg.pipeline.negatives == "none":
+    data = cfg.data  # without --negatives, negative columns the data already has are used (data.num_negatives)
+    if step == "round1":
         data = dataclasses.replace(cfg.data, num_negatives=0)
-    else:
+    elif cfg.pipeline.negatives != "none":
         data = dataclasses.replace(cfg.data, path=run.output("mine"))
     run_training(JobConfig(data=data, model=cfg.model, train=cfg.train,
                            output=OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume,
