@@ -113,12 +113,24 @@ def check_model_source(name: str | None) -> str:
     return source
 
 
+def trained_record(source: str) -> dict:
+    """The ``denseqa.json`` a denseqa training job wrote into a model folder; {} for any other model."""
+    record = os.path.join(source, "denseqa.json")
+    if not os.path.isfile(record):
+        return {}
+    with open(record) as f:
+        return json.load(f)
+
+
 def load_model(cfg: ModelConfig, device: str | None = None):
     """Load the configured bi-encoder as a ``SentenceTransformer``."""
     from sentence_transformers import SentenceTransformer, models
 
     source = resolve_model_source(cfg.model)
     is_local = os.path.exists(source)
+    if is_local and trained_record(source).get("kind") == "reranker":
+        raise InputError(f"model {cfg.model!r}: a cross-encoder reranker (train-reranker), not a bi-encoder; it "
+                         "re-ranks (--reranker), it cannot embed passages for an index")
     is_st = _is_sentence_transformers_folder(source) if is_local else _hub_has_modules_json(source)
     try:
         if is_st:
@@ -138,18 +150,22 @@ def describe_model(cfg: ModelConfig) -> str:
     return cfg.model or f"{BUNDLED_MODEL_NAME} (bundled, {BUNDLED_MODEL_PACKAGE})"
 
 
-def freeze_parameters_without_grad(model) -> list[str]:
+def freeze_parameters_without_grad(model, probe=None) -> list[str]:
     """Freeze the parameters that a forward/backward pass leaves without a gradient.
 
     DDP raises on parameters that get no gradient (e.g. BERT's pooler when the sentence embedding is a mean over
     tokens). Finding them with a real pass works for every architecture and pooling, where a list of names
-    would not. Returns the names of the frozen parameters.
+    would not. ``probe()`` returns the scalar of that pass (default: a bi-encoder's embeddings of two sentences).
+    Returns the names of the frozen parameters.
     """
     was_training = model.training
     model.train()
     model.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        embed_texts(model, model, ["a short probe sentence", "another one"]).float().pow(2).sum().backward()
+        if probe is None:
+            embed_texts(model, model, ["a short probe sentence", "another one"]).float().pow(2).sum().backward()
+        else:
+            probe().backward()
     frozen = []
     for name, param in model.named_parameters():
         if param.requires_grad and param.grad is None:
@@ -177,12 +193,8 @@ def prompts_of(cfg: ModelConfig) -> tuple[str, str]:
     A model written by ``denseqa train`` records its prompts in ``denseqa.json``, so indexing and search use the
     same ones without being told again.
     """
-    trained: dict = {}
     source = resolve_model_source(cfg.model) if cfg.model else None
-    record = os.path.join(source, "denseqa.json") if source and os.path.isdir(source) else None
-    if record and os.path.isfile(record):
-        with open(record) as f:
-            trained = json.load(f).get("prompts") or {}
+    trained = (trained_record(source).get("prompts") or {}) if source and os.path.isdir(source) else {}
     query = cfg.query_prompt if cfg.query_prompt is not None else trained.get("query", "")
     passage = cfg.passage_prompt if cfg.passage_prompt is not None else trained.get("passage", "")
     return query, passage

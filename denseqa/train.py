@@ -201,6 +201,94 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate)
 
 
+# ---------------------------------------------------------------------------------------------- the task
+
+
+class BiEncoderTask:
+    """What the training loop trains: a bi-encoder, with gathered in-batch (and hard) negatives, evaluated by
+    retrieval among the held-out answers. :mod:`denseqa.train_reranker` has the cross-encoder's counterpart.
+
+    The loop (:func:`train_loop_per_worker`), checkpoints, resume and the driver are the same for both; a task says
+    how to load the model, what one step's loss is and how to evaluate it. The class methods run in the driver.
+    """
+
+    kind = "bi-encoder"
+
+    def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], device: torch.device) -> None:
+        self.cfg, self.t, self.device = cfg, cfg.train, device
+        self.heldout = [tuple(p) for p in loop_config["heldout"]]
+        self.negative_columns = loop_config["negative_columns"]
+
+    def load(self):
+        """The model to train, with its dead parameters frozen (``self.frozen``: their names)."""
+        from denseqa.model import freeze_parameters_without_grad, load_model, prompts_of
+
+        model = load_model(self.cfg.model, device=str(self.device))
+        self.query_prompt, self.passage_prompt = prompts_of(self.cfg.model)
+        self.frozen = freeze_parameters_without_grad(model)
+        return model
+
+    @staticmethod
+    def reload(path: str):
+        """A checkpoint's model, whose weights are copied into the one being trained."""
+        from sentence_transformers import SentenceTransformer
+
+        return SentenceTransformer(path, device="cpu")
+
+    def prepare(self, model, forward) -> None:
+        """The loss (through ``forward``, the DDP wrapper) and the held-out evaluator."""
+        from denseqa.eval import build_evaluator
+
+        self.model, self.forward, self.loss_fn = model, forward, build_loss(model, forward, self.t)
+        self.evaluator = build_evaluator(self.heldout, batch_size=self.t.eval_batch_size,
+                                         query_prompt=self.query_prompt, passage_prompt=self.passage_prompt)
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        questions = [self.query_prompt + q for q in batch["question"]]
+        answers = [self.passage_prompt + a for a in batch["answer"]]
+        negatives = [[self.passage_prompt + n for n in batch[c]] for c in self.negative_columns]
+        return contrastive_loss(self.forward, self.model, self.loss_fn, questions, answers, negatives)
+
+    def evaluate(self, model) -> dict[str, float]:
+        from denseqa.eval import evaluate
+
+        return evaluate(model, self.evaluator)
+
+    def describe(self, world: int) -> str:
+        t, n = self.t, len(self.negative_columns)
+        return (f"{world} workers x {t.batch_size} pairs = global batch {world * t.batch_size}"
+                + (f" (+{n} hard negative{'s' * (n > 1)} each)" if n else "")
+                + f", so {negatives_per_question(t, world, n)} negatives per question"
+                + (" (gathered across workers)" if t.gather and world > 1 else "") + "; "
+                + (f"cached loss, mini-batches of {t.mini_batch_size}" if t.cached_loss else "uncached loss"))
+
+    # -- in the driver
+
+    @classmethod
+    def check_config(cls, cfg: JobConfig) -> None:
+        pass
+
+    @classmethod
+    def loop_inputs(cls, cfg: JobConfig, data) -> dict[str, Any]:
+        check_mining_split(cfg, data)
+        return {"heldout": data.heldout, "negative_columns": data.negative_columns}
+
+    @classmethod
+    def record(cls, cfg: JobConfig, data, plan: TrainPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(top-level fields, training fields) of the record that are particular to this task."""
+        from denseqa.model import prompts_of
+
+        t = cfg.train
+        training = {
+            "negatives_per_question": negatives_per_question(t, plan.world_size, len(data.negative_columns)),
+            "hard_negatives": _hard_negatives_record(cfg, data),
+            "loss": {"name": "CachedGatheredMultipleNegativesRankingLoss" if t.cached_loss
+                     else "GatheredMultipleNegativesRankingLoss", "cached": t.cached_loss,
+                     **({"mini_batch_size": t.mini_batch_size} if t.cached_loss else {})},
+        }
+        return {"prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True))}, training
+
+
 # ---------------------------------------------------------------------------------------------- the worker
 
 
@@ -209,9 +297,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
     from sentence_transformers.util.distributed import distributed_evaluation
     from transformers import get_linear_schedule_with_warmup
-
-    from denseqa.eval import build_evaluator, evaluate
-    from denseqa.model import freeze_parameters_without_grad, load_model, prompts_of
 
     setup_logging()
     cfg = JobConfig.from_dict(loop_config["config"])
@@ -225,9 +310,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # Model, frozen dead parameters (DDP fails on them), optimizer, schedule.
-    model = load_model(cfg.model, device=str(device))
-    query_prompt, passage_prompt = prompts_of(cfg.model)
-    frozen = freeze_parameters_without_grad(model)
+    task = loop_config["task"](cfg, loop_config, device)
+    model = task.load()
     optimizer = build_optimizer(model, t)
     warmup = int(t.warmup_ratio * plan.total_steps)
     scheduler = get_linear_schedule_with_warmup(optimizer, warmup, plan.total_steps)
@@ -238,26 +322,23 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
+        state = _load_checkpoint(checkpoint, task.reload, model, optimizer, scheduler, scaler)
         if state.batch_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.attempts.append({"start_step": state.step, "steps_run": 0})
     attempt = state.attempts[-1]
 
     forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
-    loss_fn = build_loss(model, forward, t)
-    negative_columns = loop_config["negative_columns"]
-    evaluator = build_evaluator([tuple(p) for p in loop_config["heldout"]], batch_size=t.eval_batch_size,
-                                query_prompt=query_prompt, passage_prompt=passage_prompt)
+    task.prepare(model, forward)
     shard = ray.train.get_dataset_shard("train")
 
     def run_eval() -> dict[str, float]:
-        # Every rank encodes a share of the held-out texts; rank 0 computes the metrics.
+        # Every rank encodes (or scores) a share of the held-out texts; rank 0 computes the metrics.
         model.eval()
         metrics: dict[str, float] = {}
         with torch.no_grad(), distributed_evaluation(model) as runs_evaluator:
             if runs_evaluator:
-                metrics = evaluate(model, evaluator)
+                metrics = task.evaluate(model)
         model.train()
         return _broadcast(metrics)
 
@@ -274,18 +355,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 
     if is_rank_zero:
-        logger.info(
-            "training: %d workers x %d pairs = global batch %d%s, so %d negatives per question%s; %s; %d steps "
-            "(%d per epoch), eval every %d; frozen without gradient: %s",
-            world, t.batch_size, world * t.batch_size,
-            f" (+{len(negative_columns)} hard negative{'s' * (len(negative_columns) > 1)} each)"
-            if negative_columns else "",
-            negatives_per_question(t, world, len(negative_columns)),
-            " (gathered across workers)" if t.gather and world > 1 else "",
-            f"cached loss, mini-batches of {t.mini_batch_size}" if t.cached_loss else "uncached loss",
-            plan.total_steps,
-            plan.steps_per_epoch, plan.eval_every_steps, ", ".join(frozen) or "none",
-        )
+        logger.info("training the %s: %s; %d steps (%d per epoch), eval every %d; frozen without gradient: %s",
+                    task.kind, task.describe(world), plan.total_steps, plan.steps_per_epoch, plan.eval_every_steps,
+                    ", ".join(task.frozen) or "none")
     if state.step == 0:
         baseline = run_eval()
         state.evals.append({"step": 0, "metrics": baseline})
@@ -309,10 +381,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _maybe_inject_failure(t, plan, state, rank, world)
 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                questions = [query_prompt + q for q in batch["question"]]
-                answers = [passage_prompt + a for a in batch["answer"]]
-                negatives = [[passage_prompt + n for n in batch[c]] for c in negative_columns]
-                loss = contrastive_loss(forward, model, loss_fn, questions, answers, negatives)
+                loss = task.loss(batch)
             if t.inject_nan_at_step == state.step + 1:
                 loss = loss * float("nan")
             # All ranks see the same mean loss, so they all stop together on a NaN (no rank left waiting).
@@ -389,12 +458,10 @@ def _save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: Trai
         json.dump(dataclasses.asdict(state), f, indent=1)
 
 
-def _load_checkpoint(checkpoint, model, optimizer, scheduler, scaler) -> TrainState:
-    from sentence_transformers import SentenceTransformer
-
+def _load_checkpoint(checkpoint, reload, model, optimizer, scheduler, scaler) -> TrainState:
     with checkpoint.as_directory() as path:
         # Copy the weights into the existing modules: the frozen flags and the optimizer's parameters stay valid.
-        saved = SentenceTransformer(os.path.join(path, "model"), device="cpu")
+        saved = reload(os.path.join(path, "model"))
         model.load_state_dict(saved.state_dict())
         tensors = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
         optimizer.load_state_dict(tensors["optimizer"])
@@ -419,10 +486,11 @@ def _fmt_seconds(seconds: float) -> str:
 # ---------------------------------------------------------------------------------------------- the driver
 
 
-def run_training(cfg: JobConfig) -> dict[str, Any]:
+def run_training(cfg: JobConfig, task=BiEncoderTask) -> dict[str, Any]:
     """Validate, read the data, train on Ray Train, write the model folder with its ``denseqa.json`` record.
 
-    Returns the record. Raises :class:`InputError` (before any worker starts) or :class:`TrainingError`.
+    ``task``: what is trained (:class:`BiEncoderTask`, or the reranker's). Returns the record. Raises
+    :class:`InputError` (before any worker starts) or :class:`TrainingError`.
     """
     import ray
     import ray.train
@@ -433,23 +501,23 @@ def run_training(cfg: JobConfig) -> dict[str, Any]:
     from denseqa.resources import cpus_per_worker_default
 
     started = time.time()
+    task.check_config(cfg)
     output, run_dir = _resolve_output(cfg)
     check_model_source(cfg.model.model)
     data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
-    check_mining_split(cfg, data)
+    loop_inputs = task.loop_inputs(cfg, data)
 
     t = cfg.train
     cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
     plan = make_plan(cfg, data.counts["train"], run_dir, cpus_per_worker)
-    logger.info("model %s; %d workers, %.2f CPUs each%s; run folder %s", describe_model(cfg.model), t.num_workers,
-                cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
+    logger.info("%s from %s; %d workers, %.2f CPUs each%s; run folder %s", task.kind, describe_model(cfg.model),
+                t.num_workers, cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
 
     storage_path, name = run_dir.rstrip("/").rsplit("/", 1)
     resources = {"CPU": cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "heldout": data.heldout,
-                           "negative_columns": data.negative_columns},
+        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "task": task, **loop_inputs},
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -480,9 +548,9 @@ def run_training(cfg: JobConfig) -> dict[str, Any]:
     with result.checkpoint.as_directory() as checkpoint_dir:
         with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
             state = TrainState(**json.load(f))
-        record = _make_record(cfg, data, plan, state, run_dir, output, time.time() - started)
+        record = _make_record(cfg, task, data, plan, state, run_dir, output, time.time() - started)
         publish_model(os.path.join(checkpoint_dir, "model"), output, record, data.heldout)
-    logger.info("model written to %s (held-out %s)", output, _fmt(record["metrics"]["final"]))
+    logger.info("%s written to %s (held-out %s)", task.kind, output, _fmt(record["metrics"]["final"]))
     return record
 
 
@@ -506,28 +574,27 @@ def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
     return output, run_dir
 
 
-def _make_record(cfg, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str, wall_s: float) -> dict:
+def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str,
+                 wall_s: float) -> dict:
     import platform
     from importlib.metadata import version
 
-    from denseqa.model import describe_model, prompts_of
+    from denseqa.model import describe_model
 
     metric = cfg.train.checkpoint_metric
     trained = [e for e in state.evals if e["step"] > 0]
     best = max(trained, key=lambda e: e["metrics"][metric]) if trained else None
+    top, training = task.record(cfg, data, plan)
     return {
+        "kind": task.kind,
         "model": describe_model(cfg.model),
-        "prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True)),
+        **top,
         "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
         "training": {
             "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
             "epochs": cfg.train.epochs, "workers": plan.world_size,
             "global_batch_size": plan.world_size * cfg.train.batch_size,
-            "negatives_per_question": negatives_per_question(cfg.train, plan.world_size, len(data.negative_columns)),
-            "hard_negatives": _hard_negatives_record(cfg, data),
-            "loss": {"name": "CachedGatheredMultipleNegativesRankingLoss" if cfg.train.cached_loss
-                     else "GatheredMultipleNegativesRankingLoss", "cached": cfg.train.cached_loss,
-                     **({"mini_batch_size": cfg.train.mini_batch_size} if cfg.train.cached_loss else {})},
+            **training,
             "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
             "peak_memory_mb_per_worker": state.peak_memory_mb,
             "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
