@@ -26,6 +26,14 @@ def _train(args: argparse.Namespace) -> None:
                       "steps": record["training"]["steps"], "wall_time_s": record["wall_time_s"]}, indent=2))
 
 
+def _train_reranker(args: argparse.Namespace) -> None:
+    from denseqa.train_reranker import run_reranker_training
+
+    record = run_reranker_training(config_from_args(args, COMMAND_SECTIONS["train-reranker"]))
+    print(json.dumps({"output": record["output"], "metrics": {k: record["metrics"][k] for k in ("before", "final")},
+                      "steps": record["training"]["steps"], "wall_time_s": record["wall_time_s"]}, indent=2))
+
+
 def _build_index(args: argparse.Namespace) -> None:
     from denseqa.index import run_build_index
 
@@ -57,6 +65,8 @@ COMMANDS = {
     "run": (_run, "The whole pipeline in one run folder: train, index, evaluate, deploy; skips steps already done."),
     "mine-negatives": (_mine_negatives, "Mine hard negatives (BM25 or a model) for Q/A pairs: negative_1..n columns."),
     "train": (_train, "Fine-tune a bi-encoder on Q/A pairs with Ray Train (gathered in-batch negatives)."),
+    "train-reranker": (_train_reranker, "Fine-tune a cross-encoder reranker on Q/A pairs with hard negatives (Ray "
+                                        "Train), for re-ranking search results."),
     "build-index": (_build_index, "Embed a corpus with a Ray Data actor pool and build a FAISS index folder."),
     "evaluate": (_evaluate, "Search held-out questions in an index: dense, BM25 and hybrid, as JSON, Markdown, PNG."),
     "serve": (_serve, "Deploy an index as a Ray Serve HTTP search service (POST /search) and print its address."),

@@ -239,6 +239,31 @@ class MineConfig:
 
 
 @dataclass
+class RerankConfig:
+    """The cross-encoder reranker (train-reranker): each question read together with a candidate passage, trained on
+    the pairs' hard negatives. Workers, steps, learning rate and checkpoints come from the train section."""
+
+    in_batch_negatives: int = _f(
+        4,
+        "Answers of other pairs of the batch scored as extra negatives of each question, besides its hard negatives "
+        "(num_negatives of sentence-transformers' cross-encoder MultipleNegativesRankingLoss; 0: none).",
+    )
+    loss_scale: float = _f(10.0, "The loss multiplies the sigmoid of each score by this before the softmax.")
+    eval_questions: int = _f(500, "Held-out questions re-ranked at each evaluation (a seeded sample).")
+    eval_candidates: int = _f(
+        30,
+        "Candidates of each held-out question in evaluation: the BM25 top among every answer of the data, with the "
+        "question's own answers always included; re-ranking MRR@10 is measured over them.",
+    )
+
+    def check(self, need) -> None:
+        need(self.in_batch_negatives >= 0, "rerank.in_batch_negatives", ">= 0", self.in_batch_negatives)
+        need(self.loss_scale > 0 and math.isfinite(self.loss_scale), "rerank.loss_scale", "> 0", self.loss_scale)
+        need(self.eval_questions >= 1, "rerank.eval_questions", ">= 1", self.eval_questions)
+        need(self.eval_candidates >= 2, "rerank.eval_candidates", ">= 2", self.eval_candidates)
+
+
+@dataclass
 class CorpusConfig:
     """The passages to search: a parquet of (id, text), or the distinct answers of a Q/A parquet."""
 
@@ -369,12 +394,18 @@ class EvalConfig:
         flag="--eval-model",
     )
     batch_size: int = _f(64, "Questions per forward pass of the query encoder.")
+    reranker: str | None = _f(
+        None, "Cross-encoder folder written by train-reranker: also report every mode re-ranked by it."
+    )
+    rerank_candidates: int = _f(50, "With a reranker: the first N hits of each mode are re-ranked (the rest keep "
+                                    "their order after them).")
     output: str | None = _f(None, "Report folder (eval.json, eval.md, recall.png). Default: <index>.eval")
     overwrite: bool = _f(False, "Replace an existing report folder.")
 
     def check(self, need) -> None:
         need(self.max_queries is None or self.max_queries >= 1, "eval.max_queries", ">= 1", self.max_queries)
         need(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
+        need(self.rerank_candidates >= 1, "eval.rerank_candidates", ">= 1", self.rerank_candidates)
 
 
 @dataclass
@@ -385,6 +416,10 @@ class ServeConfig:
         None, "Index folder to serve (build-index's output); queries are encoded with the model it was built with.",
         flag="--index",
     )
+    reranker: str | None = _f(
+        None, "Cross-encoder folder written by train-reranker: requests with \"rerank\": true re-rank the "
+        "retrieved candidates with it (default: no reranker).",
+    )
     serve_config: str | None = _f(
         None, "Serve config file to deploy (autoscaling, resources, batching, limits). Default: configs/serve.yaml."
     )
@@ -392,6 +427,9 @@ class ServeConfig:
     port: int | None = _f(None, "HTTP port (default: the Serve config's).")
     max_queries: int | None = _f(None, "Most queries in one request (default: the Serve config's).")
     max_query_chars: int | None = _f(None, "Longest query in characters (default: the Serve config's).")
+    max_candidates: int | None = _f(
+        None, "Most retrieval candidates one request may have re-ranked (default: the Serve config's)."
+    )
     max_batch_size: int | None = _f(
         None, "Most queries the encoder batches into one forward pass (default: the Serve config's)."
     )
@@ -407,7 +445,7 @@ class ServeConfig:
 
     def check(self, need) -> None:
         need(self.port is None or 0 < self.port < 65536, "serve.port", "in 1..65535", self.port)
-        for key in ("max_queries", "max_query_chars", "max_batch_size"):
+        for key in ("max_queries", "max_query_chars", "max_candidates", "max_batch_size"):
             value = getattr(self, key)
             need(value is None or value >= 1, f"serve.{key}", ">= 1", value)
         need(self.batch_wait_timeout_s is None or self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s",
@@ -415,8 +453,9 @@ class ServeConfig:
         need(self.timeout_s > 0, "serve.timeout_s", "> 0", self.timeout_s)
 
 
-# Every step `run` may take, in order; `round1` and `mine` only with pipeline.negatives (see PipelineConfig.steps).
-PIPELINE_STEPS = ("round1", "mine", "train", "index", "evaluate", "serve")
+# Every step `run` may take, in order; `round1` and `mine` only with pipeline.negatives, `reranker` only with
+# pipeline.reranker (see PipelineConfig.steps).
+PIPELINE_STEPS = ("round1", "mine", "train", "reranker", "index", "evaluate", "serve")
 
 
 @dataclass
@@ -446,6 +485,13 @@ class PipelineConfig:
         "from the same starting model with them (ANCE, RocketQA). Mining options: the mine section.",
         flag="--negatives",
     )
+    reranker: bool = _f(
+        False,
+        "Also train a cross-encoder reranker (train-reranker) on the mined hard negatives, from the same starting "
+        "encoder; the evaluation reports every mode re-ranked, and the service re-ranks requests that ask for it. "
+        "Needs --negatives bm25 or model.",
+        flag="--reranker",
+    )
     deploy: bool = _f(True, "Deploy the search service at the end (off: stop after the evaluation).")
     example_query: str | None = _f(
         None, "Query sent to the deployed endpoint at the end, shown with its results (default: a held-out question)."
@@ -465,11 +511,16 @@ class PipelineConfig:
                  f"a comma-separated list of {', '.join(PIPELINE_STEPS[:-1])}", self.force)
         need(self.inject_kill_after_step in (None, *PIPELINE_STEPS[:-1]), "pipeline.inject_kill_after_step",
              f"one of {', '.join(PIPELINE_STEPS[:-1])}", self.inject_kill_after_step)
+        need(not self.reranker or self.negatives != "none", "pipeline.negatives",
+             "bm25 or model with pipeline.reranker (a cross-encoder cannot learn from positives alone)",
+             self.negatives)
 
     @property
     def steps(self) -> tuple[str, ...]:
         """The steps of this run, in order (serving excluded)."""
         skipped = {"none": {"round1", "mine"}, "bm25": {"round1"}, "model": set()}[self.negatives]
+        if not self.reranker:
+            skipped = skipped | {"reranker"}
         return tuple(s for s in PIPELINE_STEPS[:-1] if s not in skipped)
 
     @property
@@ -478,24 +529,26 @@ class PipelineConfig:
 
 
 METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "mine": MineConfig, "train": TrainConfig, "output": OutputConfig,
-            "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig,
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "mine": MineConfig, "train": TrainConfig,
+            "rerank": RerankConfig, "output": OutputConfig, "corpus": CorpusConfig, "embed": EmbedConfig,
+            "index": IndexConfig, "eval": EvalConfig,
             "serve": ServeConfig, "pipeline": PipelineConfig}
 # The sections each command reads; the others are refused in its config file.
 COMMAND_SECTIONS = {
     "mine-negatives": ("data", "model", "mine", "embed"),
     "train": ("data", "model", "train", "output"),
+    "train-reranker": ("data", "model", "train", "rerank", "output"),
     "build-index": ("corpus", "model", "embed", "index"),
     "evaluate": ("eval",),
     "serve": ("serve",),
-    "run": ("pipeline", "data", "model", "mine", "train", "corpus", "embed", "index", "eval", "serve"),
+    "run": ("pipeline", "data", "model", "mine", "train", "rerank", "corpus", "embed", "index", "eval", "serve"),
 }
 # Keys of `run` that its run folder decides (see PipelineConfig); giving one is an error, not silently ignored.
 PIPELINE_OWNED = frozenset({
     *(f"output.{f}" for f in ("output", "run_dir", "resume", "overwrite")),
     "mine.output", "mine.overwrite", "mine.method", "index.output", "index.overwrite", "eval.index", "eval.queries",
     "eval.output", "eval.overwrite", "eval.model", "eval.question_column", "eval.answer_column",
-    "eval.relevant_id_column", "serve.index", "serve.swap",
+    "eval.relevant_id_column", "eval.reranker", "serve.index", "serve.swap", "serve.reranker",
 })
 
 
@@ -507,6 +560,7 @@ class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mine: MineConfig = field(default_factory=MineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)

@@ -115,6 +115,23 @@ def test_unreachable_hub_model(qa_parquet, out):
                           "'klue/roberta-base'", "Hub is unreachable", "--model ./models/roberta-base")
 
 
+def test_reranker_without_negatives_or_with_options_it_cannot_use(qa_parquet, out):
+    # Issue 7: positives alone cannot train a cross-encoder; said before Ray starts, naming the file and the fix
+    pairs = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
+    result = run_job("train_reranker", "--data", pairs, "--output", out)
+    assert_one_line_error(result, pairs, "no hard negatives to train on (no columns negative_1..n)",
+                          "cannot learn from positives alone", "mine-negatives", command="train-reranker")
+    mined = qa_parquet("mined.parquet", question=["q1", "q2"], answer=["a1", "a2"], negative_1=["a2", "a1"])
+    assert_one_line_error(run_job("train_reranker", "--data", mined, "--output", out, "--num-negatives", "0"),
+                          "no hard negatives to train on (--num-negatives 0)", command="train-reranker")
+    assert_one_line_error(run_job("train_reranker", "--data", mined, "--output", out, "--cached-loss"),
+                          "train.cached_loss: the reranker has no cached loss", command="train-reranker")
+    assert_one_line_error(run_job("train_reranker", "--data", mined, "--output", out, "--checkpoint-metric",
+                                  "recall@10"), "train.checkpoint_metric must be one of mrr@10, ndcg@10",
+                          command="train-reranker")
+    assert not Path(out).exists()
+
+
 def test_directory_and_glob_inputs_are_read(tmp_path):
     # Given the same pairs split over two files in a folder
     from denseqa.data import resolve_parquet_files

@@ -1,5 +1,6 @@
-"""Acceptance 3 and 4 (and the NaN stop) through a real `ray job submit` to a local `ray start --head` cluster
-with token authentication on, as a user runs denseqa.
+"""Training through a real `ray job submit` to a local `ray start --head` cluster with token authentication on, as
+a user runs denseqa: the bi-encoder (recovery, the NaN stop, resume, hard negatives with the cached loss) and the
+cross-encoder reranker.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import secrets
 import subprocess
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from .conftest import real_pairs, submit_job
@@ -22,8 +25,6 @@ def submit(cluster, *args: str):
 
 @pytest.fixture(scope="module")
 def sample(cluster) -> str:
-    import pyarrow.parquet as pq
-
     path = cluster["tmp"] / "debian-en-400.parquet"
     pq.write_table(real_pairs(400, seed=1), path)
     return str(path)
@@ -118,18 +119,24 @@ def test_a_stopped_run_continues_on_request_from_its_run_folder(cluster, sample,
     assert not (run_dir / "stopped.json").exists()
 
 
-def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(cluster, sample):
-    # Issue 6, acceptance 3. Given BM25 negatives mined by the mining job, submitted like any job
-    mined = cluster["tmp"] / "negatives"
-    result = submit_job(cluster, "mine_negatives", "--data", sample, "--heldout-size", "50", "--output", str(mined),
+@pytest.fixture(scope="module")
+def mined(cluster, sample) -> dict:
+    """BM25 negatives mined by the mining job, submitted like any job: one for each of 350 training pairs."""
+    out = cluster["tmp"] / "negatives"
+    result = submit_job(cluster, "mine_negatives", "--data", sample, "--heldout-size", "50", "--output", str(out),
                         "--mine.method", "bm25", "--mine.num-negatives", "1")
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    counts = json.loads((mined / "negatives.json").read_text())["counts"]
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    counts = json.loads((out / "negatives.json").read_text())["counts"]
     assert counts["train_pairs"] == 350 and counts["with_all_negatives"] >= 300
+    return {"path": str(out), "counts": counts}
+
+
+def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(cluster, mined):
+    # Issue 6, acceptance 3. Given BM25 negatives mined by the mining job (the fixture)
+    counts = mined["counts"]
     # When the training job runs on them with 2 workers and GradCache in mini-batches of 4 texts
     out = cluster["tmp"] / "with-negatives" / "model"
-    result = submit(cluster, "--data", str(mined), "--heldout-size", "50", "--output", str(out), "--num-workers",
+    result = submit(cluster, "--data", mined["path"], "--heldout-size", "50", "--output", str(out), "--num-workers",
                     "2", "--batch-size", "8", "--max-steps", "2", "--eval-every-steps", "2", "--max-seq-length", "64",
                     "--cached-loss", "--mini-batch-size", "4")
     log = result.stdout + result.stderr
@@ -139,6 +146,7 @@ def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(
             "cached loss, mini-batches of 4") in log
     record = json.loads((out / "denseqa.json").read_text())
     training = record["training"]
+    assert record["kind"] == "bi-encoder"
     assert training["steps"] == 2 and training["negatives_per_question"] == 31
     assert training["loss"] == {"name": "CachedGatheredMultipleNegativesRankingLoss", "cached": True,
                                 "mini_batch_size": 4}
@@ -147,3 +155,40 @@ def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(
     assert hard["mined"]["method"] == "bm25" and hard["mined"]["counts"] == counts
     assert record["data"]["rows"]["train"] == counts["with_all_negatives"]
     assert len(training["peak_memory_mb_per_worker"]) == 2
+
+
+def test_a_reranker_trains_through_ray_job_submit_and_loads(cluster, mined):
+    # Issue 7, acceptance 1. Given the mined pairs, When the reranker job runs on them with 2 workers
+    from sentence_transformers import CrossEncoder
+
+    from denseqa.rerank import Reranker
+
+    out = cluster["tmp"] / "reranker"
+    result = submit_job(cluster, "train_reranker", "--data", mined["path"], "--heldout-size", "50", "--output",
+                        str(out), "--num-workers", "2", "--batch-size", "4", "--max-steps", "2", "--eval-every-steps",
+                        "2", "--max-seq-length", "64", "--in-batch-negatives", "2", "--eval-questions", "20",
+                        "--eval-candidates", "6")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    # Then each question was scored against its answer, its hard negative and 2 other answers of its batch
+    assert ("training the reranker: 2 workers x 4 questions, each scored against its answer, 1 hard negative and 2 "
+            "answers of other pairs of its batch; 2 steps") in log
+    record = json.loads((out / "denseqa.json").read_text())
+    training = record["training"]
+    assert record["kind"] == "reranker" and training["steps"] == 2 and training["workers"] == 2
+    assert training["candidates_per_question"] == 4
+    assert training["loss"]["name"] == "MultipleNegativesRankingLoss (cross-encoder)"
+    assert training["hard_negatives"]["mined"]["counts"] == mined["counts"]
+    assert training["evaluation"]["questions"] == 20 and training["evaluation"]["candidates"] == 6
+    # evaluated by re-ranking before and after training, with a checkpoint at the end
+    assert [e["step"] for e in record["metrics"]["history"]] == [0, 2]
+    for metrics in (record["metrics"]["before"], record["metrics"]["final"]):
+        assert set(metrics) == {"mrr@10", "ndcg@10", "map", "bm25_mrr@10"}
+        assert 0 < metrics["mrr@10"] <= 1
+    assert list((Path(str(out) + ".run")).glob("checkpoint_step0000002"))
+    assert len(training["peak_memory_mb_per_worker"]) == 2
+    # And it loads, as a CrossEncoder and as the service's Reranker, and scores alike
+    pairs = [("a terminal text editor", "vim is a text editor"), ("a terminal text editor", "a font package")]
+    direct = CrossEncoder(str(out)).predict(pairs)
+    np.testing.assert_allclose(Reranker(str(out)).scores(pairs), direct, rtol=1e-5)
+    assert pq.read_table(out / "heldout.parquet").num_rows == 50
