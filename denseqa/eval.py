@@ -6,8 +6,9 @@ may have several right answers: every answer of every held-out pair with the sam
 - During training (:func:`build_evaluator`), the held-out questions are searched among the held-out answers only
   (a repeated answer text is one document): cheap enough to run at every checkpoint.
 - The evaluation job (:func:`run_evaluation`) searches them in a built index, the whole corpus, with the
-  :class:`~denseqa.search.Searcher` the service uses: dense, BM25 and their hybrid, written as JSON, Markdown and
-  a recall@k plot.
+  :class:`~denseqa.search.Searcher` the service uses: dense, BM25 and their hybrid, and with ``--reranker`` each of
+  them re-ranked by a cross-encoder (:class:`~denseqa.rerank.Reranker`, as the service does), written as JSON,
+  Markdown and a recall@k plot.
 """
 
 from __future__ import annotations
@@ -169,6 +170,10 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"Retrieval of {report['judgements']['evaluated']} held-out questions in {report['index']['count']} "
              f"passages ({report['index']['factory']}, model {report['model']['path']}).", "",
              "| mode | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    if report.get("reranking"):
+        r = report["reranking"]
+        lines[1:1] = [f"`+rerank`: the first {r['candidates']} hits re-ordered by the cross-encoder "
+                      f"{r['reranker']['path']} ({r['pairs_scored']} pairs scored in {r['seconds']:.1f} s).", ""]
     for mode, metrics in report["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
     return "\n".join(lines) + "\n"
@@ -194,6 +199,34 @@ def plot_recall(report: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def rerank_rankings(e, searcher, questions: list[str], rankings: dict[str, list[list[int]]]) -> dict[str, Any]:
+    """Each mode's ranking with its first ``e.rerank_candidates`` passages re-ordered by the cross-encoder (the rest
+    keep their place after them), as ``"<mode>+rerank"``. A (question, passage) pair found by several modes is
+    scored once."""
+    from denseqa.rerank import Reranker, rerank_order
+
+    reranker = Reranker(e.reranker, batch_size=e.batch_size)
+    n = e.rerank_candidates
+    pairs: dict[tuple[int, int], int] = {}  # (question, passage position) -> row in the scores
+    for ranking in rankings.values():
+        for q, row in enumerate(ranking):
+            for p in row[:n]:
+                pairs.setdefault((q, p), len(pairs))
+    texts = searcher.docstore.column("text")
+    started = time.time()
+    scores = reranker.scores([(questions[q], texts[p].as_py()) for q, p in pairs])
+    seconds = time.time() - started
+    reranked = {}
+    for mode, ranking in rankings.items():
+        reranked[f"{mode}+rerank"] = [
+            [row[:n][i] for i in rerank_order(np.array([scores[pairs[(q, p)]] for p in row[:n]]))] + row[n:]
+            for q, row in enumerate(ranking)]
+    logger.info("re-ranked the first %d hits of %s: %d distinct pairs scored in %.1f s", n, ", ".join(rankings),
+                len(pairs), seconds)
+    return {"reranker": reranker.describe(), "candidates": n, "pairs_scored": len(pairs),
+            "seconds": round(seconds, 2), "rankings": reranked}
 
 
 def run_evaluation(cfg) -> dict[str, Any]:
@@ -223,14 +256,20 @@ def run_evaluation(cfg) -> dict[str, Any]:
     started = time.time()
     vectors = searcher.encode(judgements.questions, e.batch_size)
     encode_seconds = time.time() - started
-    results, seconds = {}, {}
+    rankings, seconds = {}, {}
     ids = searcher.docstore.column("id").to_pylist()
     for mode in modes:
         t0 = time.time()
         _, positions = searcher.rank(judgements.questions, CURVE_MAX_K, mode, vectors=vectors)
         seconds[mode] = round(time.time() - t0 + (encode_seconds if mode != "bm25" else 0), 3)
-        ranked = [[ids[p] for p in row.tolist() if p >= 0] for row in positions]
-        results[mode] = retrieval_metrics(ranked, judgements.relevant)
+        rankings[mode] = [[p for p in row.tolist() if p >= 0] for row in positions]
+    reranking = None
+    if e.reranker:
+        reranking = rerank_rankings(e, searcher, judgements.questions, rankings)
+        rankings.update(reranking.pop("rankings"))
+    results = {}
+    for mode, ranking in rankings.items():
+        results[mode] = retrieval_metrics([[ids[p] for p in row] for row in ranking], judgements.relevant)
         logger.info("%s: %s", mode, " ".join(f"{k} {v:.4f}" for k, v in results[mode].items() if k != "recall_curve"))
     report = {
         "index": {"path": e.index, "count": manifest["count"], "factory": manifest["index"]["factory"],
@@ -240,6 +279,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "judgements": judgements.counts,
         "modes": results,
         "seconds": seconds,
+        "reranking": reranking,
         "config": cfg.to_dict(),
         "notes": None if searcher.bm25 is not None else "index built without BM25: bm25 and hybrid not evaluated",
     }
