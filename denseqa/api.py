@@ -14,9 +14,10 @@ from typing import Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 MAX_K = 1000
+DEFAULT_CANDIDATES = 50
 
 
 class SearchRequest(BaseModel):
@@ -30,12 +31,22 @@ class SearchRequest(BaseModel):
     mode: Literal["dense", "bm25", "hybrid"] = Field(
         "dense", description="dense (FAISS), bm25 (lexical) or hybrid (reciprocal rank fusion of both)."
     )
+    rerank: StrictBool = Field(
+        False, description="Re-rank the first `candidates` hits of the search with the service's cross-encoder."
+    )
+    candidates: StrictInt | None = Field(
+        None, ge=1, description=f"With `rerank`: hits retrieved and re-ranked, at least `k` (default "
+        f"{DEFAULT_CANDIDATES}, or `k` if larger); at most the service's `max_candidates`.",
+    )
 
 
 class Hit(BaseModel):
     id: str
-    score: float
+    score: float = Field(description="The search's score (dense: cosine; bm25: BM25; hybrid: fused rank score).")
     text: str
+    rerank_score: float | None = Field(None, description="With `rerank`: the cross-encoder's score; hits are "
+                                                         "ordered by it.")
+    retrieval_rank: int | None = Field(None, description="With `rerank`: the hit's rank in the search, from 1.")
 
 
 class QueryResult(BaseModel):
@@ -47,6 +58,7 @@ class SearchResponse(BaseModel):
     results: list[QueryResult] = Field(description="One entry per query, in the order given.")
     mode: str
     k: int
+    reranked_candidates: int | None = Field(None, description="With `rerank`: how many hits were re-ranked.")
     index: str = Field(description="The index folder that answered (it changes after a hot swap).")
     took_ms: float = Field(description="Time spent in the service, from request parsed to response built.")
 
@@ -56,6 +68,7 @@ class Limits(BaseModel):
 
     max_queries: int = Field(64, ge=1, description="Most queries in one request.")
     max_query_chars: int = Field(2000, ge=1, description="Longest query, in characters.")
+    max_candidates: int = Field(200, ge=1, description="Most candidates one query may have re-ranked.")
 
 
 class BadRequest(Exception):
@@ -87,6 +100,23 @@ def checked_queries(request: SearchRequest, limits: Limits) -> list[str]:
         if len(query) > limits.max_query_chars:
             raise BadRequest(name, f"query has {len(query)} characters; at most {limits.max_query_chars}", 413)
     return queries
+
+
+def checked_candidates(request: SearchRequest, limits: Limits, has_reranker: bool) -> int | None:
+    """How many hits to retrieve for re-ranking (None: no re-ranking), after the checks that need the service."""
+    if not request.rerank:
+        if request.candidates is not None:
+            raise BadRequest("candidates", "`candidates` is only used with `rerank: true`")
+        return None
+    if not has_reranker:
+        raise BadRequest("rerank", "this service has no reranker; deploy it with one (denseqa serve --reranker "
+                         "FOLDER, a folder written by train-reranker) or leave `rerank` out", 400)
+    candidates = request.candidates if request.candidates is not None else max(DEFAULT_CANDIDATES, request.k)
+    if candidates < request.k:
+        raise BadRequest("candidates", f"{candidates} candidates cannot fill k={request.k} hits; give at least k")
+    if candidates > limits.max_candidates:
+        raise BadRequest("candidates", f"{candidates} candidates to re-rank; at most {limits.max_candidates}", 413)
+    return candidates
 
 
 def install_error_handlers(app: FastAPI) -> None:

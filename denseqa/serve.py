@@ -1,15 +1,19 @@
-"""The search service on Ray Serve: HTTP ingress -> batched query encoder -> index searcher.
+"""The search service on Ray Serve: HTTP ingress -> batched query encoder -> index searcher [-> reranker].
 
-Three deployments, each scaled on its own (``autoscaling_config`` in the Serve config file, ``configs/serve.yaml``):
+Three deployments, and a fourth when a reranker is configured, each scaled on its own (``autoscaling_config`` in the
+Serve config file, ``configs/serve.yaml``):
 
 - :class:`SearchAPI`, the FastAPI ingress (``@serve.ingress``): validates requests (:mod:`denseqa.api`) and calls
-  the two others through ``DeploymentHandle``\\ s, once per group of requests that arrive together (each call
+  the others through ``DeploymentHandle``\\ s, once per group of requests that arrive together (each call
   costs milliseconds of CPU per replica it crosses). Cheap; a fraction of a CPU.
 - :class:`QueryEncoder`: the bi-encoder the index was built with, on a GPU when the replica has one. Concurrent
   requests are encoded together by ``@serve.batch`` (dynamic batching, as in Clipper, Crankshaw et al., NSDI 2017):
   one forward pass for many queries is what makes a small model fast on any accelerator, and on CPUs too.
 - :class:`IndexSearcher`: the FAISS index, BM25 and docstore of one index folder, loaded through the library's
   :class:`~denseqa.search.Searcher`, so the service answers exactly what the evaluation job measured.
+- :class:`Reranker` (only with ``args.reranker``): a cross-encoder (:mod:`denseqa.rerank`) that re-scores the first
+  ``candidates`` hits of a request with ``"rerank": true``; the candidates of concurrent requests share forward
+  passes (``@serve.batch``), as the encoder's queries do.
 
 Hot swap: set ``user_config: {index: NEW_FOLDER}`` on ``IndexSearcher`` and deploy the config again. Serve calls
 :meth:`IndexSearcher.reconfigure` on the running replicas; each loads the new folder beside the old one and swaps
@@ -46,6 +50,7 @@ from denseqa.api import (
     Limits,
     SearchRequest,
     SearchResponse,
+    checked_candidates,
     checked_queries,
     install_error_handlers,
 )
@@ -64,6 +69,10 @@ class SearchAppArgs(Limits):
     model_config = ConfigDict(extra="forbid")
 
     index: str = Field(description="Index folder written by build-index: a path every node reaches, or a URI.")
+    reranker: str | None = Field(
+        None, description="Cross-encoder folder written by train-reranker (a path every node reaches, or a URI): "
+        "enables `rerank: true`. None: no Reranker deployment."
+    )
 
 
 class EncoderSettings(BaseModel):
@@ -85,7 +94,20 @@ class SearcherSettings(BaseModel):
     index: str | None = None
 
 
+class RerankerSettings(BaseModel):
+    """``user_config`` of Reranker: how queries (each with its candidates) are batched into forward passes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, description="Most queries whose candidates are scored in one predict call.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long the first query of a batch waits for others to join it."
+    )
+    pairs_per_forward: int = Field(64, ge=1, description="(query, passage) pairs per forward pass of the model.")
+
+
 ENCODER_DEFAULTS = EncoderSettings()
+RERANKER_DEFAULTS = RerankerSettings()
 
 
 class IndexNotLoaded(RuntimeError):
@@ -97,6 +119,22 @@ def _one_line(error: Exception) -> str:
         first = error.errors()[0]
         return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
     return " ".join(str(error).split())
+
+
+def _batching_settings(name: str, config: dict | None, current: BaseModel | None, settings_cls: type[BaseModel],
+                       batch_method) -> BaseModel:
+    """Validate a batching ``user_config`` and apply it to the replica's ``@serve.batch`` method."""
+    try:
+        settings = settings_cls.model_validate(config or {})
+    except ValidationError as e:
+        if current is None:  # a new replica: fail, so the deployment reports the bad config
+            raise InputError(f"{name} user_config: {_one_line(e)}") from None
+        # A running replica keeps its settings rather than dying on a typo in a redeployed config.
+        logger.error("%s user_config refused (%s); keeping %s", name, _one_line(e), current)
+        return current
+    batch_method.set_max_batch_size(settings.max_batch_size)
+    batch_method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+    return settings
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -123,17 +161,8 @@ class QueryEncoder:
         self.batched_queries = 0
 
     def reconfigure(self, config: dict | None) -> None:
-        try:
-            settings = EncoderSettings.model_validate(config or {})
-        except ValidationError as e:
-            if self.settings is None:  # a new replica: fail, so the deployment reports the bad config
-                raise InputError(f"QueryEncoder user_config: {_one_line(e)}") from None
-            # A running replica keeps its settings rather than dying on a typo in a redeployed config.
-            logger.error("QueryEncoder user_config refused (%s); keeping %s", _one_line(e), self.settings)
-            return
-        self.settings = settings
-        self._encode_batch.set_max_batch_size(settings.max_batch_size)
-        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.settings = _batching_settings("QueryEncoder", config, self.settings, EncoderSettings,
+                                           self._encode_batch)
 
     @serve.batch(max_batch_size=ENCODER_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=ENCODER_DEFAULTS.batch_wait_timeout_s)
@@ -154,6 +183,56 @@ class QueryEncoder:
         settings = self.settings or ENCODER_DEFAULTS
         return {**self.encoder.describe(), "device": self.device, "batching": settings.model_dump(),
                 "batches": self.batches, "batched_queries": self.batched_queries,
+                "mean_batch_size": self.batched_queries / self.batches if self.batches else None}
+
+
+# ------------------------------------------------------------------------------------------------ reranker
+
+
+@serve.deployment(name="Reranker", user_config=RERANKER_DEFAULTS.model_dump(), max_ongoing_requests=32,
+                  autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8},
+                  ray_actor_options={"num_cpus": 1})
+class Reranker:
+    """Scores each query's candidates with a cross-encoder; the candidates of concurrent queries share a batch.
+
+    Its defaults (above) apply when the Serve config has no ``Reranker`` entry; configs/serve.yaml shows one.
+    """
+
+    def __init__(self, path: str) -> None:
+        import torch
+
+        from denseqa.rerank import Reranker as CrossEncoderReranker
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.reranker = CrossEncoderReranker(path, device=self.device)
+        self.settings: RerankerSettings | None = None
+        self.batches = 0
+        self.batched_queries = 0
+
+    def reconfigure(self, config: dict | None) -> None:
+        self.settings = _batching_settings("Reranker", config, self.settings, RerankerSettings, self._score_batch)
+        self.reranker.batch_size = self.settings.pairs_per_forward
+
+    @serve.batch(max_batch_size=RERANKER_DEFAULTS.max_batch_size,
+                 batch_wait_timeout_s=RERANKER_DEFAULTS.batch_wait_timeout_s)
+    async def _score_batch(self, requests: list[tuple[str, list[str]]]) -> list[list[float]]:
+        self.batches += 1
+        self.batched_queries += len(requests)
+        # On the event loop, for the reason given in QueryEncoder._encode_batch.
+        scores = self.reranker.scores([(query, text) for query, texts in requests for text in texts])
+        out, start = [], 0
+        for _, texts in requests:
+            out.append(scores[start:start + len(texts)].tolist())
+            start += len(texts)
+        return out
+
+    async def score(self, query: str, texts: list[str]) -> list[float]:
+        """The cross-encoder's score of (query, text) for each text, in order."""
+        return await self._score_batch((query, texts))
+
+    def describe(self) -> dict:
+        settings = self.settings or RERANKER_DEFAULTS
+        return {**self.reranker.describe(), "batching": settings.model_dump(), "batches": self.batches,
                 "mean_batch_size": self.batched_queries / self.batches if self.batches else None}
 
 
@@ -243,30 +322,45 @@ def _is(error: Exception, kind: type) -> bool:
 @serve.deployment(name="SearchAPI")
 @serve.ingress(http)
 class SearchAPI:
-    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, limits: dict) -> None:
+    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, limits: dict,
+                 reranker: DeploymentHandle | None = None) -> None:
         self.encoder = encoder
         self.searcher = searcher
+        self.reranker = reranker
         self.limits = Limits.model_validate(limits)
 
-    @http.post("/search", response_model=SearchResponse, responses={
-        400: {"description": "Invalid JSON, or a mode the index cannot answer"},
-        413: {"description": "Too many queries, or a query too long"},
+    @http.post("/search", response_model=SearchResponse, response_model_exclude_none=True, responses={
+        400: {"description": "Invalid JSON, a mode the index cannot answer, or rerank without a reranker"},
+        413: {"description": "Too many queries, a query too long, or too many candidates to re-rank"},
         422: {"description": "A field is missing or invalid; the body names it"},
         503: {"description": "No index loaded yet"}})
     async def search(self, request: SearchRequest):
-        """Search the index: the hits of each query, best first."""
+        """Search the index: the hits of each query, best first; with ``rerank``, the first ``candidates`` hits
+        re-ranked by the cross-encoder and the best ``k`` of them returned."""
         started = time.perf_counter()
         queries = checked_queries(request, self.limits)
-        answer = await self._answer((queries, request.k, request.mode))
+        candidates = checked_candidates(request, self.limits, self.reranker is not None)
+        answer = await self._answer((queries, candidates or request.k, request.mode))
         if isinstance(answer, Exception):
             if _is(answer, InputError):  # e.g. bm25 asked of an index built without it
                 raise BadRequest("mode", _one_line(getattr(answer, "cause", None) or answer), 400)
             if _is(answer, IndexNotLoaded):
                 raise BadRequest("index", "no index loaded yet", 503)
             raise answer
-        results = [{"query": q, "hits": h} for q, h in zip(queries, answer["hits"], strict=True)]
+        hits = answer["hits"]
+        if candidates is not None:
+            hits = await asyncio.gather(*(self._rerank(q, h, request.k) for q, h in zip(queries, hits, strict=True)))
+        results = [{"query": q, "hits": h} for q, h in zip(queries, hits, strict=True)]
         return SearchResponse(results=results, mode=request.mode, k=request.k, index=answer["index"],
-                              took_ms=(time.perf_counter() - started) * 1000)
+                              reranked_candidates=candidates, took_ms=(time.perf_counter() - started) * 1000)
+
+    async def _rerank(self, query: str, hits: list[dict], k: int) -> list[dict]:
+        """The best ``k`` of ``hits`` by the cross-encoder's score, each with its score and its search rank."""
+        from denseqa.rerank import rerank_order
+
+        scores = await self.reranker.score.remote(query, [h["text"] for h in hits])
+        return [{**hits[i], "rerank_score": scores[i], "retrieval_rank": int(i) + 1}
+                for i in rerank_order(np.asarray(scores))[:k]]
 
     # Requests that arrive together share one encoder call and one searcher call per (mode, k): every handle
     # call costs a few milliseconds of CPU in each replica it passes, more than FAISS spends on a query. Many
@@ -315,9 +409,11 @@ class SearchAPI:
 
     @http.get("/info")
     async def info(self) -> dict:
-        """The model, the index manifest, the last index change (swap or refusal) and the input limits."""
+        """The model, the index manifest, the last index change (swap or refusal), the reranker (null if none) and
+        the input limits."""
         model, status = await asyncio.gather(self.encoder.describe.remote(), self.searcher.status.remote())
-        return {"model": model, "index": status, "limits": self.limits.model_dump()}
+        reranker = await self.reranker.describe.remote() if self.reranker is not None else None
+        return {"model": model, "index": status, "reranker": reranker, "limits": self.limits.model_dump()}
 
 
 def build_app(args: dict) -> serve.Application:
@@ -329,13 +425,16 @@ def build_app(args: dict) -> serve.Application:
         parsed = SearchAppArgs.model_validate(args)
     except ValidationError as e:
         raise InputError(f"Serve application args: {_one_line(e)}") from None
-    if not storage.is_uri(parsed.index) and not os.path.isabs(parsed.index):
-        raise InputError(f"Serve application args.index {parsed.index!r}: give an absolute path or a URI; replicas "
-                         "do not run in your working directory")
+    for key in ("index", "reranker"):
+        path = getattr(parsed, key)
+        if path is not None and not storage.is_uri(path) and not os.path.isabs(path):
+            raise InputError(f"Serve application args.{key} {path!r}: give an absolute path or a URI; replicas "
+                             "do not run in your working directory")
     model = read_manifest(parsed.index)["model"]  # the encoder is the one the initial index was built with
     encoder = QueryEncoder.bind(model)
     searcher = IndexSearcher.bind(parsed.index, model)
-    return SearchAPI.bind(encoder, searcher, parsed.model_dump(exclude={"index"}))
+    reranker = Reranker.bind(parsed.reranker) if parsed.reranker else None
+    return SearchAPI.bind(encoder, searcher, parsed.model_dump(exclude={"index", "reranker"}), reranker)
 
 
 # ------------------------------------------------------------------------------------------------ deploying
@@ -498,8 +597,20 @@ def serve_config_for(cfg) -> dict:
         raise InputError("no index to serve: pass --index (a folder written by build-index)")
     index = storage.absolute(s.index)  # replicas do not run in this working directory
     read_manifest(index)  # a missing or unfinished index fails here, in one line, before anything is deployed
+    reranker = None
+    if s.reranker:
+        from denseqa.rerank import resolve_reranker
+
+        reranker = storage.absolute(s.reranker)
+        resolve_reranker(reranker)  # likewise for a folder that is not a cross-encoder
     config = with_overrides(load_serve_config(s.serve_config), index=index, host=s.host, port=s.port,
-                            max_queries=s.max_queries, max_query_chars=s.max_query_chars)
+                            max_queries=s.max_queries, max_query_chars=s.max_query_chars,
+                            max_candidates=s.max_candidates, reranker=reranker)
+    app = application(config)
+    if not app["args"].get("reranker") and any(d.get("name") == "Reranker" for d in app.get("deployments", [])):
+        # Serve refuses options for a deployment the application does not have: no reranker, no Reranker entry.
+        logger.warning("no reranker given: the Serve config's Reranker entry is left out")
+        app["deployments"] = [d for d in app["deployments"] if d.get("name") != "Reranker"]
     batching = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
     if any(v is not None for v in batching.values()):
         entry = deployment(config, "QueryEncoder")
@@ -535,6 +646,7 @@ def run_serve(cfg) -> str:
     url = deploy(config, cfg.serve.timeout_s)
     print(json.dumps({
         "url": url, "docs": f"{url}/docs", "index": application(config)["args"]["index"],
+        "reranker": application(config)["args"].get("reranker"),
         "try": f"curl -s {url}/search -H 'content-type: application/json' -d '{{\"query\": \"...\", \"k\": 5}}'",
     }, indent=2), flush=True)
     if started_here:

@@ -1,4 +1,4 @@
-"""The Ray Serve search application over real HTTP on a local Ray: results, bad input, load, hot swap.
+"""The Ray Serve search application over real HTTP on a local Ray: results, bad input, load, hot swap, re-ranking.
 
 Three real index folders are built by the indexing job's function: A and B with the bundled all-MiniLM-L6-v2 over
 different real Debian answers, C with the tiny random BERT (a model that does not match the running encoder).
@@ -135,6 +135,9 @@ BAD_INPUTS = [
     ('{"query": "x", "k": 2.5}', 422, "k"),
     ('{"query": "x", "mode": "semantic"}', 422, "mode"),
     ('{"query": "x", "top_k": 3}', 422, "top_k"),
+    ('{"query": "x", "rerank": true}', 400, "rerank"),  # this service has no reranker
+    ('{"query": "x", "rerank": "yes"}', 422, "rerank"),
+    ('{"query": "x", "candidates": 20}', 422, "candidates"),  # only with rerank
     ('{"queries": [' + ", ".join(['"q"'] * 65) + "]}", 413, "queries"),
     ('{"query": "' + "x" * 2001 + '"}', 413, "query"),
     ('{"queries": ["ok", "' + "y" * 2001 + '"]}', 413, "queries[1]"),
@@ -172,7 +175,8 @@ def test_health_info_and_openapi(service, indexes):
     assert info["model"]["weights_sha256"] == manifest["model"]["weights_sha256"]
     assert info["model"]["device"] == "cpu" and info["model"]["batching"]["max_batch_size"] == 32
     assert info["index"]["manifest"]["count"] == manifest["count"] and info["index"]["bm25"] is True
-    assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000}
+    assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000, "max_candidates": 200}
+    assert info["reranker"] is None
     docs = requests.get(f"{url}/docs", timeout=30)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = requests.get(f"{url}/openapi.json", timeout=30).json()
@@ -323,6 +327,59 @@ def test_a_mode_the_index_cannot_answer_is_a_400(service, indexes):
         assert response.status_code == 400 and response.json()["error"]["field"] == "mode", response.text
         assert "built without BM25" in response.json()["error"]["message"]
     assert post(service["url"], {"query": "a terminal text editor", "mode": "dense"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_dir(tmp_path_factory) -> str:
+    """A cross-encoder folder: the bundled all-MiniLM-L6-v2 with a new (seeded, untrained) one-score head. The test
+    below checks the service against the model itself, which needs a deterministic model, not a good one."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from denseqa.model import bundled_model_path
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("cross-encoder")
+    CrossEncoder(str(bundled_model_path()), num_labels=1, max_length=128).save(str(path))
+    return str(path)
+
+
+def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, indexes, cross_encoder_dir):
+    from sentence_transformers import CrossEncoder
+
+    from denseqa import serve as ds
+
+    config = _test_config(indexes["A"], service["port"])
+    ds.application(config)["args"]["reranker"] = cross_encoder_dir
+    ds.deployment(config, "Reranker").update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+                                             ray_actor_options={"num_cpus": 0.25})  # 2 CPUs for 4 deployments
+    url = ds.deploy(config)
+    model = CrossEncoder(cross_encoder_dir)
+    questions = indexes["questions"][:3]
+    for mode in ("dense", "hybrid"):
+        for question in questions:
+            candidates = post(url, {"query": question, "k": 20, "mode": mode}).json()["results"][0]["hits"]
+            assert all("rerank_score" not in h for h in candidates)  # a plain search is unchanged
+            response = post(url, {"query": question, "k": 5, "mode": mode, "rerank": True, "candidates": 20})
+            assert response.status_code == 200, response.text
+            assert response.json()["reranked_candidates"] == 20
+            hits = response.json()["results"][0]["hits"]
+            # The CrossEncoder called directly on the same candidates gives the same order and scores
+            expected = model.predict([(question, h["text"]) for h in candidates], batch_size=64)
+            order = np.argsort(-expected, kind="stable")[:5]
+            assert [h["id"] for h in hits] == [candidates[i]["id"] for i in order]
+            np.testing.assert_allclose([h["rerank_score"] for h in hits], expected[order], rtol=1e-5, atol=1e-6)
+            assert [h["retrieval_rank"] for h in hits] == [int(i) + 1 for i in order]
+            assert [h["score"] for h in hits] == [candidates[i]["score"] for i in order]  # both scores
+    body = post(url, {"queries": questions, "k": 3, "rerank": True}).json()  # several queries; 50 by default
+    assert body["reranked_candidates"] == 50 and [len(r["hits"]) for r in body["results"]] == [3, 3, 3]
+    for request, status in (({"k": 10, "candidates": 5}, 422), ({"candidates": 201}, 413), ({"candidates": 0}, 422),
+                            ({"k": 300}, 413)):
+        response = post(url, {"query": questions[0], "rerank": True, **request})
+        assert response.status_code == status, (request, response.text)
+        assert response.json()["error"]["field"] == "candidates", response.text
+    info = requests.get(f"{url}/info", timeout=30).json()["reranker"]
+    assert info["path"] == cross_encoder_dir and info["mean_batch_size"] >= 1
 
 
 def test_searcher_replica_logic_without_serve(indexes):
