@@ -1,5 +1,5 @@
-"""The whole run as one job: [round1 → mine →] train → index → evaluate → serve, in one run folder, resumable step
-by step.
+"""The whole run as one job: [round1 → mine →] train [→ reranker] → index → evaluate → serve, in one run folder,
+resumable step by step.
 
 Like a build system (make, DVC's lock file), every step records in ``pipeline.json`` what it ran from (its part
 of the config, the fingerprint of its input files and of the previous step's output) and the fingerprint of what
@@ -16,6 +16,8 @@ Run folder (local or a URI; every node must reach it)::
     negatives/      with --negatives bm25|model: the pairs with their hard negatives (negatives.json, pairs/)
     model/          the fine-tuned model (denseqa.json, heldout.parquet)
     train/<key>/    Ray Train's checkpoints, one folder per training config (an interrupted one resumes)
+    reranker/       with --reranker: the cross-encoder trained on the mined negatives (its checkpoints in
+                    train-reranker/<key>/)
     index/          the FAISS index folder (manifest.json)
     eval/           eval.md, eval.json, recall.png
 """
@@ -55,9 +57,10 @@ logger = logging.getLogger(__name__)
 STATE_FILE = "pipeline.json"
 CONFIG_FILE = "config.yaml"
 # The file that marks each step's output complete (written last; see denseqa.storage.publish_folder).
-MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "train": RECORD_FILE, "index": MANIFEST_FILE,
-           "evaluate": REPORT_JSON}
-OUTPUTS = {"round1": "round1", "mine": "negatives", "train": "model", "index": "index", "evaluate": "eval"}
+MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "train": RECORD_FILE, "reranker": RECORD_FILE,
+           "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
+OUTPUTS = {"round1": "round1", "mine": "negatives", "train": "model", "reranker": "reranker", "index": "index",
+           "evaluate": "eval"}
 # Keys that change how a step runs (logging, retries, parallelism, test hooks) but not what it produces: they are
 # left out of its inputs, so changing them redoes nothing. The whole embed section is of this kind.
 OPERATIONAL = frozenset({
@@ -117,27 +120,34 @@ def _section(cfg: JobConfig, name: str, section: Any = None) -> dict[str, Any]:
             if f"{name}.{k}" not in OPERATIONAL and f"{name}.{k}" not in PIPELINE_OWNED}
 
 
-def step_inputs(cfg: JobConfig, step: str, upstream: str | None) -> dict[str, Any]:
-    """Everything a step's output depends on, flat (``section.key`` → value), with ``upstream`` the fingerprint of
-    the previous step's output."""
-    if step in ("round1", "train"):
+def step_inputs(cfg: JobConfig, step: str, made: dict[str, str | None]) -> dict[str, Any]:
+    """Everything a step's output depends on, flat (``section.key`` → value), with ``made`` the fingerprints of the
+    outputs of the steps before it."""
+    if step in ("round1", "train", "reranker"):
         inputs = {**_section(cfg, "data"), **_section(cfg, "model"), **_section(cfg, "train"),
                   "data files": files_fingerprint(cfg.data.path)}
-        if step == "train" and cfg.pipeline.negatives != "none":
-            inputs["negatives"] = upstream
+        if step == "reranker":
+            inputs.update(_section(cfg, "rerank"))
+        if step != "round1" and cfg.pipeline.negatives != "none":
+            inputs["negatives"] = made["mine"]
         return inputs
     if step == "mine":
         inputs = {**_section(cfg, "data"), **_section(cfg, "mine"), "mine.method": mining_method(cfg),
                   "data files": files_fingerprint(cfg.data.path)}
         if cfg.pipeline.negatives == "model":
-            inputs.update({**_section(cfg, "model"), "model": upstream})
+            inputs.update({**_section(cfg, "model"), "model": made["round1"]})
         return inputs
     if step == "index":
         corpus = corpus_config(cfg)
         return {**_section(cfg, "corpus", corpus), **_section(cfg, "index"), "corpus files": files_fingerprint(
-            corpus.path), "model": upstream}
+            corpus.path), "model": made["train"]}
     if step == "evaluate":
-        return {**_section(cfg, "eval"), "index": upstream}
+        inputs = {**_section(cfg, "eval"), "index": made["index"]}
+        if cfg.pipeline.reranker:
+            inputs["reranker"] = made["reranker"]
+        else:
+            inputs.pop("eval.rerank_candidates")
+        return inputs
     raise ValueError(step)
 
 
@@ -191,11 +201,14 @@ def check_training_fits(cfg: JobConfig) -> None:
 
 
 def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train") -> None:
-    """Training, or the first round of --negatives model (in-batch negatives only). The second round starts from
-    the same model as the first, with the mined negatives: the same number of steps either way."""
+    """Training, or the first round of --negatives model (in-batch negatives only), or the reranker. The second
+    round starts from the same model as the first, with the mined negatives: the same number of steps either way.
+    The reranker starts from the same encoder too, and trains on the mined negatives with the train section's
+    settings."""
     from denseqa.train import run_training
+    from denseqa.train_reranker import RerankerTask
 
-    checkpoints = storage.join(run / "train", key[:12])
+    checkpoints = storage.join(run / ("train-reranker" if step == "reranker" else "train"), key[:12])
     resume = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))
     if resume:
         logger.info("%s: continuing the interrupted training in %s", step, checkpoints)
@@ -204,9 +217,12 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
         data = dataclasses.replace(cfg.data, num_negatives=0)
     elif cfg.pipeline.negatives != "none":
         data = dataclasses.replace(cfg.data, path=run.output("mine"))
-    run_training(JobConfig(data=data, model=cfg.model, train=cfg.train,
-                           output=OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume,
-                                               overwrite=True),
+    output = OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume, overwrite=True)
+    if step == "reranker":
+        run_training(JobConfig(data=data, model=cfg.model, train=cfg.train, rerank=cfg.rerank, output=output,
+                               used=COMMAND_SECTIONS["train-reranker"]), task=RerankerTask)
+        return
+    run_training(JobConfig(data=data, model=cfg.model, train=cfg.train, output=output,
                            used=COMMAND_SECTIONS["train"]))
 
 
@@ -235,14 +251,18 @@ def run_evaluate_step(cfg: JobConfig, run: RunFolder) -> dict[str, Any]:
 
     evaluation = EvalConfig(index=run.output("index"), queries=storage.join(run.output("train"), HELDOUT_FILE),
                             max_queries=cfg.eval.max_queries, batch_size=cfg.eval.batch_size,
-                            output=run.output("evaluate"), overwrite=True)
+                            reranker=run.output("reranker") if cfg.pipeline.reranker else None,
+                            rerank_candidates=cfg.eval.rerank_candidates, output=run.output("evaluate"),
+                            overwrite=True)
     return run_evaluation(JobConfig(eval=evaluation, used=COMMAND_SECTIONS["evaluate"]))
 
 
 def run_serve_step(cfg: JobConfig, run: RunFolder) -> str:
     from denseqa.serve import deploy, serve_config_for
 
-    serve_cfg = JobConfig(serve=dataclasses.replace(cfg.serve, index=run.output("index")), used=("serve",))
+    reranker = run.output("reranker") if cfg.pipeline.reranker else None
+    serve_cfg = JobConfig(serve=dataclasses.replace(cfg.serve, index=run.output("index"), reranker=reranker),
+                          used=("serve",))
     return deploy(serve_config_for(serve_cfg), cfg.serve.timeout_s)
 
 
@@ -277,9 +297,9 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     storage.write_bytes(run / CONFIG_FILE, yaml.safe_dump(resolved_config(cfg), sort_keys=False).encode())
     state = storage.read_json(run / STATE_FILE) or {"steps": {}}
     logger.info("run folder %s (resolved config in %s)", run.root, CONFIG_FILE)
-    upstream, ran = None, {}
+    made, ran = {}, {}
     for step in p.steps:
-        inputs = step_inputs(cfg, step, upstream)
+        inputs = step_inputs(cfg, step, made)
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
         record = state["steps"].get(step)
         why = decide(step, inputs, record, output_fingerprint(run, step), p.forced)
@@ -289,10 +309,10 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
             ran[step] = "skipped"
         else:
             logger.info("%s: running (%s)", step, why)
-            if step in ("round1", "train"):
+            if step in ("round1", "train", "reranker"):
                 check_training_fits(cfg)
             started = time.time()
-            if step in ("round1", "train"):
+            if step in ("round1", "train", "reranker"):
                 run_train_step(cfg, run, key, step)
             elif step == "mine":
                 run_mine_step(cfg, run)
@@ -307,7 +327,7 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
             }
             storage.write_json(run / STATE_FILE, state)
             ran[step] = f"ran in {state['steps'][step]['seconds']:.0f} s"
-        upstream = state["steps"][step]["fingerprint"]
+        made[step] = state["steps"][step]["fingerprint"]
         if p.inject_kill_after_step == step:
             logger.warning("test hook: killing the pipeline after %s", step)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -316,7 +336,8 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     if p.deploy:
         url = run_serve_step(cfg, run)
         query = p.example_query or summary["example_query"]
-        summary.update(url=url, example={"query": query, "hits": query_endpoint(url, query, k=3)})
+        summary.update(url=url, example={"query": query, "rerank": p.reranker,
+                                         "hits": query_endpoint(url, query, k=3, rerank=p.reranker)})
     print(summary_text(summary), flush=True)
     if p.deploy and started_here:
         from denseqa.serve import serve_until_interrupted
@@ -334,6 +355,8 @@ def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
     fs, path = storage.filesystem(storage.join(run.output("train"), HELDOUT_FILE))
     heldout = pq.read_table(path, columns=["question"], filesystem=fs).column("question")
     mined = storage.read_json(storage.join(run.output("mine"), MARKERS["mine"])) if "mine" in ran else None
+    reranker = storage.read_json(storage.join(run.output("reranker"), MARKERS["reranker"])) if "reranker" in ran \
+        else None
     return {
         "run_dir": run.root, "steps": ran,
         "negatives": {"path": run.output("mine"), "method": mined["method"], "per_pair": len(mined["columns"]),
@@ -341,6 +364,9 @@ def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
         if mined else None,
         "model": {"path": run.output("train"), "steps": model["training"]["steps"],
                   "heldout_before": model["metrics"]["before"], "heldout_final": model["metrics"]["final"]},
+        "reranker": {"path": run.output("reranker"), "steps": reranker["training"]["steps"],
+                     "heldout_before": reranker["metrics"]["before"], "heldout_final": reranker["metrics"]["final"]}
+        if reranker else None,
         "index": {"path": run.output("index"), "count": manifest["count"], "factory": manifest["index"]["factory"]},
         "eval": {"path": run.output("evaluate"), "report": storage.join(run.output("evaluate"), REPORT_MD),
                  "modes": {mode: {k: v for k, v in m.items() if k != "recall_curve"}
@@ -349,9 +375,10 @@ def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def query_endpoint(url: str, query: str, k: int) -> list[dict[str, Any]]:
+def query_endpoint(url: str, query: str, k: int, rerank: bool = False) -> list[dict[str, Any]]:
     """POST the query to the deployed service over HTTP, as any client would."""
-    request = urllib.request.Request(f"{url}/search", data=json.dumps({"query": query, "k": k}).encode(),
+    body = {"query": query, "k": k, **({"rerank": True} if rerank else {})}
+    request = urllib.request.Request(f"{url}/search", data=json.dumps(body).encode(),
                                      headers={"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["results"][0]["hits"]
@@ -367,16 +394,22 @@ def summary_text(summary: dict[str, Any]) -> str:
         n = summary["negatives"]
         lines.append(f"  negatives  {n['path']}  ({steps['mine']}; {n['method']}, {n['per_pair']} per pair for "
                      f"{n['complete']} of {n['pairs']} training pairs)")
-    lines += [f"  model  {m['path']}  ({steps['train']}; {m['steps']} steps)",
-             f"  index  {i['path']}  ({steps['index']}; {i['count']} passages, {i['factory']})",
+    lines.append(f"  model  {m['path']}  ({steps['train']}; {m['steps']} steps)")
+    if summary.get("reranker"):
+        r = summary["reranker"]
+        lines.append(f"  reranker  {r['path']}  ({steps['reranker']}; {r['steps']} steps, held-out re-ranking MRR@10 "
+                     f"{r['heldout_before']['mrr@10']:.3f} → {r['heldout_final']['mrr@10']:.3f})")
+    lines += [f"  index  {i['path']}  ({steps['index']}; {i['count']} passages, {i['factory']})",
              f"  eval   {e['report']}  ({steps['evaluate']})"]
     for mode, metrics in e["modes"].items():
-        lines.append(f"         {mode:7s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        lines.append(f"         {mode:13s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     if "url" in summary:
         url, example = summary["url"], summary["example"]
-        body = json.dumps({"query": example["query"], "k": 3}, ensure_ascii=False).replace("'", "'\\''")
+        body = json.dumps({"query": example["query"], "k": 3, **({"rerank": True} if example["rerank"] else {})},
+                          ensure_ascii=False).replace("'", "'\\''")
         lines += [f"endpoint {url}/search  (OpenAPI docs: {url}/docs)",
                   f"  curl -s {url}/search -H 'content-type: application/json' -d '{body}'",
                   f"  {example['query']!r} →"]
-        lines += [f"    {hit['score']:.3f}  {hit['id']}  {hit['text'][:90]!r}" for hit in example["hits"]]
+        lines += [f"    {hit.get('rerank_score', hit['score']):.3f}  {hit['id']}  {hit['text'][:90]!r}"
+                  for hit in example["hits"]]
     return "\n".join(lines)

@@ -47,8 +47,15 @@ def test_keys_the_run_folder_decides_and_bad_force_are_refused(tmp_path):
     with pytest.raises(InputError, match=r"^run.yaml: mine.method is decided by pipeline.negatives"):
         JobConfig.from_dict({"mine": {"method": "dense"}}, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
     with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of round1, mine, train, "
-                                         r"index, evaluate"):
+                                         r"reranker, index, evaluate"):
         _parse("--force", "index,serve")
+
+
+def _made(fingerprint: str) -> dict[str, str]:
+    """Every earlier step's output fingerprint, all the same (what step_inputs reads for the steps it depends on)."""
+    from denseqa.config import PIPELINE_STEPS
+
+    return dict.fromkeys(PIPELINE_STEPS, fingerprint)
 
 
 def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
@@ -56,11 +63,11 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
 
     data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
     base = _parse("--run-dir", "r", "--data", data)
-    inputs = {step: step_inputs(base, step, "fp-up") for step in ("train", "index", "evaluate")}
+    inputs = {step: step_inputs(base, step, _made("fp-up")) for step in ("train", "index", "evaluate")}
     record = {step: {"inputs": inputs[step], "fingerprint": "fp-out"} for step in inputs}
 
     def why(cfg, step, upstream="fp-up", fingerprint="fp-out", forced=()):
-        return decide(step, step_inputs(cfg, step, upstream), record[step], fingerprint, set(forced))
+        return decide(step, step_inputs(cfg, step, _made(upstream)), record[step], fingerprint, set(forced))
 
     assert all(why(base, step) is None for step in inputs)
     # an index option redoes the index, not training; logging, retries and parallelism redo nothing
@@ -94,20 +101,46 @@ def test_hard_negative_steps_and_what_redoes_them(qa_parquet):
         "mine", "train", "index", "evaluate")
     model = _parse("--run-dir", "r", "--data", data, "--negatives", "model")
     assert model.pipeline.steps == ("round1", "mine", "train", "index", "evaluate")
-    record = {step: {"inputs": step_inputs(model, step, "fp-up"), "fingerprint": "fp-out"}
+    record = {step: {"inputs": step_inputs(model, step, _made("fp-up")), "fingerprint": "fp-out"}
               for step in model.pipeline.steps}
 
     def why(cfg, step, upstream="fp-up"):
-        return decide(step, step_inputs(cfg, step, upstream), record[step], "fp-out", set())
+        return decide(step, step_inputs(cfg, step, _made(upstream)), record[step], "fp-out", set())
 
     # mining with the first-round model: a new first round redoes the mining, new negatives redo training
-    assert step_inputs(model, "mine", "fp-up")["mine.method"] == "dense"
+    assert step_inputs(model, "mine", _made("fp-up"))["mine.method"] == "dense"
     assert why(model, "mine", upstream="fp-new") == "changed model: 'fp-up' → 'fp-new'"
     assert why(model, "train", upstream="fp-new") == "changed negatives: 'fp-up' → 'fp-new'"
     # a mining option redoes the mining, not the first round; the miners' parallelism redoes nothing
     wider = _parse("--run-dir", "r", "--data", data, "--negatives", "model", "--mine.range-max", "50")
     assert why(wider, "round1") is None and why(wider, "mine") == "changed mine.range_max: 30 → 50"
     assert why(_parse("--run-dir", "r", "--data", data, "--negatives", "model", "--mine.actors", "4"), "mine") is None
+
+
+def test_the_reranker_step_follows_the_negatives_and_the_evaluation_follows_it(qa_parquet):
+    from denseqa.errors import InputError
+    from denseqa.pipeline import step_inputs
+
+    data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
+    cfg = _parse("--run-dir", "r", "--data", data, "--negatives", "bm25", "--reranker")
+    assert cfg.pipeline.steps == ("mine", "train", "reranker", "index", "evaluate")
+    made = {"mine": "fp-negatives", "train": "fp-model", "reranker": "fp-reranker", "index": "fp-index"}
+    reranker = step_inputs(cfg, "reranker", made)
+    assert reranker["negatives"] == "fp-negatives" and "rerank.in_batch_negatives" in reranker
+    assert "fp-model" not in reranker.values()  # the reranker does not depend on the bi-encoder
+    assert step_inputs(cfg, "index", made)["model"] == "fp-model"  # nor the index on the reranker
+    evaluate = step_inputs(cfg, "evaluate", made)
+    assert evaluate["reranker"] == "fp-reranker" and evaluate["eval.rerank_candidates"] == 50
+    # without a reranker its options are not inputs of the evaluation
+    plain = _parse("--run-dir", "r", "--data", data, "--negatives", "bm25")
+    assert "eval.rerank_candidates" not in step_inputs(plain, "evaluate", made)
+    with pytest.raises(InputError, match=r"pipeline.negatives must be bm25 or model with pipeline.reranker \(a "
+                                         r"cross-encoder cannot learn from positives alone\), got 'none'"):
+        _parse("--run-dir", "r", "--data", data, "--reranker")
+    for key in ("eval.reranker", "serve.reranker"):
+        section, name = key.split(".")
+        with pytest.raises(InputError, match=rf"^run.yaml: {key} is decided by the run folder"):
+            JobConfig.from_dict({section: {name: "/x"}}, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
 
 
 def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
