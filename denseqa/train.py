@@ -1,8 +1,9 @@
 """Stage 2, train: fine-tune the bi-encoder with Ray Train (DDP) and gathered in-batch negatives.
 
-Read it top to bottom: :func:`run_training` is the driver (validate, read data, plan the steps, start the
-workers, write the model); :func:`train_loop_per_worker` is what every worker runs, one optimizer step per
-global batch.
+Read it top to bottom: :class:`BiEncoderTask` says what is trained (model, loss, evaluation);
+:func:`train_loop_per_worker` is what every worker runs, one optimizer step per global batch; :func:`run_training`
+is the driver (validate, read data, plan the steps, start the workers, write the model). The reranker
+(:mod:`denseqa.train_reranker`) is another task run by the same loop and driver.
 
 The cross-device part is in :mod:`denseqa.losses`: each worker embeds its own B questions and B answers, the
 answers of all workers are gathered with autograd, and each question is scored against all ``B * world_size``
