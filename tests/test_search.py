@@ -103,3 +103,44 @@ def test_queries_parquet_unused_columns_are_ignored(tmp_path):
     # (a guard for the evaluation job's reader: extra columns in the held-out parquet do not matter)
     pq.write_table(pa.table({"question": ["q"], "answer": ["a"], "extra": [1]}), tmp_path / "h.parquet")
     assert pq.read_table(tmp_path / "h.parquet", columns=["question", "answer"]).num_columns == 2
+
+
+def test_evaluation_reranks_the_head_of_each_mode_by_the_cross_encoder(tiny_index, tiny_model_dir, tmp_path):
+    """evaluate --reranker: each mode's first N hits re-ordered by the CrossEncoder's own scores, the rest kept."""
+    import torch
+    from sentence_transformers import CrossEncoder
+
+    from denseqa.config import EvalConfig
+    from denseqa.eval import rerank_rankings, run_evaluation
+    from denseqa.rerank import Reranker
+
+    torch.manual_seed(0)
+    reranker = tmp_path / "reranker"
+    CrossEncoder(tiny_model_dir, num_labels=1).save(str(reranker))  # untrained: the ordering is what is tested
+    with pytest.raises(InputError, match="not a cross-encoder with one score .*BertModel"):
+        Reranker(tiny_model_dir)  # a bi-encoder's checkpoint cannot re-rank
+
+    searcher = Searcher(tiny_index["path"])
+    questions = tiny_index["pairs"].column("question").to_pylist()[:8]
+    rankings = {mode: [[p for p in row.tolist() if p >= 0] for row in searcher.rank(questions, 25, mode)[1]]
+                for mode in ("dense", "hybrid")}
+    out = rerank_rankings(EvalConfig(reranker=str(reranker), rerank_candidates=10, batch_size=16), searcher,
+                          questions, rankings)
+    texts = searcher.docstore.column("text").to_pylist()
+    model = CrossEncoder(str(reranker))
+    assert out["pairs_scored"] == len({(q, p) for r in rankings.values() for q, row in enumerate(r) for p in row[:10]})
+    for mode, ranking in rankings.items():
+        for q, (row, reranked) in enumerate(zip(ranking, out["rankings"][f"{mode}+rerank"], strict=True)):
+            scores = model.predict([(questions[q], texts[p]) for p in row[:10]], batch_size=16)
+            assert reranked[:10] == [row[i] for i in np.argsort(-scores, kind="stable")]
+            assert reranked[10:] == row[10:]
+
+    # Through the evaluation job's function: every mode and its re-ranked twin, in eval.json and eval.md
+    pq.write_table(tiny_index["pairs"].slice(0, 20), tmp_path / "heldout.parquet")
+    report = run_evaluation(JobConfig.from_dict({"eval": {
+        "index": tiny_index["path"], "queries": str(tmp_path / "heldout.parquet"), "reranker": str(reranker),
+        "rerank_candidates": 10, "output": str(tmp_path / "eval")}}, sections=("eval",)))
+    assert set(report["modes"]) == {"dense", "bm25", "hybrid", "dense+rerank", "bm25+rerank", "hybrid+rerank"}
+    assert report["reranking"]["candidates"] == 10 and "re-ordered by the cross-encoder" in report["markdown"]
+    # recall beyond the re-ranked head is the search's own
+    assert report["modes"]["dense+rerank"]["recall@100"] == report["modes"]["dense"]["recall@100"]

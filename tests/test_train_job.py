@@ -161,6 +161,9 @@ def test_a_reranker_trains_through_ray_job_submit_and_loads(cluster, mined):
     # Issue 7, acceptance 1. Given the mined pairs, When the reranker job runs on them with 2 workers
     from sentence_transformers import CrossEncoder
 
+    from denseqa.config import ModelConfig
+    from denseqa.errors import InputError
+    from denseqa.model import load_model
     from denseqa.rerank import Reranker
 
     out = cluster["tmp"] / "reranker"
@@ -192,3 +195,5 @@ def test_a_reranker_trains_through_ray_job_submit_and_loads(cluster, mined):
     direct = CrossEncoder(str(out)).predict(pairs)
     np.testing.assert_allclose(Reranker(str(out)).scores(pairs), direct, rtol=1e-5)
     assert pq.read_table(out / "heldout.parquet").num_rows == 50
+    with pytest.raises(InputError, match="a cross-encoder reranker .*not a bi-encoder"):
+        load_model(ModelConfig(model=str(out)))  # what build-index would do with it
