@@ -257,6 +257,16 @@ def test_serve_bad_index_config_and_values(tmp_path):
                           command="serve")
     assert_one_line_error(serve("--index", str(half), "--max-batch-size", "0"), "serve.max_batch_size must be >= 1",
                           command="serve")
+    # a reranker folder that is missing, or a bi-encoder (it would score with a random head)
+    assert_one_line_error(serve("--index", str(half), "--reranker", str(missing)), str(missing),
+                          "not a model folder (no config.json)", command="serve")
+    bi_encoder = tmp_path / "bi-encoder"
+    bi_encoder.mkdir()
+    (bi_encoder / "config.json").write_text('{"architectures": ["BertModel"]}')
+    assert_one_line_error(serve("--index", str(half), "--reranker", str(bi_encoder)),
+                          "not a cross-encoder with one score (BertModel", "train-reranker", command="serve")
+    assert_one_line_error(serve("--index", str(half), "--max-candidates", "0"), "serve.max_candidates must be >= 1",
+                          command="serve")
     # --swap changes a running application: it never starts a Ray of its own (these runs have RAY_ADDRESS=local)
     assert_one_line_error(serve("--index", str(half), "--swap"), "RAY_ADDRESS=local would start a new Ray",
                           command="serve")
