@@ -402,7 +402,7 @@ def summary_text(summary: dict[str, Any]) -> str:
     lines += [f"  index  {i['path']}  ({steps['index']}; {i['count']} passages, {i['factory']})",
              f"  eval   {e['report']}  ({steps['evaluate']})"]
     for mode, metrics in e["modes"].items():
-        lines.append(f"         {mode:13s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        lines.append(f"         {mode:14s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     if "url" in summary:
         url, example = summary["url"], summary["example"]
         body = json.dumps({"query": example["query"], "k": 3, **({"rerank": True} if example["rerank"] else {})},
