@@ -84,9 +84,10 @@ def percentiles(seconds: list[float]) -> dict:
             "mean_ms": round(float(ms.mean()), 1), "n": len(ms)}
 
 
-def latency(work: Path, requests_each: int, candidates: int) -> dict:
+def latency(work: Path, requests_each: int, candidates: int, reranker_cpus: float) -> dict:
     import ray
     import requests
+    import torch
     from ray import serve
 
     from denseqa import serve as ds
@@ -107,11 +108,19 @@ def latency(work: Path, requests_each: int, candidates: int) -> dict:
     result = {"bare_cross_encoder": percentiles(timings)}
     del bare
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
+    # The service with a Reranker asks for 2.75 CPUs (ingress 0.25, encoder 1, searcher 0.5, reranker 1): on a 2-core
+    # machine its replicas would wait for CPUs forever. One client sends one request at a time, so four logical
+    # CPUs on two cores cost no contention here.
+    ray.init(address="local", num_cpus=max(4, os.cpu_count()), include_dashboard=False)
     try:
         config = ds.with_overrides(ds.load_serve_config(), index=index, host="127.0.0.1", port=8000,
                                    reranker=reranker)
-        ds.application(config)["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+        app = ds.application(config)
+        app["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+        # Ray gives an actor as many torch threads as CPUs it asks for (OMP_NUM_THREADS): the replica's forward
+        # pass is as fast as the bare model's only with as many CPUs.
+        app["deployments"] = [*(d for d in app.get("deployments", []) if d["name"] != "Reranker"),
+                              {"name": "Reranker", "ray_actor_options": {"num_cpus": reranker_cpus}}]
         url = ds.deploy(config)
         session = requests.Session()
         for label, extra in (("search", {}), ("search+rerank", {"rerank": True, "candidates": candidates})):
@@ -128,7 +137,8 @@ def latency(work: Path, requests_each: int, candidates: int) -> dict:
         serve.shutdown()
     finally:
         ray.shutdown()
-    return {"candidates": candidates, "k": 10, "mode": "dense", "requests": len(questions), **result}
+    return {"candidates": candidates, "k": 10, "mode": "dense", "requests": len(questions),
+            "reranker_num_cpus": reranker_cpus, "torch_threads_bare": torch.get_num_threads(), **result}
 
 
 def main() -> None:
@@ -142,7 +152,8 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=20, help="hits re-ranked per mode in the quality part")
     p.add_argument("--max-length", type=int, default=128, help="reranker's tokens per (question, passage) pair")
     p.add_argument("--latency-candidates", type=int, default=50)
-    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--requests", type=int, default=40)
+    p.add_argument("--reranker-cpus", type=float, default=1, help="num_cpus of the Reranker replica (1: its default)")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "rerank.json"))
     p.add_argument("--work", help="work folder to keep (default: a temporary one, removed at the end); the mined "
                                   "data, reranker and index found there are reused")
@@ -158,7 +169,7 @@ def main() -> None:
             save("quality", quality(work, a.steps, a.heldout, a.corpus, a.candidates, a.max_length, a.learning_rate,
                                     a.in_batch_negatives))
         if "latency" in parts:
-            save("latency", latency(work, a.requests, a.latency_candidates))
+            save("latency", latency(work, a.requests, a.latency_candidates, a.reranker_cpus))
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
