@@ -565,11 +565,27 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
         time.sleep(0.5)
 
 
+def _waiting_reasons(state) -> list[str]:
+    """Serve's own messages on the deployments of an application that are not running yet, one line each: e.g. a
+    replica that cannot be scheduled names the resources it needs and those the cluster has."""
+    if state is None:
+        return []
+    return [" ".join(d.message.split()) for d in state.deployments.values()
+            if d.status != "HEALTHY" and d.message.strip()]
+
+
 def wait_until_running(names: list[str], timeout_s: float) -> None:
+    """Wait until every named application runs; say why while it does not (replicas waiting for CPUs wait for the
+    cluster to grow, which on a fixed-size cluster never happens)."""
     deadline = time.monotonic() + timeout_s
+    said: set[str] = set()
     while True:
         applications = serve.status().applications
         states = {name: applications.get(name) for name in names}
+        for reason in (r for s in states.values() for r in _waiting_reasons(s)):
+            if reason not in said:
+                said.add(reason)
+                logger.warning("still deploying: %s", reason)
         failed = {n: s for n, s in states.items() if s is not None and s.status == "DEPLOY_FAILED"}
         if failed:
             name, state = next(iter(failed.items()))
@@ -579,8 +595,10 @@ def wait_until_running(names: list[str], timeout_s: float) -> None:
         if all(s is not None and s.status == "RUNNING" for s in states.values()):
             return
         if time.monotonic() > deadline:
+            reasons = [r for s in states.values() for r in _waiting_reasons(s)]
             raise DenseqaError(f"Serve applications not running after {timeout_s:.0f} s: "
-                               + ", ".join(f"{n}={s.status if s else 'absent'}" for n, s in states.items()))
+                               + ", ".join(f"{n}={s.status if s else 'absent'}" for n, s in states.items())
+                               + (f" ({reasons[0]})" if reasons else ""))
         time.sleep(0.5)
 
 

@@ -425,3 +425,34 @@ def test_shipped_serve_config_is_valid_and_autoscales():
     assert encoder.max_ongoing_requests >= encoder.user_config["max_batch_size"]
     assert ds.EncoderSettings.model_validate(encoder.user_config)
     assert ds.SearcherSettings.model_validate(deployments["IndexSearcher"].user_config).index is None
+
+
+def test_a_deployment_waiting_for_resources_is_named_in_one_line():
+    """What `denseqa serve` says while, and when, the application does not start: Serve's own message on the
+    deployment whose replicas cannot be scheduled (e.g. a Reranker asking for a CPU the cluster does not have)."""
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+    )
+
+    from denseqa import serve as ds
+
+    def deployment(status, message: str) -> DeploymentStatusOverview:
+        return DeploymentStatusOverview(status=status, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
+                                        replica_states={}, message=message)
+
+    waiting = ("Deployment 'Reranker' in application 'denseqa' has 1 replicas that have taken more than 30s to be "
+               "scheduled.\\nResources required for each replica: {\"CPU\": 1.0}, total resources available: "
+               "{\"CPU\": 0.25}.")
+    state = ApplicationStatusOverview(
+        status=ApplicationStatus.DEPLOYING, message="", last_deployed_time_s=0.0,
+        deployments={"QueryEncoder": deployment(DeploymentStatus.HEALTHY, ""),
+                     "IndexSearcher": deployment(DeploymentStatus.UPDATING, ""),
+                     "Reranker": deployment(DeploymentStatus.UPDATING, waiting)})
+    (reason,) = ds._waiting_reasons(state)
+    assert "\n" not in reason and reason.startswith("Deployment 'Reranker'")
+    assert 'Resources required for each replica: {"CPU": 1.0}, total resources available: {"CPU": 0.25}' in reason
+    assert ds._waiting_reasons(None) == []
