@@ -125,12 +125,15 @@ def _forget_address(gcs_port: int) -> None:
         address_file.unlink()
 
 
-def _stop_process_group(process: subprocess.Popen) -> None:
+def _stop_process_group(process: subprocess.Popen, grace_s: float = 5) -> None:
+    """SIGTERM, then SIGKILL after grace_s. `ray start --block` takes 32 s to stop its daemons gracefully, which a
+    throwaway test cluster does not need; its workers (sessions of their own) exit when the raylet is gone."""
     try:
         os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        process.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
     except ProcessLookupError:
         pass
 
