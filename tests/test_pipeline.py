@@ -169,12 +169,11 @@ def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
 # ------------------------------------------------------------------------------------------- the real job
 
 
-def _job_args(tmp: Path, name: str, pairs_seed: int, port: int | None = None) -> list[str]:
+def _job_args(tmp: Path, name: str, pairs_seed: int) -> list[str]:
     pq.write_table(real_pairs(300, seed=pairs_seed), tmp / f"{name}.parquet")
-    args = ["--data", str(tmp / f"{name}.parquet"), "--run-dir", str(tmp / name), "--heldout-size", "40",
+    return ["--data", str(tmp / f"{name}.parquet"), "--run-dir", str(tmp / name), "--heldout-size", "40",
             "--train.num-workers", "2", "--train.batch-size", "8", "--max-steps", "3", "--eval-every-steps", "3",
             "--model.max-seq-length", "64"]
-    return args + (["--serve.host", "127.0.0.1", "--serve.port", str(port)] if port else ["--no-deploy"])
 
 
 def _sha(path: Path) -> str:
@@ -186,20 +185,27 @@ def _steps(run: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_run_killed_after_its_index_step_resumes_without_redoing_train_and_index(cluster, tmp_path):
+def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoint(cluster, tmp_path):
+    # One run folder through five submissions of the pipeline job (one training run: the slow part on 2 CPUs)
     run, args = tmp_path / "run", _job_args(tmp_path, "run", pairs_seed=21)
     # The run folder as a URI: file:// takes the code path of s3:// and gs:// (pyarrow filesystems, no renames)
     args[args.index("--run-dir") + 1] = f"file://{run}"
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve_args = ["--serve.host", "127.0.0.1", "--serve.port", str(port)]
+
     # Given a run killed (SIGKILL) right after its index step
-    first = submit_job(cluster, "pipeline", *args, "--inject-kill-after-step", "index")
+    first = submit_job(cluster, "pipeline", *args, *serve_args, "--inject-kill-after-step", "index")
     assert first.returncode != 0, first.stdout[-3000:]
+    for step in ("train", "index"):
+        assert f"{step}: running (not run before)" in first.stdout + first.stderr
     assert set(_steps(run)) == {"train", "index"}
     assert (run / "model" / "denseqa.json").exists() and (run / "index" / "manifest.json").exists()
     assert not (run / "eval").exists()
     model_sha, index_sha = _sha(run / "model" / "denseqa.json"), _sha(run / "index" / "manifest.json")
 
-    # When the same job is submitted again
-    second = submit_job(cluster, "pipeline", *args)
+    # When the same job is submitted again (without deploying, for now)
+    second = submit_job(cluster, "pipeline", *args, "--no-deploy")
     log = second.stdout + second.stderr
     assert second.returncode == 0, log[-5000:]
     # Then training and indexing are skipped, their outputs untouched, and the evaluation runs
@@ -214,7 +220,7 @@ def test_a_run_killed_after_its_index_step_resumes_without_redoing_train_and_ind
     before = _steps(run)
 
     # And --force index redoes the index and, since its input changed, the evaluation; training stays
-    forced = submit_job(cluster, "pipeline", *args, "--force", "index")
+    forced = submit_job(cluster, "pipeline", *args, "--no-deploy", "--force", "index")
     log = forced.stdout + forced.stderr
     assert forced.returncode == 0, log[-5000:]
     assert "train: up to date, skipped" in log and "index: running (--force)" in log
@@ -224,21 +230,14 @@ def test_a_run_killed_after_its_index_step_resumes_without_redoing_train_and_ind
     assert after["index"]["fingerprint"] != before["index"]["fingerprint"]
     assert after["evaluate"]["inputs"]["index"] == after["index"]["fingerprint"]
 
-
-@pytest.mark.slow
-def test_the_whole_pipeline_in_one_job_ends_with_a_working_endpoint(cluster, tmp_path):
-    port = _free_port()
-    run, args = tmp_path / "run", _job_args(tmp_path, "run", pairs_seed=22, port=port)
-    # When the pipeline is submitted once
-    job = submit_job(cluster, "pipeline", *args)
-    log = job.stdout + job.stderr
-    assert job.returncode == 0, log[-5000:]
+    # When it is submitted once more, with the service: every step is up to date, and it deploys
+    deployed = submit_job(cluster, "pipeline", *args, *serve_args)
+    log = deployed.stdout + deployed.stderr
+    assert deployed.returncode == 0, log[-5000:]
     for step in ("train", "index", "evaluate"):
-        assert f"{step}: running (not run before)" in log
-    assert set(_steps(run)) == {"train", "index", "evaluate"}
-
+        assert f"{step}: up to date, skipped" in log
+    assert _steps(run) == after
     # Then the printed endpoint answers over real HTTP with the library Searcher's results over the run's index
-    url = f"http://127.0.0.1:{port}"
     assert f"curl -s {url}/search" in log and f"endpoint {url}/search" in log
     from denseqa.search import Searcher
 
@@ -257,7 +256,7 @@ def test_the_whole_pipeline_in_one_job_ends_with_a_working_endpoint(cluster, tmp
     # And with the service holding 1.75 of this 2-CPU cluster's CPUs, a run that must rebuild says so at once
     # (Ray would otherwise wait forever for the CPUs), and loses nothing
     state = (run / "pipeline.json").read_bytes()
-    again = submit_job(cluster, "pipeline", *args, "--factory", "HNSW32,Flat", timeout=300)
+    again = submit_job(cluster, "pipeline", *args, *serve_args, "--factory", "HNSW32,Flat", timeout=300)
     assert again.returncode != 0
     assert "denseqa run: error: embedding needs 1.1 free CPUs, but this cluster has 0.25 of 2 free and cannot add " \
            "nodes" in again.stdout + again.stderr
