@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -69,10 +68,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
 
     Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
     """
-    import ray
-
-    from denseqa.cluster import check_can_schedule
-    from denseqa.resources import cpus_per_worker_default
+    from denseqa.resources import model_actors
 
     done = storage.read_json(storage.join(out_dir, DONE_FILE))
     if done and done.get("identity") == identity:
@@ -80,23 +76,19 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
         return {**done["stats"], "reused": True}
     storage.remove(out_dir)  # a partial or stale set of shards must not mix with the new ones
 
-    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = cluster_gpus > 0 if cfg.use_gpu is None else cfg.use_gpu  # default: GPUs when the cluster has them
-    actors = cfg.actors or (max(1, cluster_gpus) if use_gpu else 1)
-    cpus = cfg.cpus_per_actor or cpus_per_worker_default(actors, use_gpu)
-    threads = cfg.torch_threads or (None if use_gpu else max(1, (os.cpu_count() or 1) // actors))
-    check_can_schedule("embedding", 1 + actors * cpus, actors if use_gpu else 0)  # the actors and one read task
-    logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, cpus,
-                " + 1 GPU" if use_gpu else f", {threads} torch threads", cfg.batch_size)
+    pool = model_actors("embedding", cfg.use_gpu, cfg.actors, cfg.cpus_per_actor, cfg.torch_threads)
+    actors, use_gpu = pool.actors, pool.use_gpu
+    logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, pool.cpus,
+                " + 1 GPU" if use_gpu else f", {pool.torch_threads} torch threads", cfg.batch_size)
     started = time.time()
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,
         fn_constructor_kwargs={"model": dataclasses.asdict(model_cfg), "encode_batch_size": cfg.encode_batch_size,
-                               "torch_threads": threads, "use_gpu": use_gpu},
+                               "torch_threads": pool.torch_threads, "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         concurrency=actors,
-        num_cpus=cpus,
+        num_cpus=pool.cpus,
         num_gpus=1 if use_gpu else None,
     )
     fs, path = storage.filesystem(out_dir)

@@ -187,10 +187,9 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     import ray.data
 
     from denseqa.bm25 import BM25Index
-    from denseqa.cluster import check_can_schedule
     from denseqa.data import load_qa_data
     from denseqa.model import check_model_source, describe_model
-    from denseqa.resources import cpus_per_worker_default
+    from denseqa.resources import model_actors
 
     started = time.time()
     m = cfg.mine
@@ -212,23 +211,19 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     work = output.rstrip("/") + ".work"
     staging_root = None
     try:
-        use_gpu = False
         if m.method == "bm25":
             retriever = {"kind": "bm25", "index": ray.put(BM25Index.build(texts, m.bm25_stopwords))}
+            pool = model_actors("mining", use_gpu=False, actors=m.actors, cpus_per_actor=cfg.embed.cpus_per_actor)
         else:
             retriever = _dense_retriever(cfg, texts, work)
-            cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
-            use_gpu = cluster_gpus > 0 if cfg.embed.use_gpu is None else cfg.embed.use_gpu
-            retriever["device"] = "cuda" if use_gpu else "cpu"
-        cpus = cfg.embed.cpus_per_actor or cpus_per_worker_default(m.actors, use_gpu)
-        threads = None if use_gpu else max(1, (os.cpu_count() or 1) // m.actors)
-        check_can_schedule("mining", 1 + m.actors * cpus, m.actors if use_gpu else 0)
+            pool = model_actors("mining", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
+            retriever["device"] = "cuda" if pool.use_gpu else "cpu"
         mined = data.train.map_batches(
             NegativeMiner,
             fn_constructor_kwargs={"cfg": dataclasses.asdict(m), "texts": ray.put(texts), "retriever": retriever,
-                                   "other_answers": ray.put(other_answers), "torch_threads": threads},
-            batch_size=m.batch_size, batch_format="pyarrow", concurrency=m.actors, num_cpus=cpus,
-            num_gpus=1 if use_gpu else None,
+                                   "other_answers": ray.put(other_answers), "torch_threads": pool.torch_threads},
+            batch_size=m.batch_size, batch_format="pyarrow", concurrency=pool.actors, num_cpus=pool.cpus,
+            num_gpus=1 if pool.use_gpu else None,
         ).materialize()
         columns = negative_column_names(m.num_negatives)
         complete = int(mined.sum(_COMPLETE) or 0)

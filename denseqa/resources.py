@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 
 def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
@@ -23,3 +25,34 @@ def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
     if span()[1] == 0:
         total = min(total, free_resources(until={"CPU": total}).get("CPU", 0.0))
     return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))
+
+
+@dataclass(frozen=True)
+class ModelActors:
+    """The pool of Ray Data actors that run a model over a dataset (embedding passages, mining negatives)."""
+
+    actors: int
+    use_gpu: bool
+    cpus: float  # logical CPUs each actor asks for
+    torch_threads: int | None  # each actor's, on CPU; None on GPU (torch's default)
+
+
+def model_actors(what: str, use_gpu: bool | None, actors: int | None = None, cpus_per_actor: float | None = None,
+                 torch_threads: int | None = None) -> ModelActors:
+    """Resolve a model actor pool's defaults on the connected cluster, and fail now if it cannot be scheduled.
+
+    GPUs when the cluster has them (``use_gpu`` None), one actor per GPU, else one actor; CPUs per actor from
+    :func:`cpus_per_worker_default`; on CPU the machine's cores are shared among the actors' torch threads.
+    ``what`` names the work in the error of a cluster that lacks the resources.
+    """
+    import ray
+
+    from denseqa.cluster import check_can_schedule
+
+    cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
+    use_gpu = cluster_gpus > 0 if use_gpu is None else use_gpu
+    actors = actors or (max(1, cluster_gpus) if use_gpu else 1)
+    cpus = cpus_per_actor or cpus_per_worker_default(actors, use_gpu)
+    threads = torch_threads or (None if use_gpu else max(1, (os.cpu_count() or 1) // actors))
+    check_can_schedule(what, 1 + actors * cpus, actors if use_gpu else 0)  # the actors and one read task
+    return ModelActors(actors, use_gpu, cpus, threads)
