@@ -582,7 +582,8 @@ def wait_until_running(names: list[str], timeout_s: float) -> None:
     while True:
         applications = serve.status().applications
         states = {name: applications.get(name) for name in names}
-        for reason in (r for s in states.values() for r in _waiting_reasons(s)):
+        reasons = [r for s in states.values() for r in _waiting_reasons(s)]
+        for reason in reasons:
             if reason not in said:
                 said.add(reason)
                 logger.warning("still deploying: %s", reason)
@@ -595,7 +596,6 @@ def wait_until_running(names: list[str], timeout_s: float) -> None:
         if all(s is not None and s.status == "RUNNING" for s in states.values()):
             return
         if time.monotonic() > deadline:
-            reasons = [r for s in states.values() for r in _waiting_reasons(s)]
             raise DenseqaError(f"Serve applications not running after {timeout_s:.0f} s: "
                                + ", ".join(f"{n}={s.status if s else 'absent'}" for n, s in states.items())
                                + (f" ({reasons[0]})" if reasons else ""))
