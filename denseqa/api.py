@@ -16,6 +16,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from denseqa.texts import is_blank
+
 MAX_K = 1000
 DEFAULT_CANDIDATES = 50
 
@@ -95,7 +97,7 @@ def checked_queries(request: SearchRequest, limits: Limits) -> list[str]:
         raise BadRequest("queries", f"{len(queries)} queries in one request; at most {limits.max_queries}", 413)
     for i, query in enumerate(queries):
         name = field if field == "query" else f"queries[{i}]"
-        if not query.strip():
+        if is_blank(query):
             raise BadRequest(name, "query is empty or only whitespace")
         if len(query) > limits.max_query_chars:
             raise BadRequest(name, f"query has {len(query)} characters; at most {limits.max_query_chars}", 413)

@@ -12,7 +12,6 @@ Rows with a null or blank text (or a null id) are dropped and counted, as in tra
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ import pyarrow.parquet as pq
 from denseqa.config import CorpusConfig
 from denseqa.data import check_schema, resolve_parquet_files
 from denseqa.errors import InputError
+from denseqa.texts import non_blank, text_id
 
 logger = logging.getLogger(__name__)
 
@@ -44,15 +44,10 @@ class Corpus:
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def text_id(text: str) -> str:
-    """A stable id for a passage known only by its text: 16 hex digits of its blake2b hash."""
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
 def _clean_batch(batch: pa.Table, id_column: str | None, text_column: str) -> pa.Table:
     """Keep rows with a non-blank text (and a non-null id); string ids; derived ids when there is no id column."""
     text = batch.column(text_column).cast(pa.string())
-    keep = pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0), False)
+    keep = non_blank(text)
     if id_column is None:
         text = pc.filter(text, keep)
         ids = pa.array([text_id(t) for t in text.to_pylist()], type=pa.string())

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import glob as globlib
-import hashlib
 import logging
 import math
 import os
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 from denseqa.config import DataConfig
 from denseqa.errors import InputError
 from denseqa.storage import is_uri
+from denseqa.texts import non_blank, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -143,12 +143,6 @@ def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str],
                 raise InputError(f"{f}: column {col!r} must be {kind}, found {t}")
 
 
-def split_key(question: str, seed: int) -> int:
-    """Stable 63-bit hash of (seed, question): the same on every machine and Python process."""
-    digest = hashlib.blake2b(f"{seed}\x00{question}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
 def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed: int,
                  negative_columns: list[str]) -> pa.Table:
     """Drop rows with a null, empty or whitespace-only text; rename to question/answer; add the split key.
@@ -156,10 +150,7 @@ def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed
     the held-out split must not depend on them)."""
     q = batch.column(question_column).cast(pa.string())
     a = batch.column(answer_column).cast(pa.string())
-    keep = pc.and_(
-        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(q)), 0), False),
-        pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(a)), 0), False),
-    )
+    keep = pc.and_(non_blank(q), non_blank(a))
     q, a = pc.filter(q, keep), pc.filter(a, keep)
     keys = np.fromiter((split_key(s, seed) for s in q.to_pylist()), dtype=np.int64, count=len(q))
     negatives = {c: pc.filter(batch.column(c).cast(pa.string()), keep) for c in negative_columns}
@@ -170,8 +161,7 @@ def keep_with_negatives(batch: pa.Table, negative_columns: list[str]) -> pa.Tabl
     """The rows whose every hard-negative text is present and not blank."""
     keep = pa.array(np.ones(batch.num_rows, dtype=bool))
     for c in negative_columns:
-        keep = pc.and_(keep, pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(batch.column(c))), 0),
-                                          False))
+        keep = pc.and_(keep, non_blank(batch.column(c)))
     return batch.filter(keep)
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from denseqa.errors import InputError
+from denseqa.texts import non_blank
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def load_judgements(cfg, searcher) -> Judgements:
     table = pa.concat_tables(pq.read_table(f, columns=[cfg.question_column, target], filesystem=fs) for f in files)
     questions = table.column(cfg.question_column).cast(pa.string())
     targets = table.column(target).cast(pa.string())
-    keep = pc.and_(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(questions)), 0), False),
+    keep = pc.and_(non_blank(questions),
                    pc.is_valid(targets))
     rows = list(zip(pc.filter(questions, keep).to_pylist(), pc.filter(targets, keep).to_pylist(), strict=True))
     wanted: dict[str, set[str]] = {}

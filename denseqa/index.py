@@ -36,6 +36,7 @@ import numpy as np
 from denseqa import storage
 from denseqa.config import IndexConfig, JobConfig
 from denseqa.errors import InputError
+from denseqa.texts import non_blank
 
 logger = logging.getLogger(__name__)
 
@@ -422,7 +423,7 @@ def tuning_questions(cfg: JobConfig) -> list[str] | None:
         return None
     values = pa.chunked_array([pq.read_table(f, columns=[column], filesystem=fs).column(column).cast(pa.string())
                                for f in files])
-    values = values.filter(pc.fill_null(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0), False))
+    values = values.filter(non_blank(values))
     distinct = pc.unique(values).to_pylist()
     if not distinct:
         return None

@@ -11,11 +11,9 @@ from each softmax.
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (
@@ -24,13 +22,6 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
 from torch import Tensor
-
-
-def text_hashes(texts: Sequence[str]) -> Tensor:
-    """64-bit hashes of texts, stable across processes (Python's ``hash`` is salted per process)."""
-    values = [int.from_bytes(hashlib.blake2b(t.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
-              for t in texts]
-    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):

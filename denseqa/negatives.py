@@ -39,8 +39,9 @@ import pyarrow as pa
 
 from denseqa import storage
 from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig, MineConfig
-from denseqa.data import ANSWER, QUESTION, split_key
+from denseqa.data import ANSWER, QUESTION
 from denseqa.errors import InputError
+from denseqa.texts import split_key
 
 logger = logging.getLogger(__name__)
 
@@ -166,8 +167,8 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
     local path or a URI, beside the output: on a cluster, every mining actor loads it)."""
     import pyarrow.parquet as pq
 
-    from denseqa.corpus import text_id
     from denseqa.index import run_build_index
+    from denseqa.texts import text_id
 
     corpus_file = storage.join(work, "answers.parquet")
     fs, path = storage.filesystem(corpus_file)

@@ -99,8 +99,9 @@ def contrastive_loss(forward, model, loss_fn, questions: list[str], answers: lis
                      negatives: Sequence[list[str]] = ()) -> torch.Tensor:
     """This worker's loss for one step: its questions against the (gathered) answers and hard negatives of the
     global batch. ``negatives``: one list of B texts per hard-negative column."""
-    from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss, text_hashes
+    from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss
     from denseqa.model import embed_texts
+    from denseqa.texts import text_hashes
 
     columns = [questions, answers, *negatives]
     hashes = [text_hashes(c) for c in columns] if loss_fn.mask_duplicates else None

@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from denseqa.config import CorpusConfig, EmbedConfig, ModelConfig
-from denseqa.corpus import load_corpus, text_id
+from denseqa.corpus import load_corpus
 from denseqa.embed import embed_corpus, embedding_identity, iter_shards, shard_files, vectors_of
 from denseqa.index import assemble_docstore
+from denseqa.texts import text_id
 
 from .conftest import real_pairs
 

@@ -47,9 +47,9 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
     import bm25s
     from sentence_transformers import SentenceTransformer
 
-    from denseqa.corpus import text_id
     from denseqa.model import bundled_model_path
     from denseqa.search import Searcher
+    from denseqa.texts import text_id
 
     index, report = cluster["tmp"] / "en" / "index", cluster["tmp"] / "en" / "report"
     queries = cluster["tmp"] / "heldout.parquet"

@@ -6,7 +6,8 @@ import pytest
 import torch
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from denseqa.losses import GatheredMultipleNegativesRankingLoss, text_hashes
+from denseqa.losses import GatheredMultipleNegativesRankingLoss
+from denseqa.texts import text_hashes
 
 
 def _embeddings(n: int, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
