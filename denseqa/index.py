@@ -18,7 +18,6 @@ what readers check, so an interrupted build never leaves a folder that loads.
 
 from __future__ import annotations
 
-import datetime
 import glob
 import logging
 import math
@@ -36,6 +35,7 @@ import numpy as np
 from denseqa import storage
 from denseqa.config import IndexConfig, JobConfig
 from denseqa.errors import InputError
+from denseqa.provenance import package_versions, peak_rss_mb, utc_now
 from denseqa.texts import non_blank
 
 logger = logging.getLogger(__name__)
@@ -442,12 +442,6 @@ def faiss_nlist(index) -> int:
 # ------------------------------------------------------------------------------------------ the job
 
 
-def _peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
 def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
     import faiss
@@ -510,11 +504,11 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
                       "search": tuning},
             "bm25": bm25_info,
             "build": {"embedding": embedding, "index_seconds": round(time.time() - index_started, 2),
-                      "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": _peak_rss_mb(),
+                      "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
                       "embeddings_kept": shards_dir if icfg.keep_embeddings else None},
             "config": cfg.to_dict(),
-            "versions": _versions(),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "versions": package_versions(),
+            "created": utc_now(),
         }
         storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
         storage.publish_folder(staging, output, marker=MANIFEST_FILE)
@@ -539,17 +533,3 @@ def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any]:
     BM25Index.build(texts, cfg.bm25_stopwords).save(os.path.join(staging, BM25_DIR))
     return {"library": "bm25s", "stopwords": cfg.bm25_stopwords, "seconds": round(time.time() - started, 2)}
 
-
-def _versions() -> dict[str, str]:
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    import faiss
-
-    found = {"python": platform.python_version(), "faiss": faiss.__version__}
-    for package in ("denseqa", "ray", "torch", "sentence-transformers", "bm25s"):
-        try:
-            found[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return found

@@ -26,7 +26,6 @@ the folder itself (``--data OUTPUT``).
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import os
 import shutil
@@ -41,6 +40,7 @@ from denseqa import storage
 from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig, MineConfig
 from denseqa.data import ANSWER, QUESTION
 from denseqa.errors import InputError
+from denseqa.provenance import utc_now
 from denseqa.texts import split_key
 
 logger = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             "data": {"path": cfg.data.path, "rows": data.counts},
             "config": cfg.to_dict(),
             "seconds": round(time.time() - started, 1),
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
             "output": output,
         }
         if staging_root is None:

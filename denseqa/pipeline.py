@@ -25,7 +25,6 @@ Run folder (local or a URI; every node must reach it)::
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import hashlib
 import json
 import logging
@@ -50,6 +49,7 @@ from denseqa.errors import InputError
 from denseqa.eval import REPORT_JSON, REPORT_MD
 from denseqa.index import MANIFEST_FILE
 from denseqa.negatives import RECORD_FILE as NEGATIVES_RECORD
+from denseqa.provenance import utc_now
 from denseqa.train import HELDOUT_FILE, RECORD_FILE
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
                 run_evaluate_step(cfg, run)
             state["steps"][step] = {
                 "inputs": inputs, "output": run.output(step), "fingerprint": output_fingerprint(run, step),
-                "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "finished": utc_now(),
                 "seconds": round(time.time() - started, 1), "why": why,
             }
             storage.write_json(run / STATE_FILE, state)

@@ -32,6 +32,7 @@ from denseqa import storage
 from denseqa.config import JobConfig
 from denseqa.errors import InputError, TrainingError
 from denseqa.logs import logger, setup_logging
+from denseqa.provenance import package_versions, peak_memory_mb
 
 RECORD_FILE = "denseqa.json"
 HELDOUT_FILE = "heldout.parquet"
@@ -144,20 +145,6 @@ def _all_reduce_mean(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= dist.get_world_size()
     return float(value)
-
-
-def peak_memory_mb(device: torch.device) -> dict[str, float]:
-    """This process's peak memory so far: resident set (VmHWM; on CPU, activations live there) and, on GPU, the
-    most CUDA memory torch allocated."""
-    peak = {}
-    try:
-        with open("/proc/self/status") as f:
-            peak["rss"] = next(round(int(line.split()[1]) / 1024, 1) for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        pass
-    if device.type == "cuda":
-        peak["cuda"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return peak
 
 
 def _all_gather_objects(obj: Any) -> list[Any]:
@@ -578,9 +565,6 @@ def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
 
 def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str,
                  wall_s: float) -> dict:
-    import platform
-    from importlib.metadata import version
-
     from denseqa.model import describe_model
 
     metric = cfg.train.checkpoint_metric
@@ -608,9 +592,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
             "best": best, "ranked_by": metric, "history": state.evals,
         },
         "config": cfg.to_dict(),
-        "versions": {"python": platform.python_version(),
-                     **{p: version(p) for p in ("denseqa", "ray", "torch", "transformers",
-                                                "sentence-transformers")}},
+        "versions": package_versions(),
         "wall_time_s": round(wall_s, 1),
         "output": output,
     }
