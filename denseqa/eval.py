@@ -16,8 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -284,18 +282,12 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "config": cfg.to_dict(),
         "notes": None if searcher.bm25 is not None else "index built without BM25: bm25 and hybrid not evaluated",
     }
-    staging_root = tempfile.mkdtemp(prefix="denseqa-eval-")
-    staging = os.path.join(staging_root, "report")
-    os.makedirs(staging)
-    try:
+    with storage.staged_output(output, marker=REPORT_JSON) as staging:
         report["markdown"] = report_markdown(report)
         with open(os.path.join(staging, REPORT_MD), "w") as f:
             f.write(report["markdown"])
         plot_recall(report, os.path.join(staging, REPORT_PNG))
         with open(os.path.join(staging, REPORT_JSON), "w") as f:
             json.dump(report, f, indent=2)
-        storage.publish_folder(staging, output, marker=REPORT_JSON)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
     report["output"] = output
     return report

@@ -18,14 +18,11 @@ what readers check, so an interrupted build never leaves a folder that loads.
 
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
 import re
-import shutil
 import signal
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -467,13 +464,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     shards_dir = storage.join(building, "embeddings")
     embedding = embed_corpus(corpus, cfg.model, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
 
-    if not storage.is_uri(output):
-        for stale in glob.glob(os.path.join(building, "denseqa-index-*")):  # left by a build that was killed
-            shutil.rmtree(stale, ignore_errors=True)
-    staging_root = tempfile.mkdtemp(prefix="denseqa-index-", dir=None if storage.is_uri(output) else building)
-    staging = os.path.join(staging_root, "index")
-    os.makedirs(staging)
-    try:
+    with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
         index_started = time.time()
         layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), corpus.derived_ids,
                                    icfg.add_batch_size)
@@ -511,9 +502,6 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
             "created": utc_now(),
         }
         storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
-        storage.publish_folder(staging, output, marker=MANIFEST_FILE)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
     if not icfg.keep_embeddings:
         storage.remove(building)
     searched = (f"{tuning['param']}={tuning['value']}, recall@{RECALL_AT} {tuning['recall']:.4f} on "

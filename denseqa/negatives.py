@@ -27,9 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -210,7 +207,6 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
 
     # Beside the output, local or URI alike: the dense index there must be reachable from every mining actor.
     work = output.rstrip("/") + ".work"
-    staging_root = None
     try:
         if m.method == "bm25":
             retriever = {"kind": "bm25", "index": ray.put(BM25Index.build(texts, m.bm25_stopwords))}
@@ -236,41 +232,28 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         heldout = ray.data.from_arrow(pa.table({
             QUESTION: [q for q, _ in data.heldout], ANSWER: [a for _, a in data.heldout],
             **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns}}))
-        if storage.is_uri(output):
-            # An object store has no rename: replace the folder's files, the record (its marker) last
-            storage.remove(output)
-            pairs_dir = storage.join(output, PAIRS_DIR)
-        else:
-            parent = os.path.dirname(output)
-            os.makedirs(parent, exist_ok=True)
-            staging_root = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.staging-", dir=parent)
-            pairs_dir = os.path.join(staging_root, "output", PAIRS_DIR)
-        fs, path = storage.filesystem(pairs_dir)
-        mined.drop_columns([_SKIPPED, _COMPLETE]).union(heldout).map_batches(
-            _rename, batch_format="pyarrow",
-            fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
-        ).write_parquet(path, filesystem=fs)
-        record = {
-            "method": m.method,
-            "model": describe_model(cfg.model) if m.method == "dense" else None,
-            "options": {k: v for k, v in dataclasses.asdict(m).items() if k not in ("output", "overwrite")},
-            "columns": columns,
-            "counts": counts,
-            "data": {"path": cfg.data.path, "rows": data.counts},
-            "config": cfg.to_dict(),
-            "seconds": round(time.time() - started, 1),
-            "created": utc_now(),
-            "output": output,
-        }
-        if staging_root is None:
-            storage.write_json(storage.join(output, RECORD_FILE), record)
-        else:
-            storage.write_json(os.path.join(staging_root, "output", RECORD_FILE), record)
-            storage.publish_folder(os.path.join(staging_root, "output"), output, marker=RECORD_FILE)
+        # Ray Data's write tasks write the pairs, on any node: the staging must be storage they all reach.
+        with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
+            fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
+            mined.drop_columns([_SKIPPED, _COMPLETE]).union(heldout).map_batches(
+                _rename, batch_format="pyarrow",
+                fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
+            ).write_parquet(path, filesystem=fs)
+            record = {
+                "method": m.method,
+                "model": describe_model(cfg.model) if m.method == "dense" else None,
+                "options": {k: v for k, v in dataclasses.asdict(m).items() if k not in ("output", "overwrite")},
+                "columns": columns,
+                "counts": counts,
+                "data": {"path": cfg.data.path, "rows": data.counts},
+                "config": cfg.to_dict(),
+                "seconds": round(time.time() - started, 1),
+                "created": utc_now(),
+                "output": output,
+            }
+            storage.write_json(storage.join(staging, RECORD_FILE), record)
     finally:
         storage.remove(work)
-        if staging_root is not None:
-            shutil.rmtree(staging_root, ignore_errors=True)
     logger.info("hard negatives written to %s: %d of %d training pairs have all %d (%d candidates rejected by the "
                 "margin), %.1f s", output, complete, data.counts["train"], m.num_negatives,
                 counts["skipped_by_margin"], record["seconds"])

@@ -8,11 +8,14 @@ readers check for.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -216,3 +219,42 @@ def publish_folder(staging: str, output: str, marker: str) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.rename(incoming, output)
+
+
+@contextmanager
+def staged_output(output: str, marker: str, writers_elsewhere: bool = False) -> Iterator[str]:
+    """Where a job writes an output folder so that it appears complete or not at all: the one way every stage
+    (model, index, report, negatives) publishes.
+
+    Yields a folder to write into, which :func:`join` and :func:`write_json` accept; ``marker`` (the folder's
+    record or manifest) must be written last. When the block ends without an error the folder is published at
+    ``output`` (:func:`publish_folder`); on an error nothing is published and the staging is removed.
+
+    Locally the staging sits next to ``output``, on its filesystem, so that publishing is a rename (and a staging
+    folder that a killed job left for the same output is removed first). For a URI it
+    is a local temporary folder uploaded at the end, unless ``writers_elsewhere`` (Ray Data tasks on other nodes
+    write into it): then the URI itself is cleared and written in place, and the marker written last is what
+    tells readers that the folder is complete (an object store has no rename).
+    """
+    if is_uri(output) and writers_elsewhere:
+        remove(output)
+        yield output
+        if not exists(join(output, marker)):
+            raise RuntimeError(f"{output}: the staged output was not completed with its {marker}")
+        return
+    parent = tempfile.gettempdir() if is_uri(output) else os.path.dirname(absolute(output))
+    prefix = f".{os.path.basename(output.rstrip('/'))}.staging-"
+    os.makedirs(parent, exist_ok=True)
+    if not is_uri(output):  # left by a job killed while writing this output (SIGKILL runs no cleanup)
+        for stale in glob.glob(os.path.join(glob.escape(parent), glob.escape(prefix) + "*")):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging_root = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    staging = os.path.join(staging_root, "output")
+    os.makedirs(staging)
+    try:
+        yield staging
+        if not os.path.exists(os.path.join(staging, marker)):
+            raise RuntimeError(f"{output}: the staged output was not completed with its {marker}")
+        publish_folder(staging, output, marker=marker)
+    finally:
+        shutil.rmtree(staging_root, ignore_errors=True)

@@ -643,14 +643,9 @@ def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    staging_root = tempfile.mkdtemp(prefix="denseqa-model-")
-    staging = os.path.join(staging_root, "model")
-    shutil.copytree(model_dir, staging)
-    pq.write_table(pa.table({"question": [q for q, _ in heldout], "answer": [a for _, a in heldout]}),
-                   os.path.join(staging, HELDOUT_FILE))
-    with open(os.path.join(staging, RECORD_FILE), "w") as f:
-        json.dump(record, f, indent=2)
-    try:
-        storage.publish_folder(staging, output, marker=RECORD_FILE)
-    finally:
-        shutil.rmtree(staging_root, ignore_errors=True)
+    with storage.staged_output(output, marker=RECORD_FILE) as staging:
+        shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+        pq.write_table(pa.table({"question": [q for q, _ in heldout], "answer": [a for _, a in heldout]}),
+                       os.path.join(staging, HELDOUT_FILE))
+        with open(os.path.join(staging, RECORD_FILE), "w") as f:
+            json.dump(record, f, indent=2)
