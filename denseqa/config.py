@@ -148,10 +148,6 @@ class TrainConfig:
         "mrr@10", "Held-out metric that ranks checkpoints: recall@1, recall@10, mrr@10 or ndcg@10."
     )
     max_failures: int = _f(2, "Restart the workers from the last checkpoint this many times after a failure.")
-    inject_failure_at_step: int | None = _f(
-        None, "Test only: the last worker dies once, at the start of this step, to exercise recovery."
-    )
-    inject_nan_at_step: int | None = _f(None, "Test only: the loss becomes NaN at this step.")
 
     def check(self, need) -> None:
         need(self.num_workers >= 1, "train.num_workers", ">= 1", self.num_workers)
@@ -358,9 +354,6 @@ class IndexConfig:
     keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
     overwrite: bool = _f(False, "Replace an existing index folder.")
     seed: int = _f(0, "Seed of the training and tuning samples.")
-    inject_kill_after_shards: int | None = _f(
-        None, "Test only: the build process kills itself after this many shards were added."
-    )
 
     def check(self, need) -> None:
         need(self.memory_budget_gb > 0, "index.memory_budget_gb", "> 0", self.memory_budget_gb)
@@ -501,16 +494,11 @@ class PipelineConfig:
         "The local run_dir is on a filesystem every node mounts at the same path (NFS, EFS): allow it on a "
         "multi-node cluster.",
     )
-    inject_kill_after_step: str | None = _f(
-        None, "Test only: the pipeline kills itself (SIGKILL) right after this step finished."
-    )
 
     def check(self, need) -> None:
         for step in (self.force or "").split(","):
             need(not step.strip() or step.strip() in PIPELINE_STEPS[:-1], "pipeline.force",
                  f"a comma-separated list of {', '.join(PIPELINE_STEPS[:-1])}", self.force)
-        need(self.inject_kill_after_step in (None, *PIPELINE_STEPS[:-1]), "pipeline.inject_kill_after_step",
-             f"one of {', '.join(PIPELINE_STEPS[:-1])}", self.inject_kill_after_step)
         need(not self.reranker or self.negatives != "none", "pipeline.negatives",
              "bm25 or model with pipeline.reranker (a cross-encoder cannot learn from positives alone)",
              self.negatives)

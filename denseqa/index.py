@@ -22,14 +22,13 @@ import logging
 import math
 import os
 import re
-import signal
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from denseqa import storage
+from denseqa import faults, storage
 from denseqa.config import IndexConfig, JobConfig
 from denseqa.errors import InputError
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
@@ -305,9 +304,8 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
     for i, ref in enumerate(refs):
         merge_shard(index, faiss.deserialize_index(ray.get(ref)))
         logger.info("shard %d/%d added (%d vectors so far)", i + 1, len(refs), index.ntotal)
-        if cfg.inject_kill_after_shards == i + 1:
-            logger.warning("test-only: the build process kills itself after shard %d", i + 1)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if faults.planned_step("index.kill_after_shards") == i + 1:
+            faults.kill_self(f"the build process kills itself after shard {i + 1}")
     return index
 
 

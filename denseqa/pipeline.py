@@ -29,14 +29,13 @@ import hashlib
 import json
 import logging
 import os
-import signal
 import time
 import urllib.request
 from typing import Any
 
 import yaml
 
-from denseqa import storage
+from denseqa import faults, storage
 from denseqa.config import (
     COMMAND_SECTIONS,
     PIPELINE_OWNED,
@@ -61,12 +60,11 @@ MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "train": RECORD_FILE
            "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
 OUTPUTS = {"round1": "round1", "mine": "negatives", "train": "model", "reranker": "reranker", "index": "index",
            "evaluate": "eval"}
-# Keys that change how a step runs (logging, retries, parallelism, test hooks) but not what it produces: they are
+# Keys that change how a step runs (logging, retries, parallelism) but not what it produces: they are
 # left out of its inputs, so changing them redoes nothing. The whole embed section is of this kind.
 OPERATIONAL = frozenset({
-    "train.log_every_steps", "train.max_failures", "train.inject_failure_at_step", "train.inject_nan_at_step",
-    "train.torch_threads", "train.cpus_per_worker", "train.eval_batch_size",
-    "index.shards", "index.add_batch_size", "index.inject_kill_after_shards", "eval.batch_size",
+    "train.log_every_steps", "train.max_failures", "train.torch_threads", "train.cpus_per_worker",
+    "train.eval_batch_size", "index.shards", "index.add_batch_size", "eval.batch_size",
     "mine.batch_size", "mine.actors",
 })
 
@@ -328,9 +326,8 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
             storage.write_json(run / STATE_FILE, state)
             ran[step] = f"ran in {state['steps'][step]['seconds']:.0f} s"
         made[step] = state["steps"][step]["fingerprint"]
-        if p.inject_kill_after_step == step:
-            logger.warning("test hook: killing the pipeline after %s", step)
-            os.kill(os.getpid(), signal.SIGKILL)
+        if faults.planned("pipeline.kill_after_step") == step:
+            faults.kill_self(f"killing the pipeline after {step}")
 
     summary = summarize(run, ran)
     if p.deploy:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from denseqa import storage
+from denseqa import faults, storage
 from denseqa.config import JobConfig
 from denseqa.errors import InputError, TrainingError
 from denseqa.logs import logger, setup_logging
@@ -367,11 +367,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 continue  # consumed before the checkpoint this run resumed from
             if state.step >= plan.total_steps:
                 break
-            _maybe_inject_failure(t, plan, state, rank, world)
+            _maybe_fail_once(plan, state, rank, world)
 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 loss = task.loss(batch)
-            if t.inject_nan_at_step == state.step + 1:
+            if faults.planned_step("train.nan_at_step") == state.step + 1:
                 loss = loss * float("nan")
             # All ranks see the same mean loss, so they all stop together on a NaN (no rank left waiting).
             mean_loss = _all_reduce_mean(loss)
@@ -421,14 +421,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         storage.write_json(storage.join(plan.run_dir, STOPPED_FILE), {"step": state.step + 1, "reason": stop_reason})
 
 
-def _maybe_inject_failure(t, plan: TrainPlan, state: TrainState, rank: int, world: int) -> None:
-    """Test-only: the last rank dies once at the start of the configured step (a marker makes it once)."""
-    if t.inject_failure_at_step != state.step + 1 or rank != world - 1:
+def _maybe_fail_once(plan: TrainPlan, state: TrainState, rank: int, world: int) -> None:
+    """Test-only (fault train.fail_at_step): the last rank dies once at the start of that step; a marker in the
+    run folder (local or URI) makes it once."""
+    if faults.planned_step("train.fail_at_step") != state.step + 1 or rank != world - 1:
         return
-    marker = os.path.join(plan.run_dir, FAILURE_MARKER)
-    if os.path.exists(marker):
+    marker = storage.join(plan.run_dir, FAILURE_MARKER)
+    if storage.exists(marker):
         return
-    open(marker, "w").close()
+    storage.write_bytes(marker, b"")
     # Die only once Ray Train has committed every checkpoint reported so far: a report still in flight at a
     # crash is dropped (the run then resumes from the one before), which would make the test's expectation racy.
     import ray.train

@@ -5,6 +5,7 @@ The tiny BERT is random: fine for checking mechanics (gradients, masking, recove
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -151,10 +152,17 @@ def _wait_until_jobs_are_accepted(address: str, env: dict, timeout_s: float = 24
         time.sleep(3)
 
 
-def submit_job(cluster, job: str, *args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir <repo> -- python jobs/<job>.py ARGS`, as a user runs it; waits for the end."""
+def submit_job(cluster, job: str, *args: str, timeout: int = 900, faults: str | None = None
+               ) -> subprocess.CompletedProcess:
+    """`ray job submit --working-dir <repo> -- python jobs/<job>.py ARGS`, as a user runs it; waits for the end.
+
+    ``faults``: test-only faults for every process of the job (see :mod:`denseqa.faults`), e.g.
+    ``"train.fail_at_step=5"``, passed in the job's runtime environment as a cluster would pass them."""
+    from denseqa.faults import ENV_VAR
+
+    runtime_env = ["--runtime-env-json", json.dumps({"env_vars": {ENV_VAR: faults}})] if faults else []
     return subprocess.run(
-        ["ray", "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), "--",
+        ["ray", "job", "submit", "--address", cluster["address"], "--working-dir", str(REPO), *runtime_env, "--",
          "python", f"jobs/{job}.py", *args],
         env=cluster["env"], capture_output=True, text=True, timeout=timeout,
     )

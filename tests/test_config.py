@@ -53,7 +53,7 @@ def test_readme_configuration_reference_is_generated_from_the_config_classes():
     readme = (REPO / "README.md").read_text()
     start, end = "<!-- config-reference:start -->\n", "<!-- config-reference:end -->"
     assert readme.split(start, 1)[1].split(end, 1)[0] == config_reference_markdown(), (
-        "README's configuration reference is stale: regenerate it with python -m denseqa.config")
+        "README's configuration reference is stale: regenerate it with python scripts/update_readme_config.py")
 
 
 def test_a_command_refuses_a_section_it_does_not_read():

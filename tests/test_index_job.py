@@ -115,7 +115,7 @@ def test_an_interrupted_build_leaves_no_loadable_folder_and_a_rerun_completes(cl
     args = ["--corpus", str(sample), "--from-answers", "--model", tiny_model_dir, "--output", str(index),
             "--batch-size", "40", "--factory", "IVF8,Flat", "--shards", "3"]
     # When the build is killed after the first of 3 shards was added (test-only setting)
-    killed = submit_job(cluster, "build_index", *args, "--inject-kill-after-shards", "1")
+    killed = submit_job(cluster, "build_index", *args, faults="index.kill_after_shards=1")
     assert killed.returncode != 0 and "kills itself after shard 1" in killed.stdout + killed.stderr
     # Then no folder loads: the output does not exist, the work folder has no manifest
     assert not index.exists()

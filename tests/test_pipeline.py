@@ -195,7 +195,7 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     serve_args = ["--serve.host", "127.0.0.1", "--serve.port", str(port)]
 
     # Given a run killed (SIGKILL) right after its index step
-    first = submit_job(cluster, "pipeline", *args, *serve_args, "--inject-kill-after-step", "index")
+    first = submit_job(cluster, "pipeline", *args, *serve_args, faults="pipeline.kill_after_step=index")
     assert first.returncode != 0, first.stdout[-3000:]
     for step in ("train", "index"):
         assert f"{step}: running (not run before)" in first.stdout + first.stderr

@@ -19,8 +19,8 @@ from .conftest import real_pairs, submit_job
 pytestmark = pytest.mark.slow
 
 
-def submit(cluster, *args: str):
-    return submit_job(cluster, "train", *args)
+def submit(cluster, *args: str, faults: str | None = None):
+    return submit_job(cluster, "train", *args, faults=faults)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_a_worker_that_dies_is_restarted_and_resumes_from_the_last_checkpoint(cl
     # Given checkpoints at steps 3, 6, 8 and the last worker dying at the start of step 5 (test-only setting)
     result = submit(cluster, "--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers",
                     "2", "--batch-size", "8", "--max-steps", "8", "--eval-every-steps", "3", "--heldout-size", "40",
-                    "--max-seq-length", "32", "--inject-failure-at-step", "5", "--max-failures", "1")
+                    "--max-seq-length", "32", "--max-failures", "1", faults="train.fail_at_step=5")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
     assert "exits at step 5" in log and "resumed from checkpoint at step 3" in log
@@ -90,7 +90,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     out = cluster["tmp"] / "nan" / "model"
     result = submit(cluster, "--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers",
                     "2", "--batch-size", "8", "--max-steps", "6", "--eval-every-steps", "2", "--heldout-size", "40",
-                    "--max-seq-length", "32", "--inject-nan-at-step", "3")
+                    "--max-seq-length", "32", faults="train.nan_at_step=3")
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "loss became nan at step 3; training stopped, the last good checkpoint is" in log
