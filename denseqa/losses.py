@@ -5,13 +5,15 @@ worker's questions against the answers of every worker and lets gradients flow b
 (``util.all_gather_with_grad``). What no library does is keep duplicates from acting as negatives *across*
 devices: real Q/A data repeats answers (two FAQ entries with one answer) and questions (two packages with one
 synopsis), and a copy of the right answer in another slot would be pushed away as if it were wrong. Here each
-text travels with a 64-bit hash; the hashes are gathered next to the embeddings and equal texts are removed
-from each softmax.
+text travels with a 64-bit hash, given to the loss as its ``labels`` (one row per pair, one column per text
+column: :func:`duplicate_labels`); the labels are gathered next to the embeddings and equal texts are removed
+from each softmax. Because the hashes are the labels, the losses run unchanged inside sentence-transformers'
+``SentenceTransformerTrainer`` (a ``label`` column of the dataset holds them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,8 +25,16 @@ from sentence_transformers.sentence_transformer.losses import (
 from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
 from torch import Tensor
 
+from denseqa.texts import text_hashes
 
-class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
+
+def duplicate_labels(*columns: Sequence[str]) -> Tensor:
+    """The labels of the duplicate-masked losses: int64 (B, C), row i holding the text hashes of pair i's
+    question, answer and hard negatives (``columns`` in the order the loss gets their embeddings)."""
+    return torch.stack([text_hashes(column) for column in columns], dim=1)
+
+
+class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
     def __init__(
         self,
         model: SentenceTransformer,
@@ -33,9 +43,9 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         mask_duplicates: bool = True,
     ) -> None:
         """
-        InfoNCE with in-batch negatives (MultipleNegativesRankingLoss) where the candidate answers of each
-        question are the answers of the *global* batch, gathered from every worker, and where candidates that
-        are duplicates of the right answer are not negatives.
+        sentence-transformers' MultipleNegativesRankingLoss (InfoNCE with in-batch negatives, the candidates of
+        each question gathered from every worker by its own ``gather_across_devices``), plus what it lacks:
+        candidates that are duplicates of the right answer, on any worker, are not negatives.
 
         For question ``i`` of the global batch, with answers ``a_1..a_N`` of all ``N = B * world_size`` pairs
         (and optional hard negatives), the loss is ``-log softmax(scale * cos(q_i, a_j))_i`` over every ``j``
@@ -51,7 +61,8 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             model: the SentenceTransformer being trained.
             scale: inverse temperature of the softmax (``scale = 1 / temperature``).
             gather_across_devices: score against the answers of every worker, not only the local ones.
-            mask_duplicates: mask out duplicate answers and answers of duplicate questions (needs text hashes).
+            mask_duplicates: mask out duplicate answers and answers of duplicate questions; then the labels must be
+                the texts' hashes (:func:`duplicate_labels`), and a call without them is an error.
 
         References:
             - Henderson et al. 2017, "Efficient Natural Language Response Suggestion for Smart Reply"
@@ -68,10 +79,13 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             +-----------------------------------------+--------+
             | Texts                                   | Labels |
             +=========================================+========+
-            | (question, answer) pairs                | none   |
+            | (question, answer) pairs                | hashes |
             +-----------------------------------------+--------+
-            | (question, answer, negative_1, ...)     | none   |
+            | (question, answer, negative_1, ...)     | hashes |
             +-----------------------------------------+--------+
+
+            hashes: int64 (B, number of text columns), :func:`duplicate_labels`; None with
+            ``mask_duplicates=False``.
 
         Relations:
             - Equals :class:`sentence_transformers.losses.MultipleNegativesRankingLoss` with
@@ -80,17 +94,12 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         super().__init__(model, scale=scale, similarity_fct=cos_sim, gather_across_devices=gather_across_devices)
         self.mask_duplicates = mask_duplicates
 
-    def compute_loss_from_embeddings(
-        self,
-        embeddings: list[Tensor],
-        labels: Tensor | None = None,
-        text_hashes: Iterable[Tensor] | None = None,
-    ) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         """``embeddings`` = [questions (B, d), answers (B, d), negatives_k (B, d)...] of this worker;
-        ``text_hashes`` = one int64 tensor (B,) per column, in the same order (needed for masking)."""
+        ``labels`` = their texts' hashes, int64 (B, len(embeddings)) (:func:`duplicate_labels`)."""
         queries, docs = embeddings[0], list(embeddings[1:])
         batch_size = queries.size(0)
-        hashes = list(text_hashes) if (self.mask_duplicates and text_hashes is not None) else None
+        hashes = self._column_hashes(labels, len(embeddings), batch_size) if self.mask_duplicates else None
         offset = 0
         if self.gather_across_devices:
             # Gathered with autograd: the backward pass sends each slice's gradient back to its worker.
@@ -108,6 +117,16 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         if hashes is not None:
             scores = scores.masked_fill(self._duplicate_mask(hashes, positive_cols, global_batch), -torch.inf)
         return torch.nn.functional.cross_entropy(scores, positive_cols)
+
+    @staticmethod
+    def _column_hashes(labels: Tensor | None, columns: int, batch_size: int) -> list[Tensor]:
+        if labels is None:
+            raise ValueError("mask_duplicates is on but no labels were given: pass the texts' hashes as labels "
+                             "(denseqa.losses.duplicate_labels), or set mask_duplicates=False")
+        if labels.dtype != torch.int64 or tuple(labels.shape) != (batch_size, columns):
+            raise ValueError(f"labels must be int64 text hashes of shape ({batch_size}, {columns}), one column per "
+                             f"text column; got {labels.dtype} {tuple(labels.shape)}")
+        return list(labels.unbind(dim=1))
 
     @staticmethod
     def _duplicate_mask(hashes: list[Tensor], positive_cols: Tensor, global_batch: int) -> Tensor:
@@ -128,7 +147,7 @@ class GatheredMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                 "mask_duplicates": self.mask_duplicates}
 
 
-class CachedGatheredMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
+class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
     def __init__(
         self,
         model: SentenceTransformer,
@@ -138,9 +157,9 @@ class CachedGatheredMultipleNegativesRankingLoss(CachedMultipleNegativesRankingL
         mini_batch_size: int = 32,
     ) -> None:
         """
-        :class:`GatheredMultipleNegativesRankingLoss` with gradient caching: the batch is embedded in mini-batches
-        of ``mini_batch_size`` texts, so a worker's memory holds the activations of one mini-batch (plus one
-        embedding per text), whatever its batch size. The price is a second forward pass.
+        :class:`DuplicateMaskedMultipleNegativesRankingLoss` with gradient caching: the batch is embedded in
+        mini-batches of ``mini_batch_size`` texts, so a worker's memory holds the activations of one mini-batch
+        (plus one embedding per text), whatever its batch size. The price is a second forward pass.
 
         How (Gao et al. 2021): (1) embed every mini-batch without gradients; (2) compute the loss over the whole
         (gathered) batch from those embeddings and back-propagate it to the embeddings only, caching their
@@ -152,36 +171,35 @@ class CachedGatheredMultipleNegativesRankingLoss(CachedMultipleNegativesRankingL
         Args:
             model: the SentenceTransformer being trained. Set ``.model`` to its DDP wrapper afterwards, so that
                 the re-embedding in (3) goes through DDP's gradient synchronisation.
-            scale, gather_across_devices, mask_duplicates: as :class:`GatheredMultipleNegativesRankingLoss`.
+            scale, gather_across_devices, mask_duplicates: as :class:`DuplicateMaskedMultipleNegativesRankingLoss`.
             mini_batch_size: texts per forward pass.
 
         References:
             - Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited Setup"
               (GradCache), https://arxiv.org/abs/2101.06983
 
-        Inputs: tokenized features of (question, answer, negative_1, ...), as returned by ``model.preprocess``;
-        set :attr:`text_hashes` (one tensor per column) before each call when ``mask_duplicates`` is on.
+        Inputs: tokenized features of (question, answer, negative_1, ...), as returned by ``model.preprocess``, and
+        the labels of :class:`DuplicateMaskedMultipleNegativesRankingLoss`.
         """
         super().__init__(model, scale=scale, similarity_fct=cos_sim, mini_batch_size=mini_batch_size,
                          gather_across_devices=gather_across_devices)
-        self.gathered = GatheredMultipleNegativesRankingLoss(model, scale=scale,
-                                                             gather_across_devices=gather_across_devices,
-                                                             mask_duplicates=mask_duplicates)
-        self.text_hashes: list[Tensor] | None = None
+        self.masked = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=scale,
+                                                                  gather_across_devices=gather_across_devices,
+                                                                  mask_duplicates=mask_duplicates)
 
     @property
     def mask_duplicates(self) -> bool:
-        return self.gathered.mask_duplicates
+        return self.masked.mask_duplicates
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
         """Step (2): the gathered, masked loss from the mini-batch embeddings of each column."""
         embeddings = [torch.cat(column) for column in reps]
-        loss = self.gathered.compute_loss_from_embeddings(embeddings, text_hashes=self.text_hashes)
+        loss = self.masked.compute_loss_from_embeddings(embeddings, labels)
         if with_backward:
             loss.backward()  # to the embeddings only: they are leaves here
             loss = loss.detach()
         return loss
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**self.gathered.get_config_dict(), "mini_batch_size": self.mini_batch_size}
+        return {**self.masked.get_config_dict(), "mini_batch_size": self.mini_batch_size}

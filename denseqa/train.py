@@ -100,32 +100,34 @@ def contrastive_loss(forward, model, loss_fn, questions: list[str], answers: lis
                      negatives: Sequence[list[str]] = ()) -> torch.Tensor:
     """This worker's loss for one step: its questions against the (gathered) answers and hard negatives of the
     global batch. ``negatives``: one list of B texts per hard-negative column."""
-    from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss
+    from denseqa.losses import CachedDuplicateMaskedMultipleNegativesRankingLoss, duplicate_labels
     from denseqa.model import embed_texts
-    from denseqa.texts import text_hashes
 
     columns = [questions, answers, *negatives]
-    hashes = [text_hashes(c) for c in columns] if loss_fn.mask_duplicates else None
-    if isinstance(loss_fn, CachedGatheredMultipleNegativesRankingLoss):
+    labels = duplicate_labels(*columns).to(model.device) if loss_fn.mask_duplicates else None
+    if isinstance(loss_fn, CachedDuplicateMaskedMultipleNegativesRankingLoss):
         # Tokenized here, embedded inside the loss mini-batch by mini-batch (twice: see the loss).
-        loss_fn.text_hashes = hashes
         features = [{k: v.to(model.device) if isinstance(v, torch.Tensor) else v
                      for k, v in model.preprocess(c).items()} for c in columns]
-        return loss_fn(features, None)
+        return loss_fn(features, labels)
     embeddings = [embed_texts(forward, model, c) for c in columns]  # (B, d) each
-    return loss_fn.compute_loss_from_embeddings(embeddings, text_hashes=hashes)
+    return loss_fn.compute_loss_from_embeddings(embeddings, labels)
 
 
 def build_loss(model, forward, t):
-    """The step's loss: gathered, masked MNRL, with gradient caching when train.cached_loss is on."""
-    from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss, GatheredMultipleNegativesRankingLoss
+    """The step's loss: MNRL over the gathered batch with duplicates masked, with gradient caching when
+    train.cached_loss is on."""
+    from denseqa.losses import (
+        CachedDuplicateMaskedMultipleNegativesRankingLoss,
+        DuplicateMaskedMultipleNegativesRankingLoss,
+    )
 
     if not t.cached_loss:
-        return GatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
-                                                    mask_duplicates=t.mask_duplicates)
-    loss = CachedGatheredMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
-                                                      mask_duplicates=t.mask_duplicates,
-                                                      mini_batch_size=t.mini_batch_size)
+        return DuplicateMaskedMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
+                                                           mask_duplicates=t.mask_duplicates)
+    loss = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
+                                                             mask_duplicates=t.mask_duplicates,
+                                                             mini_batch_size=t.mini_batch_size)
     loss.model = forward  # the replayed forward passes go through DDP, which synchronises the gradients once
     return loss
 
@@ -271,8 +273,8 @@ class BiEncoderTask:
         training = {
             "negatives_per_question": negatives_per_question(t, plan.world_size, len(data.negative_columns)),
             "hard_negatives": _hard_negatives_record(cfg, data),
-            "loss": {"name": "CachedGatheredMultipleNegativesRankingLoss" if t.cached_loss
-                     else "GatheredMultipleNegativesRankingLoss", "cached": t.cached_loss,
+            "loss": {"name": "CachedDuplicateMaskedMultipleNegativesRankingLoss" if t.cached_loss
+                     else "DuplicateMaskedMultipleNegativesRankingLoss", "cached": t.cached_loss,
                      **({"mini_batch_size": t.mini_batch_size} if t.cached_loss else {})},
         }
         return {"prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True))}, training

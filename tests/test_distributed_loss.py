@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from denseqa.config import ModelConfig
-from denseqa.losses import CachedGatheredMultipleNegativesRankingLoss, GatheredMultipleNegativesRankingLoss
+from denseqa.losses import (
+    CachedDuplicateMaskedMultipleNegativesRankingLoss,
+    DuplicateMaskedMultipleNegativesRankingLoss,
+)
 from denseqa.model import freeze_parameters_without_grad, load_model
 from denseqa.train import contrastive_loss, ddp_kwargs
 
@@ -63,10 +66,11 @@ def _worker(config: dict) -> None:
         freeze_parameters_without_grad(model)
         forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
         if scenario.get("cached"):
-            loss_fn = CachedGatheredMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=MINI_BATCH)
+            loss_fn = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=MINI_BATCH)
             loss_fn.model = forward
         else:
-            loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=scenario["gather"])
+            loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0,
+                                                                  gather_across_devices=scenario["gather"])
         questions, answers = _batch(scenario["duplicate"])
         mine = slice(rank * B, (rank + 1) * B)
         negatives = [column[mine] for column in _negatives()] if scenario.get("negatives") else []
@@ -83,7 +87,8 @@ def _single_process(model_dir: str, duplicate: bool, negatives: bool = False,
                     mask: bool = True) -> tuple[float, dict[str, np.ndarray]]:
     model = load_model(ModelConfig(model=model_dir, max_seq_length=48), device="cpu")
     freeze_parameters_without_grad(model)
-    loss_fn = GatheredMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=True, mask_duplicates=mask)
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=True,
+                                                          mask_duplicates=mask)
     questions, answers = _batch(duplicate)
     # all 2B pairs in one process
     loss = contrastive_loss(model, model, loss_fn, questions, answers, _negatives() if negatives else [])
@@ -139,7 +144,7 @@ def test_duplicate_answer_across_workers_is_masked(two_worker_results, tiny_mode
     masked_loss, masked_grads = _single_process(tiny_model_dir, duplicate=True)
     # The single-process reference with masking off would count it as a negative, and differs
     model = load_model(ModelConfig(model=tiny_model_dir, max_seq_length=48), device="cpu")
-    unmasked = GatheredMultipleNegativesRankingLoss(model, scale=20.0, mask_duplicates=False)
+    unmasked = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0, mask_duplicates=False)
     questions, answers = _batch(duplicate=True)
     with torch.no_grad():
         unmasked_loss = float(contrastive_loss(model, model, unmasked, questions, answers))

@@ -19,7 +19,7 @@ def test_a_staged_output_is_published_whole_only_when_its_block_ends_without_err
         storage.write_json(storage.join(staging, "done.json"), {"v": 1})
     with pytest.raises(ZeroDivisionError), storage.staged_output(output, marker="done.json") as staging:
         storage.write_json(storage.join(staging, "part.json"), {"v": 2})
-        1 / 0
+        raise ZeroDivisionError("the job failed half-way")
     assert json.loads((out / "part.json").read_text()) == {"v": 1}
     # When a second one completes, Then it replaces the first, and no staging folder is left beside it
     with storage.staged_output(output, marker="done.json") as staging:

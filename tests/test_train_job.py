@@ -148,7 +148,7 @@ def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(
     training = record["training"]
     assert record["kind"] == "bi-encoder"
     assert training["steps"] == 2 and training["negatives_per_question"] == 31
-    assert training["loss"] == {"name": "CachedGatheredMultipleNegativesRankingLoss", "cached": True,
+    assert training["loss"] == {"name": "CachedDuplicateMaskedMultipleNegativesRankingLoss", "cached": True,
                                 "mini_batch_size": 4}
     hard = training["hard_negatives"]
     assert hard["per_pair"] == 1 and hard["columns"] == ["negative_1"]
