@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from denseqa import storage
+from denseqa import ray_private, storage
 from denseqa.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -43,15 +43,13 @@ def span() -> tuple[int, int | None]:
     """(nodes alive now, most nodes the autoscaler may run: None when unbounded, 0 when there is no autoscaler).
 
     The autoscaler's limits come from the cluster config it reports to the GCS (the cluster launcher and KubeRay
-    do); Ray exposes no public call for it, so this reads it the way Ray Data's autoscaler does.
+    do); Ray exposes no public call for it (see denseqa.ray_private).
     """
     import ray
 
     alive = sum(1 for node in ray.nodes() if node["Alive"])
     try:
-        import ray._private.state
-
-        config = ray._private.state.state.get_cluster_config()
+        config = ray_private.autoscaler_cluster_config()
     except Exception as e:  # a private API: if it moves, fall back to the nodes alive now
         logger.debug("no autoscaler config readable: %s", e)
         config = None

@@ -45,6 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from denseqa import ray_private
 from denseqa.api import (
     BadRequest,
     Limits,
@@ -490,7 +491,6 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
 
     Returns the HTTP address. Raises DenseqaError with Serve's message if an application fails to deploy.
     """
-    from ray.serve._private import api as serve_api
     from ray.serve.config import gRPCOptions
     from ray.serve.schema import ServeDeploySchema
 
@@ -507,10 +507,10 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
     # What `serve run CONFIG` does (Ray 2.60): the controller builds each application from its import path and
     # args and applies the per-deployment options, so a redeploy that only changes a user_config reconfigures
     # the running replicas instead of restarting them (that is how an index is hot-swapped).
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                   proxy_location=schema.proxy_location,
-                                   grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
-    client.deploy_apps(schema, _blocking=False)
+    controller = ray_private.serve_controller(http_options=schema.http_options.model_dump(),
+                                              proxy_location=schema.proxy_location,
+                                              grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+    ray_private.deploy_apps(controller, schema)
     wait_until_running([app.name for app in schema.applications], timeout_s)
     host = schema.http_options.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
@@ -519,12 +519,9 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
 
 def running_config() -> dict | None:
     """The Serve config of the applications deployed from config files on the connected cluster; None if none."""
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is None:
+    details = ray_private.serve_details()
+    if details is None:
         return None
-    details = client.get_serve_details()
     applications = [copy.deepcopy(app["deployed_app_config"]) for app in details.get("applications", {}).values()
                     if app.get("deployed_app_config")]
     if not applications:

@@ -1,0 +1,71 @@
+"""Every private Ray API denseqa calls, in one place, so a Ray upgrade that moves one breaks here and in
+``tests/test_ray_private.py`` (which names each symbol below), not somewhere deep in a job.
+
+Why each one is private rather than public (Ray 2.60):
+
+- the autoscaler's node limits: Ray has no public call for the cluster config the launcher and KubeRay report to
+  the GCS; Ray Data's own autoscaler reads it the same way.
+- deploying a Serve config file: ``serve.run`` takes built applications, not a config, and would not keep the
+  declarative semantics of ``serve deploy`` (a redeploy that changes only a ``user_config`` reconfigures the
+  running replicas instead of restarting them: that is how an index is hot-swapped). ``serve deploy`` itself goes
+  through the dashboard's REST API, which a job driver cannot assume it reaches (its address and token). So this
+  does what ``serve run CONFIG`` does in-process: start Serve, hand the controller the validated config.
+- reading the deployed config back: ``serve.status()`` reports states, not the ``deployed_app_config`` a merge
+  of several applications needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# (module, attribute path) of every private symbol used below; the test imports each one.
+SYMBOLS: tuple[tuple[str, str], ...] = (
+    ("ray._private.state", "state.get_cluster_config"),
+    ("ray.serve._private.api", "serve_start"),
+    ("ray.serve.context", "_get_global_client"),
+    ("ray.serve._private.client", "ServeControllerClient.deploy_apps"),
+    ("ray.serve._private.client", "ServeControllerClient.get_serve_details"),
+)
+
+
+def missing_symbols() -> list[str]:
+    """The symbols of SYMBOLS this Ray no longer has, as ``module:attribute``; empty when all are there."""
+    import importlib
+
+    missing = []
+    for module_name, path in SYMBOLS:
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in path.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError):
+            missing.append(f"{module_name}:{path}")
+    return missing
+
+
+def autoscaler_cluster_config():
+    """The cluster config the autoscaler reported to the GCS (node groups with ``max_count``); None if none."""
+    import ray._private.state
+
+    return ray._private.state.state.get_cluster_config()
+
+
+def serve_controller(http_options: dict, proxy_location: Any, grpc_options: Any):
+    """Serve's controller client on the connected cluster, starting Serve with these options if it is not up."""
+    from ray.serve._private import api as serve_api
+
+    return serve_api.serve_start(http_options=http_options, proxy_location=proxy_location,
+                                 grpc_options=grpc_options)
+
+
+def deploy_apps(controller, schema) -> None:
+    """Hand a validated ``ServeDeploySchema`` to the controller without waiting (the caller waits, with messages)."""
+    controller.deploy_apps(schema, _blocking=False)
+
+
+def serve_details() -> dict | None:
+    """What the Serve REST API's GET /api/serve/applications/ returns, read in-process; None when Serve is down."""
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client(raise_if_no_controller_running=False)
+    return None if controller is None else controller.get_serve_details()
