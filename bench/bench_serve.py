@@ -3,7 +3,7 @@
 Both serve the same index folder (the bundled all-MiniLM-L6-v2 over real Debian English answers) with the same
 encoder and FAISS index, on this machine, in the same run:
 
-- serve: ``configs/serve.yaml`` deployed by ``denseqa.serve.deploy`` on a local Ray (HTTP proxy -> SearchAPI ->
+- serve: ``configs/serve.yaml`` deployed by ``denseqa.drivers.serve.deploy`` on a local Ray (HTTP proxy -> SearchAPI ->
   QueryEncoder with ``@serve.batch`` -> IndexSearcher); ``--encoder-cpus`` overrides the encoder replica's CPUs
   (which is also its torch thread count: Ray sets OMP_NUM_THREADS from it).
 - baseline: the same request model and checks (:mod:`denseqa.api`) in one FastAPI app under one uvicorn process;
@@ -78,7 +78,7 @@ def build_index(work: Path, corpus_size: int, queries: int) -> tuple[str, list[s
     index = work / f"index-{corpus_size}"
     if not (index / "manifest.json").exists():
         from denseqa.config import JobConfig
-        from denseqa.index import run_build_index
+        from denseqa.drivers.build_index import run_build_index
 
         pq.write_table(pairs, work / f"pairs-{corpus_size}.parquet")
         run_build_index(JobConfig.from_dict({
@@ -137,17 +137,17 @@ def start_baseline(index: str) -> tuple[subprocess.Popen, str]:
 def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughput_optimized: bool) -> str:
     import ray
 
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
     # Ray Serve's throughput-optimized mode (fewer threads and log writes per request, gRPC between the proxy
     # and the replicas) is an environment variable of every Serve process: set before Ray starts them.
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if throughput_optimized else "0"
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
     port = free_port()
-    config = ds.with_overrides(ds.load_serve_config(), index=index, host="127.0.0.1", port=port)
+    config = deploying.with_overrides(deploying.load_serve_config(), index=index, host="127.0.0.1", port=port)
     if encoder_cpus is not None:
-        ds.deployment(config, "QueryEncoder")["ray_actor_options"]["num_cpus"] = encoder_cpus
-    ds.deploy(config)
+        deploying.deployment(config, "QueryEncoder")["ray_actor_options"]["num_cpus"] = encoder_cpus
+    deploying.deploy(config)
     url = f"127.0.0.1:{port}"
     wait_healthy(url)
     return url

@@ -1,4 +1,5 @@
-"""The ``denseqa`` command: one subcommand per pipeline stage; the jobs in ``jobs/`` call the same functions."""
+"""The ``denseqa`` command: one subcommand per job, each a driver of :mod:`denseqa.drivers`; the scripts in ``jobs/``
+call the same functions."""
 
 from __future__ import annotations
 
@@ -12,14 +13,14 @@ from denseqa.logs import setup_logging
 
 
 def _mine_negatives(args: argparse.Namespace) -> None:
-    from denseqa.negatives import run_mining
+    from denseqa.drivers.mine_negatives import run_mining
 
     record = run_mining(config_from_args(args, COMMAND_SECTIONS["mine-negatives"]))
     print(json.dumps({k: record[k] for k in ("output", "method", "columns", "counts", "seconds")}, indent=2))
 
 
 def _train(args: argparse.Namespace) -> None:
-    from denseqa.train import run_training
+    from denseqa.drivers.train import run_training
 
     record = run_training(config_from_args(args, COMMAND_SECTIONS["train"]))
     print(json.dumps({"output": record["output"], "metrics": {k: record["metrics"][k] for k in ("before", "final")},
@@ -27,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _train_reranker(args: argparse.Namespace) -> None:
-    from denseqa.train_reranker import run_reranker_training
+    from denseqa.drivers.train_reranker import run_reranker_training
 
     record = run_reranker_training(config_from_args(args, COMMAND_SECTIONS["train-reranker"]))
     print(json.dumps({"output": record["output"], "metrics": {k: record["metrics"][k] for k in ("before", "final")},
@@ -35,14 +36,14 @@ def _train_reranker(args: argparse.Namespace) -> None:
 
 
 def _build_index(args: argparse.Namespace) -> None:
-    from denseqa.index import run_build_index
+    from denseqa.drivers.build_index import run_build_index
 
     manifest = run_build_index(config_from_args(args, COMMAND_SECTIONS["build-index"]))
     print(json.dumps({k: manifest[k] for k in ("output", "count", "index", "build")}, indent=2))
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from denseqa.eval import run_evaluation
+    from denseqa.drivers.evaluate import run_evaluation
 
     report = run_evaluation(config_from_args(args, COMMAND_SECTIONS["evaluate"]))
     print(report["markdown"])
@@ -50,13 +51,13 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from denseqa.serve import run_serve
+    from denseqa.drivers.serve import run_serve
 
     run_serve(config_from_args(args, COMMAND_SECTIONS["serve"]))
 
 
 def _run(args: argparse.Namespace) -> None:
-    from denseqa.pipeline import run_pipeline
+    from denseqa.drivers.pipeline import run_pipeline
 
     run_pipeline(config_from_args(args, COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED))
 

@@ -28,3 +28,13 @@ class TrainingError(DenseqaError):
     """A run that started and could not finish (e.g. the loss became NaN)."""
 
     exit_code = 1
+
+
+def one_line(error: Exception) -> str:
+    """An exception as one line; a pydantic ValidationError as its first error, ``field.path: message``."""
+    from pydantic import ValidationError
+
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc']) or 'value'}: {first['msg']}"
+    return " ".join(str(error).split())

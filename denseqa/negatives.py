@@ -25,19 +25,13 @@ the folder itself (``--data OUTPUT``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import time
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from denseqa import storage
-from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig, MineConfig
+from denseqa.config import MineConfig
 from denseqa.data import ANSWER, QUESTION
-from denseqa.errors import InputError
-from denseqa.provenance import utc_now
 from denseqa.texts import split_key
 
 logger = logging.getLogger(__name__)
@@ -45,7 +39,7 @@ logger = logging.getLogger(__name__)
 RECORD_FILE = "negatives.json"
 PAIRS_DIR = "pairs"  # the parquet files, apart from the record, so that any parquet reader opens the folder
 # Per-row statistics, summed by the driver and dropped before writing.
-_SKIPPED, _COMPLETE = "_skipped_by_margin", "_complete"
+SKIPPED_COLUMN, COMPLETE_COLUMN = "_skipped_by_margin", "_complete"
 
 
 def negative_column_names(n: int) -> list[str]:
@@ -137,124 +131,5 @@ class NegativeMiner:
         for name, values in zip(negative_column_names(n), columns, strict=True):
             out = out.append_column(name, pa.array(values, type=pa.string()))
         complete = [int(v is not None) for v in columns[-1]]
-        out = out.append_column(_SKIPPED, pa.array(skipped, type=pa.int64()))
-        return out.append_column(_COMPLETE, pa.array(complete, type=pa.int64()))
-
-
-def _rename(batch: pa.Table, question_column: str, answer_column: str) -> pa.Table:
-    names = {QUESTION: question_column, ANSWER: answer_column}
-    return batch.drop_columns([c for c in batch.column_names if c.startswith("_")]).rename_columns(
-        [names.get(c, c) for c in batch.column_names if not c.startswith("_")])
-
-
-def _repeated_questions(train) -> dict[str, list[str]]:
-    """question -> its distinct answers, for the questions that have more than one (all of them are positives)."""
-    counts = train.groupby(QUESTION).count().filter(lambda row: row["count()"] > 1).take_all()
-    repeated = {row[QUESTION] for row in counts}
-    if not repeated:
-        return {}
-    answers: dict[str, set[str]] = {}
-    for row in train.filter(lambda r: r[QUESTION] in repeated).take_all():
-        answers.setdefault(row[QUESTION], set()).add(row[ANSWER])
-    return {q: sorted(a) for q, a in answers.items()}
-
-
-def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, Any]:
-    """Embed the candidate answers with build-index's Ray Data job into an exact (Flat) index under ``work`` (a
-    local path or a URI, beside the output: on a cluster, every mining actor loads it)."""
-    import pyarrow.parquet as pq
-
-    from denseqa.index import run_build_index
-    from denseqa.texts import text_id
-
-    corpus_file = storage.join(work, "answers.parquet")
-    fs, path = storage.filesystem(corpus_file)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(pa.table({"id": [text_id(t) for t in texts], "text": texts}), path, filesystem=fs)
-    index_dir = storage.join(work, "index")
-    # Flat: exact inner-product search, so the ranks and the margin are the model's own, not an approximation's.
-    run_build_index(JobConfig(corpus=CorpusConfig(path=corpus_file), model=cfg.model, embed=cfg.embed,
-                              index=IndexConfig(output=index_dir, factory="Flat", bm25=False, overwrite=True),
-                              used=COMMAND_SECTIONS["build-index"]))
-    return {"kind": "dense", "index_dir": index_dir}
-
-
-def run_mining(cfg: JobConfig) -> dict[str, Any]:
-    """Mine hard negatives for the training pairs of ``cfg.data``; write them with the pairs. Returns the record."""
-    import ray
-    import ray.data
-
-    from denseqa.bm25 import BM25Index
-    from denseqa.data import load_qa_data
-    from denseqa.model import check_model_source, describe_model
-    from denseqa.resources import model_actors
-
-    started = time.time()
-    m = cfg.mine
-    output = storage.output_folder(m.output, m.overwrite, "the pairs with their hard negatives")
-    if m.method == "dense":
-        check_model_source(cfg.model.model)
-    # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
-    data = load_qa_data(dataclasses.replace(cfg.data, num_negatives=0))
-    texts = sorted(data.train.unique(ANSWER))
-    if len(texts) < 2:
-        raise InputError(f"{cfg.data.path}: {len(texts)} distinct training answer(s); mining needs other answers "
-                         "to take negatives from")
-    other_answers = _repeated_questions(data.train)
-    logger.info("mining %d %s negative(s) per pair for %d training pairs among %d distinct answers (ranks %d..%d%s)",
-                m.num_negatives, m.method, data.counts["train"], len(texts), m.range_min, m.range_max,
-                f", relative margin {m.relative_margin}" if m.relative_margin is not None else "")
-
-    # Beside the output, local or URI alike: the dense index there must be reachable from every mining actor.
-    work = output.rstrip("/") + ".work"
-    try:
-        if m.method == "bm25":
-            retriever = {"kind": "bm25", "index": ray.put(BM25Index.build(texts, m.bm25_stopwords))}
-            pool = model_actors("mining", use_gpu=False, actors=m.actors, cpus_per_actor=cfg.embed.cpus_per_actor)
-        else:
-            retriever = _dense_retriever(cfg, texts, work)
-            pool = model_actors("mining", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
-            retriever["device"] = "cuda" if pool.use_gpu else "cpu"
-        mined = data.train.map_batches(
-            NegativeMiner,
-            fn_constructor_kwargs={"cfg": dataclasses.asdict(m), "texts": ray.put(texts), "retriever": retriever,
-                                   "other_answers": ray.put(other_answers), "torch_threads": pool.torch_threads},
-            batch_size=m.batch_size, batch_format="pyarrow", concurrency=pool.actors, num_cpus=pool.cpus,
-            num_gpus=1 if pool.use_gpu else None,
-        ).materialize()
-        columns = negative_column_names(m.num_negatives)
-        complete = int(mined.sum(_COMPLETE) or 0)
-        counts = {"train_pairs": data.counts["train"], "with_all_negatives": complete,
-                  "without_all_negatives": data.counts["train"] - complete,
-                  "heldout_pairs_without_negatives": data.counts["heldout"], "candidates": len(texts),
-                  "questions_with_several_answers": len(other_answers),
-                  "skipped_by_margin": int(mined.sum(_SKIPPED) or 0)}
-        heldout = ray.data.from_arrow(pa.table({
-            QUESTION: [q for q, _ in data.heldout], ANSWER: [a for _, a in data.heldout],
-            **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns}}))
-        # Ray Data's write tasks write the pairs, on any node: the staging must be storage they all reach.
-        with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
-            fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
-            mined.drop_columns([_SKIPPED, _COMPLETE]).union(heldout).map_batches(
-                _rename, batch_format="pyarrow",
-                fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
-            ).write_parquet(path, filesystem=fs)
-            record = {
-                "method": m.method,
-                "model": describe_model(cfg.model) if m.method == "dense" else None,
-                "options": {k: v for k, v in dataclasses.asdict(m).items() if k not in ("output", "overwrite")},
-                "columns": columns,
-                "counts": counts,
-                "data": {"path": cfg.data.path, "rows": data.counts},
-                "config": cfg.to_dict(),
-                "seconds": round(time.time() - started, 1),
-                "created": utc_now(),
-                "output": output,
-            }
-            storage.write_json(storage.join(staging, RECORD_FILE), record)
-    finally:
-        storage.remove(work)
-    logger.info("hard negatives written to %s: %d of %d training pairs have all %d (%d candidates rejected by the "
-                "margin), %.1f s", output, complete, data.counts["train"], m.num_negatives,
-                counts["skipped_by_margin"], record["seconds"])
-    return record
+        out = out.append_column(SKIPPED_COLUMN, pa.array(skipped, type=pa.int64()))
+        return out.append_column(COMPLETE_COLUMN, pa.array(complete, type=pa.int64()))

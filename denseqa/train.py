@@ -1,8 +1,9 @@
 """Stage 2, train: fine-tune the bi-encoder with Ray Train (DDP) and gathered in-batch negatives.
 
-Read it top to bottom: :class:`BiEncoderTask` says what is trained (model, loss, evaluation);
-:func:`train_loop_per_worker` is what every worker runs, one optimizer step per global batch; :func:`run_training`
-is the driver (validate, read data, plan the steps, start the workers, write the model). The reranker
+Read it top to bottom: :class:`TrainingTask` is what the loop needs of a model to train, :class:`BiEncoderTask`
+the bi-encoder's (model, loss, evaluation); :func:`train_step` is one optimizer step and
+:func:`train_loop_per_worker` what every worker runs around it (resume, evaluation, checkpoints). The driver that
+plans the steps, starts the workers and publishes the model is :mod:`denseqa.drivers.train`. The reranker
 (:mod:`denseqa.train_reranker`) is another task run by the same loop and driver.
 
 The cross-device part is in :mod:`denseqa.losses`: each worker embeds its own B questions and B answers, the
@@ -18,21 +19,19 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from denseqa import faults, storage
+from denseqa import distributed, faults, storage
 from denseqa.config import JobConfig
-from denseqa.errors import InputError, TrainingError
+from denseqa.errors import InputError
 from denseqa.logs import logger, setup_logging
-from denseqa.provenance import package_versions, peak_memory_mb
+from denseqa.provenance import peak_memory_mb
 
 RECORD_FILE = "denseqa.json"
 HELDOUT_FILE = "heldout.parquet"
@@ -139,49 +138,6 @@ def negatives_per_question(t, world_size: int, hard_negatives: int) -> int:
     return pairs * (1 + hard_negatives) - 1
 
 
-def _all_reduce_mean(value: torch.Tensor) -> float:
-    import torch.distributed as dist
-
-    value = value.detach().float().clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return float(value)
-
-
-def _all_gather_objects(obj: Any) -> list[Any]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _broadcast(obj: Any) -> Any:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
-
-
-def ddp_kwargs() -> dict[str, bool]:
-    """No buffer sync inside forward: BERT's position_ids buffer would be broadcast there, which raises an
-    in-place-modification error on the second forward pass of a step (sentence-transformers turns it off too).
-    torch 2.13 renamed the option; all ranks load the same weights, so the sync at wrap time is harmless."""
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
-
-
 def build_optimizer(model, cfg) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases and LayerNorm weights (Loshchilov & Hutter, 2019, as in BERT)."""
     decay, no_decay = [], []
@@ -195,39 +151,85 @@ def build_optimizer(model, cfg) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------------------------------------- the task
 
 
-class BiEncoderTask:
-    """What the training loop trains: a bi-encoder, with gathered in-batch (and hard) negatives, evaluated by
-    retrieval among the held-out answers. :mod:`denseqa.train_reranker` has the cross-encoder's counterpart.
+class TrainingTask(Protocol):
+    """What :func:`train_loop_per_worker` needs of the model it trains; :class:`BiEncoderTask` and
+    :class:`denseqa.train_reranker.RerankerTask` are the two. The loop, checkpoints, resume and the driver are the
+    same for both. The instance methods run on every worker; the class methods run in the driver, before the
+    workers start and after they finish."""
 
-    The loop (:func:`train_loop_per_worker`), checkpoints, resume and the driver are the same for both; a task says
-    how to load the model, what one step's loss is and how to evaluate it. The class methods run in the driver.
-    """
+    kind: ClassVar[str]  # "bi-encoder" or "reranker": the record's kind and the log's wording
+
+    def __init__(self, cfg: JobConfig, loop_inputs: dict[str, Any], device: torch.device) -> None: ...
+
+    def load(self) -> tuple[torch.nn.Module, list[str]]:
+        """The model to train, and the names of the parameters frozen because they get no gradient (DDP would
+        fail on them)."""
+        ...
+
+    @staticmethod
+    def reload(path: str) -> torch.nn.Module:
+        """A checkpoint's model, whose weights are copied into the one being trained."""
+        ...
+
+    def prepare(self, model: torch.nn.Module, forward: torch.nn.Module) -> None:
+        """Build the loss (through ``forward``, the DDP-wrapped model) and the evaluator."""
+        ...
+
+    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """This worker's loss for one batch of its shard."""
+        ...
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """Held-out metrics (run on rank 0's share inside sentence-transformers' distributed evaluation)."""
+        ...
+
+    def describe(self, world: int) -> str:
+        """One line for the log: what a step of ``world`` workers trains on."""
+        ...
+
+    @classmethod
+    def check_config(cls, cfg: JobConfig) -> None:
+        """Refuse options this task cannot use, before Ray starts."""
+        ...
+
+    @classmethod
+    def loop_inputs(cls, cfg: JobConfig, data) -> dict[str, Any]:
+        """What every worker's task is built from, besides the config (sent once, with the loop config)."""
+        ...
+
+    @classmethod
+    def record(cls, cfg: JobConfig, data, plan: TrainPlan) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(top-level fields, training fields) of the model's record that are particular to this task."""
+        ...
+
+
+class BiEncoderTask:
+    """What the training loop trains by default: a bi-encoder, with gathered in-batch (and hard) negatives,
+    evaluated by retrieval among the held-out answers (a :class:`TrainingTask`)."""
 
     kind = "bi-encoder"
 
-    def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], device: torch.device) -> None:
-        self.cfg, self.t, self.device = cfg, cfg.train, device
-        self.heldout = [tuple(p) for p in loop_config["heldout"]]
-        self.negative_columns = loop_config["negative_columns"]
+    def __init__(self, cfg: JobConfig, loop_inputs: dict[str, Any], device: torch.device) -> None:
+        from denseqa.model import prompts_of
 
-    def load(self):
-        """The model to train, with its dead parameters frozen (``self.frozen``: their names)."""
-        from denseqa.model import freeze_parameters_without_grad, load_model, prompts_of
+        self.cfg, self.t, self.device = cfg, cfg.train, device
+        self.heldout = [tuple(p) for p in loop_inputs["heldout"]]
+        self.negative_columns = loop_inputs["negative_columns"]
+        self.query_prompt, self.passage_prompt = prompts_of(cfg.model)
+
+    def load(self) -> tuple[torch.nn.Module, list[str]]:
+        from denseqa.model import freeze_parameters_without_grad, load_model
 
         model = load_model(self.cfg.model, device=str(self.device))
-        self.query_prompt, self.passage_prompt = prompts_of(self.cfg.model)
-        self.frozen = freeze_parameters_without_grad(model)
-        return model
+        return model, freeze_parameters_without_grad(model)
 
     @staticmethod
     def reload(path: str):
-        """A checkpoint's model, whose weights are copied into the one being trained."""
         from sentence_transformers import SentenceTransformer
 
         return SentenceTransformer(path, device="cpu")
 
     def prepare(self, model, forward) -> None:
-        """The loss (through ``forward``, the DDP wrapper) and the held-out evaluator."""
         from denseqa.eval import build_evaluator
 
         self.model, self.forward, self.loss_fn = model, forward, build_loss(model, forward, self.t)
@@ -266,13 +268,12 @@ class BiEncoderTask:
 
     @classmethod
     def record(cls, cfg: JobConfig, data, plan: TrainPlan) -> tuple[dict[str, Any], dict[str, Any]]:
-        """(top-level fields, training fields) of the record that are particular to this task."""
         from denseqa.model import prompts_of
 
         t = cfg.train
         training = {
             "negatives_per_question": negatives_per_question(t, plan.world_size, len(data.negative_columns)),
-            "hard_negatives": _hard_negatives_record(cfg, data),
+            "hard_negatives": hard_negatives_record(cfg, data),
             "loss": {"name": "CachedDuplicateMaskedMultipleNegativesRankingLoss" if t.cached_loss
                      else "DuplicateMaskedMultipleNegativesRankingLoss", "cached": t.cached_loss,
                      **({"mini_batch_size": t.mini_batch_size} if t.cached_loss else {})},
@@ -280,10 +281,54 @@ class BiEncoderTask:
         return {"prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True))}, training
 
 
+# ---------------------------------------------------------------------------------------------- one step
+
+
+@dataclass
+class Optimization:
+    """What a step updates besides the model: optimizer, schedule, fp16 loss scaler, and the autocast dtype."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    device: torch.device
+
+
+def train_step(task: TrainingTask, batch: dict[str, Any], model, opt: Optimization, t, step: int) -> float:
+    """One optimizer step on this worker's share of one global batch; returns the loss averaged over the ranks.
+
+    A non-finite mean loss takes no step: every rank sees the same mean, so all of them stop together and none is
+    left waiting in a collective.
+    """
+    autocast = opt.amp_dtype is not None
+    with torch.autocast(opt.device.type, dtype=opt.amp_dtype, enabled=autocast):
+        loss = task.loss(batch)
+    if faults.planned_step("train.nan_at_step") == step + 1:
+        loss = loss * float("nan")
+    mean_loss = distributed.all_reduce_mean(loss)
+    if not math.isfinite(mean_loss):
+        return mean_loss
+    # GradCache embeds its mini-batches again inside backward(): they need the first pass's autocast.
+    with torch.autocast(opt.device.type, dtype=opt.amp_dtype, enabled=autocast and t.cached_loss):
+        opt.scaler.scale(loss).backward()
+    if t.max_grad_norm is not None:
+        opt.scaler.unscale_(opt.optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
+    opt.scaler.step(opt.optimizer)
+    opt.scaler.update()
+    opt.scheduler.step()
+    opt.optimizer.zero_grad(set_to_none=True)
+    return mean_loss
+
+
 # ---------------------------------------------------------------------------------------------- the worker
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """What every Ray Train worker runs: build the task's model, resume from Ray Train's checkpoint if there is
+    one, then one :func:`train_step` per global batch, with evaluation and a checkpoint every
+    ``plan.eval_every_steps``."""
     import ray.train
     import ray.train.torch
     from sentence_transformers.util.distributed import distributed_evaluation
@@ -301,25 +346,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
 
     # Model, frozen dead parameters (DDP fails on them), optimizer, schedule.
-    task = loop_config["task"](cfg, loop_config, device)
-    model = task.load()
+    task: TrainingTask = loop_config["task"](cfg, loop_config["inputs"], device)
+    model, frozen = task.load()
     optimizer = build_optimizer(model, t)
-    warmup = int(t.warmup_ratio * plan.total_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, warmup, plan.total_steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=t.precision == "fp16")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * plan.total_steps), plan.total_steps)
+    opt = Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
+                       {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision), device)
 
     # Resume: after a worker failure Ray Train hands back the latest checkpoint of this run.
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, task.reload, model, optimizer, scheduler, scaler)
+        state = _load_checkpoint(checkpoint, task.reload, model, opt)
         if state.batch_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.attempts.append({"start_step": state.step, "steps_run": 0})
     attempt = state.attempts[-1]
 
-    forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
+    forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=distributed.ddp_kwargs())
     task.prepare(model, forward)
     shard = ray.train.get_dataset_shard("train")
 
@@ -331,29 +375,29 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if runs_evaluator:
                 metrics = task.evaluate(model)
         model.train()
-        return _broadcast(metrics)
+        return distributed.broadcast(metrics)
 
     def save_and_report(metrics: dict[str, float]) -> None:
         state.evals.append({"step": state.step, "metrics": metrics})
-        state.peak_memory_mb = _all_gather_objects(peak_memory_mb(device))  # every rank is here: a collective
+        state.peak_memory_mb = distributed.all_gather_objects(peak_memory_mb(device))  # every rank is here
         report = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
         if not is_rank_zero:
             ray.train.report(report)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(tmp, model, optimizer, scheduler, scaler, state)
+            _save_checkpoint(tmp, model, opt, state)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 
     if is_rank_zero:
         logger.info("training the %s: %s; %d steps (%d per epoch), eval every %d; frozen without gradient: %s",
                     task.kind, task.describe(world), plan.total_steps, plan.steps_per_epoch, plan.eval_every_steps,
-                    ", ".join(task.frozen) or "none")
+                    ", ".join(frozen) or "none")
     if state.step == 0:
         baseline = run_eval()
         state.evals.append({"step": 0, "metrics": baseline})
         if is_rank_zero:
-            logger.info("held-out before training: %s", _fmt(baseline))
+            logger.info("held-out before training: %s", format_metrics(baseline))
 
     model.train()
     stop_reason = None
@@ -370,27 +414,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step >= plan.total_steps:
                 break
             _maybe_fail_once(plan, state, rank, world)
-
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = task.loss(batch)
-            if faults.planned_step("train.nan_at_step") == state.step + 1:
-                loss = loss * float("nan")
-            # All ranks see the same mean loss, so they all stop together on a NaN (no rank left waiting).
-            mean_loss = _all_reduce_mean(loss)
+            mean_loss = train_step(task, batch, model, opt, t, state.step)
             if not math.isfinite(mean_loss):
                 stop_reason = f"loss became {mean_loss} at step {state.step + 1}"
                 break
-
-            # GradCache embeds its mini-batches again inside backward(): they need the first pass's autocast.
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None and t.cached_loss):
-                scaler.scale(loss).backward()
-            if t.max_grad_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], t.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.batch_in_epoch = batch_index + 1
             attempt["steps_run"] += 1
@@ -411,7 +438,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % plan.eval_every_steps == 0 or state.step == plan.total_steps:
                 metrics = run_eval()
                 if is_rank_zero:
-                    logger.info("held-out at step %d: %s", state.step, _fmt(metrics))
+                    logger.info("held-out at step %d: %s", state.step, format_metrics(metrics))
                 save_and_report(metrics)
                 clock = time.time()  # evaluation and checkpointing are not training throughput
         else:
@@ -442,23 +469,23 @@ def _maybe_fail_once(plan: TrainPlan, state: TrainState, rank: int, world: int) 
     os._exit(1)
 
 
-def _save_checkpoint(path: str, model, optimizer, scheduler, scaler, state: TrainState) -> None:
+def _save_checkpoint(path: str, model, opt: Optimization, state: TrainState) -> None:
     model.save(os.path.join(path, "model"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict()}, os.path.join(path, OPTIMIZER_FILE))
+    torch.save({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
+                "scaler": opt.scaler.state_dict()}, os.path.join(path, OPTIMIZER_FILE))
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(dataclasses.asdict(state), f, indent=1)
 
 
-def _load_checkpoint(checkpoint, reload, model, optimizer, scheduler, scaler) -> TrainState:
+def _load_checkpoint(checkpoint, reload, model, opt: Optimization) -> TrainState:
     with checkpoint.as_directory() as path:
         # Copy the weights into the existing modules: the frozen flags and the optimizer's parameters stay valid.
         saved = reload(os.path.join(path, "model"))
         model.load_state_dict(saved.state_dict())
         tensors = torch.load(os.path.join(path, OPTIMIZER_FILE), map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(tensors["optimizer"])
-        scheduler.load_state_dict(tensors["scheduler"])
-        scaler.load_state_dict(tensors["scaler"])
+        opt.optimizer.load_state_dict(tensors["optimizer"])
+        opt.scheduler.load_state_dict(tensors["scheduler"])
+        opt.scaler.load_state_dict(tensors["scaler"])
         with open(os.path.join(path, STATE_FILE)) as f:
             state = TrainState(**json.load(f))
     logger.info("resumed from checkpoint at step %d (epoch %d, batch %d)", state.step, state.epoch + 1,
@@ -466,7 +493,7 @@ def _load_checkpoint(checkpoint, reload, model, optimizer, scheduler, scaler) ->
     return state
 
 
-def _fmt(metrics: dict[str, float]) -> str:
+def format_metrics(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
 
 
@@ -475,130 +502,7 @@ def _fmt_seconds(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-# ---------------------------------------------------------------------------------------------- the driver
-
-
-def run_training(cfg: JobConfig, task=BiEncoderTask) -> dict[str, Any]:
-    """Validate, read the data, train on Ray Train, write the model folder with its ``denseqa.json`` record.
-
-    ``task``: what is trained (:class:`BiEncoderTask`, or the reranker's). Returns the record. Raises
-    :class:`InputError` (before any worker starts) or :class:`TrainingError`.
-    """
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from denseqa.data import load_qa_data
-    from denseqa.model import check_model_source, describe_model
-    from denseqa.resources import cpus_per_worker_default
-
-    started = time.time()
-    task.check_config(cfg)
-    output, run_dir = _resolve_output(cfg)
-    check_model_source(cfg.model.model)
-    data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
-    loop_inputs = task.loop_inputs(cfg, data)
-
-    t = cfg.train
-    cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
-    plan = make_plan(cfg, data.counts["train"], run_dir, cpus_per_worker)
-    logger.info("%s from %s; %d workers, %.2f CPUs each%s; run folder %s", task.kind, describe_model(cfg.model),
-                t.num_workers, cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
-
-    storage_path, name = run_dir.rstrip("/").rsplit("/", 1)
-    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "task": task, **loop_inputs},
-        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=storage_path,
-            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=t.keep_checkpoints,
-                checkpoint_score_attribute=f"eval_{t.checkpoint_metric}",
-                checkpoint_score_order="max",
-            ),
-        ),
-        datasets={"train": data.train},
-    )
-    storage.remove(storage.join(run_dir, STOPPED_FILE))  # left by an earlier attempt that this one resumes
-    try:
-        result = trainer.fit()
-    except ray.train.TrainingFailedError as e:
-        raise TrainingError(f"training failed (after {t.max_failures} restarts allowed): {_root_cause(e)}; "
-                            f"checkpoints are in {run_dir}, continue with --resume") from None
-    stopped = storage.read_json(storage.join(run_dir, STOPPED_FILE))
-    if stopped:
-        last = result.checkpoint.path if result.checkpoint else "none"
-        raise TrainingError(f"{stopped['reason']}; training stopped, the last good checkpoint is {last}")
-    if result.checkpoint is None:
-        raise TrainingError(f"training finished without a checkpoint in {run_dir}")
-
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
-            state = TrainState(**json.load(f))
-        record = _make_record(cfg, task, data, plan, state, run_dir, output, time.time() - started)
-        publish_model(os.path.join(checkpoint_dir, "model"), output, record, data.heldout)
-    logger.info("%s written to %s (held-out %s)", task.kind, output, _fmt(record["metrics"]["final"]))
-    return record
-
-
-def _root_cause(error: Exception) -> str:
-    """The last 'SomeError: message' line of a worker's traceback, which names what actually went wrong."""
-    lines = [line.strip() for line in str(error).splitlines()]
-    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
-    return causes[-1] if causes else next((line for line in lines if line), type(error).__name__)
-
-
-def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
-    out = cfg.output
-    output = storage.output_folder(out.output, out.overwrite, "the trained model")
-    run_dir = storage.absolute(out.run_dir or output.rstrip("/") + ".run")
-    has_run = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
-    if has_run and not out.resume:
-        raise InputError(f"{run_dir}: run folder already holds a run; pass --resume to continue it, "
-                         "or choose another --run-dir")
-    if out.resume and not has_run:
-        raise InputError(f"{run_dir}: --resume given but this run folder holds no run to continue")
-    return output, run_dir
-
-
-def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str,
-                 wall_s: float) -> dict:
-    from denseqa.model import describe_model
-
-    metric = cfg.train.checkpoint_metric
-    trained = [e for e in state.evals if e["step"] > 0]
-    best = max(trained, key=lambda e: e["metrics"][metric]) if trained else None
-    top, training = task.record(cfg, data, plan)
-    return {
-        "kind": task.kind,
-        "model": describe_model(cfg.model),
-        **top,
-        "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
-        "training": {
-            "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
-            "epochs": cfg.train.epochs, "workers": plan.world_size,
-            "global_batch_size": plan.world_size * cfg.train.batch_size,
-            **training,
-            "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
-            "peak_memory_mb_per_worker": state.peak_memory_mb,
-            "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
-                                 * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
-        },
-        "metrics": {
-            "before": state.evals[0]["metrics"] if state.evals and state.evals[0]["step"] == 0 else None,
-            "final": state.evals[-1]["metrics"] if state.evals else None,
-            "best": best, "ranked_by": metric, "history": state.evals,
-        },
-        "config": cfg.to_dict(),
-        "versions": package_versions(),
-        "wall_time_s": round(wall_s, 1),
-        "output": output,
-    }
+# ---------------------------------------------------------------------------------------------- hard negatives
 
 
 def mining_record(cfg, data) -> dict[str, Any] | None:
@@ -628,7 +532,7 @@ def check_mining_split(cfg, data) -> None:
                        data.counts["heldout"], now["split_seed"])
 
 
-def _hard_negatives_record(cfg, data) -> dict[str, Any]:
+def hard_negatives_record(cfg, data) -> dict[str, Any]:
     """Which hard negatives training used: the columns, and how they were mined (the miner's record, if the data
     is a mine-negatives output)."""
     if not data.negative_columns:
@@ -637,18 +541,3 @@ def _hard_negatives_record(cfg, data) -> dict[str, Any]:
     return {"per_pair": len(data.negative_columns), "columns": data.negative_columns,
             "pairs_without_them": data.counts.get("without_negatives", 0),
             "mined": {k: mined[k] for k in ("method", "model", "options", "counts") if k in mined} if mined else None}
-
-
-def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple[str, str]]) -> None:
-    """Write the model folder, its held-out pairs (``heldout.parquet``, for the evaluation job: questions this
-    model never trained on) and its record ``denseqa.json``, atomically (see :func:`denseqa.storage.publish_folder`).
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with storage.staged_output(output, marker=RECORD_FILE) as staging:
-        shutil.copytree(model_dir, staging, dirs_exist_ok=True)
-        pq.write_table(pa.table({"question": [q for q, _ in heldout], "answer": [a for _, a in heldout]}),
-                       os.path.join(staging, HELDOUT_FILE))
-        with open(os.path.join(staging, RECORD_FILE), "w") as f:
-            json.dump(record, f, indent=2)

@@ -27,7 +27,7 @@ import torch
 from denseqa.config import JobConfig
 from denseqa.errors import InputError
 from denseqa.logs import logger
-from denseqa.train import TrainPlan, _hard_negatives_record, run_training
+from denseqa.train import TrainPlan, hard_negatives_record
 
 METRICS = ("mrr@10", "ndcg@10")
 
@@ -105,16 +105,17 @@ def reranking_samples(cfg: JobConfig, data) -> list[dict[str, Any]]:
 
 
 class RerankerTask:
-    """What the training loop (:func:`denseqa.train.train_loop_per_worker`) does for a cross-encoder."""
+    """What the training loop (:func:`denseqa.train.train_loop_per_worker`) trains for a cross-encoder (a
+    :class:`denseqa.train.TrainingTask`)."""
 
     kind = "reranker"
 
-    def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], device: torch.device) -> None:
+    def __init__(self, cfg: JobConfig, loop_inputs: dict[str, Any], device: torch.device) -> None:
         self.cfg, self.device = cfg, device
-        self.samples = loop_config["samples"]
-        self.negative_columns = loop_config["negative_columns"]
+        self.samples = loop_inputs["samples"]
+        self.negative_columns = loop_inputs["negative_columns"]
 
-    def load(self):
+    def load(self) -> tuple[torch.nn.Module, list[str]]:
         from sentence_transformers.util import batch_to_device
 
         from denseqa.model import freeze_parameters_without_grad
@@ -125,8 +126,7 @@ class RerankerTask:
             features = batch_to_device(model.preprocess([("a probe question", "a probe passage")]), model.device)
             return model(features)["scores"].float().sum()
 
-        self.frozen = freeze_parameters_without_grad(model, probe)
-        return model
+        return model, freeze_parameters_without_grad(model, probe)
 
     @staticmethod
     def reload(path: str):
@@ -196,13 +196,8 @@ class RerankerTask:
             "loss": {"name": "MultipleNegativesRankingLoss (cross-encoder)",
                      "in_batch_negatives": r.in_batch_negatives, "scale": r.loss_scale},
             "candidates_per_question": 1 + len(data.negative_columns) + r.in_batch_negatives,
-            "hard_negatives": _hard_negatives_record(cfg, data),
+            "hard_negatives": hard_negatives_record(cfg, data),
             "evaluation": {"questions": min(questions, r.eval_questions), "candidates": r.eval_candidates,
                            "first_stage": "bm25 over every answer of the data", "positives_always_included": True},
         }
         return {}, training
-
-
-def run_reranker_training(cfg: JobConfig) -> dict[str, Any]:
-    """Train the cross-encoder on Ray Train and write its folder (CrossEncoder, ``denseqa.json``, held-out pairs)."""
-    return run_training(cfg, task=RerankerTask)

@@ -17,12 +17,13 @@ import pytest
 import torch
 
 from denseqa.config import ModelConfig
+from denseqa.distributed import all_reduce_mean, ddp_kwargs
 from denseqa.losses import (
     CachedDuplicateMaskedMultipleNegativesRankingLoss,
     DuplicateMaskedMultipleNegativesRankingLoss,
 )
 from denseqa.model import freeze_parameters_without_grad, load_model
-from denseqa.train import contrastive_loss, ddp_kwargs
+from denseqa.train import contrastive_loss
 
 from .conftest import real_pairs
 
@@ -57,7 +58,6 @@ def _worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from denseqa.train import _all_reduce_mean
 
     rank = ray.train.get_context().get_world_rank()
     results = {}
@@ -76,7 +76,7 @@ def _worker(config: dict) -> None:
         negatives = [column[mine] for column in _negatives()] if scenario.get("negatives") else []
         loss = contrastive_loss(forward, model, loss_fn, questions[mine], answers[mine], negatives)
         loss.backward()
-        results[f"{name}/loss"] = np.float64(_all_reduce_mean(loss))
+        results[f"{name}/loss"] = np.float64(all_reduce_mean(loss))
         for n, p in model.named_parameters():
             if p.grad is not None:
                 results[f"{name}/{n}"] = p.grad.detach().numpy().copy()

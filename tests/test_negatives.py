@@ -74,7 +74,7 @@ def pairs(tmp_path_factory) -> tuple[str, pa.Table]:
 
 
 def _mine(path: str, out: str, **mine) -> tuple[pa.Table, dict]:
-    from denseqa.negatives import run_mining
+    from denseqa.drivers.mine_negatives import run_mining
 
     cfg = JobConfig.from_dict({"data": {"path": path, "heldout_size": 30},
                                "mine": {"output": out, "num_negatives": 2, "range_min": 2, "range_max": 20, **mine}},

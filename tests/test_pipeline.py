@@ -59,7 +59,7 @@ def _made(fingerprint: str) -> dict[str, str]:
 
 
 def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
-    from denseqa.pipeline import decide, step_inputs
+    from denseqa.run_folder import decide, step_inputs
 
     data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
     base = _parse("--run-dir", "r", "--data", data)
@@ -93,7 +93,7 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
 
 
 def test_hard_negative_steps_and_what_redoes_them(qa_parquet):
-    from denseqa.pipeline import decide, step_inputs
+    from denseqa.run_folder import decide, step_inputs
 
     data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
     assert _parse("--run-dir", "r", "--data", data).pipeline.steps == ("train", "index", "evaluate")
@@ -119,7 +119,7 @@ def test_hard_negative_steps_and_what_redoes_them(qa_parquet):
 
 def test_the_reranker_step_follows_the_negatives_and_the_evaluation_follows_it(qa_parquet):
     from denseqa.errors import InputError
-    from denseqa.pipeline import step_inputs
+    from denseqa.run_folder import step_inputs
 
     data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
     cfg = _parse("--run-dir", "r", "--data", data, "--negatives", "bm25", "--reranker")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_index(ray_local, tmp_path_factory, tiny_model_dir):
     """An index over 150 real Debian answers, built by the real job function with the tiny model."""
-    from denseqa.index import run_build_index
+    from denseqa.drivers.build_index import run_build_index
 
     tmp = tmp_path_factory.mktemp("search")
     pairs = real_pairs(150, seed=5)
@@ -111,7 +111,8 @@ def test_evaluation_reranks_the_head_of_each_mode_by_the_cross_encoder(tiny_inde
     from sentence_transformers import CrossEncoder
 
     from denseqa.config import EvalConfig
-    from denseqa.eval import rerank_rankings, run_evaluation
+    from denseqa.drivers.evaluate import run_evaluation
+    from denseqa.eval import rerank_rankings
     from denseqa.rerank import Reranker
 
     torch.manual_seed(0)

@@ -29,7 +29,7 @@ SECTIONS = ("corpus", "model", "embed", "index")
 
 
 def _build(tmp, name: str, pairs, model: dict | None = None, **index) -> str:
-    from denseqa.index import run_build_index
+    from denseqa.drivers.build_index import run_build_index
 
     pq.write_table(pairs, tmp / f"{name}.parquet")
     run_build_index(JobConfig.from_dict({
@@ -53,14 +53,14 @@ def indexes(ray_local, tmp_path_factory, tiny_model_dir):
 
 
 def _test_config(index: str, port: int, searcher_index: str | None = None) -> dict:
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
-    config = ds.with_overrides(ds.load_serve_config(), index=index, host="127.0.0.1", port=port)
+    config = deploying.with_overrides(deploying.load_serve_config(), index=index, host="127.0.0.1", port=port)
     # Serve logs every request at INFO (access log): thousands of lines in a load test.
-    ds.application(config)["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+    deploying.application(config)["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
     for name in ("SearchAPI", "QueryEncoder", "IndexSearcher"):
-        ds.deployment(config, name)["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    ds.deployment(config, "IndexSearcher")["user_config"] = {"index": searcher_index}
+        deploying.deployment(config, name)["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    deploying.deployment(config, "IndexSearcher")["user_config"] = {"index": searcher_index}
     return config
 
 
@@ -68,10 +68,10 @@ def _test_config(index: str, port: int, searcher_index: str | None = None) -> di
 def service(indexes):
     from ray import serve
 
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
     port = _free_port()
-    url = ds.deploy(_test_config(indexes["A"], port))
+    url = deploying.deploy(_test_config(indexes["A"], port))
     yield {"url": url, "port": port}
     serve.shutdown()
 
@@ -232,13 +232,14 @@ def test_encoder_batching_is_reconfigured_live(service, indexes):
     """user_config of QueryEncoder changes the running replica's batching; a bad one is logged and ignored there,
     and fails a new replica (which has no settings to keep)."""
     from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
     from denseqa.errors import InputError
     from denseqa.search import read_manifest
 
     def deploy_with(settings: dict) -> dict:
         config = _test_config(indexes["A"], service["port"])
-        ds.deployment(config, "QueryEncoder")["user_config"] = settings
-        ds.deploy(config)
+        deploying.deployment(config, "QueryEncoder")["user_config"] = settings
+        deploying.deploy(config)
         return requests.get(f"{service['url']}/info", timeout=30).json()["model"]
 
     batches_at_start = deploy_with({"max_batch_size": 32, "batch_wait_timeout_s": 0.005})["batches"]
@@ -267,7 +268,7 @@ def test_concurrent_load_has_no_errors(service, indexes):
 
 
 def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes):
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
     from denseqa.errors import InputError
     from denseqa.search import Searcher
 
@@ -276,16 +277,16 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     try:
         time.sleep(3)
         swap_at = time.monotonic()
-        status = ds.swap_index(indexes["B"], timeout_s=120)  # what `denseqa serve --index B --swap` runs
+        status = deploying.swap_index(indexes["B"], timeout_s=120)  # what `denseqa serve --index B --swap` runs
         assert status["index"] == indexes["B"] and status["last_change"]["previous"] == indexes["A"]
         swapped_at = time.monotonic()
         time.sleep(3)
         # An index built with another model: `--swap` refuses it before touching the deployment ...
         with pytest.raises(InputError, match="index was built with dimension 32"):
-            ds.swap_index(indexes["C"], timeout_s=120)
+            deploying.swap_index(indexes["C"], timeout_s=120)
         assert requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"]["index"] == indexes["B"]
         # ... and a Serve config edited by hand to point at it is refused by the replicas: B keeps serving
-        ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["C"]))
+        deploying.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["C"]))
         deadline = time.monotonic() + 120
         while (requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"] or {}).get("status") != \
                 "refused":
@@ -317,9 +318,9 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
 
 
 def test_a_mode_the_index_cannot_answer_is_a_400(service, indexes):
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
-    ds.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["D"]))  # built with --no-bm25
+    deploying.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["D"]))  # built with --no-bm25
     deadline = time.monotonic() + 120
     while requests.get(f"{service['url']}/healthz", timeout=30).json()["index"] != indexes["D"]:
         assert time.monotonic() < deadline
@@ -349,13 +350,13 @@ def cross_encoder_dir(tmp_path_factory) -> str:
 def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, indexes, cross_encoder_dir):
     from sentence_transformers import CrossEncoder
 
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
     config = _test_config(indexes["A"], service["port"])
-    ds.application(config)["args"]["reranker"] = cross_encoder_dir
-    ds.deployment(config, "Reranker").update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+    deploying.application(config)["args"]["reranker"] = cross_encoder_dir
+    deploying.deployment(config, "Reranker").update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
                                              ray_actor_options={"num_cpus": 0.25})  # 2 CPUs for 4 deployments
-    url = ds.deploy(config)
+    url = deploying.deploy(config)
     model = CrossEncoder(cross_encoder_dir)
     questions = indexes["questions"][:3]
     for mode in ("dense", "hybrid"):
@@ -411,8 +412,9 @@ def test_shipped_serve_config_is_valid_and_autoscales():
     from ray.serve.schema import ServeDeploySchema
 
     from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
-    config = ds.load_serve_config()
+    config = deploying.load_serve_config()
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
     assert app.import_path == "denseqa.serve:build_app"
@@ -438,7 +440,7 @@ def test_a_deployment_waiting_for_resources_is_named_in_one_line():
         DeploymentStatusTrigger,
     )
 
-    from denseqa import serve as ds
+    from denseqa.drivers import serve as deploying
 
     def deployment(status, message: str) -> DeploymentStatusOverview:
         return DeploymentStatusOverview(status=status, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
@@ -452,7 +454,7 @@ def test_a_deployment_waiting_for_resources_is_named_in_one_line():
         deployments={"QueryEncoder": deployment(DeploymentStatus.HEALTHY, ""),
                      "IndexSearcher": deployment(DeploymentStatus.UPDATING, ""),
                      "Reranker": deployment(DeploymentStatus.UPDATING, waiting)})
-    (reason,) = ds._waiting_reasons(state)
+    (reason,) = deploying._waiting_reasons(state)
     assert "\n" not in reason and reason.startswith("Deployment 'Reranker'")
     assert 'Resources required for each replica: {"CPU": 1.0}, total resources available: {"CPU": 0.25}' in reason
-    assert ds._waiting_reasons(None) == []
+    assert deploying._waiting_reasons(None) == []

@@ -1,0 +1,149 @@
+"""The build-index job: config -> checks (corpus, model, factory) -> embed the corpus with a Ray Data actor pool ->
+choose, build and tune the FAISS index -> publish the folder, ``manifest.json`` last.
+
+Read :func:`run_build_index` top to bottom. How the index is chosen, built, sharded and tuned is
+:mod:`denseqa.index`'s; the embedding is :mod:`denseqa.embed`'s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from denseqa import storage
+from denseqa.config import IndexConfig, JobConfig
+from denseqa.errors import InputError
+from denseqa.index import (
+    BM25_DIR,
+    DOCSTORE_FILE,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    RECALL_AT,
+    assemble_docstore,
+    build_faiss_index,
+    check_factory,
+    choose_index,
+    shard_ranges,
+    tune_search,
+)
+from denseqa.provenance import package_versions, peak_rss_mb, utc_now
+from denseqa.texts import non_blank
+
+logger = logging.getLogger(__name__)
+
+
+def tuning_questions(cfg: JobConfig) -> list[str] | None:
+    """A seeded sample of distinct questions to tune on: from --tune-questions, else (with --from-answers) the
+    corpus's own question column when it has one, else None (tune on corpus vectors)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from denseqa.data import resolve_parquet_files
+
+    column = cfg.corpus.question_column
+    path = cfg.index.tune_questions or (cfg.corpus.path if cfg.corpus.from_answers else None)
+    if not path:
+        return None
+    fs, files = resolve_parquet_files(path)
+    if any(column not in pq.read_schema(f, filesystem=fs).names for f in files):
+        if cfg.index.tune_questions:
+            raise InputError(f"{path}: column {column!r} missing; name the question column with --question-column")
+        return None
+    values = pa.chunked_array([pq.read_table(f, columns=[column], filesystem=fs).column(column).cast(pa.string())
+                               for f in files])
+    values = values.filter(non_blank(values))
+    distinct = pc.unique(values).to_pylist()
+    if not distinct:
+        return None
+    rng = np.random.default_rng(cfg.index.seed + 2)
+    picked = rng.choice(len(distinct), size=min(len(distinct), cfg.index.tune_queries), replace=False)
+    return [distinct[i] for i in sorted(picked)]
+
+
+def run_build_index(cfg: JobConfig) -> dict[str, Any]:
+    """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
+    import faiss
+
+    from denseqa.corpus import check_corpus, load_corpus
+    from denseqa.embed import embed_corpus, embedding_identity
+    from denseqa.model import Encoder, check_model_source
+
+    started = time.time()
+    icfg = cfg.index
+    output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
+    check_model_source(cfg.model.model)
+    checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
+    encoder = Encoder.load(cfg.model, device="cpu")  # for the manifest: weights hash, dimension, prompts
+    model_info = encoder.describe()
+    check_factory(icfg, model_info["dimension"])
+    questions = tuning_questions(cfg)
+    question_vectors = encoder.encode_queries(questions) if questions else None
+    del encoder
+    corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
+
+    building = output.rstrip("/") + ".building"
+    shards_dir = storage.join(building, "embeddings")
+    embedding = embed_corpus(corpus, cfg.model, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
+
+    with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
+        index_started = time.time()
+        layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), corpus.derived_ids,
+                                   icfg.add_batch_size)
+        n, d = layout.count, model_info["dimension"]
+        choice = choose_index(n, d, icfg)
+        logger.info("%d passages (%d read, %d dropped, %d repeated): %s — %s", n, corpus.rows,
+                    corpus.rows - embedding["rows"], embedding["rows"] - n, choice.factory, choice.reason)
+        index = build_faiss_index(layout, d, choice, icfg)
+        tuning = tune_search(index, choice, layout, icfg, question_vectors)
+        faiss.write_index(index, os.path.join(staging, INDEX_FILE))
+        index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
+        del index
+        bm25_info = _build_bm25(staging, icfg) if icfg.bm25 else None
+        manifest = {
+            "format": FORMAT_VERSION,
+            "output": output,
+            "model": model_info,
+            "dimension": d,
+            "metric": "inner_product",
+            "normalize": model_info["normalize"],
+            "count": n,
+            "corpus": {"path": corpus.path, "files": len(corpus.files), "rows_read": corpus.rows,
+                       "dropped_empty": corpus.rows - embedding["rows"], "repeated_merged": embedding["rows"] - n,
+                       "derived_ids": corpus.derived_ids},
+            "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
+                      "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
+                      "file_bytes": index_bytes, "shards": len(shard_ranges(n, icfg.shards)),
+                      "search": tuning},
+            "bm25": bm25_info,
+            "build": {"embedding": embedding, "index_seconds": round(time.time() - index_started, 2),
+                      "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
+                      "embeddings_kept": shards_dir if icfg.keep_embeddings else None},
+            "config": cfg.to_dict(),
+            "versions": package_versions(),
+            "created": utc_now(),
+        }
+        storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
+    if not icfg.keep_embeddings:
+        storage.remove(building)
+    searched = (f"{tuning['param']}={tuning['value']}, recall@{RECALL_AT} {tuning['recall']:.4f} on "
+                f"{tuning['queries']}") if tuning["param"] else "exact search"
+    logger.info("index written to %s: %d vectors, %s, %s, %.1f s", output, n, choice.factory, searched,
+                time.time() - started)
+    return manifest
+
+
+def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from denseqa.bm25 import BM25Index
+
+    started = time.time()
+    texts = pq.read_table(os.path.join(staging, DOCSTORE_FILE), columns=["text"]).column("text").to_pylist()
+    BM25Index.build(texts, cfg.bm25_stopwords).save(os.path.join(staging, BM25_DIR))
+    return {"library": "bm25s", "stopwords": cfg.bm25_stopwords, "seconds": round(time.time() - started, 2)}

@@ -1,0 +1,259 @@
+"""The serve job and its tooling: deploy a Serve config on the connected cluster as ``serve deploy`` would, wait
+until it runs (saying why while it does not), hot-swap the running index, and ``denseqa serve`` itself.
+
+What the replicas run (the deployments and the FastAPI app) is :mod:`denseqa.serve`; nothing here is imported by
+a replica. The private Ray calls deploying needs are :mod:`denseqa.ray_private`'s.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+
+from denseqa import ray_private, storage
+from denseqa.cluster import connect
+from denseqa.errors import DenseqaError, InputError, one_line
+from denseqa.serve import APP_NAME
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve.yaml"
+
+
+def load_serve_config(path: str | None = None) -> dict:
+    """A Serve config file (default: the repository's ``configs/serve.yaml``), as a dict."""
+    from denseqa.config import load_yaml
+
+    path = str(path or DEFAULT_SERVE_CONFIG)
+    config = load_yaml(path)  # one-line errors for a missing file or invalid YAML
+    if not config.get("applications"):
+        raise InputError(f"{path}: a Serve config needs an `applications` list; pass --serve-config")
+    return config
+
+
+def application(config: dict, name: str = APP_NAME) -> dict:
+    for app in config.get("applications", []):
+        if app.get("name") == name:
+            return app
+    raise InputError(f"Serve config has no application named {name!r}")
+
+
+def deployment(config: dict, name: str, app_name: str = APP_NAME) -> dict:
+    """The entry of deployment ``name`` in the config (created if absent), for overriding its options."""
+    deployments = application(config, app_name).setdefault("deployments", [])
+    for entry in deployments:
+        if entry.get("name") == name:
+            return entry
+    deployments.append({"name": name})
+    return deployments[-1]
+
+
+def with_overrides(config: dict, index: str | None = None, host: str | None = None, port: int | None = None,
+                   **args: Any) -> dict:
+    """A copy of a Serve config with the index, HTTP address and application args replaced where given."""
+    config = copy.deepcopy(config)
+    app = application(config)
+    app.setdefault("args", {})
+    if index is not None:
+        app["args"]["index"] = index
+    app["args"].update({k: v for k, v in args.items() if v is not None})
+    http_options = config.setdefault("http_options", {})
+    if host is not None:
+        http_options["host"] = host
+    if port is not None:
+        http_options["port"] = port
+    return config
+
+
+def deploy(config: dict, timeout_s: float = 600) -> str:
+    """Deploy a Serve config on the connected Ray cluster, as ``serve deploy`` would; wait until it runs.
+
+    Returns the HTTP address. Raises DenseqaError with Serve's message if an application fails to deploy.
+    """
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
+
+    # A Serve config is declarative: applications missing from it are deleted. Keep the ones already running.
+    running = running_config()
+    if running:
+        ours = {app["name"] for app in config["applications"]}
+        config = {**config, "applications": [*config["applications"],
+                                             *(a for a in running["applications"] if a["name"] not in ours)]}
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        raise InputError(f"Serve config: {one_line(e)}") from None
+    # What `serve run CONFIG` does (Ray 2.60): the controller builds each application from its import path and
+    # args and applies the per-deployment options, so a redeploy that only changes a user_config reconfigures
+    # the running replicas instead of restarting them (that is how an index is hot-swapped).
+    controller = ray_private.serve_controller(http_options=schema.http_options.model_dump(),
+                                              proxy_location=schema.proxy_location,
+                                              grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+    ray_private.deploy_apps(controller, schema)
+    wait_until_running([app.name for app in schema.applications], timeout_s)
+    host = schema.http_options.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{host}:{schema.http_options.port}"
+
+
+def running_config() -> dict | None:
+    """The Serve config of the applications deployed from config files on the connected cluster; None if none."""
+    details = ray_private.serve_details()
+    if details is None:
+        return None
+    applications = [copy.deepcopy(app["deployed_app_config"]) for app in details.get("applications", {}).values()
+                    if app.get("deployed_app_config")]
+    if not applications:
+        return None
+    return {"proxy_location": details.get("proxy_location"), "http_options": details.get("http_options") or {},
+            "applications": applications}
+
+
+def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> dict:
+    """Hot-swap the running application to another index folder; returns the searcher's status once it serves it.
+
+    The folder is checked against the running encoder's model here first, so a mismatch is refused before the
+    deployment is touched; the replicas check it again when they load it (the config can also be edited by hand).
+    """
+    from denseqa.model import check_model_matches
+    from denseqa.search import read_manifest
+
+    running = running_config()
+    app = next((a for a in (running or {}).get("applications", []) if a["name"] == app_name), None)
+    if app is None:
+        raise InputError(f"no running Serve application {app_name!r} to hot-swap; deploy one first with "
+                         "`denseqa serve --index DIR`")
+    check_model_matches(read_manifest(app["args"]["index"])["model"], read_manifest(index)["model"], index)
+    entry = deployment(running, "IndexSearcher", app_name)
+    entry["user_config"] = {**(entry.get("user_config") or {}), "index": index}
+    deploy(running, timeout_s)
+    handle = serve.get_deployment_handle("IndexSearcher", app_name)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = handle.status.remote().result()
+        change = status["last_change"] or {}
+        if status["index"] == index:
+            return status
+        if change.get("index") == index and change.get("status") == "refused":
+            raise InputError(f"{index}: refused by the running searcher: {change['reason']}")
+        if time.monotonic() > deadline:
+            raise DenseqaError(f"{index}: not served after {timeout_s:.0f} s; see the IndexSearcher logs")
+        time.sleep(0.5)
+
+
+def _waiting_reasons(state) -> list[str]:
+    """Serve's own messages on the deployments of an application that are not running yet, one line each: e.g. a
+    replica that cannot be scheduled names the resources it needs and those the cluster has."""
+    if state is None:
+        return []
+    return [" ".join(d.message.split()) for d in state.deployments.values()
+            if d.status != "HEALTHY" and d.message.strip()]
+
+
+def wait_until_running(names: list[str], timeout_s: float) -> None:
+    """Wait until every named application runs; say why while it does not (replicas waiting for CPUs wait for the
+    cluster to grow, which on a fixed-size cluster never happens)."""
+    deadline = time.monotonic() + timeout_s
+    said: set[str] = set()
+    while True:
+        applications = serve.status().applications
+        states = {name: applications.get(name) for name in names}
+        reasons = [r for s in states.values() for r in _waiting_reasons(s)]
+        for reason in reasons:
+            if reason not in said:
+                said.add(reason)
+                logger.warning("still deploying: %s", reason)
+        failed = {n: s for n, s in states.items() if s is not None and s.status == "DEPLOY_FAILED"}
+        if failed:
+            name, state = next(iter(failed.items()))
+            message = state.message.strip().splitlines()
+            raise DenseqaError(f"Serve application {name!r} failed to deploy: "
+                               f"{next((m for m in reversed(message) if m.strip()), 'see the Serve logs')}")
+        if all(s is not None and s.status == "RUNNING" for s in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise DenseqaError(f"Serve applications not running after {timeout_s:.0f} s: "
+                               + ", ".join(f"{n}={s.status if s else 'absent'}" for n, s in states.items())
+                               + (f" ({reasons[0]})" if reasons else ""))
+        time.sleep(0.5)
+
+
+def serve_config_for(cfg) -> dict:
+    """The Serve config file of a ``serve`` section, with the section's index, address and limits filled in."""
+    from denseqa.search import read_manifest
+
+    s = cfg.serve
+    if not s.index:
+        raise InputError("no index to serve: pass --index (a folder written by build-index)")
+    index = storage.absolute(s.index)  # replicas do not run in this working directory
+    read_manifest(index)  # a missing or unfinished index fails here, in one line, before anything is deployed
+    reranker = None
+    if s.reranker:
+        from denseqa.rerank import resolve_reranker
+
+        reranker = storage.absolute(s.reranker)
+        resolve_reranker(reranker)  # likewise for a folder that is not a cross-encoder
+    config = with_overrides(load_serve_config(s.serve_config), index=index, host=s.host, port=s.port,
+                            max_queries=s.max_queries, max_query_chars=s.max_query_chars,
+                            max_candidates=s.max_candidates, reranker=reranker)
+    app = application(config)
+    if not app["args"].get("reranker") and any(d.get("name") == "Reranker" for d in app.get("deployments", [])):
+        # Serve refuses options for a deployment the application does not have: no reranker, no Reranker entry.
+        logger.warning("no reranker given: the Serve config's Reranker entry is left out")
+        app["deployments"] = [d for d in app["deployments"] if d.get("name") != "Reranker"]
+    batching = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+    if any(v is not None for v in batching.values()):
+        entry = deployment(config, "QueryEncoder")
+        entry["user_config"] = {**(entry.get("user_config") or {}),
+                                **{k: v for k, v in batching.items() if v is not None}}
+    return config
+
+
+def run_serve(cfg) -> str:
+    """``denseqa serve``: deploy on the running Ray cluster and return; or, with none, on a local one, and block.
+
+    A cluster keeps a deployed application after this process exits (stop it with ``serve shutdown``); a local
+    Ray instance started here would take the application down with it, so then this command stays in the
+    foreground until interrupted. With ``--swap``, hot-swap the running application's index instead.
+    """
+    from denseqa.search import read_manifest
+
+    if cfg.serve.swap:
+        if not cfg.serve.index:
+            raise InputError("--swap needs --index: the new index folder")
+        index = storage.absolute(cfg.serve.index)
+        read_manifest(index)
+        connect(may_start_local=False)
+        status = swap_index(index, cfg.serve.timeout_s)
+        print(json.dumps({"index": status["index"], "count": status["count"], "previous":
+                          status["last_change"]["previous"]}, indent=2), flush=True)
+        return index
+
+    config = serve_config_for(cfg)
+    started_here = connect(may_start_local=True)
+    url = deploy(config, cfg.serve.timeout_s)
+    print(json.dumps({
+        "url": url, "docs": f"{url}/docs", "index": application(config)["args"]["index"],
+        "reranker": application(config)["args"].get("reranker"),
+        "try": f"curl -s {url}/search -H 'content-type: application/json' -d '{{\"query\": \"...\", \"k\": 5}}'",
+    }, indent=2), flush=True)
+    if started_here:
+        serve_until_interrupted()
+    return url
+
+
+def serve_until_interrupted() -> None:
+    """Keep this process, and so the local Ray instance it started and the application on it, alive until Ctrl-C."""
+    print("serving from a local Ray instance started by this command; Ctrl-C stops it", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -1,0 +1,174 @@
+"""The train job: config -> checks -> Ray Train -> publish the model folder -> its ``denseqa.json`` record.
+
+What the workers run is the library's (:func:`denseqa.train.train_loop_per_worker`, one task: the bi-encoder's
+or :mod:`denseqa.train_reranker`'s); this driver decides everything the ranks must agree on before they start
+(the step plan), and publishes the best checkpoint once they are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+from denseqa import storage
+from denseqa.config import JobConfig
+from denseqa.errors import InputError, TrainingError
+from denseqa.logs import logger
+from denseqa.provenance import package_versions
+from denseqa.train import (
+    HELDOUT_FILE,
+    RECORD_FILE,
+    STATE_FILE,
+    STOPPED_FILE,
+    BiEncoderTask,
+    TrainingTask,
+    TrainPlan,
+    TrainState,
+    format_metrics,
+    make_plan,
+    train_loop_per_worker,
+)
+
+
+def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> dict[str, Any]:
+    """Validate, read the data, train on Ray Train, write the model folder with its ``denseqa.json`` record.
+
+    ``task``: what is trained (:class:`~denseqa.train.BiEncoderTask`, or the reranker's). Returns the record. Raises
+    :class:`InputError` (before any worker starts) or :class:`TrainingError`.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from denseqa.data import load_qa_data
+    from denseqa.model import check_model_source, describe_model
+    from denseqa.resources import cpus_per_worker_default
+
+    started = time.time()
+    task.check_config(cfg)
+    output, run_dir = _resolve_output(cfg)
+    check_model_source(cfg.model.model)
+    data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
+    loop_inputs = task.loop_inputs(cfg, data)
+
+    t = cfg.train
+    cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
+    plan = make_plan(cfg, data.counts["train"], run_dir, cpus_per_worker)
+    logger.info("%s from %s; %d workers, %.2f CPUs each%s; run folder %s", task.kind, describe_model(cfg.model),
+                t.num_workers, cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
+
+    storage_path, name = run_dir.rstrip("/").rsplit("/", 1)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "task": task,
+                           "inputs": loop_inputs},
+        scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=t.keep_checkpoints,
+                checkpoint_score_attribute=f"eval_{t.checkpoint_metric}",
+                checkpoint_score_order="max",
+            ),
+        ),
+        datasets={"train": data.train},
+    )
+    storage.remove(storage.join(run_dir, STOPPED_FILE))  # left by an earlier attempt that this one resumes
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise TrainingError(f"training failed (after {t.max_failures} restarts allowed): {_root_cause(e)}; "
+                            f"checkpoints are in {run_dir}, continue with --resume") from None
+    stopped = storage.read_json(storage.join(run_dir, STOPPED_FILE))
+    if stopped:
+        last = result.checkpoint.path if result.checkpoint else "none"
+        raise TrainingError(f"{stopped['reason']}; training stopped, the last good checkpoint is {last}")
+    if result.checkpoint is None:
+        raise TrainingError(f"training finished without a checkpoint in {run_dir}")
+
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        with open(os.path.join(checkpoint_dir, STATE_FILE)) as f:
+            state = TrainState(**json.load(f))
+        record = _make_record(cfg, task, data, plan, state, run_dir, output, time.time() - started)
+        publish_model(os.path.join(checkpoint_dir, "model"), output, record, data.heldout)
+    logger.info("%s written to %s (held-out %s)", task.kind, output, format_metrics(record["metrics"]["final"]))
+    return record
+
+
+def _root_cause(error: Exception) -> str:
+    """The last 'SomeError: message' line of a worker's traceback, which names what actually went wrong."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
+    return causes[-1] if causes else next((line for line in lines if line), type(error).__name__)
+
+
+def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
+    out = cfg.output
+    output = storage.output_folder(out.output, out.overwrite, "the trained model")
+    run_dir = storage.absolute(out.run_dir or output.rstrip("/") + ".run")
+    has_run = storage.exists(storage.join(run_dir, "checkpoint_manager_snapshot.json"))
+    if has_run and not out.resume:
+        raise InputError(f"{run_dir}: run folder already holds a run; pass --resume to continue it, "
+                         "or choose another --run-dir")
+    if out.resume and not has_run:
+        raise InputError(f"{run_dir}: --resume given but this run folder holds no run to continue")
+    return output, run_dir
+
+
+def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str,
+                 wall_s: float) -> dict:
+    from denseqa.model import describe_model
+
+    metric = cfg.train.checkpoint_metric
+    trained = [e for e in state.evals if e["step"] > 0]
+    best = max(trained, key=lambda e: e["metrics"][metric]) if trained else None
+    top, training = task.record(cfg, data, plan)
+    return {
+        "kind": task.kind,
+        "model": describe_model(cfg.model),
+        **top,
+        "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
+        "training": {
+            "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
+            "epochs": cfg.train.epochs, "workers": plan.world_size,
+            "global_batch_size": plan.world_size * cfg.train.batch_size,
+            **training,
+            "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
+            "peak_memory_mb_per_worker": state.peak_memory_mb,
+            "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
+                                 * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
+        },
+        "metrics": {
+            "before": state.evals[0]["metrics"] if state.evals and state.evals[0]["step"] == 0 else None,
+            "final": state.evals[-1]["metrics"] if state.evals else None,
+            "best": best, "ranked_by": metric, "history": state.evals,
+        },
+        "config": cfg.to_dict(),
+        "versions": package_versions(),
+        "wall_time_s": round(wall_s, 1),
+        "output": output,
+    }
+
+
+def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple[str, str]]) -> None:
+    """Write the model folder, its held-out pairs (``heldout.parquet``, for the evaluation job: questions this
+    model never trained on) and its record ``denseqa.json``, atomically (see :func:`denseqa.storage.publish_folder`).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with storage.staged_output(output, marker=RECORD_FILE) as staging:
+        shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+        pq.write_table(pa.table({"question": [q for q, _ in heldout], "answer": [a for _, a in heldout]}),
+                       os.path.join(staging, HELDOUT_FILE))
+        with open(os.path.join(staging, RECORD_FILE), "w") as f:
+            json.dump(record, f, indent=2)
