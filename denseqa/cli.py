@@ -80,11 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in COMMANDS.items():
         # No abbreviations: with --section.key flags, "--index" would otherwise be read as a prefix of "--index.seed".
         command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
-        if name in ("run", "mine-negatives"):  # names repeat across their sections, so flags are --section.key
-            add_config_arguments(command, COMMAND_SECTIONS[name], qualified=True,
-                                 skip=PIPELINE_OWNED if name == "run" else frozenset())
-        else:
-            add_config_arguments(command, COMMAND_SECTIONS[name])
+        add_config_arguments(command, COMMAND_SECTIONS[name], skip=PIPELINE_OWNED if name == "run" else frozenset())
     return parser
 
 

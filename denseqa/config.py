@@ -1,41 +1,53 @@
-"""All configuration of denseqa: one typed dataclass per pipeline stage.
+"""All configuration of denseqa: one pydantic model per section (``extra="forbid"``, strict types).
 
-Defaults live here and only here. Every field carries its help text, which the command line and the README's
-configuration reference are generated from. A YAML config file has one mapping per section (``data:``,
-``model:``, ``train:``, ...); each command reads the sections it needs (:data:`COMMAND_SECTIONS`), and an unknown
-section or key is an error, never silently ignored. Command-line flags are the field names with dashes
-(``--batch-size 32``) and override the YAML file.
+Defaults live here and only here. Every field carries its help text, its constraints (``Field(ge=1)``...) and its
+marks, which the command line, the README's configuration reference and the pipeline are generated from: ``owned``
+(the pipeline's run folder decides it, so ``run`` refuses it) and ``operational`` (it changes how a step runs, not
+what it produces, so changing it redoes no pipeline step). A YAML config file has one mapping per section
+(``data:``, ``model:``, ``train:``, ...); each command reads the sections it needs (:data:`COMMAND_SECTIONS`), and
+an unknown section or key is an error, never silently ignored. Every key is a flag ``--section.key`` (dashes for
+underscores) on every command that reads its section, and also ``--key`` where no other section the command reads
+has that name; flags override the YAML file. A bad value is one line naming the file, the key and the value.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from denseqa.errors import InputError
 
 
-def _f(default: Any, help: str, flag: str | None = None, **kwargs: Any) -> Any:
-    """A dataclass field with help text (and an optional extra command-line spelling)."""
-    metadata = {"help": help}
-    if flag:
-        metadata["flag"] = flag
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata, **kwargs)
-    return field(default=default, metadata=metadata, **kwargs)
+def _f(default: Any, help: str, flag: str | None = None, owned: bool = False, operational: bool = False,
+       rule: str | None = None, **constraints: Any) -> Any:
+    """A config field: its default, help text and constraints (pydantic's ``ge``, ``gt``, ...), with denseqa's marks
+    (see the module docstring), an extra command-line spelling (``flag``) and the wording of its rule in errors
+    when the constraints alone would say it less well (``rule``)."""
+    marks = {"flag": flag, "owned": owned, "operational": operational, "rule": rule}
+    return Field(default, description=help, json_schema_extra={k: v for k, v in marks.items() if v}, **constraints)
 
 
-@dataclass
-class DataConfig:
+def _broken(key: str, rule: str, value: Any) -> PydanticCustomError:
+    """A rule across fields of a section, broken: reported as ``<section>.<key> must be <rule>, got <value>``."""
+    return PydanticCustomError("denseqa_rule", "{key} must be {rule}", {"key": key, "rule": rule, "value": value})
+
+
+class Section(BaseModel):
+    """One section of the config: unknown keys and values of the wrong type are refused (no coercion: a YAML
+    string "8" is not the integer 8)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class DataConfig(Section):
     """Where the question/answer pairs come from and how they are cleaned and split."""
 
     path: str | None = _f(
@@ -47,32 +59,29 @@ class DataConfig:
     question_column: str = _f("question", "Column holding the question (the query side).")
     answer_column: str = _f("answer", "Column holding the answer (the passage side).")
     max_dropped_fraction: float = _f(
-        0.1, "Fail if more than this share of rows has a null, empty or whitespace-only question or answer."
+        0.1, "Fail if more than this share of rows has a null, empty or whitespace-only question or answer.",
+        ge=0, le=1
     )
     heldout_size: int | None = _f(
-        None, "Number of pairs held out of training for evaluation (overrides heldout_fraction)."
+        None, "Number of pairs held out of training for evaluation (overrides heldout_fraction).", ge=1
     )
-    heldout_fraction: float = _f(0.05, "Share of pairs held out of training for evaluation.")
-    heldout_max: int = _f(2000, "Upper bound on the held-out pairs (evaluation runs on rank 0's schedule).")
+    heldout_fraction: float = _f(0.05, "Share of pairs held out of training for evaluation.", gt=0, lt=1)
+    heldout_max: int = _f(2000, "Upper bound on the held-out pairs (evaluation runs on rank 0's schedule).", ge=1)
     split_seed: int = _f(0, "Seed of the held-out split. The split is by question, so repeats stay together.")
     num_negatives: int | None = _f(
         None,
         "Hard negatives per pair to train with, from the columns negative_1..negative_n (written by mine-negatives). "
-        "Default: every negative_<i> column the data has; 0: ignore them.",
+        "Default: every negative_<i> column the data has; 0: ignore them.", ge=0
     )
 
-    def check(self, need) -> None:
-        need(0 <= self.max_dropped_fraction <= 1, "data.max_dropped_fraction", "in [0, 1]", self.max_dropped_fraction)
-        need(0 < self.heldout_fraction < 1, "data.heldout_fraction", "in (0, 1)", self.heldout_fraction)
-        need(self.heldout_size is None or self.heldout_size >= 1, "data.heldout_size", ">= 1", self.heldout_size)
-        need(self.heldout_max >= 1, "data.heldout_max", ">= 1", self.heldout_max)
-        need(self.num_negatives is None or self.num_negatives >= 0, "data.num_negatives", ">= 0", self.num_negatives)
-        need(self.question_column != self.answer_column, "data.answer_column", "different from data.question_column",
-             self.answer_column)
+    @model_validator(mode="after")
+    def _columns_differ(self):
+        if self.question_column == self.answer_column:
+            raise _broken("answer_column", "different from data.question_column", self.answer_column)
+        return self
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Which encoder to fine-tune and how its sentence embedding is built."""
 
     model: str | None = _f(
@@ -83,7 +92,7 @@ class ModelConfig:
     pooling: Literal["mean", "cls"] = _f(
         "mean", "Pooling for a plain encoder checkpoint (a sentence-transformers folder keeps its own)."
     )
-    max_seq_length: int | None = _f(None, "Truncate texts to this many tokens (default: the model's own).")
+    max_seq_length: int | None = _f(None, "Truncate texts to this many tokens (default: the model's own).", ge=8)
     query_prompt: str | None = _f(
         None,
         "Text put before every question in training, evaluation and search (e.g. 'query: ' for E5 models). "
@@ -93,34 +102,39 @@ class ModelConfig:
         None, "Text put before every answer or passage (e.g. 'passage: ' for E5 models). Default as query_prompt."
     )
 
-    def check(self, need) -> None:
-        need(self.pooling in ("mean", "cls"), "model.pooling", "mean or cls", self.pooling)
-        need(self.max_seq_length is None or self.max_seq_length >= 8, "model.max_seq_length", ">= 8",
-             self.max_seq_length)
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The optimisation, the distributed layout, evaluation and checkpoints."""
 
     # -- scaling
-    num_workers: int = _f(1, "Ray Train workers (one per GPU).")
+    num_workers: int = _f(1, "Ray Train workers (one per GPU).", ge=1)
     use_gpu: bool = _f(False, "Train on GPUs (NCCL); otherwise CPU workers (gloo).")
     cpus_per_worker: float | None = _f(
         None,
         "Logical CPUs per training worker. Default: 1 on GPU; on CPU, what leaves one CPU of the cluster free "
         "for Ray Data's read tasks (workers that hold every CPU starve ingest and the job hangs).",
+        gt=0, operational=True
     )
-    torch_threads: int | None = _f(None, "torch intra-op threads per worker (default: its CPUs, at least 1).")
+    torch_threads: int | None = _f(
+        None, "torch intra-op threads per worker (default: its CPUs, at least 1).",
+        ge=1, operational=True,
+    )
     # -- optimisation
-    epochs: int = _f(1, "Passes over the training pairs.")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (default: all epochs).")
-    batch_size: int = _f(32, "Pairs per worker per step; the global batch is batch_size * num_workers.")
-    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.")
-    warmup_ratio: float = _f(0.1, "Share of the steps with linear warmup, then linear decay to 0.")
-    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).")
-    max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this value (none: no clipping).")
-    scale: float = _f(20.0, "Inverse temperature of the softmax over similarities (MNRL's scale).")
+    epochs: int = _f(1, "Passes over the training pairs.", ge=1)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (default: all epochs).", ge=1)
+    batch_size: int = _f(
+        32, "Pairs per worker per step; the global batch is batch_size * num_workers.",
+        ge=2, rule=">= 2 (in-batch negatives need a batch)",
+    )
+    learning_rate: float = _f(2e-5, "Peak learning rate of AdamW.", gt=0)
+    warmup_ratio: float = _f(0.1, "Share of the steps with linear warmup, then linear decay to 0.", ge=0, lt=1)
+    weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and LayerNorm weights).", ge=0)
+    max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this value (none: no clipping).", gt=0)
+    scale: float = _f(
+        20.0, "Inverse temperature of the softmax over similarities (MNRL's scale).",
+        gt=0, allow_inf_nan=False,
+    )
     gather: bool = _f(
         True,
         "Score each worker's questions against the answers of the whole global batch (cross-device negatives). "
@@ -134,133 +148,113 @@ class TrainConfig:
         "GradCache (CachedMultipleNegativesRankingLoss): embed the batch in mini-batches without keeping their "
         "activations, so the global batch is bounded by time, not memory. Same gradients as without it.",
     )
-    mini_batch_size: int = _f(32, "With cached_loss: texts per forward pass (what bounds a worker's memory).")
+    mini_batch_size: int = _f(32, "With cached_loss: texts per forward pass (what bounds a worker's memory).", ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision on GPU (CPU runs fp32).")
     seed: int = _f(42, "Seed of the model initialisation and the per-epoch shuffle.")
     # -- evaluation, logging, checkpoints
-    log_every_steps: int = _f(10, "Log and report the training loss every N steps.")
+    log_every_steps: int = _f(10, "Log and report the training loss every N steps.", ge=1, operational=True)
     eval_every_steps: int | None = _f(
-        None, "Evaluate on the held-out pairs every N steps and save a checkpoint (default: once per epoch)."
+        None, "Evaluate on the held-out pairs every N steps and save a checkpoint (default: once per epoch).", ge=1
     )
-    eval_batch_size: int = _f(64, "Batch size of the encoding in evaluation.")
-    keep_checkpoints: int = _f(2, "Keep the best K checkpoints by checkpoint_metric (the latest is kept too).")
-    checkpoint_metric: str = _f(
+    eval_batch_size: int = _f(64, "Batch size of the encoding in evaluation.", operational=True)
+    keep_checkpoints: int = _f(2, "Keep the best K checkpoints by checkpoint_metric (the latest is kept too).", ge=1)
+    checkpoint_metric: Literal["recall@1", "recall@10", "mrr@10", "ndcg@10"] = _f(
         "mrr@10", "Held-out metric that ranks checkpoints: recall@1, recall@10, mrr@10 or ndcg@10."
     )
-    max_failures: int = _f(2, "Restart the workers from the last checkpoint this many times after a failure.")
+    max_failures: int = _f(
+        2, "Restart the workers from the last checkpoint this many times after a failure.",
+        ge=0, operational=True,
+    )
 
-    def check(self, need) -> None:
-        need(self.num_workers >= 1, "train.num_workers", ">= 1", self.num_workers)
-        need(self.epochs >= 1, "train.epochs", ">= 1", self.epochs)
-        need(self.batch_size >= 2, "train.batch_size", ">= 2 (in-batch negatives need a batch)", self.batch_size)
-        need(self.learning_rate > 0, "train.learning_rate", "> 0", self.learning_rate)
-        need(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "in [0, 1)", self.warmup_ratio)
-        need(self.weight_decay >= 0, "train.weight_decay", ">= 0", self.weight_decay)
-        need(self.scale > 0 and math.isfinite(self.scale), "train.scale", "> 0", self.scale)
-        need(self.max_grad_norm is None or self.max_grad_norm > 0, "train.max_grad_norm", "> 0", self.max_grad_norm)
-        need(self.max_steps is None or self.max_steps >= 1, "train.max_steps", ">= 1", self.max_steps)
-        need(self.log_every_steps >= 1, "train.log_every_steps", ">= 1", self.log_every_steps)
-        need(self.eval_every_steps is None or self.eval_every_steps >= 1, "train.eval_every_steps", ">= 1",
-             self.eval_every_steps)
-        need(self.keep_checkpoints >= 1, "train.keep_checkpoints", ">= 1", self.keep_checkpoints)
-        need(self.max_failures >= 0, "train.max_failures", ">= 0", self.max_failures)
-        need(self.checkpoint_metric in METRICS, "train.checkpoint_metric", f"one of {', '.join(METRICS)}",
-             self.checkpoint_metric)
-        need(self.mini_batch_size >= 1, "train.mini_batch_size", ">= 1", self.mini_batch_size)
-        need(self.use_gpu or self.precision == "fp32", "train.precision", "fp32 without --use-gpu", self.precision)
-        need(self.cpus_per_worker is None or self.cpus_per_worker > 0, "train.cpus_per_worker", "> 0",
-             self.cpus_per_worker)
-        need(self.torch_threads is None or self.torch_threads >= 1, "train.torch_threads", ">= 1", self.torch_threads)
+    @model_validator(mode="after")
+    def _precision_needs_a_gpu(self):
+        if not self.use_gpu and self.precision != "fp32":
+            raise _broken("precision", "fp32 without --use-gpu", self.precision)
+        return self
 
 
-@dataclass
-class OutputConfig:
+
+class OutputConfig(Section):
     """Where the run keeps its checkpoints and where the final model goes."""
 
-    output: str | None = _f(None, "Folder (local or URI) for the final sentence-transformers model.")
+    output: str | None = _f(None, "Folder (local or URI) for the final sentence-transformers model.", owned=True)
     run_dir: str | None = _f(
         None,
         "Run folder for checkpoints and Ray Train state (local or URI; on a multi-node cluster, storage every "
-        "node reaches). Default: <output>.run next to the output.",
+        "node reaches). Default: <output>.run next to the output.", owned=True
     )
-    resume: bool = _f(False, "Continue the run found in run_dir from its latest checkpoint.")
-    overwrite: bool = _f(False, "Replace an existing output folder.")
-
-    def check(self, need) -> None:
-        pass
+    resume: bool = _f(False, "Continue the run found in run_dir from its latest checkpoint.", owned=True)
+    overwrite: bool = _f(False, "Replace an existing output folder.", owned=True)
 
 
-@dataclass
-class MineConfig:
+
+class MineConfig(Section):
     """The hard-negative mining job: for each training pair, answers that look right for its question but are not
     its answer, written as columns negative_1..negative_n next to the pairs."""
 
     output: str | None = _f(
-        None, "Folder (local or URI) for the Q/A parquet with the negative columns, and its record negatives.json."
+        None, "Folder (local or URI) for the Q/A parquet with the negative columns, and its record negatives.json.",
+        owned=True
     )
-    overwrite: bool = _f(False, "Replace an existing output folder.")
+    overwrite: bool = _f(False, "Replace an existing output folder.", owned=True)
     method: Literal["bm25", "dense"] = _f(
         "bm25",
         "bm25: lexical negatives (bm25s), as DPR. dense: the nearest answers under model.model (a first-round "
-        "fine-tuned model: 'self' hard negatives, as ANCE and RocketQA), searched in an exact FAISS index.",
+        "fine-tuned model: 'self' hard negatives, as ANCE and RocketQA), searched in an exact FAISS index.", owned=True
     )
-    num_negatives: int = _f(1, "Negatives per pair (DPR: one BM25 negative per question).")
+    num_negatives: int = _f(1, "Negatives per pair (DPR: one BM25 negative per question).", ge=1)
     range_min: int = _f(
         0, "Skip the retriever's top ranks below this (the question's own answers not counted): near-duplicates "
-        "of the answer sit there."
+        "of the answer sit there.", ge=0
     )
     range_max: int = _f(30, "Take negatives from the retriever's first range_max candidates only.")
     relative_margin: float | None = _f(
         0.05,
         "A negative must score at most positive - |positive| * margin (the question's lowest-scoring answer); "
-        "candidates closer to the positive are likely unlabelled positives. None: no margin.",
+        "candidates closer to the positive are likely unlabelled positives. None: no margin.", ge=0, lt=1
     )
     sampling: Literal["top", "random"] = _f(
         "top", "Take the best-ranked candidates that pass the filters, or a seeded random choice among them."
     )
     seed: int = _f(0, "Seed of the random sampling.")
-    batch_size: int = _f(512, "Questions per Ray Data batch handed to a mining actor.")
-    actors: int = _f(1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.")
+    batch_size: int = _f(512, "Questions per Ray Data batch handed to a mining actor.", ge=1, operational=True)
+    actors: int = _f(
+        1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.",
+        ge=1, operational=True,
+    )
     bm25_stopwords: str | None = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")
 
-    def check(self, need) -> None:
-        need(self.num_negatives >= 1, "mine.num_negatives", ">= 1", self.num_negatives)
-        need(self.range_min >= 0, "mine.range_min", ">= 0", self.range_min)
-        need(self.range_max - self.range_min >= self.num_negatives, "mine.range_max",
-             f">= range_min + num_negatives ({self.range_min + self.num_negatives})", self.range_max)
-        need(self.relative_margin is None or 0 <= self.relative_margin < 1, "mine.relative_margin", "in [0, 1)",
-             self.relative_margin)
-        need(self.batch_size >= 1, "mine.batch_size", ">= 1", self.batch_size)
-        need(self.actors >= 1, "mine.actors", ">= 1", self.actors)
+    @model_validator(mode="after")
+    def _enough_ranks(self):
+        if self.range_max - self.range_min < self.num_negatives:
+            raise _broken("range_max", f">= range_min + num_negatives ({self.range_min + self.num_negatives})",
+                          self.range_max)
+        return self
 
 
-@dataclass
-class RerankConfig:
+
+class RerankConfig(Section):
     """The cross-encoder reranker (train-reranker): each question read together with a candidate passage, trained on
     the pairs' hard negatives. Workers, steps, learning rate and checkpoints come from the train section."""
 
     in_batch_negatives: int = _f(
         4,
         "Answers of other pairs of the batch scored as extra negatives of each question, besides its hard negatives "
-        "(num_negatives of sentence-transformers' cross-encoder MultipleNegativesRankingLoss; 0: none).",
+        "(num_negatives of sentence-transformers' cross-encoder MultipleNegativesRankingLoss; 0: none).", ge=0
     )
-    loss_scale: float = _f(10.0, "The loss multiplies the sigmoid of each score by this before the softmax.")
-    eval_questions: int = _f(500, "Held-out questions re-ranked at each evaluation (a seeded sample).")
+    loss_scale: float = _f(
+        10.0, "The loss multiplies the sigmoid of each score by this before the softmax.",
+        gt=0, allow_inf_nan=False,
+    )
+    eval_questions: int = _f(500, "Held-out questions re-ranked at each evaluation (a seeded sample).", ge=1)
     eval_candidates: int = _f(
         30,
         "Candidates of each held-out question in evaluation: the BM25 top among every answer of the data, with the "
-        "question's own answers always included; re-ranking MRR@10 is measured over them.",
+        "question's own answers always included; re-ranking MRR@10 is measured over them.", ge=2
     )
 
-    def check(self, need) -> None:
-        need(self.in_batch_negatives >= 0, "rerank.in_batch_negatives", ">= 0", self.in_batch_negatives)
-        need(self.loss_scale > 0 and math.isfinite(self.loss_scale), "rerank.loss_scale", "> 0", self.loss_scale)
-        need(self.eval_questions >= 1, "rerank.eval_questions", ">= 1", self.eval_questions)
-        need(self.eval_candidates >= 2, "rerank.eval_candidates", ">= 2", self.eval_candidates)
 
-
-@dataclass
-class CorpusConfig:
+class CorpusConfig(Section):
     """The passages to search: a parquet of (id, text), or the distinct answers of a Q/A parquet."""
 
     path: str | None = _f(
@@ -268,7 +262,8 @@ class CorpusConfig:
     )
     id_column: str = _f("id", "Column holding each passage's unique id (string or integer).")
     text_column: str | None = _f(
-        None, "Column holding the passage text (default: text, or answer with --from-answers)."
+        None, "Column holding the passage text (default: text, or answer with --from-answers).",
+        min_length=1, rule="a column name"
     )
     from_answers: bool = _f(
         False,
@@ -282,69 +277,67 @@ class CorpusConfig:
         "index's search parameters, as the queries it will serve.",
     )
 
-    def check(self, need) -> None:
-        need(self.text_column != "", "corpus.text_column", "a column name", self.text_column)
-
     @property
     def text(self) -> str:
         return self.text_column or ("answer" if self.from_answers else "text")
 
 
-@dataclass
-class EmbedConfig:
+class EmbedConfig(Section):
     """The Ray Data job that embeds the corpus: an actor pool, each actor holding the model once."""
 
-    batch_size: int = _f(1024, "Passages per Ray Data batch handed to an actor (sorted by length inside it).")
-    encode_batch_size: int = _f(64, "Passages per forward pass of the model.")
-    actors: int | None = _f(None, "Embedding actors (default: one per GPU with --use-gpu, else 1).")
+    batch_size: int = _f(
+        1024, "Passages per Ray Data batch handed to an actor (sorted by length inside it).",
+        ge=1, operational=True,
+    )
+    encode_batch_size: int = _f(64, "Passages per forward pass of the model.", ge=1, operational=True)
+    actors: int | None = _f(
+        None, "Embedding actors (default: one per GPU with --use-gpu, else 1).",
+        ge=1, operational=True,
+    )
     use_gpu: bool | None = _f(
-        None, "One GPU per embedding actor (default: when the cluster has GPUs; --no-use-gpu: CPU actors)."
+        None, "One GPU per embedding actor (default: when the cluster has GPUs; --no-use-gpu: CPU actors).",
+        operational=True
     )
     cpus_per_actor: float | None = _f(
-        None, "Logical CPUs per actor (default: 1 with a GPU; else what leaves one CPU free for reading)."
+        None, "Logical CPUs per actor (default: 1 with a GPU; else what leaves one CPU free for reading).",
+        gt=0, operational=True
     )
     torch_threads: int | None = _f(
-        None, "torch threads per CPU actor (default: the node's cores divided by the actors, at least 1)."
+        None, "torch threads per CPU actor (default: the node's cores divided by the actors, at least 1).",
+        ge=1, operational=True
     )
 
-    def check(self, need) -> None:
-        need(self.batch_size >= 1, "embed.batch_size", ">= 1", self.batch_size)
-        need(self.encode_batch_size >= 1, "embed.encode_batch_size", ">= 1", self.encode_batch_size)
-        need(self.actors is None or self.actors >= 1, "embed.actors", ">= 1", self.actors)
-        need(self.cpus_per_actor is None or self.cpus_per_actor > 0, "embed.cpus_per_actor", "> 0",
-             self.cpus_per_actor)
-        need(self.torch_threads is None or self.torch_threads >= 1, "embed.torch_threads", ">= 1", self.torch_threads)
 
-
-@dataclass
-class IndexConfig:
+class IndexConfig(Section):
     """The FAISS index over the embedded corpus, its search parameters, and the output folder."""
 
-    output: str | None = _f(None, "Index folder to write (local or URI): index, docstore, manifest.json.")
+    output: str | None = _f(None, "Index folder to write (local or URI): index, docstore, manifest.json.", owned=True)
     factory: str | None = _f(
         None, "FAISS index_factory string (e.g. 'IVF4096,PQ48'); overrides the automatic choice."
     )
     memory_budget_gb: float = _f(
-        4.0, "Memory the index may take; above it the chooser compresses the vectors (OPQ + IVF-PQ)."
+        4.0, "Memory the index may take; above it the chooser compresses the vectors (OPQ + IVF-PQ).", gt=0
     )
-    exact_max_vectors: int = _f(20000, "Up to this many vectors, exact inner-product search (no approximation).")
-    hnsw_max_vectors: int = _f(500000, "Up to this many vectors (unsharded, within budget), HNSW; above, IVF.")
+    exact_max_vectors: int = _f(20000, "Up to this many vectors, exact inner-product search (no approximation).", ge=0)
+    hnsw_max_vectors: int = _f(500000, "Up to this many vectors (unsharded, within budget), HNSW; above, IVF.", ge=0)
     target_recall: float = _f(
-        0.95, "Tune nprobe / efSearch to the smallest value whose recall@10 against exact search reaches this."
+        0.95, "Tune nprobe / efSearch to the smallest value whose recall@10 against exact search reaches this.",
+        gt=0, le=1
     )
-    tune_queries: int = _f(1000, "Queries (questions, else corpus vectors) that measure recall@10 in tuning.")
+    tune_queries: int = _f(1000, "Queries (questions, else corpus vectors) that measure recall@10 in tuning.", ge=1)
     tune_questions: str | None = _f(
         None,
         "Parquet of questions (column corpus.question_column) to tune on. Default: with --from-answers the "
         "corpus's own questions; otherwise corpus vectors stand in for queries.",
     )
     train_size: int | None = _f(
-        None, "Vectors sampled to train the index (default: 40 per IVF list, at least 50,000, at most all)."
+        None, "Vectors sampled to train the index (default: 40 per IVF list, at least 50,000, at most all).", ge=1
     )
     shards: int = _f(
-        1, "Add the vectors in this many parallel Ray tasks (flat and IVF indexes), then merge them in order."
+        1, "Add the vectors in this many parallel Ray tasks (flat and IVF indexes), then merge them in order.",
+        ge=1, operational=True
     )
-    add_batch_size: int = _f(65536, "Vectors read and added per chunk.")
+    add_batch_size: int = _f(65536, "Vectors read and added per chunk.", ge=1, operational=True)
     bm25: bool = _f(
         True,
         "Also build a BM25 index (bm25s) of the texts, for the bm25 and hybrid search modes. It is built in the "
@@ -352,98 +345,74 @@ class IndexConfig:
     )
     bm25_stopwords: str | None = _f("en", "Stopword list for BM25 tokenization (bm25s name, e.g. en; none: keep all).")
     keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
-    overwrite: bool = _f(False, "Replace an existing index folder.")
+    overwrite: bool = _f(False, "Replace an existing index folder.", owned=True)
     seed: int = _f(0, "Seed of the training and tuning samples.")
 
-    def check(self, need) -> None:
-        need(self.memory_budget_gb > 0, "index.memory_budget_gb", "> 0", self.memory_budget_gb)
-        need(self.exact_max_vectors >= 0, "index.exact_max_vectors", ">= 0", self.exact_max_vectors)
-        need(self.hnsw_max_vectors >= 0, "index.hnsw_max_vectors", ">= 0", self.hnsw_max_vectors)
-        need(0 < self.target_recall <= 1, "index.target_recall", "in (0, 1]", self.target_recall)
-        need(self.tune_queries >= 1, "index.tune_queries", ">= 1", self.tune_queries)
-        need(self.train_size is None or self.train_size >= 1, "index.train_size", ">= 1", self.train_size)
-        need(self.shards >= 1, "index.shards", ">= 1", self.shards)
-        need(self.add_batch_size >= 1, "index.add_batch_size", ">= 1", self.add_batch_size)
 
-
-@dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """The evaluation job: held-out questions searched in an index, dense against BM25 and their hybrid."""
 
-    index: str | None = _f(None, "Index folder written by build-index.", flag="--index")
+    index: str | None = _f(None, "Index folder written by build-index.", flag="--index", owned=True)
     queries: str | None = _f(
-        None, "Q/A parquet of held-out pairs (e.g. heldout.parquet in a trained model's folder).", flag="--queries"
+        None, "Q/A parquet of held-out pairs (e.g. heldout.parquet in a trained model's folder).", flag="--queries",
+        owned=True
     )
-    question_column: str = _f("question", "Column holding the question.")
+    question_column: str = _f("question", "Column holding the question.", owned=True)
     answer_column: str = _f(
-        "answer", "Column holding the answer text; the passages with exactly this text are the relevant ones."
+        "answer", "Column holding the answer text; the passages with exactly this text are the relevant ones.",
+        owned=True
     )
     relevant_id_column: str | None = _f(
-        None, "Column holding the id of the relevant passage instead (rows of one question are merged)."
+        None, "Column holding the id of the relevant passage instead (rows of one question are merged).", owned=True
     )
-    max_queries: int | None = _f(None, "Evaluate at most this many questions (a seeded sample).")
+    max_queries: int | None = _f(None, "Evaluate at most this many questions (a seeded sample).", ge=1)
     model: str | None = _f(
         None, "Query encoder (default: the model named in the index manifest; it must match the index).",
-        flag="--eval-model",
+        flag="--eval-model", owned=True
     )
-    batch_size: int = _f(64, "Questions per forward pass of the query encoder.")
+    batch_size: int = _f(64, "Questions per forward pass of the query encoder.", ge=1, operational=True)
     reranker: str | None = _f(
-        None, "Cross-encoder folder written by train-reranker: also report every mode re-ranked by it."
+        None, "Cross-encoder folder written by train-reranker: also report every mode re-ranked by it.", owned=True
     )
     rerank_candidates: int = _f(50, "With a reranker: the first N hits of each mode are re-ranked (the rest keep "
-                                    "their order after them).")
-    output: str | None = _f(None, "Report folder (eval.json, eval.md, recall.png). Default: <index>.eval")
-    overwrite: bool = _f(False, "Replace an existing report folder.")
-
-    def check(self, need) -> None:
-        need(self.max_queries is None or self.max_queries >= 1, "eval.max_queries", ">= 1", self.max_queries)
-        need(self.batch_size >= 1, "eval.batch_size", ">= 1", self.batch_size)
-        need(self.rerank_candidates >= 1, "eval.rerank_candidates", ">= 1", self.rerank_candidates)
+                                    "their order after them).", ge=1)
+    output: str | None = _f(None, "Report folder (eval.json, eval.md, recall.png). Default: <index>.eval", owned=True)
+    overwrite: bool = _f(False, "Replace an existing report folder.", owned=True)
 
 
-@dataclass
-class ServeConfig:
+class ServeConfig(Section):
     """The search service: a Ray Serve application (HTTP ingress, batched query encoder, index searcher)."""
 
     index: str | None = _f(
         None, "Index folder to serve (build-index's output); queries are encoded with the model it was built with.",
-        flag="--index",
+        flag="--index", owned=True
     )
     reranker: str | None = _f(
         None, "Cross-encoder folder written by train-reranker: requests with \"rerank\": true re-rank the "
-        "retrieved candidates with it (default: no reranker).",
+        "retrieved candidates with it (default: no reranker).", owned=True
     )
     serve_config: str | None = _f(
         None, "Serve config file to deploy (autoscaling, resources, batching, limits). Default: configs/serve.yaml."
     )
     host: str | None = _f(None, "HTTP host of the Serve proxies (default: the Serve config's).")
-    port: int | None = _f(None, "HTTP port (default: the Serve config's).")
-    max_queries: int | None = _f(None, "Most queries in one request (default: the Serve config's).")
-    max_query_chars: int | None = _f(None, "Longest query in characters (default: the Serve config's).")
+    port: int | None = _f(None, "HTTP port (default: the Serve config's).", gt=0, lt=65536, rule="in 1..65535")
+    max_queries: int | None = _f(None, "Most queries in one request (default: the Serve config's).", ge=1)
+    max_query_chars: int | None = _f(None, "Longest query in characters (default: the Serve config's).", ge=1)
     max_candidates: int | None = _f(
-        None, "Most retrieval candidates one request may have re-ranked (default: the Serve config's)."
+        None, "Most retrieval candidates one request may have re-ranked (default: the Serve config's).", ge=1
     )
     max_batch_size: int | None = _f(
-        None, "Most queries the encoder batches into one forward pass (default: the Serve config's)."
+        None, "Most queries the encoder batches into one forward pass (default: the Serve config's).", ge=1
     )
     batch_wait_timeout_s: float | None = _f(
-        None, "How long a query waits for others to share its batch, in seconds (default: the Serve config's)."
+        None, "How long a query waits for others to share its batch, in seconds (default: the Serve config's).", ge=0
     )
-    timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.")
+    timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.", gt=0)
     swap: bool = _f(
         False,
         "Hot-swap the running application to --index instead of deploying: its searcher replicas load the new "
-        "folder and switch without dropping a request. Refused if the folder was built with another model.",
+        "folder and switch without dropping a request. Refused if the folder was built with another model.", owned=True
     )
-
-    def check(self, need) -> None:
-        need(self.port is None or 0 < self.port < 65536, "serve.port", "in 1..65535", self.port)
-        for key in ("max_queries", "max_query_chars", "max_candidates", "max_batch_size"):
-            value = getattr(self, key)
-            need(value is None or value >= 1, f"serve.{key}", ">= 1", value)
-        need(self.batch_wait_timeout_s is None or self.batch_wait_timeout_s >= 0, "serve.batch_wait_timeout_s",
-             ">= 0", self.batch_wait_timeout_s)
-        need(self.timeout_s > 0, "serve.timeout_s", "> 0", self.timeout_s)
 
 
 # Every step `run` may take, in order; `round1` and `mine` only with pipeline.negatives, `reranker` only with
@@ -451,8 +420,7 @@ class ServeConfig:
 PIPELINE_STEPS = ("round1", "mine", "train", "reranker", "index", "evaluate", "serve")
 
 
-@dataclass
-class PipelineConfig:
+class PipelineConfig(Section):
     """The one-command run (`denseqa run`): [round1 → mine →] train → index → evaluate → serve, in one run folder.
 
     The run folder decides every output path, so the keys in :data:`PIPELINE_OWNED` are not given to `run`.
@@ -495,13 +463,15 @@ class PipelineConfig:
         "multi-node cluster.",
     )
 
-    def check(self, need) -> None:
+    @model_validator(mode="after")
+    def _known_steps_and_negatives_for_a_reranker(self):
         for step in (self.force or "").split(","):
-            need(not step.strip() or step.strip() in PIPELINE_STEPS[:-1], "pipeline.force",
-                 f"a comma-separated list of {', '.join(PIPELINE_STEPS[:-1])}", self.force)
-        need(not self.reranker or self.negatives != "none", "pipeline.negatives",
-             "bm25 or model with pipeline.reranker (a cross-encoder cannot learn from positives alone)",
-             self.negatives)
+            if step.strip() and step.strip() not in PIPELINE_STEPS[:-1]:
+                raise _broken("force", f"a comma-separated list of {', '.join(PIPELINE_STEPS[:-1])}", self.force)
+        if self.reranker and self.negatives == "none":
+            raise _broken("negatives", "bm25 or model with pipeline.reranker (a cross-encoder cannot learn from "
+                          "positives alone)", self.negatives)
+        return self
 
     @property
     def steps(self) -> tuple[str, ...]:
@@ -516,11 +486,11 @@ class PipelineConfig:
         return {step.strip() for step in (self.force or "").split(",") if step.strip()}
 
 
-METRICS = ("recall@1", "recall@10", "mrr@10", "ndcg@10")
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "mine": MineConfig, "train": TrainConfig,
-            "rerank": RerankConfig, "output": OutputConfig, "corpus": CorpusConfig, "embed": EmbedConfig,
-            "index": IndexConfig, "eval": EvalConfig,
-            "serve": ServeConfig, "pipeline": PipelineConfig}
+SECTIONS: dict[str, type[Section]] = {
+    "data": DataConfig, "model": ModelConfig, "mine": MineConfig, "train": TrainConfig, "rerank": RerankConfig,
+    "output": OutputConfig, "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig,
+    "serve": ServeConfig, "pipeline": PipelineConfig,
+}
 # The sections each command reads; the others are refused in its config file.
 COMMAND_SECTIONS = {
     "mine-negatives": ("data", "model", "mine", "embed"),
@@ -531,41 +501,55 @@ COMMAND_SECTIONS = {
     "serve": ("serve",),
     "run": ("pipeline", "data", "model", "mine", "train", "rerank", "corpus", "embed", "index", "eval", "serve"),
 }
+
+
+def _mark(info, name: str) -> Any:
+    return (info.json_schema_extra or {}).get(name)
+
+
+def keys_marked(mark: str) -> frozenset[str]:
+    """Every ``section.key`` whose field carries this mark (``owned`` or ``operational``)."""
+    return frozenset(f"{name}.{key}" for name, section in SECTIONS.items()
+                     for key, info in section.model_fields.items() if _mark(info, mark))
+
+
 # Keys of `run` that its run folder decides (see PipelineConfig); giving one is an error, not silently ignored.
-PIPELINE_OWNED = frozenset({
-    *(f"output.{f}" for f in ("output", "run_dir", "resume", "overwrite")),
-    "mine.output", "mine.overwrite", "mine.method", "index.output", "index.overwrite", "eval.index", "eval.queries",
-    "eval.output", "eval.overwrite", "eval.model", "eval.question_column", "eval.answer_column",
-    "eval.relevant_id_column", "eval.reranker", "serve.index", "serve.swap", "serve.reranker",
-})
+PIPELINE_OWNED = keys_marked("owned")
+# Keys that change how a step runs (logging, retries, parallelism) but not what it produces: a pipeline step's
+# inputs leave them out, so changing them redoes nothing.
+OPERATIONAL = keys_marked("operational")
 
 
-@dataclass
-class JobConfig:
-    """The configuration of a job: one instance per section; a command uses the sections it names."""
+class JobConfig(BaseModel):
+    """The configuration of a job: one instance per section; a command uses the sections it names (``used``)."""
 
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mine: MineConfig = field(default_factory=MineConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    rerank: RerankConfig = field(default_factory=RerankConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    embed: EmbedConfig = field(default_factory=EmbedConfig)
-    index: IndexConfig = field(default_factory=IndexConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    rerank: RerankConfig = Field(default_factory=RerankConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    corpus: CorpusConfig = Field(default_factory=CorpusConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     used: tuple[str, ...] = tuple(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:
         """The used sections, as saved with every output (model, index, report)."""
-        return {name: dataclasses.asdict(getattr(self, name)) for name in self.used}
+        return {name: getattr(self, name).model_dump() for name in self.used}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config", sections: tuple[str, ...] | None = None,
                   owned: frozenset[str] = frozenset()) -> JobConfig:
-        """Build and validate from {section: {key: value}}; ``owned`` keys (``section.key``) may not be given."""
+        """Build and validate from {section: {key: value}}; ``owned`` keys (``section.key``) may not be given.
+
+        Raises :class:`InputError`, one line naming ``source``, the key and the value.
+        """
         used = tuple(sections or SECTIONS)
         for name, section_values in values.items():
             for key in section_values if isinstance(section_values, dict) else ():
@@ -580,57 +564,58 @@ class JobConfig:
             raise InputError(f"{source}: unknown section {sorted(unknown)[0]!r}; valid: {', '.join(used)}")
         built = {}
         for name in used:
-            section_cls = SECTIONS[name]
             section_values = values.get(name) or {}
             if not isinstance(section_values, dict):
                 raise InputError(f"{source}: section {name!r} must be a mapping, got {section_values!r}")
-            valid = {f.name for f in dataclasses.fields(section_cls)}
-            for key in section_values:
-                if key not in valid:
-                    raise InputError(f"{source}: unknown key {name}.{key}; valid keys: {', '.join(sorted(valid))}")
-            built[name] = section_cls(**section_values)
-        config = cls(**built, used=used)
-        config.validate(source)
-        return config
-
-    def validate(self, source: str = "config") -> None:
-        """Check types and ranges, so a bad value fails here, before any cluster resource is requested."""
-        for name, section in self.sections().items():
-            hints = typing.get_type_hints(type(section))
-            for f in dataclasses.fields(section):
-                _check_type(f"{source}: {name}.{f.name}", getattr(section, f.name), hints[f.name])
-
-        def need(ok: bool, key: str, rule: str, value: Any) -> None:
-            if not ok:
-                raise InputError(f"{source}: {key} must be {rule}, got {value!r}")
-
-        for section in self.sections().values():
-            section.check(need)
-
-    def sections(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in self.used}
+            try:
+                built[name] = SECTIONS[name].model_validate(section_values)
+            except ValidationError as e:
+                raise InputError(f"{source}: {_first_error(name, e)}") from None
+        return cls(**built, used=used)
 
 
-def _check_type(key: str, value: Any, hint: Any) -> None:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Literal:
-        if value not in args:
-            raise InputError(f"{key} must be one of {', '.join(map(str, args))}, got {value!r}")
-        return
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(hint, True)
-    if not ok:
-        raise InputError(f"{key} must be a {hint.__name__}, got {value!r}")
+# What a constraint says in an error, as the rule the value breaks.
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_TYPE_ERRORS = {"int_type": "int", "float_type": "float", "string_type": "str", "bool_type": "bool"}
+
+
+def rule_of(info) -> str:
+    """A field's constraints as one rule: ``>= 1``, ``in (0, 1]``; or its ``rule`` mark when it has one."""
+    if _mark(info, "rule"):
+        return _mark(info, "rule")
+    bounds = {}
+    for constraint in info.metadata:
+        for name in _BOUNDS:
+            if getattr(constraint, name, None) is not None:
+                bounds[name] = getattr(constraint, name)
+    low = next(((k, v) for k, v in bounds.items() if k in ("ge", "gt")), None)
+    high = next(((k, v) for k, v in bounds.items() if k in ("le", "lt")), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]}, {high[1]}{']' if high[0] == 'le' else ')'}"
+    if low or high:
+        kind, value = low or high
+        return f"{_BOUNDS[kind]} {value}"
+    return "finite"
+
+
+def _first_error(section: str, error: ValidationError) -> str:
+    """The first of pydantic's errors as denseqa's one line: ``<section>.<key> must be <rule>, got <value>``.
+    An unknown key comes first: it is the likelier mistake (a misspelt key leaves its value at the default)."""
+    errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
+    fields = SECTIONS[section].model_fields
+    if first["type"] == "denseqa_rule":
+        ctx = first["ctx"]
+        return f"{section}.{ctx['key']} must be {ctx['rule']}, got {ctx['value']!r}"
+    key, value = str(first["loc"][0]), first["input"]
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {section}.{key}; valid keys: {', '.join(sorted(fields))}"
+    if first["type"] == "literal_error":
+        choices = typing.get_args(_base_type(fields[key].annotation))
+        return f"{section}.{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+    if first["type"] in _TYPE_ERRORS:
+        return f"{section}.{key} must be a {_TYPE_ERRORS[first['type']]}, got {value!r}"
+    return f"{section}.{key} must be {rule_of(fields[key])}, got {value!r}"
 
 
 def load_yaml(path: str) -> dict[str, Any]:
@@ -650,44 +635,41 @@ def load_yaml(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- command line
 
 
-def _flag(f: dataclasses.Field) -> list[str]:
-    flags = ["--" + f.name.replace("_", "-")]
-    if "flag" in f.metadata and f.metadata["flag"] not in flags:
-        flags.insert(0, f.metadata["flag"])
+def _flags(name: str, info) -> list[str]:
+    """A field's short spellings: ``--key`` (dashes), and its ``flag`` mark first when it has one."""
+    flags = ["--" + name.replace("_", "-")]
+    if _mark(info, "flag") and _mark(info, "flag") not in flags:
+        flags.insert(0, _mark(info, "flag"))
     return flags
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, sections: tuple[str, ...] = tuple(SECTIONS),
-                         qualified: bool = False, skip: frozenset[str] = frozenset()) -> None:
-    """One flag per config field, generated from the dataclasses so the CLI cannot drift from the config.
+                         skip: frozenset[str] = frozenset()) -> None:
+    """One flag per config field, generated from the models so the CLI cannot drift from the config.
 
-    ``qualified`` (for `run`, which reads every section, where names repeat: train.batch_size, embed.batch_size):
-    every field gets ``--section.key`` and keeps its short flag only where no other field of these sections has
-    it. Fields in ``skip`` (``section.key``) get no flag.
+    Every field gets ``--section.key``, and keeps its short flags only where no other field of these sections has
+    them (``train.batch_size`` and ``embed.batch_size`` are both ``--batch-size`` in `run`: there only the long
+    forms). Fields in ``skip`` (``section.key``) get no flag.
     """
     parser.add_argument("--config", help="YAML config file; flags given on the command line override it.")
-    spelled = collections.Counter(flag for name in sections for f in dataclasses.fields(SECTIONS[name])
-                                  if f"{name}.{f.name}" not in skip for flag in _flag(f))
+    spelled = collections.Counter(flag for name in sections for key, info in SECTIONS[name].model_fields.items()
+                                  if f"{name}.{key}" not in skip for flag in _flags(key, info))
     for section_name in sections:
         section_cls = SECTIONS[section_name]
         group = parser.add_argument_group(section_name, section_cls.__doc__)
-        hints = typing.get_type_hints(section_cls)
-        for f in dataclasses.fields(section_cls):
-            if f"{section_name}.{f.name}" in skip:
+        for key, info in section_cls.model_fields.items():
+            if f"{section_name}.{key}" in skip:
                 continue
-            flags = _flag(f)
-            if qualified:
-                flags = [f"--{section_name}.{f.name.replace('_', '-')}", *(x for x in flags if spelled[x] == 1)]
-            hint = hints[f.name]
-            dest = f"{section_name}.{f.name}"
-            default_text = "" if f.default in (None, "", dataclasses.MISSING) else f" (default: {f.default})"
-            help_text = f.metadata["help"] + default_text
-            if _base_type(hint) is bool:
+            flags = [f"--{section_name}.{key.replace('_', '-')}", *(x for x in _flags(key, info) if spelled[x] == 1)]
+            dest = f"{section_name}.{key}"
+            default_text = "" if info.default in (None, "") else f" (default: {info.default})"
+            help_text = info.description + default_text
+            if _base_type(info.annotation) is bool:
                 group.add_argument(*flags, dest=dest, action=argparse.BooleanOptionalAction,
                                    default=argparse.SUPPRESS, help=help_text)
             else:
-                group.add_argument(*flags, dest=dest, type=_parser_for(hint), default=argparse.SUPPRESS,
-                                   metavar=f.name.upper(), help=help_text)
+                group.add_argument(*flags, dest=dest, type=_parser_for(info.annotation), default=argparse.SUPPRESS,
+                                   metavar=key.upper(), help=help_text)
 
 
 def _base_type(hint: Any) -> Any:
@@ -720,10 +702,11 @@ def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] | None 
 
 
 def config_reference_markdown() -> str:
-    """The configuration reference in the README, generated from the dataclasses (a test keeps them equal)."""
+    """The configuration reference in the README, generated from the models (a test keeps them equal)."""
     lines = [
-        "`denseqa run` reads every section but `output`; there each key is also `--section.key` "
-        "(`--train.batch-size`, `--embed.batch-size`), and a short flag only where one key has it. "
+        "Every key is also a flag `--section.key` on each command that reads its section (`--train.batch-size`, "
+        "`--embed.batch-size`), and the short flag of the table where no other section that command reads has it "
+        "(`denseqa run` reads every section but `output`, so there the keys that repeat take the long form only). "
         "The run folder decides " + ", ".join(f"`{k}`" for k in sorted(PIPELINE_OWNED) if not k.startswith("output."))
         + " (and `output.*`): `run` refuses them.", ""]
     for section_name, section_cls in SECTIONS.items():
@@ -731,10 +714,10 @@ def config_reference_markdown() -> str:
         summary = " ".join(section_cls.__doc__.strip().split("\n\n")[0].split())
         lines += [f"**{section_name}** ({commands}) — {summary}", "",
                   "| key | flag | default | meaning |", "|---|---|---|---|"]
-        for f in dataclasses.fields(section_cls):
-            default = "" if f.default is None else '`""`' if f.default == "" else f"`{f.default}`"
-            flags = " ".join(f"`{flag}`" for flag in _flag(f))
-            lines.append(f"| `{section_name}.{f.name}` | {flags} | {default} | {f.metadata['help']} |")
+        for key, info in section_cls.model_fields.items():
+            default = "" if info.default is None else '`""`' if info.default == "" else f"`{info.default}`"
+            flags = " ".join(f"`{flag}`" for flag in _flags(key, info))
+            lines.append(f"| `{section_name}.{key}` | {flags} | {default} | {info.description} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

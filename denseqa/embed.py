@@ -12,7 +12,6 @@ re-run of an interrupted build with the same model and corpus reuses the shards 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -83,7 +82,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     started = time.time()
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,
-        fn_constructor_kwargs={"model": dataclasses.asdict(model_cfg), "encode_batch_size": cfg.encode_batch_size,
+        fn_constructor_kwargs={"model": model_cfg.model_dump(), "encode_batch_size": cfg.encode_batch_size,
                                "torch_threads": pool.torch_threads, "use_gpu": use_gpu},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",

@@ -32,7 +32,7 @@ import json
 from typing import Any
 
 from denseqa import storage
-from denseqa.config import PIPELINE_OWNED, CorpusConfig, JobConfig
+from denseqa.config import OPERATIONAL, PIPELINE_OWNED, CorpusConfig, JobConfig
 from denseqa.eval import REPORT_JSON, REPORT_MD
 from denseqa.index import MANIFEST_FILE
 from denseqa.negatives import RECORD_FILE as NEGATIVES_RECORD
@@ -45,13 +45,6 @@ MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "train": RECORD_FILE
            "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
 OUTPUTS = {"round1": "round1", "mine": "negatives", "train": "model", "reranker": "reranker", "index": "index",
            "evaluate": "eval"}
-# Keys that change how a step runs (logging, retries, parallelism) but not what it produces: they are
-# left out of its inputs, so changing them redoes nothing. The whole embed section is of this kind.
-OPERATIONAL = frozenset({
-    "train.log_every_steps", "train.max_failures", "train.torch_threads", "train.cpus_per_worker",
-    "train.eval_batch_size", "index.shards", "index.add_batch_size", "eval.batch_size",
-    "mine.batch_size", "mine.actors",
-})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +62,9 @@ def corpus_config(cfg: JobConfig) -> CorpusConfig:
     """The passages to index: corpus.path if given, else the distinct answers of the training data."""
     if cfg.corpus.path:
         return cfg.corpus
-    return dataclasses.replace(cfg.corpus, path=cfg.data.path, from_answers=True,
-                               text_column=cfg.corpus.text_column or cfg.data.answer_column,
-                               question_column=cfg.data.question_column)
+    return cfg.corpus.model_copy(update={"path": cfg.data.path, "from_answers": True,
+                                         "text_column": cfg.corpus.text_column or cfg.data.answer_column,
+                                         "question_column": cfg.data.question_column})
 
 
 def resolved_config(cfg: JobConfig) -> dict[str, Any]:
@@ -95,7 +88,7 @@ def output_fingerprint(run: RunFolder, step: str) -> str | None:
 
 
 def _section(cfg: JobConfig, name: str, section: Any = None) -> dict[str, Any]:
-    values = dataclasses.asdict(section if section is not None else getattr(cfg, name))
+    values = (section if section is not None else getattr(cfg, name)).model_dump()
     return {f"{name}.{k}": v for k, v in values.items()
             if f"{name}.{k}" not in OPERATIONAL and f"{name}.{k}" not in PIPELINE_OWNED}
 

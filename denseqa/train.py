@@ -524,7 +524,7 @@ def check_mining_split(cfg, data) -> None:
     mined = mining_record(cfg, data)
     if mined is None:
         return
-    then, now = mined["config"]["data"], dataclasses.asdict(cfg.data)
+    then, now = mined["config"]["data"], cfg.data.model_dump()
     if mined["data"]["rows"]["heldout"] != data.counts["heldout"] or then["split_seed"] != now["split_seed"]:
         logger.warning("%s: the negatives were mined with %d held-out pairs (split seed %d), this training holds "
                        "out %d (seed %d): mine with the same data.heldout_* and split_seed so that evaluation stays "

@@ -30,6 +30,9 @@ from denseqa.logs import logger
 from denseqa.train import TrainPlan, hard_negatives_record
 
 METRICS = ("mrr@10", "ndcg@10")
+# Options of the bi-encoder's loss (train section) that a cross-encoder has no use for: given to the reranker,
+# they are refused, never silently ignored. Its own are rerank.in_batch_negatives and rerank.loss_scale.
+BI_ENCODER_ONLY = ("scale", "gather", "mask_duplicates", "cached_loss", "mini_batch_size")
 
 
 def load_cross_encoder(model_cfg, device: str | None = None):
@@ -169,6 +172,10 @@ class RerankerTask:
         if cfg.train.cached_loss:
             raise InputError("train.cached_loss: the reranker has no cached loss (each pair is one forward pass, "
                              "a batch is bounded by train.batch_size); remove it")
+        given = [key for key in BI_ENCODER_ONLY if key in cfg.train.model_fields_set and key != "cached_loss"]
+        if given:
+            raise InputError(f"train.{given[0]}: an option of the bi-encoder's loss, which the reranker does not use "
+                             "(its own: rerank.in_batch_negatives, rerank.loss_scale); remove it")
         if cfg.train.checkpoint_metric not in METRICS:
             raise InputError(f"train.checkpoint_metric must be one of {', '.join(METRICS)} for the reranker, got "
                              f"{cfg.train.checkpoint_metric!r}")

@@ -63,3 +63,42 @@ def test_a_command_refuses_a_section_it_does_not_read():
                             sections=("corpus", "model", "embed", "index"))
     cfg = JobConfig.from_dict({"index": {"shards": 2}}, sections=("corpus", "model", "embed", "index"))
     assert set(cfg.to_dict()) == {"corpus", "model", "embed", "index"} and cfg.index.shards == 2
+
+
+@pytest.mark.parametrize("key, value", [("scale", 10.0), ("gather", False), ("mask_duplicates", False),
+                                        ("mini_batch_size", 8)])
+def test_the_reranker_refuses_a_bi_encoder_loss_option_instead_of_ignoring_it(key, value):
+    from denseqa.config import COMMAND_SECTIONS
+    from denseqa.train_reranker import RerankerTask
+
+    # Given a train-reranker config that sets an option only the bi-encoder's loss has
+    cfg = JobConfig.from_dict({"train": {key: value}}, "reranker.yaml", COMMAND_SECTIONS["train-reranker"])
+    # When the reranker checks it, Then it is refused, naming the key
+    with pytest.raises(InputError, match=rf"^train\.{key}: an option of the bi-encoder's loss, which the reranker "
+                                         r"does not use \(its own: rerank.in_batch_negatives, rerank.loss_scale\)"):
+        RerankerTask.check_config(cfg)
+    # And the same config without it gets past that check (to the missing data)
+    with pytest.raises(InputError, match=r"^no data given"):
+        RerankerTask.check_config(JobConfig.from_dict({}, "reranker.yaml", COMMAND_SECTIONS["train-reranker"]))
+
+
+def test_pipeline_marks_are_field_metadata():
+    from denseqa.config import OPERATIONAL, PIPELINE_OWNED, TrainConfig
+
+    # Owned and operational keys are read from the fields, not from hand-kept lists
+    assert "index.output" in PIPELINE_OWNED and "mine.method" in PIPELINE_OWNED
+    assert "train.epochs" not in PIPELINE_OWNED
+    assert "train.log_every_steps" in OPERATIONAL and "train.batch_size" not in OPERATIONAL
+    assert TrainConfig.model_fields["log_every_steps"].json_schema_extra == {"operational": True}
+
+
+def test_every_command_takes_the_qualified_flag_and_the_short_one_where_unambiguous():
+    from denseqa.cli import build_parser
+
+    parser = build_parser()
+    # train reads one batch_size: both spellings; run reads two: the qualified ones only
+    assert vars(parser.parse_args(["train", "--train.batch-size", "8"]))["train.batch_size"] == 8
+    assert vars(parser.parse_args(["train", "--batch-size", "8"]))["train.batch_size"] == 8
+    assert vars(parser.parse_args(["build-index", "--embed.batch-size", "64"]))["embed.batch_size"] == 64
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--batch-size", "8"])

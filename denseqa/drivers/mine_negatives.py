@@ -7,7 +7,6 @@ What is a negative (the false-negative control) is :mod:`denseqa.negatives`'s.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from typing import Any
@@ -85,7 +84,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     if m.method == "dense":
         check_model_source(cfg.model.model)
     # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
-    data = load_qa_data(dataclasses.replace(cfg.data, num_negatives=0))
+    data = load_qa_data(cfg.data.model_copy(update={"num_negatives": 0}))
     texts = sorted(data.train.unique(ANSWER))
     if len(texts) < 2:
         raise InputError(f"{cfg.data.path}: {len(texts)} distinct training answer(s); mining needs other answers "
@@ -107,7 +106,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             retriever["device"] = "cuda" if pool.use_gpu else "cpu"
         mined = data.train.map_batches(
             NegativeMiner,
-            fn_constructor_kwargs={"cfg": dataclasses.asdict(m), "texts": ray.put(texts), "retriever": retriever,
+            fn_constructor_kwargs={"cfg": m.model_dump(), "texts": ray.put(texts), "retriever": retriever,
                                    "other_answers": ray.put(other_answers), "torch_threads": pool.torch_threads},
             batch_size=m.batch_size, batch_format="pyarrow", concurrency=pool.actors, num_cpus=pool.cpus,
             num_gpus=1 if pool.use_gpu else None,
@@ -132,7 +131,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             record = {
                 "method": m.method,
                 "model": describe_model(cfg.model) if m.method == "dense" else None,
-                "options": {k: v for k, v in dataclasses.asdict(m).items() if k not in ("output", "overwrite")},
+                "options": {k: v for k, v in m.model_dump().items() if k not in ("output", "overwrite")},
                 "columns": columns,
                 "counts": counts,
                 "data": {"path": cfg.data.path, "rows": data.counts},

@@ -7,7 +7,6 @@ step is another driver run with the pipeline's config (its owned keys filled in 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from denseqa import faults, storage
-from denseqa.config import COMMAND_SECTIONS, EvalConfig, JobConfig, OutputConfig
+from denseqa.config import COMMAND_SECTIONS, EvalConfig, JobConfig, OutputConfig, TrainConfig
 from denseqa.errors import InputError
 from denseqa.provenance import utc_now
 from denseqa.run_folder import (
@@ -46,7 +45,7 @@ def _embed_config(cfg: JobConfig):
         return cfg.embed
     # On an autoscaling cluster the GPU nodes may all be gone when this step starts: follow training's choice
     # rather than "GPUs if the cluster has some now", so the autoscaler brings them up for the embedding too.
-    return dataclasses.replace(cfg.embed, use_gpu=cfg.train.use_gpu)
+    return cfg.embed.model_copy(update={"use_gpu": cfg.train.use_gpu})
 
 
 def check_training_fits(cfg: JobConfig) -> None:
@@ -66,7 +65,7 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
     The reranker starts from the same encoder too, and trains on the mined negatives with the train section's
     settings."""
     from denseqa.drivers.train import run_training
-    from denseqa.train_reranker import RerankerTask
+    from denseqa.train_reranker import BI_ENCODER_ONLY, RerankerTask
 
     checkpoints = storage.join(run / ("train-reranker" if step == "reranker" else "train"), key[:12])
     resume = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))
@@ -74,12 +73,14 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
         logger.info("%s: continuing the interrupted training in %s", step, checkpoints)
     data = cfg.data  # without --negatives, negative columns the data already has are used (data.num_negatives)
     if step == "round1":
-        data = dataclasses.replace(cfg.data, num_negatives=0)
+        data = cfg.data.model_copy(update={"num_negatives": 0})
     elif cfg.pipeline.negatives != "none":
-        data = dataclasses.replace(cfg.data, path=run.output("mine"))
+        data = cfg.data.model_copy(update={"path": run.output("mine")})
     output = OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume, overwrite=True)
     if step == "reranker":
-        run_training(JobConfig(data=data, model=cfg.model, train=cfg.train, rerank=cfg.rerank, output=output,
+        # The train section's loss options are the bi-encoder's: the reranker gets the rest (it refuses those).
+        train = TrainConfig(**cfg.train.model_dump(exclude=set(BI_ENCODER_ONLY)))
+        run_training(JobConfig(data=data, model=cfg.model, train=train, rerank=cfg.rerank, output=output,
                                used=COMMAND_SECTIONS["train-reranker"]), task=RerankerTask)
         return
     run_training(JobConfig(data=data, model=cfg.model, train=cfg.train, output=output,
@@ -90,9 +91,9 @@ def run_mine_step(cfg: JobConfig, run: RunFolder) -> None:
     from denseqa.drivers.mine_negatives import run_mining
 
     method = mining_method(cfg)
-    model = dataclasses.replace(cfg.model, model=run.output("round1")) if method == "dense" else cfg.model
-    mine = dataclasses.replace(cfg.mine, method=method, output=run.output("mine"), overwrite=True)
-    run_mining(JobConfig(data=dataclasses.replace(cfg.data, num_negatives=0), model=model, mine=mine,
+    model = cfg.model.model_copy(update={"model": run.output("round1")}) if method == "dense" else cfg.model
+    mine = cfg.mine.model_copy(update={"method": method, "output": run.output("mine"), "overwrite": True})
+    run_mining(JobConfig(data=cfg.data.model_copy(update={"num_negatives": 0}), model=model, mine=mine,
                          embed=_embed_config(cfg), used=COMMAND_SECTIONS["mine-negatives"]))
 
 
@@ -100,8 +101,8 @@ def run_index_step(cfg: JobConfig, run: RunFolder) -> None:
     from denseqa.drivers.build_index import run_build_index
 
     # The fine-tuned model carries its prompts (denseqa.json); the pipeline's own model keys still apply.
-    model = dataclasses.replace(cfg.model, model=run.output("train"))
-    index = dataclasses.replace(cfg.index, output=run.output("index"), overwrite=True)
+    model = cfg.model.model_copy(update={"model": run.output("train")})
+    index = cfg.index.model_copy(update={"output": run.output("index"), "overwrite": True})
     run_build_index(JobConfig(corpus=corpus_config(cfg), model=model, embed=_embed_config(cfg), index=index,
                               used=COMMAND_SECTIONS["build-index"]))
 
@@ -121,7 +122,7 @@ def run_serve_step(cfg: JobConfig, run: RunFolder) -> str:
     from denseqa.drivers.serve import deploy, serve_config_for
 
     reranker = run.output("reranker") if cfg.pipeline.reranker else None
-    serve_cfg = JobConfig(serve=dataclasses.replace(cfg.serve, index=run.output("index"), reranker=reranker),
+    serve_cfg = JobConfig(serve=cfg.serve.model_copy(update={"index": run.output("index"), "reranker": reranker}),
                           used=("serve",))
     return deploy(serve_config_for(serve_cfg), cfg.serve.timeout_s)
 
