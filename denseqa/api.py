@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
+from denseqa.config import Limits  # defined once, with the serve section that overrides it
 from denseqa.texts import is_blank
 
 MAX_K = 1000
@@ -63,14 +64,6 @@ class SearchResponse(BaseModel):
     reranked_candidates: int | None = Field(None, description="With `rerank`: how many hits were re-ranked.")
     index: str = Field(description="The index folder that answered (it changes after a hot swap).")
     took_ms: float = Field(description="Time spent in the service, from request parsed to response built.")
-
-
-class Limits(BaseModel):
-    """Input limits of one deployment; set in the Serve config's application ``args``."""
-
-    max_queries: int = Field(64, ge=1, description="Most queries in one request.")
-    max_query_chars: int = Field(2000, ge=1, description="Longest query, in characters.")
-    max_candidates: int = Field(200, ge=1, description="Most candidates one query may have re-ranked.")
 
 
 class BadRequest(Exception):

@@ -380,6 +380,36 @@ class EvalConfig(Section):
     overwrite: bool = _f(False, "Replace an existing report folder.", owned=True)
 
 
+# The service's limits and the query encoder's batching, defined once: the Serve application's args and the
+# QueryEncoder's user_config are these models; the serve section's max_* and batch_* flags override them.
+class Limits(BaseModel):
+    """Input limits of one deployment; set in the Serve config's application ``args``."""
+
+    max_queries: int = Field(64, ge=1, description="Most queries in one request.")
+    max_query_chars: int = Field(2000, ge=1, description="Longest query, in characters.")
+    max_candidates: int = Field(200, ge=1, description="Most candidates one query may have re-ranked.")
+
+
+class EncoderSettings(BaseModel):
+    """``user_config`` of QueryEncoder: dynamic batching, changeable without restarting the replicas."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(32, ge=1, description="Most queries encoded in one forward pass.")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="How long the first query of a batch waits for others to join it."
+    )
+
+
+def _override(model: type[BaseModel], key: str) -> Any:
+    """A serve-section field that overrides ``model``'s ``key`` in the Serve config: its help and constraints,
+    unset (None) by default so the Serve config's value stands."""
+    info = model.model_fields[key]
+    bounds = {name: getattr(c, name) for c in info.metadata for name in ("ge", "gt", "le", "lt")
+              if getattr(c, name, None) is not None}
+    return _f(None, f"{info.description.rstrip('.')} (default: the Serve config's).", **bounds)
+
+
 class ServeConfig(Section):
     """The search service: a Ray Serve application (HTTP ingress, batched query encoder, index searcher)."""
 
@@ -396,17 +426,11 @@ class ServeConfig(Section):
     )
     host: str | None = _f(None, "HTTP host of the Serve proxies (default: the Serve config's).")
     port: int | None = _f(None, "HTTP port (default: the Serve config's).", gt=0, lt=65536, rule="in 1..65535")
-    max_queries: int | None = _f(None, "Most queries in one request (default: the Serve config's).", ge=1)
-    max_query_chars: int | None = _f(None, "Longest query in characters (default: the Serve config's).", ge=1)
-    max_candidates: int | None = _f(
-        None, "Most retrieval candidates one request may have re-ranked (default: the Serve config's).", ge=1
-    )
-    max_batch_size: int | None = _f(
-        None, "Most queries the encoder batches into one forward pass (default: the Serve config's).", ge=1
-    )
-    batch_wait_timeout_s: float | None = _f(
-        None, "How long a query waits for others to share its batch, in seconds (default: the Serve config's).", ge=0
-    )
+    max_queries: int | None = _override(Limits, "max_queries")
+    max_query_chars: int | None = _override(Limits, "max_query_chars")
+    max_candidates: int | None = _override(Limits, "max_candidates")
+    max_batch_size: int | None = _override(EncoderSettings, "max_batch_size")
+    batch_wait_timeout_s: float | None = _override(EncoderSettings, "batch_wait_timeout_s")
     timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.", gt=0)
     swap: bool = _f(
         False,

@@ -52,6 +52,7 @@ from denseqa.api import (
     checked_queries,
     install_error_handlers,
 )
+from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
 
 logger = logging.getLogger("ray.serve")
@@ -68,17 +69,6 @@ class SearchAppArgs(Limits):
     reranker: str | None = Field(
         None, description="Cross-encoder folder written by train-reranker (a path every node reaches, or a URI): "
         "enables `rerank: true`. None: no Reranker deployment."
-    )
-
-
-class EncoderSettings(BaseModel):
-    """``user_config`` of QueryEncoder: dynamic batching, changeable without restarting the replicas."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_batch_size: int = Field(32, ge=1, description="Most queries encoded in one forward pass.")
-    batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="How long the first query of a batch waits for others to join it."
     )
 
 

@@ -102,3 +102,17 @@ def test_every_command_takes_the_qualified_flag_and_the_short_one_where_unambigu
     assert vars(parser.parse_args(["build-index", "--embed.batch-size", "64"]))["embed.batch_size"] == 64
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--batch-size", "8"])
+
+
+def test_serve_limits_are_defined_once_and_the_shipped_serve_config_states_them():
+    from denseqa.config import EncoderSettings, Limits, ServeConfig
+    from denseqa.drivers.serve import application, deployment, load_serve_config
+
+    # The serve section's overrides carry the limits' own constraints (a 0 is refused the same way)
+    for key, model in [("max_queries", Limits), ("max_candidates", Limits), ("max_batch_size", EncoderSettings)]:
+        assert ServeConfig.model_fields[key].metadata == model.model_fields[key].metadata
+    # And configs/serve.yaml, which shows the knobs to operators, states exactly the code's defaults
+    config = load_serve_config()
+    args = application(config)["args"]
+    assert {k: args[k] for k in Limits.model_fields} == Limits().model_dump()
+    assert deployment(config, "QueryEncoder")["user_config"] == EncoderSettings().model_dump()
