@@ -90,10 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         COMMANDS[args.command][0](args)
     except DenseqaError as e:
+        _disconnect_ray()
         # One line, no traceback: the message names the file, field or value and the fix.
         print(f"denseqa {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     return 0
+
+
+def _disconnect_ray() -> None:
+    """Leave Ray before exiting on an error: Ray Data tasks still running (listing files, reading) would otherwise
+    be killed as this process exits, and their tracebacks would be forwarded to the user's terminal after the
+    one-line error."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def run_command(command: str, argv: list[str]) -> int:
