@@ -1,7 +1,7 @@
 """Training benchmarks for BENCHMARKS.md (issue 2), all measured in one run on one machine.
 
-1. Throughput (pairs/s) of denseqa's Ray Train job with 1 worker against sentence-transformers' own
-   ``SentenceTransformerTrainer`` with the same model, data, batch size, sequence length and torch threads.
+1. Throughput (pairs/s) of denseqa's Ray Train job at its defaults against sentence-transformers' own
+   ``SentenceTransformerTrainer`` at its own (same model, data and batch size), on pairs sampled at random.
 2. The cost of the cross-device gather: 2 workers with gather on and off.
 3. Held-out Recall@10 and MRR@10 before and after a short training on the Debian English data.
 
@@ -39,8 +39,22 @@ def denseqa_run(data: str, out: str, *args: str) -> dict:
     return json.loads((Path(out) / "denseqa.json").read_text())
 
 
-def sentence_transformers_run(data: str, steps: int, batch_size: int, max_seq_length: int, threads: int) -> float:
-    """pairs/s of SentenceTransformerTrainer + MultipleNegativesRankingLoss on the same pairs."""
+def sentence_transformers_run(data: str, steps: int, batch_size: int, max_seq_length: int | None = None,
+                              threads: int | None = None) -> dict:
+    """pairs/s and peak RSS of ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` on the same pairs,
+    in a fresh process (so its memory is its own). ``None``: the library's default (the model's max_seq_length,
+    torch's threads)."""
+    import subprocess
+    import sys
+
+    args = json.dumps({"data": data, "steps": steps, "batch_size": batch_size, "max_seq_length": max_seq_length,
+                       "threads": threads})
+    out = subprocess.run([sys.executable, __file__, "--sentence-transformers-baseline", args], check=True,
+                         capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _sentence_transformers_baseline(args: dict) -> None:
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
@@ -48,31 +62,50 @@ def sentence_transformers_run(data: str, steps: int, batch_size: int, max_seq_le
     from sentence_transformers.sentence_transformer.training_args import SentenceTransformerTrainingArguments
 
     from denseqa.model import bundled_model_path
+    from denseqa.provenance import peak_rss_mb
 
-    torch.set_num_threads(threads)
-    table = pq.read_table(data, columns=["question", "answer"])
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    table = pq.read_table(args["data"], columns=["question", "answer"])
     dataset = Dataset.from_dict({"anchor": table.column("question").to_pylist(),
                                  "positive": table.column("answer").to_pylist()})
     model = SentenceTransformer(str(bundled_model_path()), device="cpu")
-    model.max_seq_length = max_seq_length
+    if args["max_seq_length"]:
+        model.max_seq_length = args["max_seq_length"]
     with tempfile.TemporaryDirectory() as tmp:
-        args = SentenceTransformerTrainingArguments(
-            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=2e-5,
-            warmup_ratio=0.1, logging_steps=10_000, save_strategy="no", report_to=[], dataloader_drop_last=True,
-            use_cpu=True, seed=42,
+        training_args = SentenceTransformerTrainingArguments(
+            output_dir=tmp, max_steps=args["steps"], per_device_train_batch_size=args["batch_size"],
+            learning_rate=2e-5, warmup_ratio=0.1, logging_steps=10_000, save_strategy="no", report_to=[],
+            dataloader_drop_last=True, use_cpu=True, seed=42,
         )
-        trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
+        trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                              loss=MultipleNegativesRankingLoss(model))
         metrics = trainer.train().metrics
-    return steps * batch_size / metrics["train_runtime"]
+    print(json.dumps({"pairs_per_s": round(args["steps"] * args["batch_size"] / metrics["train_runtime"], 2),
+                      "peak_rss_mb": peak_rss_mb(), "torch_threads": torch.get_num_threads(),
+                      "max_seq_length": model.max_seq_length}))
+
+
+def random_sample(rows: int, path: Path, seed: int = 0) -> None:
+    """``rows`` pairs drawn at random from the English Debian set, as a new user would sample their data."""
+    import numpy as np
+
+    full = pq.read_table(DATA)
+    picked = np.sort(np.random.default_rng(seed).choice(full.num_rows, size=rows, replace=False))
+    pq.write_table(full.take(picked), path)
 
 
 def main() -> None:
+    import sys
+
+    if len(sys.argv) == 3 and sys.argv[1] == "--sentence-transformers-baseline":
+        _sentence_transformers_baseline(json.loads(sys.argv[2]))
+        return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=4000, help="pairs sampled for the throughput runs")
-    p.add_argument("--steps", type=int, default=30, help="optimizer steps per throughput run")
+    p.add_argument("--rows", type=int, default=2000, help="pairs sampled at random for the throughput runs")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per throughput run")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--max-seq-length", type=int, default=128, help="of the gather and quality runs")
     p.add_argument("--quality-steps", type=int, default=300, help="steps of the short training (0: skip)")
     p.add_argument("--heldout", type=int, default=1000, help="held-out pairs for the quality figures")
     p.add_argument("--parts", default="throughput,gather,quality", help="comma-separated parts to run")
@@ -81,9 +114,8 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     work = Path(tempfile.mkdtemp(prefix="denseqa-bench-"))
-    full = pq.read_table(DATA)
     sample = work / "sample.parquet"
-    pq.write_table(full.slice(0, a.rows), sample)
+    random_sample(a.rows, sample)
     common = ["--batch-size", str(a.batch_size), "--max-seq-length", str(a.max_seq_length),
               "--max-steps", str(a.steps), "--eval-every-steps", str(a.steps), "--heldout-size", "50",
               "--log-every-steps", "10"]
@@ -101,16 +133,19 @@ def main() -> None:
         print(json.dumps({key: value}, indent=1), flush=True)
         out.write_text(json.dumps(results, indent=1))  # after each part, so a long run keeps what it measured
 
-    # 1. one worker against SentenceTransformerTrainer, both with all (2) cores' threads
+    # 1. What a user gets: `jobs/train.py --data --output --max-steps` and nothing else, against the trainer
+    #    with the same model and batch and its own defaults (the model's max_seq_length, torch's threads).
     if "throughput" in parts:
-        st = sentence_transformers_run(str(sample), a.steps, a.batch_size, a.max_seq_length, threads)
-        one = denseqa_run(str(sample), str(work / "one"), *common, "--num-workers", "1", "--cpus-per-worker", "1",
-                          "--torch-threads", str(threads))
+        st = sentence_transformers_run(str(sample), a.steps, a.batch_size)
+        one = denseqa_run(str(sample), str(work / "one"), "--max-steps", str(a.steps))
         save("throughput", {
-            "threads": threads,
-            "sentence_transformers_trainer_pairs_per_s": round(st, 2),
-            "denseqa_1_worker_pairs_per_s": one["training"]["pairs_per_s"],
-            "ratio": round(one["training"]["pairs_per_s"] / st, 3),
+            "rows": a.rows, "steps": a.steps, "batch_size": a.batch_size,
+            "sentence_transformers_trainer": st,
+            "denseqa": {"pairs_per_s": one["training"]["pairs_per_s"],
+                        "peak_rss_mb_per_worker": [m["rss"] for m in one["training"]["peak_memory_mb_per_worker"]],
+                        "torch_threads_per_worker": one["training"]["torch_threads_per_worker"],
+                        "workers": one["training"]["workers"], "wall_time_s": one["wall_time_s"]},
+            "ratio": round(one["training"]["pairs_per_s"] / st["pairs_per_s"], 3),
         })
 
     # 2. gather on and off with 2 workers (1 thread each: one core per worker on this machine)

@@ -117,7 +117,8 @@ class TrainConfig(Section):
         gt=0, operational=True
     )
     torch_threads: int | None = _f(
-        None, "torch intra-op threads per worker (default: its CPUs, at least 1).",
+        None, "torch intra-op threads per CPU worker (default: the node's cores divided by the workers on it, at "
+        "least 1).",
         ge=1, operational=True,
     )
     # -- optimisation

@@ -32,6 +32,7 @@ from denseqa.config import JobConfig
 from denseqa.errors import InputError
 from denseqa.logs import logger, setup_logging
 from denseqa.provenance import peak_memory_mb
+from denseqa.resources import torch_threads_default
 
 RECORD_FILE = "denseqa.json"
 HELDOUT_FILE = "heldout.parquet"
@@ -52,11 +53,10 @@ class TrainPlan:
     steps_per_epoch: int
     total_steps: int
     eval_every_steps: int
-    torch_threads: int
     run_dir: str
 
 
-def make_plan(cfg: JobConfig, train_pairs: int, run_dir: str, cpus_per_worker: float) -> TrainPlan:
+def make_plan(cfg: JobConfig, train_pairs: int, run_dir: str) -> TrainPlan:
     t = cfg.train
     world = t.num_workers
     # Ray Data's equal split gives each rank floor(n / world) rows; only full batches are used.
@@ -74,7 +74,6 @@ def make_plan(cfg: JobConfig, train_pairs: int, run_dir: str, cpus_per_worker: f
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
         eval_every_steps=t.eval_every_steps or steps_per_epoch,
-        torch_threads=t.torch_threads or max(1, math.floor(cpus_per_worker)),
         run_dir=run_dir,
     )
 
@@ -90,6 +89,7 @@ class TrainState:
     evals: list[dict[str, Any]] = field(default_factory=list)  # {"step": s, "metrics": {...}}
     train_seconds: float = 0.0  # wall time of the training steps (data included, evaluation excluded)
     peak_memory_mb: list[dict[str, float]] = field(default_factory=list)  # per rank, at the last checkpoint
+    torch_threads: list[int] = field(default_factory=list)  # per rank, in the last attempt
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -341,7 +341,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_rank_zero = rank == 0
-    torch.set_num_threads(plan.torch_threads)
+    if not t.use_gpu:
+        # Threads are per node, not per logical CPU: the workers on this node share its cores (see resources).
+        torch.set_num_threads(t.torch_threads or torch_threads_default(ctx.get_local_world_size()))
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
 
@@ -361,6 +363,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if state.batch_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.attempts.append({"start_step": state.step, "steps_run": 0})
+    state.torch_threads = distributed.all_gather_objects(torch.get_num_threads())
     attempt = state.attempts[-1]
 
     forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=distributed.ddp_kwargs())
@@ -390,8 +393,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 
     if is_rank_zero:
-        logger.info("training the %s: %s; %d steps (%d per epoch), eval every %d; frozen without gradient: %s",
-                    task.kind, task.describe(world), plan.total_steps, plan.steps_per_epoch, plan.eval_every_steps,
+        logger.info("training the %s: %s; %d steps (%d per epoch), eval every %d; torch threads per worker %s; "
+                    "frozen without gradient: %s", task.kind, task.describe(world), plan.total_steps,
+                    plan.steps_per_epoch, plan.eval_every_steps, ",".join(map(str, state.torch_threads)),
                     ", ".join(frozen) or "none")
     if state.step == 0:
         baseline = run_eval()

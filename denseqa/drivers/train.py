@@ -58,7 +58,7 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
 
     t = cfg.train
     cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
-    plan = make_plan(cfg, data.counts["train"], run_dir, cpus_per_worker)
+    plan = make_plan(cfg, data.counts["train"], run_dir)
     logger.info("%s from %s; %d workers, %.2f CPUs each%s; run folder %s", task.kind, describe_model(cfg.model),
                 t.num_workers, cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
 
@@ -144,6 +144,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
             **training,
             "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
             "peak_memory_mb_per_worker": state.peak_memory_mb,
+            "torch_threads_per_worker": state.torch_threads,
             "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
                                  * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
         },
