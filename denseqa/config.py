@@ -101,6 +101,13 @@ class ModelConfig(Section):
     passage_prompt: str | None = _f(
         None, "Text put before every answer or passage (e.g. 'passage: ' for E5 models). Default as query_prompt."
     )
+    backend: Literal["torch", "onnx", "onnx-int8"] | None = _f(
+        None,
+        "What runs the model when it embeds passages and queries (training is always torch): torch, onnx (ONNX "
+        "Runtime, fp32) or onnx-int8 (int8 dynamic quantisation). Default: onnx on CPU (measured fastest with "
+        "rankings equal to torch's, BENCHMARKS.md), torch on GPU. An index records its backend, and its queries use "
+        "the same.",
+    )
 
 
 

@@ -55,7 +55,8 @@ def embedding_identity(encoder_description: dict, corpus) -> dict:
 
     infos = corpus.filesystem.get_file_info(corpus.files)
     return {
-        "model": {k: encoder_description[k] for k in ("weights_sha256", "passage_prompt", "max_seq_length")},
+        "model": {k: encoder_description.get(k) for k in ("weights_sha256", "passage_prompt", "max_seq_length",
+                                                            "backend")},
         "files": [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns}
                   for i in infos if i.type == pafs.FileType.File],
         "derived_ids": corpus.derived_ids,

@@ -229,15 +229,31 @@ class Encoder:
         self.passage_prompt = passage_prompt
         self.dimension = int(model.get_embedding_dimension())
         self._fingerprint: str | None = None
+        self.backend = {"name": "torch", "sha256": None}  # what runs the forward pass (denseqa.onnx_backend)
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: str | None = None) -> Encoder:
         from denseqa import storage
+        from denseqa.onnx_backend import resolve_backend
 
         model = load_model(cfg, device=device)
         # A URI stays the model's name: a replica on another node fetches its own copy from it.
         source = cfg.model if cfg.model and storage.is_uri(cfg.model) else resolve_model_source(cfg.model)
-        return cls(model, source, *prompts_of(cfg))
+        encoder = cls(model, source, *prompts_of(cfg))
+        backend = resolve_backend(cfg.backend, device)
+        if backend != "torch":
+            encoder.run_on_onnx_runtime(backend, cfg)
+        return encoder
+
+    def run_on_onnx_runtime(self, backend: str, cfg: ModelConfig) -> None:
+        """Encode through ONNX Runtime from now on (``onnx`` or ``onnx-int8``), from the cached export of these
+        weights (exported on first use); ``cfg`` is the config this encoder was loaded from."""
+        from denseqa.onnx_backend import exported_file, sha256_of, use_onnx_runtime
+
+        weights = self.fingerprint  # of the torch weights, before the transformer is replaced
+        path = exported_file(self.model, describe_model(cfg), resolve_model_source(cfg.model), weights, backend)
+        use_onnx_runtime(self.model, path)
+        self.backend = {"name": backend, "sha256": sha256_of(path)}
 
     @property
     def fingerprint(self) -> str:
@@ -270,6 +286,7 @@ class Encoder:
             "query_prompt": self.query_prompt,
             "passage_prompt": self.passage_prompt,
             "max_seq_length": int(self.model.max_seq_length) if self.model.max_seq_length else None,
+            "backend": dict(self.backend),
         }
 
     def check_matches(self, recorded: dict, where: str) -> None:
@@ -280,7 +297,21 @@ class Encoder:
 # What must agree between the model that embedded the passages and the one that encodes the queries.
 MATCHED_FIELDS = (("dimension", "dimension"), ("normalize", "normalisation"),
                   ("weights_sha256", "model weights (sha256)"), ("query_prompt", "query prompt"),
-                  ("passage_prompt", "passage prompt"))
+                  ("passage_prompt", "passage prompt"), ("backend", "inference backend"))
+# Indexes built before model.backend existed were embedded by torch.
+TORCH_BACKEND = {"name": "torch", "sha256": None}
+
+
+def recorded_backend(recorded: dict) -> dict:
+    return recorded.get("backend") or TORCH_BACKEND
+
+
+def query_model_config(recorded: dict, model: str | None = None) -> ModelConfig:
+    """The model config that encodes queries for an index whose manifest records ``recorded`` (its ``model``):
+    the same model (or ``model``, to be checked against it), length, prompts and backend as its passages."""
+    return ModelConfig(model=model or recorded["path"], max_seq_length=recorded.get("max_seq_length"),
+                       query_prompt=recorded["query_prompt"], passage_prompt=recorded["passage_prompt"],
+                       backend=recorded_backend(recorded)["name"])
 
 
 def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
@@ -288,10 +319,22 @@ def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
 
     ``expected``: the encoder that will query; ``recorded``: the one the index at ``where`` was built with.
     """
+    recorded = {**recorded, "backend": recorded_backend(recorded)}
     for key, label in MATCHED_FIELDS:
+        if key == "backend" and recorded["backend"] != expected.get("backend"):
+            built, runs = recorded["backend"], expected.get("backend") or TORCH_BACKEND
+            raise InputError(
+                f"{where}: index was built with backend {_backend_text(built)} but the query encoder of "
+                f"{expected.get('path')!r} runs {_backend_text(runs)}; encode queries with --model.backend "
+                f"{built['name']} (the same export) or rebuild the index"
+            )
         if recorded.get(key) != expected.get(key):
             raise InputError(
                 f"{where}: index was built with {label} {recorded.get(key)!r} but the model "
                 f"{expected.get('path')!r} has {expected.get(key)!r}; query it with the model it was built with "
                 f"({recorded.get('path')}) or rebuild the index"
             )
+
+
+def _backend_text(backend: dict) -> str:
+    return backend["name"] + (f" (export sha256 {backend['sha256'][:12]})" if backend.get("sha256") else "")

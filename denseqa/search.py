@@ -80,8 +80,7 @@ class Searcher:
         import pyarrow.parquet as pq
 
         from denseqa.bm25 import BM25Index
-        from denseqa.config import ModelConfig
-        from denseqa.model import Encoder
+        from denseqa.model import Encoder, query_model_config
 
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
@@ -93,9 +92,7 @@ class Searcher:
         local = storage.download(index_dir, self._download_dir) if self._download_dir else storage.absolute(index_dir)
         recorded = self.manifest["model"]
         if encoder is None and load_encoder:
-            model_cfg = ModelConfig(model=recorded["path"], max_seq_length=recorded.get("max_seq_length"),
-                                    query_prompt=recorded["query_prompt"], passage_prompt=recorded["passage_prompt"])
-            encoder = Encoder.load(model_cfg, device=device)
+            encoder = Encoder.load(query_model_config(recorded), device=device)
         if encoder is not None:
             encoder.check_matches(recorded, index_dir)
         self.encoder = encoder

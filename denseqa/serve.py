@@ -126,14 +126,11 @@ class QueryEncoder:
     def __init__(self, model: dict) -> None:
         import torch
 
-        from denseqa.config import ModelConfig
-        from denseqa.model import Encoder
+        from denseqa.model import Encoder, query_model_config
 
         # Ray sets CUDA_VISIBLE_DEVICES from the replica's num_gpus: a GPU is used exactly when one was requested.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        cfg = ModelConfig(model=model["path"], max_seq_length=model.get("max_seq_length"),
-                          query_prompt=model["query_prompt"], passage_prompt=model["passage_prompt"])
-        self.encoder = Encoder.load(cfg, device=self.device)
+        self.encoder = Encoder.load(query_model_config(model), device=self.device)
         self.encoder.check_matches(model, model["path"])
         self.settings: EncoderSettings | None = None  # set by reconfigure, which Serve calls right after this
         self.batches = 0

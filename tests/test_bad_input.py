@@ -301,3 +301,23 @@ def test_run_bad_input_fails_before_anything_runs(tmp_path, qa_parquet):
                          env={**_env(), "RAY_JOB_CONFIG_JSON_ENV_VAR": "{}"})
     assert_one_line_error(job, "run folder 'out/run' is a relative path: a submitted job runs in a temporary copy",
                           command="run")
+
+
+def test_index_bad_backend_and_a_model_that_cannot_be_exported(tmp_path, qa_parquet, index_out):
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, StaticEmbedding
+    from tokenizers import Tokenizer
+
+    from denseqa.model import bundled_model_path
+
+    path = qa_parquet(id=["a"], text=["x"])
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--model.backend", "tensorrt"),
+                       "model.backend must be one of torch, onnx, onnx-int8, got 'tensorrt'")
+    # A real sentence-transformers model with no transformer in it (static embeddings): nothing to export
+    static = tmp_path / "static"
+    tokenizer = Tokenizer.from_file(str(bundled_model_path() / "tokenizer.json"))
+    SentenceTransformer(modules=[StaticEmbedding(tokenizer, embedding_dim=16), Normalize()]).save(str(static))
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--model", str(static),
+                                   "--model.backend", "onnx-int8"),
+                       f"model '{static}'", "cannot be exported to ONNX", "--model.backend torch")
+    assert not Path(index_out).exists()

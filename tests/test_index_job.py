@@ -72,6 +72,7 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
     assert f"{result['modes']['dense']['mrr@10']:.4f}" in markdown
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["index"]["factory"] == "Flat" and manifest["count"] == len(set(pairs.column("answer")))
+    assert manifest["model"]["backend"]["name"] == "onnx"  # the CPU default: its figures must equal torch's below
     Searcher(str(index))  # the folder loads
 
     # And its figures equal a direct computation: distinct answers as the corpus, exact cosine search with the

@@ -75,6 +75,9 @@ def test_an_encoder_that_does_not_match_the_index_is_refused(tiny_index, tiny_mo
         (Encoder.load(ModelConfig(model=str(other), query_prompt="query: ")), "model weights (sha256)"),
         (Encoder.load(ModelConfig(model=str(bundled_model_path()))), "dimension 32 but the model"),
         (Encoder.load(ModelConfig(model=tiny_model_dir, query_prompt="")), "query prompt 'query: '"),
+        # The same weights and prompts, run by torch where the passages were embedded by ONNX Runtime
+        (Encoder.load(ModelConfig(model=tiny_model_dir, query_prompt="query: ", backend="torch")),
+         "backend onnx (export sha256"),
     ]
     for encoder, fragment in cases:
         with pytest.raises(InputError, match="index was built with") as e:
@@ -90,6 +93,23 @@ def test_a_folder_without_manifest_does_not_load(tiny_index, tmp_path):
         Searcher(str(half))
     manifest = json.loads(open(tiny_index["path"] + "/manifest.json").read())
     assert manifest["index"]["factory"] == "Flat" and manifest["model"]["normalize"] == "l2"
+
+
+def test_the_manifest_records_the_backend_and_queries_use_it(tiny_index, tiny_model_dir):
+    from denseqa.config import ModelConfig
+    from denseqa.model import Encoder
+    from denseqa.onnx_backend import cache_dir, sha256_of
+
+    recorded = tiny_index["manifest"]["model"]["backend"]
+    # On CPU the default backend is ONNX Runtime; the manifest names the very file that embedded the passages
+    assert recorded["name"] == "onnx"
+    weights = tiny_index["manifest"]["model"]["weights_sha256"]
+    assert recorded["sha256"] == sha256_of(cache_dir(tiny_model_dir, weights) / "model.onnx")
+    searcher = Searcher(tiny_index["path"])
+    assert searcher.encoder.describe()["backend"] == recorded
+    # An explicit encoder with the same backend is accepted
+    Searcher(tiny_index["path"], encoder=Encoder.load(ModelConfig(model=tiny_model_dir, query_prompt="query: ",
+                                                                  backend="onnx")))
 
 
 def test_reciprocal_rank_fusion():

@@ -73,23 +73,34 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     from denseqa.corpus import check_corpus, load_corpus
     from denseqa.embed import embed_corpus, embedding_identity
     from denseqa.model import Encoder, check_model_source
+    from denseqa.onnx_backend import resolve_backend
+    from denseqa.resources import embeds_on_gpu
 
     started = time.time()
     icfg = cfg.index
     output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
     check_model_source(cfg.model.model)
     checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
-    encoder = Encoder.load(cfg.model, device="cpu")  # for the manifest: weights hash, dimension, prompts
+    # For the manifest (weights hash, dimension, prompts, backend) and the checks that need the model.
+    encoder = Encoder.load(cfg.model.model_copy(update={"backend": "torch"}), device="cpu")
+    check_factory(icfg, encoder.dimension)
+    if cfg.model.backend not in (None, "torch"):  # given: an unexportable model fails before Ray starts
+        encoder.run_on_onnx_runtime(cfg.model.backend, cfg.model)
+    corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
+    # The backend the actors run (as given, else torch on GPU and the CPU default on CPU), fixed here: the driver's
+    # encoder exports it once, into the cache the actors read, and the manifest describes it.
+    model_cfg = cfg.model.model_copy(update={"backend": resolve_backend(
+        cfg.model.backend, "cuda" if embeds_on_gpu(cfg.embed.use_gpu) else "cpu")})
+    if model_cfg.backend != encoder.backend["name"]:
+        encoder.run_on_onnx_runtime(model_cfg.backend, cfg.model)
     model_info = encoder.describe()
-    check_factory(icfg, model_info["dimension"])
     questions = tuning_questions(cfg)
     question_vectors = encoder.encode_queries(questions) if questions else None
     del encoder
-    corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
 
     building = output.rstrip("/") + ".building"
     shards_dir = storage.join(building, "embeddings")
-    embedding = embed_corpus(corpus, cfg.model, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
+    embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
         index_started = time.time()

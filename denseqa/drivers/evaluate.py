@@ -14,7 +14,6 @@ import time
 from typing import Any
 
 from denseqa import storage
-from denseqa.config import ModelConfig
 from denseqa.errors import InputError
 from denseqa.eval import (
     CURVE_MAX_K,
@@ -27,7 +26,7 @@ from denseqa.eval import (
     rerank_rankings,
     retrieval_metrics,
 )
-from denseqa.model import Encoder
+from denseqa.model import Encoder, query_model_config
 from denseqa.search import Searcher, read_manifest
 
 logger = logging.getLogger(__name__)
@@ -44,10 +43,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
     manifest = read_manifest(e.index)
     encoder = None
     if e.model:
-        recorded = manifest["model"]
-        encoder = Encoder.load(ModelConfig(model=e.model, max_seq_length=recorded.get("max_seq_length"),
-                                           query_prompt=recorded["query_prompt"],
-                                           passage_prompt=recorded["passage_prompt"]))
+        encoder = Encoder.load(query_model_config(manifest["model"], model=e.model))
     searcher = Searcher(e.index, encoder=encoder)
     judgements = load_judgements(e, searcher)
 
