@@ -1,10 +1,12 @@
-"""ONNX Runtime inference for the bi-encoder on CPU: export once, quantise to int8 if asked, cache, run.
+"""ONNX Runtime inference on CPU for the bi-encoder and the reranker: export once, quantise to int8 if asked, cache,
+run.
 
 ``model.backend`` is ``torch``, ``onnx`` (the transformer exported to ONNX, fp32) or ``onnx-int8`` (the same with
 its weights quantised to int8 by ONNX Runtime's dynamic quantisation: activations are quantised per batch at run
 time, so no calibration data is needed). Only the transformer runs in ONNX Runtime; tokenisation, pooling,
-normalisation, prompts and ``encode()``'s length-sorted batching stay sentence-transformers' own, so the three
-backends differ in nothing but the arithmetic of the forward pass.
+normalisation, prompts and ``encode()``'s length-sorted batching (or a cross-encoder's ``predict()`` and its
+activation) stay sentence-transformers' own, so the three backends differ in nothing but the arithmetic of the
+forward pass.
 
 Why this is written here and not ``SentenceTransformer(..., backend="onnx")``: sentence-transformers loads and
 exports ONNX models through optimum-onnx, whose only release (0.1.0) requires transformers<4.58, while
@@ -38,7 +40,6 @@ BACKENDS = ("torch", "onnx", "onnx-int8")
 CPU_DEFAULT_BACKEND = "onnx"
 OPSET = 17
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_OUTPUT = "last_hidden_state"
 
 
 def resolve_backend(configured: str | None, device: str | None) -> str:
@@ -93,15 +94,24 @@ def _publish(target: Path, write) -> None:
             os.remove(tmp)
 
 
-class _LastHiddenState(torch.nn.Module):
-    """The Hugging Face model as a function of tensors to tensor, which is what the ONNX exporter traces."""
+class _TensorsToOutput(torch.nn.Module):
+    """The Hugging Face model as a function of tensors to one tensor, which is what the ONNX exporter traces."""
 
-    def __init__(self, model, names: tuple[str, ...]) -> None:
+    def __init__(self, model, names: tuple[str, ...], output: str) -> None:
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.output = model, names, output
 
     def forward(self, *tensors):
-        return self.model(**dict(zip(self.names, tensors, strict=True)), return_dict=True)[_OUTPUT]
+        return self.model(**dict(zip(self.names, tensors, strict=True)), return_dict=True)[self.output]
+
+
+def output_name(first) -> str:
+    """What sentence-transformers reads of the Hugging Face model's output: ``last_hidden_state`` for a
+    bi-encoder, ``logits`` for a cross-encoder."""
+    name = first.modality_config["text"]["method_output_name"]
+    if not isinstance(name, str):
+        raise ValueError(f"its transformer's output is read as {name!r}, not one tensor")
+    return name
 
 
 def transformer_module(model):
@@ -119,6 +129,7 @@ def _export(model, path: str) -> None:
     first = transformer_module(model)
     features = model.preprocess(["a probe sentence", "a second, somewhat longer probe sentence for the export"])
     names = tuple(n for n in _INPUTS if n in features)
+    output = output_name(first)
     hf_model = first.model
     attention = getattr(hf_model.config, "_attn_implementation", None)
     # The eager attention traces to plain ONNX ops with a dynamic mask; fused kernels may not.
@@ -126,9 +137,10 @@ def _export(model, path: str) -> None:
     try:
         with torch.no_grad():
             torch.onnx.export(
-                _LastHiddenState(hf_model.eval(), names), tuple(features[n] for n in names), path,
-                input_names=list(names), output_names=[_OUTPUT], opset_version=OPSET, dynamo=False,
-                dynamic_axes={n: {0: "batch", 1: "sequence"} for n in (*names, _OUTPUT)},
+                _TensorsToOutput(hf_model.eval(), names, output), tuple(features[n] for n in names), path,
+                input_names=list(names), output_names=[output], opset_version=OPSET, dynamo=False,
+                dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names},
+                              output: {0: "batch", 1: "sequence"} if output == "last_hidden_state" else {0: "batch"}},
             )
     finally:
         hf_model.config._attn_implementation = attention
@@ -151,9 +163,9 @@ def sha256_of(path: Path) -> str:
 
 class OnnxRuntimeModel(torch.nn.Module):
     """Stands in for the Hugging Face model inside sentence-transformers' Transformer module: same inputs (the
-    tokenizer's tensors), same output (``last_hidden_state``), computed by an ONNX Runtime session."""
+    tokenizer's tensors), same output (``last_hidden_state`` or ``logits``), computed by an ONNX Runtime session."""
 
-    def __init__(self, path: Path, config: Any, threads: int) -> None:
+    def __init__(self, path: Path, config: Any, threads: int, output: str) -> None:
         import onnxruntime as ort
 
         super().__init__()
@@ -162,18 +174,19 @@ class OnnxRuntimeModel(torch.nn.Module):
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output = output
         self.config = config  # sentence-transformers reads the config (hidden size, output_hidden_states)
 
     def forward(self, **features):
         feeds = {n: features[n].detach().cpu().numpy().astype("int64", copy=False) for n in self.input_names}
-        (hidden,) = self.session.run([_OUTPUT], feeds)
-        return {_OUTPUT: torch.from_numpy(hidden)}
+        (result,) = self.session.run([self.output], feeds)
+        return {self.output: torch.from_numpy(result)}
 
 
 def use_onnx_runtime(model, path: Path, threads: int | None = None) -> None:
     """Run ``model``'s transformer through ONNX Runtime from now on (``path`` from :func:`exported_file`)."""
     first = transformer_module(model)
-    first.model = OnnxRuntimeModel(path, first.model.config, threads or torch.get_num_threads())
+    first.model = OnnxRuntimeModel(path, first.model.config, threads or torch.get_num_threads(), output_name(first))
     # The Hugging Face model's own argument list no longer applies: pass every tokenizer tensor through.
     first.model_forward_params = None
     first._declared_forward_params = set()

@@ -46,7 +46,7 @@ def resolve_reranker(path: str) -> str:
 class Reranker:
     """A cross-encoder folder loaded for scoring: :meth:`scores` of pairs, :meth:`rerank` of one query's hits."""
 
-    def __init__(self, path: str, device: str | None = None, batch_size: int = 64) -> None:
+    def __init__(self, path: str, device: str | None = None, batch_size: int = 64, backend: str | None = None) -> None:
         from sentence_transformers import CrossEncoder
 
         self.path = path
@@ -57,6 +57,19 @@ class Reranker:
         except OSError as e:
             raise InputError(f"reranker {path}: cannot be loaded ({' '.join(str(e).split())})") from None
         self.model.eval()
+        # torch by default, on CPU too: a reranker reads long (question, passage) pairs, where ONNX Runtime fp32 was
+        # measured 11 % slower than torch (50 pairs of 128 tokens, BENCHMARKS.md); onnx-int8 is 1.6 x faster but
+        # its effect on re-ranking quality is not measured yet. Scores are not compared with an index's, so the
+        # backend is only a speed choice here, reported by describe().
+        self.backend = {"name": backend or "torch", "sha256": None}
+        if self.backend["name"] != "torch":
+            from denseqa.model import model_fingerprint
+            from denseqa.onnx_backend import exported_file, sha256_of, use_onnx_runtime
+
+            exported = exported_file(self.model, path, self.source, model_fingerprint(self.model),
+                                     self.backend["name"])
+            use_onnx_runtime(self.model, exported)
+            self.backend["sha256"] = sha256_of(exported)
         record_file = os.path.join(self.source, "denseqa.json")
         self.record: dict[str, Any] = {}
         if os.path.isfile(record_file):
@@ -73,7 +86,7 @@ class Reranker:
     def describe(self) -> dict[str, Any]:
         final = (self.record.get("metrics") or {}).get("final")
         return {"path": self.path, "max_length": self.model.max_length, "device": str(self.model.device),
-                "trained_from": self.record.get("model"), "heldout": final}
+                "backend": dict(self.backend), "trained_from": self.record.get("model"), "heldout": final}
 
 
 def rerank_order(scores: np.ndarray) -> np.ndarray:

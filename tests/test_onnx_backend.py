@@ -87,3 +87,18 @@ def test_a_model_that_cannot_be_exported_says_so_in_one_line(tmp_path):
     assert str(tmp_path / "static") in message and "--model.backend torch" in message and "\n" not in message
     assert "StaticEmbedding" in message
     assert Encoder.load(ModelConfig(model=str(tmp_path / "static"), backend="torch")).dimension == 16
+
+
+def test_reranker_scores_through_onnx_equal_torch(tiny_model_dir, tmp_path, sample):
+    from sentence_transformers import CrossEncoder
+
+    from denseqa.rerank import Reranker
+
+    # A cross-encoder with one score, as train-reranker writes it (from the tiny BERT: mechanics, not quality)
+    CrossEncoder(tiny_model_dir, num_labels=1, max_length=64).save(str(tmp_path / "reranker"))
+    questions, answers = sample
+    pairs = list(zip(questions[:40], answers[:40], strict=True))
+    by_torch = Reranker(str(tmp_path / "reranker"), device="cpu")  # the default, on CPU too (measured faster)
+    by_onnx = Reranker(str(tmp_path / "reranker"), device="cpu", backend="onnx")
+    assert by_onnx.describe()["backend"]["name"] == "onnx" and by_torch.describe()["backend"]["name"] == "torch"
+    np.testing.assert_allclose(by_onnx.scores(pairs), by_torch.scores(pairs), rtol=1e-4, atol=1e-5)
