@@ -85,6 +85,9 @@ def build_index(work: Path, corpus_size: int, queries: int) -> tuple[str, list[s
             "corpus": {"path": str(work / f"pairs-{corpus_size}.parquet"), "from_answers": True},
             "index": {"output": str(index), "overwrite": True},
         }, sections=("corpus", "model", "embed", "index")))
+        import ray
+
+        ray.shutdown()  # the job started a local Ray; each server below starts its own
     return str(index), questions
 
 

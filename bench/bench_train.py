@@ -86,6 +86,49 @@ def _sentence_transformers_baseline(args: dict) -> None:
                       "max_seq_length": model.max_seq_length}))
 
 
+def step_times(data: str, steps: int, batch_size: int) -> dict:
+    """Seconds per optimizer step in this one process, no Ray: denseqa's step (its loss on its own tokenisation,
+    ``denseqa.train.contrastive_loss``) against sentence-transformers' MNRL on the trainer's features, the same
+    batches, model and threads (torch's default). Separates what the library computes from what Ray adds."""
+    import numpy as np
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    from denseqa.losses import DuplicateMaskedMultipleNegativesRankingLoss
+    from denseqa.model import bundled_model_path
+    from denseqa.train import contrastive_loss
+
+    table = pq.read_table(data, columns=["question", "answer"])
+    questions, answers = table.column("question").to_pylist(), table.column("answer").to_pylist()
+    out = {}
+    for side in ("sentence_transformers_mnrl", "denseqa"):
+        torch.manual_seed(0)
+        model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+        if side == "denseqa":
+            loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(model, gather_across_devices=False)
+        else:
+            loss_fn = MultipleNegativesRankingLoss(model)
+        seconds = []
+        for step in range(steps):
+            q, a = (c[step * batch_size:(step + 1) * batch_size] for c in (questions, answers))
+            started = time.perf_counter()
+            if side == "denseqa":
+                loss = contrastive_loss(model, model, loss_fn, q, a)
+            else:
+                loss = loss_fn([model.preprocess(q), model.preprocess(a)], None)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - started)
+        out[side] = {"first_step_s": round(seconds[0], 2),
+                     "mean_step_s_after_first": round(float(np.mean(seconds[1:])), 2)}
+    out["threads"] = torch.get_num_threads()
+    return out
+
+
 def random_sample(rows: int, path: Path, seed: int = 0) -> None:
     """``rows`` pairs drawn at random from the English Debian set, as a new user would sample their data."""
     import numpy as np
@@ -147,6 +190,18 @@ def main() -> None:
                         "workers": one["training"]["workers"], "wall_time_s": one["wall_time_s"]},
             "ratio": round(one["training"]["pairs_per_s"] / st["pairs_per_s"], 3),
         })
+
+    # 1a. the same job with the torch threads of the old default (a worker's logical CPUs: 1 here), hand-set
+    if "one_thread" in parts:
+        one = denseqa_run(str(sample), str(work / "one-thread"), "--max-steps", str(a.steps),
+                          "--torch-threads", "1")
+        peaks = [m["rss"] for m in one["training"]["peak_memory_mb_per_worker"]]
+        save("one_thread", {"flags": "--torch-threads 1", "pairs_per_s": one["training"]["pairs_per_s"],
+                            "peak_rss_mb_per_worker": peaks})
+
+    # 1b. the same step in one plain process: is a gap in the library or in what runs around it?
+    if "step" in parts:
+        save("step", {"steps": 8, "batch_size": a.batch_size, **step_times(str(sample), 8, a.batch_size)})
 
     # 2. gather on and off with 2 workers (1 thread each: one core per worker on this machine)
     if "gather" in parts:
