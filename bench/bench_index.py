@@ -73,14 +73,17 @@ def throughput(work: Path, rows: int, threads: int) -> dict:
     try:
         for name, source in (("small", small), ("full", path)):
             corpus = load_corpus(CorpusConfig(path=str(source)))
-            runs[name] = embed_corpus(corpus, ModelConfig(), EmbedConfig(encode_batch_size=64, torch_threads=threads),
+            runs[name] = embed_corpus(corpus, ModelConfig(), EmbedConfig(),
                                       str(work / f"embeddings-{name}"), identity={"bench": time.time()})
     finally:
         ray.shutdown()
     full, part = runs["full"], runs["small"]
     steady = (full["rows"] - part["rows"]) / (full["seconds"] - part["seconds"])
     fixed = full["seconds"] - full["rows"] / steady
-    return {"passages": len(answers), "torch_threads": threads, "bare_encode_passages_per_s": round(bare, 2),
+    from denseqa.onnx_backend import resolve_backend
+
+    return {"passages": len(answers), "torch_threads": threads, "job_backend": resolve_backend(None, "cpu"),
+            "bare_encode_passages_per_s": round(bare, 2),
             "ray_data_job_passages_per_s": full["passages_per_s"], "ray_data_job_seconds": full["seconds"],
             "ratio": round(full["passages_per_s"] / bare, 3),
             "ray_data_job_steady_passages_per_s": round(steady, 2), "steady_ratio": round(steady / bare, 3),

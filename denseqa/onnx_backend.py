@@ -15,14 +15,13 @@ is small: ``torch.onnx.export`` of the Hugging Face model with dynamic batch and
 ``onnxruntime.quantization.quantize_dynamic``. Both are the libraries' own; only the glue is ours.
 
 The exported file is cached beside the model folder (``.<name>.onnx/<weights sha256>/``, or under
-``~/.cache/denseqa/onnx`` when that folder is not writable, as for the bundled model inside site-packages), keyed
+``$DENSEQA_CACHE/onnx``, default ``~/.cache/denseqa/onnx``, when that folder is not writable), keyed
 by the weights' hash so a retrained model is never served a stale export. Its sha256 goes into the index manifest
 with the backend's name, so the queries are encoded with the very file that embedded the passages.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
@@ -50,12 +49,14 @@ def resolve_backend(configured: str | None, device: str | None) -> str:
 
 
 def cache_dir(source: str, weights_sha256: str) -> Path:
-    """Where the exports of these weights live: beside a writable model folder, else in the user's cache."""
-    folder = Path(source)
-    if folder.is_dir() and os.access(folder.parent, os.W_OK):
+    """Where the exports of these weights live: beside a writable model folder, else in denseqa's cache (for a
+    read-only folder, and for the local copy of a model at a URI, which lives in that cache already)."""
+    from denseqa.storage import cache_root
+
+    folder, root = Path(source).resolve(), Path(cache_root()).resolve()
+    if folder.is_dir() and os.access(folder.parent, os.W_OK) and not folder.is_relative_to(root):
         return folder.parent / f".{folder.name}.onnx" / weights_sha256[:16]
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "denseqa" / "onnx"
-    return root / weights_sha256[:16]
+    return root / "onnx" / weights_sha256[:16]
 
 
 def exported_file(model, name: str, source: str, weights_sha256: str, backend: str) -> Path:
@@ -151,14 +152,6 @@ def _quantize(fp32: Path, path: str) -> None:
 
     # Signed int8 weights, per output channel: the accuracy of the matrix products is what rankings depend on.
     quantize_dynamic(str(fp32), path, weight_type=QuantType.QInt8, per_channel=True)
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class OnnxRuntimeModel(torch.nn.Module):

@@ -63,13 +63,13 @@ class Reranker:
         # backend is only a speed choice here, reported by describe().
         self.backend = {"name": backend or "torch", "sha256": None}
         if self.backend["name"] != "torch":
-            from denseqa.model import model_fingerprint
-            from denseqa.onnx_backend import exported_file, sha256_of, use_onnx_runtime
+            from denseqa.model import model_fingerprint, sha256_file
+            from denseqa.onnx_backend import exported_file, use_onnx_runtime
 
             exported = exported_file(self.model, path, self.source, model_fingerprint(self.model),
                                      self.backend["name"])
             use_onnx_runtime(self.model, exported)
-            self.backend["sha256"] = sha256_of(exported)
+            self.backend["sha256"] = sha256_file(exported)
         record_file = os.path.join(self.source, "denseqa.json")
         self.record: dict[str, Any] = {}
         if os.path.isfile(record_file):

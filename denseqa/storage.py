@@ -148,6 +148,12 @@ def listing_digest(infos) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
+def cache_root() -> str:
+    """This node's denseqa cache: ``$DENSEQA_CACHE``, default ``~/.cache/denseqa`` (copies of remote folders,
+    ONNX exports of read-only models)."""
+    return os.path.expanduser(os.environ.get("DENSEQA_CACHE", "~/.cache/denseqa"))
+
+
 def cached_copy(uri: str, what: str) -> str:
     """A local copy of the folder at ``uri``, for what needs local files (a model for transformers).
 
@@ -167,7 +173,7 @@ def cached_copy(uri: str, what: str) -> str:
     if not any(i.type == pafs.FileType.File for i in infos):
         raise InputError(f"{what} {uri!r}: no files there")
     key = hashlib.sha256(f"{uri}\n{listing_digest(infos)}".encode()).hexdigest()[:20]
-    root = os.path.join(os.path.expanduser(os.environ.get("DENSEQA_CACHE", "~/.cache/denseqa")), "folders")
+    root = os.path.join(cache_root(), "folders")
     target = os.path.join(root, key)
     if os.path.isdir(target):
         return target

@@ -97,14 +97,14 @@ def test_a_folder_without_manifest_does_not_load(tiny_index, tmp_path):
 
 def test_the_manifest_records_the_backend_and_queries_use_it(tiny_index, tiny_model_dir):
     from denseqa.config import ModelConfig
-    from denseqa.model import Encoder
-    from denseqa.onnx_backend import cache_dir, sha256_of
+    from denseqa.model import Encoder, sha256_file
+    from denseqa.onnx_backend import cache_dir
 
     recorded = tiny_index["manifest"]["model"]["backend"]
     # On CPU the default backend is ONNX Runtime; the manifest names the very file that embedded the passages
     assert recorded["name"] == "onnx"
     weights = tiny_index["manifest"]["model"]["weights_sha256"]
-    assert recorded["sha256"] == sha256_of(cache_dir(tiny_model_dir, weights) / "model.onnx")
+    assert recorded["sha256"] == sha256_file(cache_dir(tiny_model_dir, weights) / "model.onnx")
     searcher = Searcher(tiny_index["path"])
     assert searcher.encoder.describe()["backend"] == recorded
     # An explicit encoder with the same backend is accepted
