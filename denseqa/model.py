@@ -319,10 +319,12 @@ def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
 
     ``expected``: the encoder that will query; ``recorded``: the one the index at ``where`` was built with.
     """
+    # Either side may be a manifest written before model.backend existed: its passages were embedded by torch.
     recorded = {**recorded, "backend": recorded_backend(recorded)}
+    expected = {**expected, "backend": recorded_backend(expected)}
     for key, label in MATCHED_FIELDS:
-        if key == "backend" and recorded["backend"] != expected.get("backend"):
-            built, runs = recorded["backend"], expected.get("backend") or TORCH_BACKEND
+        if key == "backend" and recorded["backend"] != expected["backend"]:
+            built, runs = recorded["backend"], expected["backend"]
             raise InputError(
                 f"{where}: index was built with backend {_backend_text(built)} but the query encoder of "
                 f"{expected.get('path')!r} runs {_backend_text(runs)}; encode queries with --model.backend "

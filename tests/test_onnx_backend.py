@@ -102,3 +102,15 @@ def test_reranker_scores_through_onnx_equal_torch(tiny_model_dir, tmp_path, samp
     by_onnx = Reranker(str(tmp_path / "reranker"), device="cpu", backend="onnx")
     assert by_onnx.describe()["backend"]["name"] == "onnx" and by_torch.describe()["backend"]["name"] == "torch"
     np.testing.assert_allclose(by_onnx.scores(pairs), by_torch.scores(pairs), rtol=1e-4, atol=1e-5)
+
+
+def test_an_index_from_before_model_backend_counts_as_torch(tiny_model_dir):
+    from denseqa.model import check_model_matches
+
+    torch_encoder = Encoder.load(ModelConfig(model=tiny_model_dir, backend="torch")).describe()
+    onnx_encoder = Encoder.load(ModelConfig(model=tiny_model_dir, backend="onnx")).describe()
+    old_manifest = {k: v for k, v in torch_encoder.items() if k != "backend"}  # as written before the key existed
+    check_model_matches(torch_encoder, old_manifest, "old-index")
+    check_model_matches(old_manifest, torch_encoder, "old-index")  # two old manifests compared in a swap, too
+    with pytest.raises(InputError, match="old-index: index was built with backend torch but the query encoder"):
+        check_model_matches(onnx_encoder, old_manifest, "old-index")
