@@ -248,12 +248,11 @@ class Encoder:
     def run_on_onnx_runtime(self, backend: str, cfg: ModelConfig) -> None:
         """Encode through ONNX Runtime from now on (``onnx`` or ``onnx-int8``), from the cached export of these
         weights (exported on first use); ``cfg`` is the config this encoder was loaded from."""
-        from denseqa.onnx_backend import exported_file, use_onnx_runtime
+        from denseqa.onnx_backend import run_on_onnx_runtime
 
         weights = self.fingerprint  # of the torch weights, before the transformer is replaced
-        path = exported_file(self.model, describe_model(cfg), resolve_model_source(cfg.model), weights, backend)
-        use_onnx_runtime(self.model, path)
-        self.backend = {"name": backend, "sha256": sha256_file(path)}
+        self.backend = run_on_onnx_runtime(self.model, backend, describe_model(cfg), resolve_model_source(cfg.model),
+                                           weights)
 
     @property
     def fingerprint(self) -> str:

@@ -34,8 +34,8 @@ from denseqa.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx", "onnx-int8")
-# Measured (BENCHMARKS.md, "ONNX Runtime on CPU"): the default where the model runs on a CPU. On a GPU it is torch.
+# The backends are model.backend's values (denseqa.config). Measured (BENCHMARKS.md, "ONNX Runtime on CPU"): the
+# default where the model runs on a CPU. On a GPU it is torch.
 CPU_DEFAULT_BACKEND = "onnx"
 OPSET = 17
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -174,6 +174,16 @@ class OnnxRuntimeModel(torch.nn.Module):
         feeds = {n: features[n].detach().cpu().numpy().astype("int64", copy=False) for n in self.input_names}
         (result,) = self.session.run([self.output], feeds)
         return {self.output: torch.from_numpy(result)}
+
+
+def run_on_onnx_runtime(model, backend: str, name: str, source: str, weights_sha256: str) -> dict[str, str]:
+    """Switch ``model`` (a SentenceTransformer or CrossEncoder) to ONNX Runtime for ``backend``, from the cached
+    export of these weights; returns the backend's description, ``{"name", "sha256"}`` of the exported file."""
+    from denseqa.model import sha256_file
+
+    path = exported_file(model, name, source, weights_sha256, backend)
+    use_onnx_runtime(model, path)
+    return {"name": backend, "sha256": sha256_file(path)}
 
 
 def use_onnx_runtime(model, path: Path, threads: int | None = None) -> None:

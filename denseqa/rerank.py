@@ -61,15 +61,12 @@ class Reranker:
         # measured 11 % slower than torch (50 pairs of 128 tokens, BENCHMARKS.md); onnx-int8 is 1.6 x faster but
         # its effect on re-ranking quality is not measured yet. Scores are not compared with an index's, so the
         # backend is only a speed choice here, reported by describe().
-        self.backend = {"name": backend or "torch", "sha256": None}
-        if self.backend["name"] != "torch":
-            from denseqa.model import model_fingerprint, sha256_file
-            from denseqa.onnx_backend import exported_file, use_onnx_runtime
+        self.backend = {"name": "torch", "sha256": None}
+        if backend not in (None, "torch"):
+            from denseqa.model import model_fingerprint
+            from denseqa.onnx_backend import run_on_onnx_runtime
 
-            exported = exported_file(self.model, path, self.source, model_fingerprint(self.model),
-                                     self.backend["name"])
-            use_onnx_runtime(self.model, exported)
-            self.backend["sha256"] = sha256_file(exported)
+            self.backend = run_on_onnx_runtime(self.model, backend, path, self.source, model_fingerprint(self.model))
         record_file = os.path.join(self.source, "denseqa.json")
         self.record: dict[str, Any] = {}
         if os.path.isfile(record_file):
