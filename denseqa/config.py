@@ -399,13 +399,17 @@ class Limits(BaseModel):
 
 
 class EncoderSettings(BaseModel):
-    """``user_config`` of QueryEncoder: dynamic batching, changeable without restarting the replicas."""
+    """The query encoder's dynamic batching in the service (``user_config`` of the deployment that encodes),
+    changeable without restarting the replicas."""
 
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(32, ge=1, description="Most queries encoded in one forward pass.")
+    # 0 by default: a batch takes the queries already queued. Under load they queue up while the forward pass
+    # before runs, so batches fill without waiting; a lone query is not delayed (measured in BENCHMARKS.md).
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, description="How long the first query of a batch waits for others to join it."
+        0.0, ge=0, description="How long the first query of a batch waits for others to join it (0: it takes "
+        "the queries already queued)."
     )
 
 
@@ -439,6 +443,10 @@ class ServeConfig(Section):
     max_candidates: int | None = _override(Limits, "max_candidates")
     max_batch_size: int | None = _override(EncoderSettings, "max_batch_size")
     batch_wait_timeout_s: float | None = _override(EncoderSettings, "batch_wait_timeout_s")
+    separate_encoder: bool | None = _f(
+        None, "Encode queries in a QueryEncoder deployment of their own, e.g. on GPU replicas (default: the Serve "
+        "config's; configs/serve.yaml has each searcher replica encode its own queries, one hop fewer on CPU)."
+    )
     timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.", gt=0)
     swap: bool = _f(
         False,

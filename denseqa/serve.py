@@ -1,16 +1,21 @@
-"""The search service on Ray Serve: HTTP ingress -> batched query encoder -> index searcher [-> reranker].
+"""The search service on Ray Serve: HTTP ingress -> index searcher (encoding its queries) [-> reranker].
 
-Three deployments, and a fourth when a reranker is configured, each scaled on its own (``autoscaling_config`` in the
-Serve config file, ``configs/serve.yaml``):
+Two deployments, three with a reranker, and on GPU clusters a separate query encoder; each scaled on its own
+(``autoscaling_config`` in the Serve config file, ``configs/serve.yaml``):
 
 - :class:`SearchAPI`, the FastAPI ingress (``@serve.ingress``): validates requests (:mod:`denseqa.api`) and calls
   the others through ``DeploymentHandle``\\ s, once per group of requests that arrive together (each call
   costs milliseconds of CPU per replica it crosses). Cheap; a fraction of a CPU.
-- :class:`QueryEncoder`: the bi-encoder the index was built with, on a GPU when the replica has one. Concurrent
-  requests are encoded together by ``@serve.batch`` (dynamic batching, as in Clipper, Crankshaw et al., NSDI 2017):
-  one forward pass for many queries is what makes a small model fast on any accelerator, and on CPUs too.
 - :class:`IndexSearcher`: the FAISS index, BM25 and docstore of one index folder, loaded through the library's
-  :class:`~denseqa.search.Searcher`, so the service answers exactly what the evaluation job measured.
+  :class:`~denseqa.search.Searcher`, so the service answers exactly what the evaluation job measured. By default it
+  also holds the bi-encoder the index was built with and encodes its own queries: on CPU a query costs a few
+  milliseconds to encode and less to search, so a hop between an encoder and a searcher replica would cost more
+  than either. Concurrent queries are encoded together by ``@serve.batch`` (dynamic batching, as in Clipper,
+  Crankshaw et al., NSDI 2017), which takes the queries already queued and does not wait for more: under load
+  they pile up while a forward pass runs and form the next, fuller batch; a lone query goes straight through.
+- :class:`QueryEncoder`, with ``args.separate_encoder: true`` only (``configs/serve-cluster.yaml``): the bi-encoder
+  in replicas of its own, so that they can hold GPUs and scale apart from the searchers, which then receive
+  vectors.
 - :class:`Reranker` (only with ``args.reranker``): a cross-encoder (:mod:`denseqa.rerank`) that re-scores the first
   ``candidates`` hits of a request with ``"rerank": true``; the candidates of concurrent requests share forward
   passes (``@serve.batch``), as the encoder's queries do.
@@ -20,7 +25,8 @@ Hot swap: set ``user_config: {index: NEW_FOLDER}`` on ``IndexSearcher`` and depl
 the reference when it is ready, so no request is dropped (requests already running finish on the old index). A
 folder whose manifest names another model than the running encoder is refused: the replica logs why, keeps serving
 the old index and reports the refusal in ``GET /info``. A replica that has nothing loaded yet fails its health check
-and does not receive traffic.
+and does not receive traffic. The batching of the encoder is changed the same way, through the ``user_config`` of
+the deployment that encodes (``IndexSearcher``, or ``QueryEncoder`` when separate).
 
 Deploy with ``denseqa serve --index DIR`` (:mod:`denseqa.drivers.serve`, with the repository's Serve config), or
 with ``serve run`` / ``serve deploy`` of a Serve config file whose ``args.index`` names the folder. Replicas import
@@ -70,12 +76,16 @@ class SearchAppArgs(Limits):
         None, description="Cross-encoder folder written by train-reranker (a path every node reaches, or a URI): "
         "enables `rerank: true`. None: no Reranker deployment."
     )
+    separate_encoder: bool = Field(
+        False, description="Encode queries in a QueryEncoder deployment of their own (its replicas can hold GPUs "
+        "and scale apart from the searchers). False: each IndexSearcher replica encodes its own queries, one hop "
+        "fewer, which is faster on CPU."
+    )
 
 
-class SearcherSettings(BaseModel):
-    """``user_config`` of IndexSearcher: the index folder to serve (default: the application's ``args.index``)."""
-
-    model_config = ConfigDict(extra="forbid")
+class SearcherSettings(EncoderSettings):
+    """``user_config`` of IndexSearcher: the index folder to serve (default: the application's ``args.index``),
+    and the batching of its query encoder (ignored with ``args.separate_encoder``, where QueryEncoder's applies)."""
 
     index: str | None = None
 
@@ -100,28 +110,24 @@ class IndexNotLoaded(RuntimeError):
     pass
 
 
-def _batching_settings(name: str, config: dict | None, current: BaseModel | None, settings_cls: type[BaseModel],
-                       batch_method) -> BaseModel:
-    """Validate a batching ``user_config`` and apply it to the replica's ``@serve.batch`` method."""
+def _validated(name: str, config: dict | None, current: BaseModel | None, settings_cls: type[BaseModel]):
+    """A replica's ``user_config`` validated; None (after logging why) when a running replica refuses it."""
     try:
-        settings = settings_cls.model_validate(config or {})
+        return settings_cls.model_validate(config or {})
     except ValidationError as e:
         if current is None:  # a new replica: fail, so the deployment reports the bad config
             raise InputError(f"{name} user_config: {one_line(e)}") from None
         # A running replica keeps its settings rather than dying on a typo in a redeployed config.
         logger.error("%s user_config refused (%s); keeping %s", name, one_line(e), current)
-        return current
-    batch_method.set_max_batch_size(settings.max_batch_size)
-    batch_method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
-    return settings
+        return None
 
 
 # ------------------------------------------------------------------------------------------------ encoder
 
 
-@serve.deployment(name="QueryEncoder", user_config=ENCODER_DEFAULTS.model_dump())
-class QueryEncoder:
-    """Encodes queries with the model an index was built with; concurrent calls share forward passes."""
+class BatchedQueryEncoder:
+    """The bi-encoder of a replica: encodes queries with the model an index was built with; the queries of
+    concurrent calls share forward passes. Held by QueryEncoder, or by IndexSearcher when it encodes its own."""
 
     def __init__(self, model: dict) -> None:
         import torch
@@ -132,13 +138,14 @@ class QueryEncoder:
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.encoder = Encoder.load(query_model_config(model), device=self.device)
         self.encoder.check_matches(model, model["path"])
-        self.settings: EncoderSettings | None = None  # set by reconfigure, which Serve calls right after this
+        self.settings: EncoderSettings | None = None  # set by reconfigure, which Serve calls right after __init__
         self.batches = 0
         self.batched_queries = 0
 
-    def reconfigure(self, config: dict | None) -> None:
-        self.settings = _batching_settings("QueryEncoder", config, self.settings, EncoderSettings,
-                                           self._encode_batch)
+    def apply(self, settings: EncoderSettings) -> None:
+        self._encode_batch.set_max_batch_size(settings.max_batch_size)
+        self._encode_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.settings = EncoderSettings.model_validate(settings.model_dump(include=set(EncoderSettings.model_fields)))
 
     @serve.batch(max_batch_size=ENCODER_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=ENCODER_DEFAULTS.batch_wait_timeout_s)
@@ -160,6 +167,25 @@ class QueryEncoder:
         return {**self.encoder.describe(), "device": self.device, "batching": settings.model_dump(),
                 "batches": self.batches, "batched_queries": self.batched_queries,
                 "mean_batch_size": self.batched_queries / self.batches if self.batches else None}
+
+
+@serve.deployment(name="QueryEncoder", user_config=ENCODER_DEFAULTS.model_dump())
+class QueryEncoder:
+    """Query encoding in replicas of its own (``args.separate_encoder``), e.g. on GPUs."""
+
+    def __init__(self, model: dict) -> None:
+        self.queries = BatchedQueryEncoder(model)
+
+    def reconfigure(self, config: dict | None) -> None:
+        settings = _validated("QueryEncoder", config, self.queries.settings, EncoderSettings)
+        if settings is not None:
+            self.queries.apply(settings)
+
+    async def encode(self, queries: list[str]) -> np.ndarray:
+        return await self.queries.encode(queries)
+
+    def describe(self) -> dict:
+        return self.queries.describe()
 
 
 # ------------------------------------------------------------------------------------------------ reranker
@@ -186,8 +212,13 @@ class Reranker:
         self.batched_queries = 0
 
     def reconfigure(self, config: dict | None) -> None:
-        self.settings = _batching_settings("Reranker", config, self.settings, RerankerSettings, self._score_batch)
-        self.reranker.batch_size = self.settings.pairs_per_forward
+        settings = _validated("Reranker", config, self.settings, RerankerSettings)
+        if settings is None:
+            return
+        self._score_batch.set_max_batch_size(settings.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        self.reranker.batch_size = settings.pairs_per_forward
+        self.settings = settings
 
     @serve.batch(max_batch_size=RERANKER_DEFAULTS.max_batch_size,
                  batch_wait_timeout_s=RERANKER_DEFAULTS.batch_wait_timeout_s)
@@ -217,20 +248,25 @@ class Reranker:
 
 @serve.deployment(name="IndexSearcher", user_config=SearcherSettings().model_dump())
 class IndexSearcher:
-    """Holds one loaded index folder; swaps to another on ``reconfigure`` when it matches the encoder."""
+    """Holds one loaded index folder; swaps to another on ``reconfigure`` when it matches the encoder. With
+    ``encodes_queries``, holds the query encoder too and encodes the queries that come without vectors."""
 
-    def __init__(self, index: str, model: dict) -> None:
+    def __init__(self, index: str, model: dict, encodes_queries: bool = False) -> None:
         self.default_index = index
         self.model = model  # what every index served here must have been built with
+        self.queries = BatchedQueryEncoder(model) if encodes_queries else None
         self.searcher = None
         self.last_change: dict[str, Any] | None = None
 
     async def reconfigure(self, config: dict | None) -> None:
         try:
-            target = SearcherSettings.model_validate(config or {}).index or self.default_index
+            settings = SearcherSettings.model_validate(config or {})
         except ValidationError as e:
-            self._refuse(str((config or {}).get("index")), one_line(e))
+            self._refuse(str((config or {}).get("index") or self.default_index), one_line(e))
             return
+        if self.queries is not None:
+            self.queries.apply(settings)
+        target = settings.index or self.default_index
         if self.searcher is not None and target == self.searcher.index_dir:
             return
         try:
@@ -264,14 +300,20 @@ class IndexSearcher:
         if self.searcher is None:
             raise IndexNotLoaded("no index loaded")
 
-    def search(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None) -> dict:
+    async def search(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None = None) -> dict:
+        """The hits of each query; ``vectors`` are the queries' own (None: this replica encodes them)."""
         searcher = self.searcher  # one reference for the whole request, even if a swap happens meanwhile
         if searcher is None:
             raise IndexNotLoaded("no index loaded")
+        if vectors is None and mode != "bm25" and self.queries is not None:
+            vectors = await self.queries.encode(queries)
         scores, positions = searcher.rank(queries, k, mode, vectors)
         hits = [[{"id": h.id, "score": h.score, "text": h.text} for h in searcher.hits(s, p)]
                 for s, p in zip(scores, positions, strict=True)]
         return {"index": searcher.index_dir, "hits": hits}
+
+    def describe_encoder(self) -> dict | None:
+        return self.queries.describe() if self.queries is not None else None
 
     def status(self) -> dict:
         searcher = self.searcher
@@ -298,8 +340,9 @@ def _is(error: Exception, kind: type) -> bool:
 @serve.deployment(name="SearchAPI")
 @serve.ingress(http)
 class SearchAPI:
-    def __init__(self, encoder: DeploymentHandle, searcher: DeploymentHandle, limits: dict,
+    def __init__(self, encoder: DeploymentHandle | None, searcher: DeploymentHandle, limits: dict,
                  reranker: DeploymentHandle | None = None) -> None:
+        # encoder: the QueryEncoder deployment (args.separate_encoder), or None: the searcher encodes.
         self.encoder = encoder
         self.searcher = searcher
         self.reranker = reranker
@@ -339,14 +382,16 @@ class SearchAPI:
                 for i in rerank_order(np.asarray(scores))[:k]]
 
     # Requests that arrive together share one encoder call and one searcher call per (mode, k): every handle
-    # call costs a few milliseconds of CPU in each replica it passes, more than FAISS spends on a query. Many
-    # batches may be in flight: Serve forms a batch before it waits for a free slot, so a low limit would queue
-    # small batches here instead of letting the encoder merge them into full ones.
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=64)
+    # call costs a few milliseconds of CPU in each replica it passes, more than FAISS spends on a query. A batch
+    # takes the requests already queued and does not wait for more (under load they queue up on their own while
+    # the loop is busy). Many batches may be in flight: Serve forms a batch before it waits for a free slot, so a
+    # low limit would queue small batches here instead of letting the encoder merge them into full ones.
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0, max_concurrent_batches=64)
     async def _answer(self, requests: list[tuple[list[str], int, str]]) -> list[dict | Exception]:
         dense = [q for queries, _, mode in requests if mode != "bm25" for q in queries]
         try:
-            vectors = await self.encoder.encode.remote(dense) if dense else None
+            # Without a QueryEncoder deployment the searcher encodes the queries it receives without vectors.
+            vectors = await self.encoder.encode.remote(dense) if dense and self.encoder is not None else None
         except Exception as e:
             return [e] * len(requests)
         rows, start = [], 0  # each request's rows in `vectors`
@@ -359,7 +404,8 @@ class SearchAPI:
         calls = []
         for (mode, k), members in groups.items():
             queries = [q for i in members for q in requests[i][0]]
-            group_vectors = None if mode == "bm25" else np.concatenate([vectors[rows[i]] for i in members])
+            group_vectors = None if vectors is None or mode == "bm25" else \
+                np.concatenate([vectors[rows[i]] for i in members])
             calls.append(self.searcher.search.remote(queries, k, mode, group_vectors))
         answers = await asyncio.gather(*calls, return_exceptions=True)
         out: list[dict | Exception] = [None] * len(requests)
@@ -387,7 +433,9 @@ class SearchAPI:
     async def info(self) -> dict:
         """The model, the index manifest, the last index change (swap or refusal), the reranker (null if none) and
         the input limits."""
-        model, status = await asyncio.gather(self.encoder.describe.remote(), self.searcher.status.remote())
+        encoder = self.encoder.describe.remote() if self.encoder is not None else \
+            self.searcher.describe_encoder.remote()
+        model, status = await asyncio.gather(encoder, self.searcher.status.remote())
         reranker = await self.reranker.describe.remote() if self.reranker is not None else None
         return {"model": model, "index": status, "reranker": reranker, "limits": self.limits.model_dump()}
 
@@ -407,10 +455,23 @@ def build_app(args: dict) -> serve.Application:
             raise InputError(f"Serve application args.{key} {path!r}: give an absolute path or a URI; replicas "
                              "do not run in your working directory")
     model = read_manifest(parsed.index)["model"]  # the encoder is the one the initial index was built with
-    encoder = QueryEncoder.bind(model)
-    searcher = IndexSearcher.bind(parsed.index, model)
+    if parsed.separate_encoder:
+        encoder, searcher = QueryEncoder.bind(model), IndexSearcher.bind(parsed.index, model)
+    else:
+        encoder, searcher = None, IndexSearcher.bind(parsed.index, model, encodes_queries=True)
     reranker = Reranker.bind(parsed.reranker) if parsed.reranker else None
-    return SearchAPI.bind(encoder, searcher, parsed.model_dump(exclude={"index", "reranker"}), reranker)
+    return SearchAPI.bind(encoder, searcher, parsed.model_dump(include=set(Limits.model_fields)), reranker)
+
+
+def deployment_names(args: dict) -> list[str]:
+    """The deployments the application of these ``args`` has (a Serve config may not name any other)."""
+    return ["SearchAPI", "IndexSearcher", *(["QueryEncoder"] if args.get("separate_encoder") else []),
+            *(["Reranker"] if args.get("reranker") else [])]
+
+
+def encoding_deployment(args: dict) -> str:
+    """The deployment whose ``user_config`` sets the query encoder's batching."""
+    return "QueryEncoder" if args.get("separate_encoder") else "IndexSearcher"
 
 
 

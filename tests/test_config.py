@@ -115,4 +115,8 @@ def test_serve_limits_are_defined_once_and_the_shipped_serve_config_states_them(
     config = load_serve_config()
     args = application(config)["args"]
     assert {k: args[k] for k in Limits.model_fields} == Limits().model_dump()
-    assert deployment(config, "QueryEncoder")["user_config"] == EncoderSettings().model_dump()
+    from denseqa.serve import SearchAppArgs, SearcherSettings, encoding_deployment
+
+    assert args["separate_encoder"] == SearchAppArgs.model_fields["separate_encoder"].default
+    assert deployment(config, encoding_deployment(args))["user_config"] == SearcherSettings().model_dump()
+    assert SearcherSettings().model_dump(exclude={"index"}) == EncoderSettings().model_dump()

@@ -59,13 +59,26 @@ def _without_resources(config: dict) -> dict:
     return config
 
 
-def test_cluster_serve_config_differs_from_the_local_one_only_in_resources():
+def test_cluster_serve_config_differs_from_the_local_one_in_resources_and_the_gpu_encoder():
     from ray.serve.schema import ServeDeploySchema
 
     local, cluster = _yaml("configs/serve.yaml"), _yaml("configs/serve-cluster.yaml")
     ServeDeploySchema.model_validate(cluster)
+    local_app, cluster_app = local["applications"][0], cluster["applications"][0]
+    # On CPU the searcher encodes its own queries; on the GPU cluster a QueryEncoder deployment holds the GPUs
+    assert local_app["args"].pop("separate_encoder") is False and cluster_app["args"].pop("separate_encoder") is True
+    encoder = next(d for d in cluster_app["deployments"] if d["name"] == "QueryEncoder")
+    cluster_app["deployments"].remove(encoder)
+    local_searcher = next(d for d in local_app["deployments"] if d["name"] == "IndexSearcher")
+    assert encoder["user_config"] == {k: v for k, v in local_searcher["user_config"].items() if k != "index"}
+    assert {k: encoder[k] for k in ("max_ongoing_requests", "autoscaling_config")} == \
+        {k: local_searcher[k] for k in ("max_ongoing_requests", "autoscaling_config")}
+    local_searcher["user_config"] = {"index": local_searcher["user_config"]["index"]}
+    for d in (*local_app["deployments"], *cluster_app["deployments"]):
+        if d["name"] == "IndexSearcher":  # the searcher's scaling follows its own work: searching, not encoding
+            d.pop("max_ongoing_requests"), d.pop("autoscaling_config")
     assert _without_resources(local) == _without_resources(cluster)
-    options = {d["name"]: d["ray_actor_options"] for d in cluster["applications"][0]["deployments"]}
+    options = {d["name"]: d["ray_actor_options"] for d in (*cluster_app["deployments"], encoder)}
     assert options["QueryEncoder"]["num_gpus"] >= 1
     assert not options["IndexSearcher"].get("num_gpus") and not options["SearchAPI"].get("num_gpus")
     assert re.match(r"^(s3|gs)://", cluster["applications"][0]["args"]["index"])

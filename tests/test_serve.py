@@ -3,7 +3,8 @@
 Three real index folders are built by the indexing job's function: A and B with the bundled all-MiniLM-L6-v2 over
 different real Debian answers, C with the tiny random BERT (a model that does not match the running encoder).
 The application is deployed with the repository's configs/serve.yaml (one replica per deployment, so the test
-is deterministic on 2 CPUs) through the same `deploy()` that `denseqa serve` uses.
+is deterministic on 2 CPUs) through the same `deploy()` that `denseqa serve` uses: the searcher encodes its own
+queries, as on CPU by default; one test runs the separate QueryEncoder deployment that GPU clusters use.
 """
 
 from __future__ import annotations
@@ -52,15 +53,21 @@ def indexes(ray_local, tmp_path_factory, tiny_model_dir):
     }
 
 
-def _test_config(index: str, port: int, searcher_index: str | None = None) -> dict:
+def _test_config(index: str, port: int, searcher_index: str | None = None, separate_encoder: bool = False) -> dict:
     from denseqa.drivers import serve as deploying
+    from denseqa.serve import deployment_names
 
-    config = deploying.with_overrides(deploying.load_serve_config(), index=index, host="127.0.0.1", port=port)
+    config = deploying.with_overrides(deploying.load_serve_config(), index=index, host="127.0.0.1", port=port,
+                                      separate_encoder=separate_encoder)
+    app = deploying.application(config)
     # Serve logs every request at INFO (access log): thousands of lines in a load test.
-    deploying.application(config)["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
-    for name in ("SearchAPI", "QueryEncoder", "IndexSearcher"):
-        deploying.deployment(config, name)["autoscaling_config"].update(min_replicas=1, max_replicas=1)
-    deploying.deployment(config, "IndexSearcher")["user_config"] = {"index": searcher_index}
+    app["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+    for name in deployment_names(app["args"]):
+        entry = deploying.deployment(config, name)
+        entry.setdefault("autoscaling_config", {}).update(min_replicas=1, max_replicas=1)
+        entry.setdefault("ray_actor_options", {}).setdefault("num_cpus", 0.5)  # QueryEncoder: not in serve.yaml
+    searcher = deploying.deployment(config, "IndexSearcher")
+    searcher["user_config"] = {**(searcher.get("user_config") or {}), "index": searcher_index}
     return config
 
 
@@ -110,6 +117,47 @@ def test_results_equal_the_library_searcher(service, indexes):
     answers = {h["text"] for r in post(service["url"], {"queries": questions, "k": 10}).json()["results"]
                for h in r["hits"][:1]}
     assert len(answers) > 12
+
+
+def test_a_separate_query_encoder_answers_the_same(service, indexes):
+    """args.separate_encoder (configs/serve-cluster.yaml, for GPU replicas): a QueryEncoder deployment encodes and
+    the searcher receives vectors; the answers are the library's, as with the searcher encoding its own."""
+    from denseqa.drivers import serve as deploying
+    from denseqa.search import Searcher
+
+    searcher = Searcher(indexes["A"])
+    questions = indexes["questions"][:8]
+    try:
+        deploying.deploy(_test_config(indexes["A"], service["port"], separate_encoder=True))
+        for mode in ("dense", "hybrid"):
+            body = post(service["url"], {"queries": questions, "k": 10, "mode": mode}).json()
+            for result, hits in zip(body["results"], searcher.search(questions, k=10, mode=mode), strict=True):
+                _assert_same_hits(result["hits"], hits)
+        model = requests.get(f"{service['url']}/info", timeout=30).json()["model"]
+        assert model["batched_queries"] >= 16 and model["device"] == "cpu"
+    finally:
+        deploying.deploy(_test_config(indexes["A"], service["port"]))
+    assert post(service["url"], {"query": questions[0]}).status_code == 200
+
+
+def test_serve_config_keeps_only_the_deployments_the_application_has(indexes):
+    """`denseqa serve` drops a config's entries for deployments the application lacks (Serve refuses them) and
+    puts the batching flags on the deployment that encodes."""
+    from denseqa.drivers import serve as deploying
+
+    def config_for(**serve) -> dict:
+        app = deploying.application(deploying.serve_config_for(JobConfig.from_dict(
+            {"serve": {"index": indexes["A"], **serve}}, sections=("serve",))))
+        return {d["name"]: d for d in app["deployments"]}
+
+    assert set(config_for()) == {"SearchAPI", "IndexSearcher"}
+    assert config_for(max_batch_size=8)["IndexSearcher"]["user_config"]["max_batch_size"] == 8
+    cluster_config = str(deploying.DEFAULT_SERVE_CONFIG.with_name("serve-cluster.yaml"))
+    assert set(config_for(serve_config=cluster_config)) == {"SearchAPI", "QueryEncoder", "IndexSearcher"}
+    assert set(config_for(serve_config=cluster_config, separate_encoder=False)) == \
+        {"SearchAPI", "IndexSearcher"}
+    assert config_for(separate_encoder=True, max_batch_size=8)["QueryEncoder"]["user_config"] == \
+        {"max_batch_size": 8}
 
 
 BAD_INPUTS = [
@@ -229,8 +277,8 @@ class Load:
 
 
 def test_encoder_batching_is_reconfigured_live(service, indexes):
-    """user_config of QueryEncoder changes the running replica's batching; a bad one is logged and ignored there,
-    and fails a new replica (which has no settings to keep)."""
+    """user_config of the deployment that encodes changes the running replica's batching; a bad one is logged and
+    ignored there, and fails a new replica (which has no settings to keep)."""
     from denseqa import serve as ds
     from denseqa.drivers import serve as deploying
     from denseqa.errors import InputError
@@ -238,7 +286,8 @@ def test_encoder_batching_is_reconfigured_live(service, indexes):
 
     def deploy_with(settings: dict) -> dict:
         config = _test_config(indexes["A"], service["port"])
-        deploying.deployment(config, "QueryEncoder")["user_config"] = settings
+        deploying.deployment(config, ds.encoding_deployment(deploying.application(config)["args"]))["user_config"] = \
+            settings
         deploying.deploy(config)
         return requests.get(f"{service['url']}/info", timeout=30).json()["model"]
 
@@ -253,9 +302,12 @@ def test_encoder_batching_is_reconfigured_live(service, indexes):
     assert deploy_with({"max_batch_size": 0})["batching"]["max_batch_size"] == 4  # refused, kept
     assert deploy_with(ds.EncoderSettings().model_dump())["batching"]["max_batch_size"] == 32
 
-    fresh = ds.QueryEncoder.func_or_class(read_manifest(indexes["A"])["model"])
+    model = read_manifest(indexes["A"])["model"]
     with pytest.raises(InputError, match="max_batch_siz"):
-        fresh.reconfigure({"max_batch_siz": 8})
+        ds.QueryEncoder.func_or_class(model).reconfigure({"max_batch_siz": 8})
+    with pytest.raises(InputError, match="max_batch_siz"):
+        asyncio.run(ds.IndexSearcher.func_or_class(indexes["A"], model, encodes_queries=True)
+                    .reconfigure({"max_batch_siz": 8}))
 
 
 def test_concurrent_load_has_no_errors(service, indexes):
@@ -355,7 +407,7 @@ def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, i
     config = _test_config(indexes["A"], service["port"])
     deploying.application(config)["args"]["reranker"] = cross_encoder_dir
     deploying.deployment(config, "Reranker").update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
-                                             ray_actor_options={"num_cpus": 0.25})  # 2 CPUs for 4 deployments
+                                             ray_actor_options={"num_cpus": 0.25})  # 2 CPUs for 3 deployments
     url = deploying.deploy(config)
     model = CrossEncoder(cross_encoder_dir)
     questions = indexes["questions"][:3]
@@ -419,14 +471,24 @@ def test_shipped_serve_config_is_valid_and_autoscales():
     (app,) = schema.applications
     assert app.import_path == "denseqa.serve:build_app"
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"SearchAPI", "QueryEncoder", "IndexSearcher"}
-    for name in ("QueryEncoder", "IndexSearcher"):
+    assert set(deployments) == set(ds.deployment_names(app.args)) == {"SearchAPI", "IndexSearcher"}
+    for name in ("SearchAPI", "IndexSearcher"):
         scaling = deployments[name].autoscaling_config
         assert scaling["max_replicas"] > scaling["min_replicas"] >= 1 and scaling["target_ongoing_requests"] > 0
-    encoder = deployments["QueryEncoder"]
+    searcher = deployments["IndexSearcher"]  # it encodes: its queries in flight are what batches are made of
+    assert searcher.max_ongoing_requests >= searcher.user_config["max_batch_size"]
+    settings = ds.SearcherSettings.model_validate(searcher.user_config)
+    assert settings.index is None and settings.batch_wait_timeout_s == 0
+    # The GPU cluster's config: a QueryEncoder deployment of its own, batched the same way
+    cluster = ServeDeploySchema.model_validate(deploying.load_serve_config(
+        str(deploying.DEFAULT_SERVE_CONFIG.with_name("serve-cluster.yaml"))))
+    (cluster_app,) = cluster.applications
+    cluster_deployments = {d.name: d for d in cluster_app.deployments}
+    assert set(cluster_deployments) == set(ds.deployment_names(cluster_app.args))
+    encoder = cluster_deployments["QueryEncoder"]
     assert encoder.max_ongoing_requests >= encoder.user_config["max_batch_size"]
-    assert ds.EncoderSettings.model_validate(encoder.user_config)
-    assert ds.SearcherSettings.model_validate(deployments["IndexSearcher"].user_config).index is None
+    assert ds.EncoderSettings.model_validate(encoder.user_config).model_dump() == \
+        settings.model_dump(include=set(ds.EncoderSettings.model_fields))
 
 
 def test_a_deployment_waiting_for_resources_is_named_in_one_line():

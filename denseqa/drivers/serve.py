@@ -20,7 +20,7 @@ from ray import serve
 from denseqa import ray_private, storage
 from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError, one_line
-from denseqa.serve import APP_NAME
+from denseqa.serve import APP_NAME, deployment_names, encoding_deployment
 
 logger = logging.getLogger(__name__)
 
@@ -202,15 +202,20 @@ def serve_config_for(cfg) -> dict:
         resolve_reranker(reranker)  # likewise for a folder that is not a cross-encoder
     config = with_overrides(load_serve_config(s.serve_config), index=index, host=s.host, port=s.port,
                             max_queries=s.max_queries, max_query_chars=s.max_query_chars,
-                            max_candidates=s.max_candidates, reranker=reranker)
+                            max_candidates=s.max_candidates, reranker=reranker, separate_encoder=s.separate_encoder)
     app = application(config)
-    if not app["args"].get("reranker") and any(d.get("name") == "Reranker" for d in app.get("deployments", [])):
-        # Serve refuses options for a deployment the application does not have: no reranker, no Reranker entry.
-        logger.warning("no reranker given: the Serve config's Reranker entry is left out")
-        app["deployments"] = [d for d in app["deployments"] if d.get("name") != "Reranker"]
+    present = deployment_names(app["args"])
+    for entry in app.get("deployments", []):
+        # Serve refuses options for a deployment the application does not have (no reranker: no Reranker; the
+        # searchers encoding their own queries: no QueryEncoder), so a shared config file's extra entries go.
+        if entry.get("name") not in present:
+            logger.warning("the Serve config's %s entry is left out: this application has no %s deployment "
+                           "(args: reranker=%s, separate_encoder=%s)", entry.get("name"), entry.get("name"),
+                           app["args"].get("reranker"), bool(app["args"].get("separate_encoder")))
+    app["deployments"] = [d for d in app.get("deployments", []) if d.get("name") in present]
     batching = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
     if any(v is not None for v in batching.values()):
-        entry = deployment(config, "QueryEncoder")
+        entry = deployment(config, encoding_deployment(app["args"]))
         entry["user_config"] = {**(entry.get("user_config") or {}),
                                 **{k: v for k, v in batching.items() if v is not None}}
     return config
