@@ -4,8 +4,10 @@ Both serve the same index folder (the bundled all-MiniLM-L6-v2 over real Debian 
 encoder and FAISS index, on this machine, in the same run:
 
 - serve: ``configs/serve.yaml`` deployed by ``denseqa.drivers.serve.deploy`` on a local Ray (HTTP proxy -> SearchAPI ->
-  QueryEncoder with ``@serve.batch`` -> IndexSearcher); ``--encoder-cpus`` overrides the encoder replica's CPUs
-  (which is also its torch thread count: Ray sets OMP_NUM_THREADS from it).
+  IndexSearcher, which encodes its queries with ``@serve.batch``); the ``separate-encoder`` variant runs the
+  topology of GPU clusters instead (SearchAPI -> QueryEncoder -> IndexSearcher, ``args.separate_encoder``).
+  ``--encoder-cpus`` overrides the CPUs of the replica that encodes (which is also its torch / ONNX Runtime
+  thread count: Ray sets OMP_NUM_THREADS from it).
 - baseline: the same request model and checks (:mod:`denseqa.api`) in one FastAPI app under one uvicorn process;
   each request encodes its query and searches on its own (FastAPI's thread pool, torch's default threads).
 
@@ -13,11 +15,16 @@ Closed-loop load: N clients (threads with keep-alive connections), each sending 
 request at a time (``{"query": q, "k": 10}``, dense) for ``--duration`` seconds after a warm-up. Reported per
 system and client count: requests/s, p50/p99 latency, errors; and the serve/baseline ratios.
 
+A third part (``floor``) measures what Ray Serve itself costs here: one client against an app that does no work,
+answered by the ingress replica alone and after one handle call to a second replica (the hop the default
+topology has between SearchAPI and IndexSearcher).
+
 A second part measures the bare encoder (no HTTP, no Ray) by torch threads and batch size: what batching can
 buy on this machine.
 
     python bench/bench_serve.py --clients 1,8,32 --duration 20            # both parts
-    python bench/bench_serve.py --parts encoder                          # one part; the file keeps the other
+    python bench/bench_serve.py --parts encoder                          # one part; the file keeps the others
+    python bench/bench_serve.py --parts floor
 
 Needs ../shared/data. Results go to bench/results/serve.json.
 """
@@ -137,19 +144,30 @@ def start_baseline(index: str) -> tuple[subprocess.Popen, str]:
     return process, url
 
 
-def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughput_optimized: bool) -> str:
+def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughput_optimized: bool,
+                separate_encoder: bool = False) -> str:
     import ray
 
     from denseqa.drivers import serve as deploying
+    from denseqa.serve import encoding_deployment
 
     # Ray Serve's throughput-optimized mode (fewer threads and log writes per request, gRPC between the proxy
     # and the replicas) is an environment variable of every Serve process: set before Ray starts them.
     os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1" if throughput_optimized else "0"
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
     port = free_port()
-    config = deploying.with_overrides(deploying.load_serve_config(), index=index, host="127.0.0.1", port=port)
+    config = deploying.with_overrides(deploying.load_serve_config(), index=index, host="127.0.0.1", port=port,
+                                      separate_encoder=separate_encoder or None)
+    app = deploying.application(config)
+    if separate_encoder:  # configs/serve.yaml has no QueryEncoder entry: its options are those of the searcher
+        searcher = deploying.deployment(config, "IndexSearcher")
+        app["deployments"].append({"name": "QueryEncoder", "user_config": {
+            k: v for k, v in searcher["user_config"].items() if k != "index"}, "ray_actor_options": {"num_cpus": 1}})
+        searcher["user_config"] = {"index": None}
+        searcher["ray_actor_options"]["num_cpus"] = 0.5
     if encoder_cpus is not None:
-        deploying.deployment(config, "QueryEncoder")["ray_actor_options"]["num_cpus"] = encoder_cpus
+        entry = deploying.deployment(config, encoding_deployment(app["args"]))
+        entry["ray_actor_options"]["num_cpus"] = encoder_cpus
     deploying.deploy(config)
     url = f"127.0.0.1:{port}"
     wait_healthy(url)
@@ -261,6 +279,59 @@ def encoder_alone(questions: list[str], threads: tuple[int, ...] = (1, 2), batch
     return rows
 
 
+def serve_floor(ray_cpus: int, requests: int = 1000, warmup: int = 100) -> list[dict]:
+    """Latency at 1 client of a Serve app that does no work: the ingress alone, and one handle call further."""
+    import ray
+    from fastapi import FastAPI
+    from ray import serve
+
+    echo = FastAPI()
+
+    @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0.5})
+    class Echo:
+        async def echo(self, body: dict) -> dict:
+            return body
+
+    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25})
+    @serve.ingress(echo)
+    class Ingress:
+        def __init__(self, leaf) -> None:
+            self.leaf = leaf
+
+        @echo.post("/ingress")
+        async def ingress(self, body: dict) -> dict:
+            return body
+
+        @echo.post("/hop")
+        async def hop(self, body: dict) -> dict:
+            return await self.leaf.echo.remote(body)
+
+    ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(Ingress.bind(Echo.bind()), name="floor",
+              logging_config={"log_level": "WARNING", "enable_access_log": False})
+    rows = []
+    body = json.dumps({"query": "read PDF files from the command line", "k": 10})
+    for path in ("/ingress", "/hop"):
+        conn = http.client.HTTPConnection(f"127.0.0.1:{port}", timeout=30)
+        latencies = []
+        for i in range(warmup + requests):
+            sent = time.perf_counter()
+            conn.request("POST", path, body, {"content-type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+            if i >= warmup:
+                latencies.append((time.perf_counter() - sent) * 1000)
+        rows.append({"path": path, "requests": requests, "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+                     "p99_ms": round(float(np.percentile(latencies, 99)), 1)})
+        print("floor", rows[-1], flush=True)
+    serve.shutdown()
+    ray.shutdown()
+    return rows
+
+
 def http_part(args, index: str, questions: list[str], clients: list[int]) -> dict:
     result = {"duration_s": args.duration, "encoder_cpus": args.encoder_cpus, "ray_cpus": args.ray_cpus,
               "baseline": [], "serve": []}
@@ -278,7 +349,8 @@ def http_part(args, index: str, questions: list[str], clients: list[int]) -> dic
     from ray import serve
 
     for variant in args.variants.split(","):
-        url = start_serve(index, args.encoder_cpus, args.ray_cpus, variant == "throughput-optimized")
+        url = start_serve(index, args.encoder_cpus, args.ray_cpus, variant == "throughput-optimized",
+                          variant == "separate-encoder")
         runs = [serve_load(url, questions, c, args.duration, args.warmup) for c in clients]
         for run in runs:
             print(variant, run, flush=True)
@@ -297,7 +369,8 @@ def http_part(args, index: str, questions: list[str], clients: list[int]) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="http,encoder",
-                        help="http: the two servers under load; encoder: the bare encoder by threads and batch")
+                        help="http: the two servers under load; encoder: the bare encoder by threads and batch; "
+                        "floor: Serve's own latency, an app that does no work")
     parser.add_argument("--corpus-size", type=int, default=5000)
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--clients", default="1,8,32")
@@ -305,8 +378,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--encoder-cpus", type=float, default=None,
                         help="CPUs (= torch threads) of the encoder replica; default: configs/serve.yaml's")
-    parser.add_argument("--variants", default="default,throughput-optimized",
-                        help="Serve runs: default, and/or throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+    parser.add_argument("--variants", default="default,separate-encoder",
+                        help="Serve runs: default, separate-encoder (a QueryEncoder deployment, as on GPU clusters) "
+                        "and/or throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", default=str(REPO / "bench" / ".work"))
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.json"))
@@ -333,6 +407,8 @@ def main() -> None:
         result.update(http_part(args, index, questions, clients))
     if "encoder" in parts:
         result["encoder_alone"] = encoder_alone(questions)
+    if "floor" in parts:
+        result["serve_floor"] = serve_floor(args.ray_cpus)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
 
