@@ -108,8 +108,8 @@ def latency(work: Path, requests_each: int, candidates: int, reranker_cpus: floa
     result = {"bare_cross_encoder": percentiles(timings)}
     del bare
 
-    # The service with a Reranker asks for 2.75 CPUs (ingress 0.25, encoder 1, searcher 0.5, reranker 1): on a 2-core
-    # machine its replicas would wait for CPUs forever. One client sends one request at a time, so four logical
+    # The service with a Reranker asks for 2.25 CPUs (ingress 0.25, searcher with its encoder 1, reranker 1): on a
+    # 2-core machine its replicas would wait for CPUs forever. One client sends one request at a time, so four logical
     # CPUs on two cores cost no contention here.
     ray.init(address="local", num_cpus=max(4, os.cpu_count()), include_dashboard=False)
     try:
@@ -121,8 +121,10 @@ def latency(work: Path, requests_each: int, candidates: int, reranker_cpus: floa
         # pass is as fast as the bare model's only with as many CPUs.
         app["deployments"] = [*(d for d in app.get("deployments", []) if d["name"] != "Reranker"),
                               {"name": "Reranker", "ray_actor_options": {"num_cpus": reranker_cpus}}]
-        url = ds.deploy(config)
+        key = "denseqa-benchmark-key-0123456789"  # auth is on by default, so measured with it
+        url = ds.deploy(ds.with_auth(config, key))
         session = requests.Session()
+        session.headers["Authorization"] = f"Bearer {key}"
         for label, extra in (("search", {}), ("search+rerank", {"rerank": True, "candidates": candidates})):
             for q in questions[:5]:
                 session.post(f"{url}/search", json={"query": q, "k": 10, **extra}, timeout=120).raise_for_status()

@@ -55,6 +55,9 @@ DATA = REPO.parent / "shared" / "data" / "debian-packages-en.parquet"
 # At module level: FastAPI resolves the route's (string) annotations in this module's globals.
 from denseqa.api import Limits, SearchRequest, SearchResponse, checked_queries, install_error_handlers  # noqa: E402
 
+BENCH_KEY = "denseqa-benchmark-key-0123456789"  # the serve side checks it on every request, as by default
+BENCH_AUTH = {"Authorization": f"Bearer {BENCH_KEY}"}  # the baseline ignores it
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -168,7 +171,7 @@ def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughpu
     if encoder_cpus is not None:
         entry = deploying.deployment(config, encoding_deployment(app["args"]))
         entry["ray_actor_options"]["num_cpus"] = encoder_cpus
-    deploying.deploy(config)
+    deploying.deploy(deploying.with_auth(config, BENCH_KEY))  # on by default, so measured with it
     url = f"127.0.0.1:{port}"
     wait_healthy(url)
     return url
@@ -210,7 +213,7 @@ def load(url: str, questions: list[str], clients: int, duration_s: float, warmup
             body = json.dumps({"query": questions[n % len(questions)], "k": 10})
             n += 1
             try:
-                conn.request("POST", "/search", body, {"content-type": "application/json"})
+                conn.request("POST", "/search", body, {"content-type": "application/json", **BENCH_AUTH})
                 response = conn.getresponse()
                 payload = response.read()
                 ok = response.status == 200 and b'"hits"' in payload
@@ -243,7 +246,7 @@ def load(url: str, questions: list[str], clients: int, duration_s: float, warmup
 def encoder_counters(url: str) -> tuple[int, int]:
     """(forward passes, queries encoded) of the encoder replica so far, from GET /info."""
     conn = http.client.HTTPConnection(url, timeout=30)
-    conn.request("GET", "/info")
+    conn.request("GET", "/info", headers=BENCH_AUTH)
     model = json.loads(conn.getresponse().read())["model"]
     return model["batches"], model["batched_queries"]
 

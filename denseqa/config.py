@@ -447,6 +447,19 @@ class ServeConfig(Section):
         None, "Encode queries in a QueryEncoder deployment of their own, e.g. on GPU replicas (default: the Serve "
         "config's; configs/serve.yaml has each searcher replica encode its own queries, one hop fewer on CPU)."
     )
+    auth: bool = _f(
+        True, "Ask every request but /healthz for the API key (`Authorization: Bearer <key>`); --no-auth serves "
+        "without, and says so in the log.", operational=True
+    )
+    api_key_file: str = _f(
+        "~/.denseqa/api_key", "File holding the service's API key (mode 0600), created with a random key on first "
+        "deploy; $DENSEQA_API_KEY, if set, is the key instead.", operational=True
+    )
+    rotate_key: Literal["start", "finish"] | None = _f(
+        None, "Rotate the running application's API key without downtime instead of deploying: start writes a new "
+        "key to the key file (or takes $DENSEQA_API_KEY) and accepts it and the old one; finish, once clients use "
+        "the new key, accepts only it.", owned=True
+    )
     timeout_s: float = _f(600.0, "Fail if the application is not running after this many seconds.", gt=0)
     swap: bool = _f(
         False,

@@ -32,6 +32,7 @@ import json
 from typing import Any
 
 from denseqa import storage
+from denseqa.auth import curl_header
 from denseqa.config import OPERATIONAL, PIPELINE_OWNED, CorpusConfig, JobConfig
 from denseqa.eval import REPORT_JSON, REPORT_MD
 from denseqa.index import MANIFEST_FILE
@@ -204,7 +205,8 @@ def summary_text(summary: dict[str, Any]) -> str:
         body = json.dumps({"query": example["query"], "k": 3, **({"rerank": True} if example["rerank"] else {})},
                           ensure_ascii=False).replace("'", "'\\''")
         lines += [f"endpoint {url}/search  (OpenAPI docs: {url}/docs)",
-                  f"  curl -s {url}/search -H 'content-type: application/json' -d '{body}'",
+                  f"  curl -s {url}/search{curl_header(summary.get('api_key'))} -H 'content-type: application/json' "
+                  f"-d '{body}'",
                   f"  {example['query']!r} →"]
         lines += [f"    {hit.get('rerank_score', hit['score']):.3f}  {hit['id']}  {hit['text'][:90]!r}"
                   for hit in example["hits"]]

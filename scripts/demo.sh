@@ -24,9 +24,13 @@ ray job submit --address "http://127.0.0.1:$DASHBOARD" --working-dir . -- \
   --data "$PWD/data/debian-en-sample.parquet" --run-dir "$PWD/out/run" --serve.port "$PORT"
 
 query='{"query": "read PDF files from the command line", "k": 3}'
+# The service asks for its API key (made on first deploy into ~/.denseqa/api_key, mode 0600; or $DENSEQA_API_KEY).
+KEY=${DENSEQA_API_KEY:-$(cat ~/.denseqa/api_key)}
 echo
-echo "curl -s http://127.0.0.1:$PORT/search -H 'content-type: application/json' -d '$query'"
-answer=$(curl -sf "http://127.0.0.1:$PORT/search" -H 'content-type: application/json' -d "$query")
+echo "curl -s http://127.0.0.1:$PORT/search -H \"Authorization: Bearer \$(cat ~/.denseqa/api_key)\" \\"
+echo "     -H 'content-type: application/json' -d '$query'"
+answer=$(curl -sf "http://127.0.0.1:$PORT/search" -H "Authorization: Bearer $KEY" \
+  -H 'content-type: application/json' -d "$query")
 python - "$answer" <<'PY'
 import json, sys
 for hit in json.loads(sys.argv[1])["results"][0]["hits"]:
@@ -37,5 +41,6 @@ echo "evaluation report: out/run/eval/eval.md (eval.json, recall.png beside it);
 if [ -n "${STOP_CLUSTER:-}" ]; then
   echo "STOP_CLUSTER=1: the service stops with the cluster"
 else
-  echo "the search service keeps running at http://127.0.0.1:$PORT (docs: /docs); stop it and the cluster: ray stop"
+  echo "the search service keeps running at http://127.0.0.1:$PORT (docs: /docs, with the key); stop it and the" \
+       "cluster: ray stop"
 fi

@@ -120,3 +120,6 @@ def test_serve_limits_are_defined_once_and_the_shipped_serve_config_states_them(
     assert args["separate_encoder"] == SearchAppArgs.model_fields["separate_encoder"].default
     assert deployment(config, encoding_deployment(args))["user_config"] == SearcherSettings().model_dump()
     assert SearcherSettings().model_dump(exclude={"index"}) == EncoderSettings().model_dump()
+    from denseqa.serve import AuthSettings
+
+    assert deployment(config, "SearchAPI")["user_config"] == AuthSettings.model_construct().model_dump()

@@ -65,6 +65,16 @@ def test_cluster_serve_config_differs_from_the_local_one_in_resources_and_the_gp
     local, cluster = _yaml("configs/serve.yaml"), _yaml("configs/serve-cluster.yaml")
     ServeDeploySchema.model_validate(cluster)
     local_app, cluster_app = local["applications"][0], cluster["applications"][0]
+    # Locally the service listens on this machine only; on the cluster on every interface, behind the API key
+    assert local.pop("http_options")["host"] == "127.0.0.1" and cluster.pop("http_options")["host"] == "0.0.0.0"
+    for app in (local_app, cluster_app):
+        api = next(d for d in app["deployments"] if d["name"] == "SearchAPI")
+        assert api["user_config"] == {"auth": True, "api_key_sha256": []}
+    # On the cluster every deployment keeps 2 replicas at least: one that dies leaves another answering
+    for d in cluster_app["deployments"]:
+        assert d["autoscaling_config"].pop("min_replicas") >= 2, d["name"]
+    for d in local_app["deployments"]:
+        assert d["autoscaling_config"].pop("min_replicas") == 1, d["name"]
     # On CPU the searcher encodes its own queries; on the GPU cluster a QueryEncoder deployment holds the GPUs
     assert local_app["args"].pop("separate_encoder") is False and cluster_app["args"].pop("separate_encoder") is True
     encoder = next(d for d in cluster_app["deployments"] if d["name"] == "QueryEncoder")
@@ -101,6 +111,10 @@ def test_rayservice_serves_the_repository_serve_config_with_token_auth():
     pods = [cluster["headGroupSpec"], *groups.values()]
     images = {c["image"] for g in pods for c in g["template"]["spec"]["containers"]}
     assert images == {"REGISTRY/denseqa:0.1.0"}
+    # The search service's API key comes from a Kubernetes secret, in every pod a replica may run in
+    for group in pods:
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        assert env["DENSEQA_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "denseqa-api-key", "key": "api-key"}
 
 
 @pytest.mark.parametrize("path", ["deploy/Dockerfile"])

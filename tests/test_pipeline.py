@@ -192,7 +192,8 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     args[args.index("--run-dir") + 1] = f"file://{run}"
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    serve_args = ["--serve.host", "127.0.0.1", "--serve.port", str(port)]
+    key_file = tmp_path / "api_key"
+    serve_args = ["--serve.host", "127.0.0.1", "--serve.port", str(port), "--serve.api-key-file", str(key_file)]
 
     # Given a run killed (SIGKILL) right after its index step
     first = submit_job(cluster, "pipeline", *args, *serve_args, faults="pipeline.kill_after_step=index")
@@ -238,27 +239,35 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
         assert f"{step}: up to date, skipped" in log
     assert _steps(run) == after
     # Then the printed endpoint answers over real HTTP with the library Searcher's results over the run's index
-    assert f"curl -s {url}/search" in log and f"endpoint {url}/search" in log
+    assert f"curl -s {url}/search -H \"Authorization: Bearer $(cat {key_file})\"" in log
+    assert f"endpoint {url}/search" in log
+    # the key was made on first deploy into a file only its owner reads, and is in no log
+    from denseqa.auth import bearer_header, read_key_file
+
+    key = read_key_file(key_file)
+    assert oct(key_file.stat().st_mode & 0o777) == "0o600" and key not in log
+    auth = bearer_header(key)
     from denseqa.search import Searcher
 
     searcher = Searcher(str(run / "index"))
     questions = pq.read_table(run / "model" / "heldout.parquet").column("question").to_pylist()[:8]
     expected = searcher.search(questions, k=5)
-    response = requests.post(f"{url}/search", json={"queries": questions, "k": 5}, timeout=60)
+    response = requests.post(f"{url}/search", json={"queries": questions, "k": 5}, headers=auth, timeout=60)
     assert response.status_code == 200, response.text
     for got, want in zip(response.json()["results"], expected, strict=True):
         assert [h["id"] for h in got["hits"]] == [h.id for h in want]
         assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in want], abs=1e-5)
     # the example query in the job's output is a held-out question, shown with the endpoint's top hit
-    top = requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, timeout=60).json()
+    top = requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, headers=auth, timeout=60).json()
     assert f"{questions[0]!r} →" in log and top["results"][0]["hits"][0]["id"] in log
 
-    # And with the service holding 1.75 of this 2-CPU cluster's CPUs, a run that must rebuild says so at once
+    # And with the service holding 1.25 of this 2-CPU cluster's CPUs, a run that must rebuild says so at once
     # (Ray would otherwise wait forever for the CPUs), and loses nothing
     state = (run / "pipeline.json").read_bytes()
     again = submit_job(cluster, "pipeline", *args, *serve_args, "--factory", "HNSW32,Flat", timeout=300)
     assert again.returncode != 0
-    assert "denseqa run: error: embedding needs 1.1 free CPUs, but this cluster has 0.25 of 2 free and cannot add " \
+    assert "denseqa run: error: embedding needs 1.1 free CPUs, but this cluster has 0.75 of 2 free and cannot add " \
            "nodes" in again.stdout + again.stderr
     assert (run / "pipeline.json").read_bytes() == state and (run / "index" / "manifest.json").exists()
-    assert requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, timeout=60).status_code == 200
+    assert requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, headers=auth,
+                         timeout=60).status_code == 200

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from denseqa import faults, storage
+from denseqa.auth import bearer_header
 from denseqa.config import COMMAND_SECTIONS, EvalConfig, JobConfig, OutputConfig, TrainConfig
 from denseqa.errors import InputError
 from denseqa.provenance import utc_now
@@ -193,8 +194,11 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     if p.deploy:
         url = run_serve_step(cfg, run)
         query = p.example_query or summary["example_query"]
-        summary.update(url=url, example={"query": query, "rerank": p.reranker,
-                                         "hits": query_endpoint(url, query, k=3, rerank=p.reranker)})
+        from denseqa.drivers.serve import api_key_for
+
+        key, key_source = api_key_for(cfg)
+        summary.update(url=url, api_key=key_source, example={"query": query, "rerank": p.reranker, "hits":
+                                                             query_endpoint(url, query, 3, p.reranker, key)})
     print(summary_text(summary), flush=True)
     if p.deploy and started_here:
         from denseqa.drivers.serve import serve_until_interrupted
@@ -203,10 +207,11 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     return summary
 
 
-def query_endpoint(url: str, query: str, k: int, rerank: bool = False) -> list[dict[str, Any]]:
-    """POST the query to the deployed service over HTTP, as any client would."""
+def query_endpoint(url: str, query: str, k: int, rerank: bool = False, key: str | None = None) -> list[dict[str, Any]]:
+    """POST the query to the deployed service over HTTP, as any client would (with its API key, unless None)."""
     body = {"query": query, "k": k, **({"rerank": True} if rerank else {})}
     request = urllib.request.Request(f"{url}/search", data=json.dumps(body).encode(),
-                                     headers={"content-type": "application/json"})
+                                     headers={"content-type": "application/json",
+                                              **(bearer_header(key) if key is not None else {})})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())["results"][0]["hits"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 
-from denseqa import ray_private, storage
+from denseqa import auth, ray_private, storage
 from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError, one_line
 from denseqa.serve import APP_NAME, deployment_names, encoding_deployment
@@ -116,6 +117,68 @@ def running_config() -> dict | None:
             "applications": applications}
 
 
+def with_auth(config: dict, key: str | None, app_name: str = APP_NAME) -> dict:
+    """The config with SearchAPI accepting ``key`` (its digest only: the config is logged), or none (None)."""
+    entry = deployment(config, "SearchAPI", app_name)
+    entry["user_config"] = {**(entry.get("user_config") or {}), "auth": key is not None,
+                            "api_key_sha256": [auth.digest(key)] if key is not None else []}
+    return config
+
+
+def api_key_for(cfg) -> tuple[str | None, str | None]:
+    """The serve section's API key and where it is (a file or $DENSEQA_API_KEY), created on first use; (None, None)
+    with --no-auth."""
+    if not cfg.serve.auth:
+        return None, None
+    return auth.resolve_key(cfg.serve.api_key_file)
+
+
+def curl_line(url: str, key_source: str | None) -> str:
+    """A curl command for the service, the key passed by reference (:func:`denseqa.auth.curl_header`)."""
+    return (f"curl -s {url}/search{auth.curl_header(key_source)} -H 'content-type: application/json' "
+            "-d '{\"query\": \"...\", \"k\": 5}'")
+
+
+def _running_app(app_name: str, doing: str) -> dict:
+    """The running Serve config, for a change of one application's user_config; refused if it is not running."""
+    running = running_config()
+    app = next((a for a in (running or {}).get("applications", []) if a["name"] == app_name), None)
+    if app is None:
+        raise InputError(f"no running Serve application {app_name!r} to {doing}; deploy one first with "
+                         "`denseqa serve --index DIR`")
+    return running
+
+
+def rotate_key(stage: str, key_file: str, timeout_s: float = 600, app_name: str = APP_NAME) -> dict:
+    """Rotate the running application's API key without downtime, through the same live reconfigure as a hot swap.
+
+    ``start``: a new key (``$DENSEQA_API_KEY`` if set, else a random one written to ``key_file``) is accepted beside
+    the keys accepted now; ``finish``: only the current key (the environment's or the file's) is. Returns what the
+    ingress accepts afterwards: how many keys, and where the current one is.
+    """
+    running = _running_app(app_name, "rotate the key of")
+    entry = deployment(running, "SearchAPI", app_name)
+    settings = entry.get("user_config") or {}
+    if not settings.get("auth", True):
+        raise InputError("the running application serves without authentication (--no-auth); deploy it with a "
+                         "key first")
+    accepted = list(settings.get("api_key_sha256") or [])
+    from_env = bool(os.environ.get(auth.KEY_ENV))
+    if stage == "start":
+        key = auth.resolve_key(key_file, create=False)[0] if from_env else auth.new_key()
+        accepted = [auth.digest(key), *(d for d in accepted if d != auth.digest(key))]
+    else:
+        key = auth.resolve_key(key_file, create=False)[0]
+        accepted = [auth.digest(key)]
+    entry["user_config"] = {**settings, "auth": True, "api_key_sha256": accepted}
+    deploy(running, timeout_s)
+    # The new key reaches the file only once the service accepts it: clients that read the file never hold a key
+    # the service refuses.
+    source = f"${auth.KEY_ENV}" if from_env else str(auth.write_key(key_file, key)) if stage == "start" else \
+        str(Path(key_file).expanduser())
+    return {"stage": stage, "keys_accepted": len(accepted), "key": source}
+
+
 def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> dict:
     """Hot-swap the running application to another index folder; returns the searcher's status once it serves it.
 
@@ -125,11 +188,8 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     from denseqa.model import check_model_matches
     from denseqa.search import read_manifest
 
-    running = running_config()
-    app = next((a for a in (running or {}).get("applications", []) if a["name"] == app_name), None)
-    if app is None:
-        raise InputError(f"no running Serve application {app_name!r} to hot-swap; deploy one first with "
-                         "`denseqa serve --index DIR`")
+    running = _running_app(app_name, "hot-swap")
+    app = application(running, app_name)
     check_model_matches(read_manifest(app["args"]["index"])["model"], read_manifest(index)["model"], index)
     entry = deployment(running, "IndexSearcher", app_name)
     entry["user_config"] = {**(entry.get("user_config") or {}), "index": index}
@@ -204,6 +264,7 @@ def serve_config_for(cfg) -> dict:
                             max_queries=s.max_queries, max_query_chars=s.max_query_chars,
                             max_candidates=s.max_candidates, reranker=reranker, separate_encoder=s.separate_encoder)
     app = application(config)
+    http_options = config.get("http_options", {})
     present = deployment_names(app["args"])
     for entry in app.get("deployments", []):
         # Serve refuses options for a deployment the application does not have (no reranker: no Reranker; the
@@ -218,7 +279,10 @@ def serve_config_for(cfg) -> dict:
         entry = deployment(config, encoding_deployment(app["args"]))
         entry["user_config"] = {**(entry.get("user_config") or {}),
                                 **{k: v for k, v in batching.items() if v is not None}}
-    return config
+    if not s.auth:
+        logger.warning("--no-auth: the service answers anyone who reaches %s:%s, without an API key",
+                       http_options.get("host"), http_options.get("port"))
+    return with_auth(config, api_key_for(cfg)[0])
 
 
 def run_serve(cfg) -> str:
@@ -230,6 +294,11 @@ def run_serve(cfg) -> str:
     """
     from denseqa.search import read_manifest
 
+    if cfg.serve.rotate_key:
+        connect(may_start_local=False)
+        print(json.dumps(rotate_key(cfg.serve.rotate_key, cfg.serve.api_key_file, cfg.serve.timeout_s), indent=2),
+              flush=True)
+        return None
     if cfg.serve.swap:
         if not cfg.serve.index:
             raise InputError("--swap needs --index: the new index folder")
@@ -242,12 +311,13 @@ def run_serve(cfg) -> str:
         return index
 
     config = serve_config_for(cfg)
+    key_source = api_key_for(cfg)[1]
     started_here = connect(may_start_local=True)
     url = deploy(config, cfg.serve.timeout_s)
     print(json.dumps({
         "url": url, "docs": f"{url}/docs", "index": application(config)["args"]["index"],
         "reranker": application(config)["args"].get("reranker"),
-        "try": f"curl -s {url}/search -H 'content-type: application/json' -d '{{\"query\": \"...\", \"k\": 5}}'",
+        "api_key": key_source or "none (--no-auth)", "try": curl_line(url, key_source),
     }, indent=2), flush=True)
     if started_here:
         serve_until_interrupted()
