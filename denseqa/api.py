@@ -9,18 +9,38 @@ Every bad input is answered with a 4xx and one JSON body, ``{"error": {"field": 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from denseqa.config import Limits  # defined once, with the serve section that overrides it
 from denseqa.texts import is_blank
 
 MAX_K = 1000
 DEFAULT_CANDIDATES = 50
+
+
+def _integral(value):
+    # JSON Schema (and so any OpenAPI client) counts 87.0 as an integer; strict pydantic would refuse it. Any other
+    # float, a string or a bool is still refused.
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[StrictInt, BeforeValidator(_integral)]
 
 
 class SearchRequest(BaseModel):
@@ -30,17 +50,38 @@ class SearchRequest(BaseModel):
 
     query: StrictStr | None = Field(None, description="A single query; give this or `queries`.")
     queries: list[StrictStr] | None = Field(None, description="Several queries answered in one call.")
-    k: StrictInt = Field(10, ge=1, le=MAX_K, description="Hits per query.")
+    k: Count = Field(10, ge=1, le=MAX_K, description="Hits per query.")
     mode: Literal["dense", "bm25", "hybrid"] = Field(
         "dense", description="dense (FAISS), bm25 (lexical) or hybrid (reciprocal rank fusion of both)."
     )
     rerank: StrictBool = Field(
         False, description="Re-rank the first `candidates` hits of the search with the service's cross-encoder."
     )
-    candidates: StrictInt | None = Field(
+    candidates: Count | None = Field(
         None, ge=1, description=f"With `rerank`: hits retrieved and re-ranked, at least `k` (default "
         f"{DEFAULT_CANDIDATES}, or `k` if larger); at most the service's `max_candidates`.",
     )
+
+    @field_validator("query", "queries", "candidates", mode="before")
+    @classmethod
+    def _not_null(cls, value, info: ValidationInfo):
+        # An explicit null is refused rather than read as "left out": the published schema says these are a
+        # string, a list and an integer, and a server must refuse what its schema does not allow.
+        if value is None:
+            raise ValueError(f"null is not a value of `{info.field_name}`; give one or leave the key out")
+        return value
+
+
+class ErrorDetail(BaseModel):
+    field: str = Field(description="The part of the request at fault: `query`, `queries[3]`, `k`, `body`, "
+                                   "`authorization`, ...")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 503 answer."""
+
+    error: ErrorDetail
 
 
 class Hit(BaseModel):
@@ -114,6 +155,45 @@ def checked_candidates(request: SearchRequest, limits: Limits, has_reranker: boo
     return candidates
 
 
+# Python's str.isspace(), which is_blank() follows, spelled out: JSON Schema's \\s (ECMA-262) differs from it
+# (it lacks \\x1c-\\x1f and \\x85 and has \\ufeff), so a pattern using it would state another rule than the server's.
+_PYTHON_WHITESPACE = "".join(c for c in map(chr, range(0x3001)) if c.isspace())
+NON_BLANK_PATTERN = "[^" + "".join(f"\\u{ord(c):04x}" for c in _PYTHON_WHITESPACE) + "]"
+
+
+def error_responses(*statuses: int, **descriptions: str) -> dict:
+    """OpenAPI ``responses`` entries with the error body, for FastAPI's ``responses=``; ``descriptions`` by
+    ``s<status>``."""
+    return {status: {"model": ErrorResponse, "description": descriptions.get(f"s{status}", "Refused")}
+            for status in statuses}
+
+
+def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25: bool) -> dict:
+    """The service's OpenAPI schema with every rule its server enforces on a search request written in: the
+    query limits of this deployment (configurable, so not in the static model), one of `query` or `queries`, no
+    blank query, the modes its index answers, and re-ranking only where a reranker runs. What JSON Schema cannot
+    say (``candidates`` at least ``k``) is in the field's description."""
+    request = spec["components"]["schemas"]["SearchRequest"]
+    props = request["properties"]
+    query = {"type": "string", "minLength": 1, "maxLength": limits.max_query_chars, "pattern": NON_BLANK_PATTERN}
+    props["query"] = {**query, "description": props["query"].get("description", "")
+                      + " Not blank; at most the service's `max_query_chars` characters."}
+    props["queries"] = {"type": "array", "items": query, "minItems": 1, "maxItems": limits.max_queries,
+                        "description": props["queries"].get("description", "")
+                        + " At most the service's `max_queries`."}
+    request["oneOf"] = [{"required": ["query"]}, {"required": ["queries"]}]
+    props["mode"] = {**props["mode"], "enum": ["dense", "bm25", "hybrid"] if has_bm25 else ["dense"]}
+    if has_reranker:
+        props["candidates"] = {"type": "integer", "minimum": 1, "maximum": limits.max_candidates,
+                               "description": props["candidates"].get("description", "")}
+        request["dependentRequired"] = {"candidates": ["rerank"]}
+    else:  # this service re-ranks nothing: rerank is false or absent, and candidates has no use
+        props["rerank"] = {"type": "boolean", "enum": [False], "default": False,
+                           "description": "This service has no reranker (deployed without --reranker)."}
+        props.pop("candidates", None)
+    return spec
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Turn FastAPI's validation errors and :class:`BadRequest` into the one error body, naming the field."""
 
@@ -127,6 +207,14 @@ def install_error_handlers(app: FastAPI) -> None:
             return JSONResponse(error_body("body", message), status_code=400)
         field = loc[0] + "".join(f"[{part}]" for part in loc[1:])
         return JSONResponse(error_body(field, str(first.get("msg"))), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI's own refusals (a body that is not UTF-8 or JSON it cannot parse, an unknown path, a method the
+        # path does not take) get the same body as every other error.
+        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+        return JSONResponse(error_body(field, str(exc.detail)), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
     @app.exception_handler(BadRequest)
     async def _bad_request(request: Request, exc: BadRequest) -> JSONResponse:

@@ -40,15 +40,18 @@ import asyncio
 import logging
 import os
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Security
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from denseqa import auth
 from denseqa.api import (
     BadRequest,
     Limits,
@@ -56,8 +59,12 @@ from denseqa.api import (
     SearchResponse,
     checked_candidates,
     checked_queries,
+    error_body,
+    error_responses,
     install_error_handlers,
+    openapi_with_limits,
 )
+from denseqa.auth import KEY_ENV, KeyCheck, digest
 from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
 
@@ -90,6 +97,36 @@ class SearcherSettings(EncoderSettings):
     index: str | None = None
 
 
+class AuthSettings(BaseModel):
+    """``user_config`` of SearchAPI: which API keys it accepts (:mod:`denseqa.auth`). Changed on running replicas
+    without a restart, which is how a key is rotated: the new and the old digest for a while, then the new one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    auth: bool = Field(True, description="Ask every request but /healthz for an API key (false: --no-auth).")
+    api_key_sha256: list[str] = Field(
+        default_factory=list, description="SHA-256 (hex) of each key accepted; the replica's $DENSEQA_API_KEY, if "
+        "set, is accepted too. Never the keys themselves: a Serve config is logged and shown by the dashboard.",
+    )
+
+    @model_validator(mode="after")
+    def _keys_given(self) -> "AuthSettings":
+        bad = next((d for d in self.api_key_sha256 if len(d) != 64 or any(c not in "0123456789abcdefABCDEF"
+                                                                            for c in d)), None)
+        if bad is not None:
+            raise ValueError(f"api_key_sha256 {bad[:12]!r}...: not a SHA-256 hex digest (64 hex characters)")
+        if self.auth and not self.api_key_sha256 and not os.environ.get(KEY_ENV):
+            raise ValueError(f"auth is on and no API key is given: set api_key_sha256 in SearchAPI's user_config "
+                             f"(`denseqa serve` does), or ${KEY_ENV} on the nodes, or auth: false to serve without")
+        return self
+
+    def key_check(self) -> KeyCheck:
+        if not self.auth:
+            return KeyCheck([], open=True)
+        from_env = os.environ.get(KEY_ENV, "").strip()  # e.g. a Kubernetes secret (deploy/kuberay/rayservice.yaml)
+        return KeyCheck([*self.api_key_sha256, *([digest(from_env)] if from_env else [])])
+
+
 class RerankerSettings(BaseModel):
     """``user_config`` of Reranker: how queries (each with its candidates) are batched into forward passes."""
 
@@ -104,6 +141,9 @@ class RerankerSettings(BaseModel):
 
 ENCODER_DEFAULTS = EncoderSettings()
 RERANKER_DEFAULTS = RerankerSettings()
+
+
+HEALTH_QUERY = "health check"  # the test query of each searcher's health check
 
 
 class IndexNotLoaded(RuntimeError):
@@ -297,8 +337,19 @@ class IndexSearcher:
         logger.error("IndexSearcher refused %s: %s; still serving %s", target, reason, self.searcher.index_dir)
 
     def check_health(self) -> None:
-        if self.searcher is None:
+        """Healthy when a test query is answered end to end: encoded (when this replica encodes), searched in the
+        FAISS index, its hit read from the docstore. Serve calls this every few seconds and replaces a replica
+        whose check fails, and sends no traffic to one that has not passed yet."""
+        searcher = self.searcher
+        if searcher is None:
             raise IndexNotLoaded("no index loaded")
+        if self.queries is not None:  # straight to the model: a health check is not a query to batch or count
+            vector = self.queries.encoder.encode_queries([HEALTH_QUERY], 1)
+        else:  # the vectors come from a QueryEncoder: any unit vector exercises the index
+            vector = np.full((1, searcher.index.d), searcher.index.d ** -0.5, dtype=np.float32)
+        hits = searcher.hits(*(row[0] for row in searcher.dense_positions(vector, 1)))
+        if len(searcher) and (not hits or not isinstance(hits[0].text, str)):
+            raise RuntimeError(f"the test query found nothing in {searcher.index_dir} ({len(searcher)} passages)")
 
     async def search(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None = None) -> dict:
         """The hits of each query; ``vectors`` are the queries' own (None: this replica encodes them)."""
@@ -324,12 +375,66 @@ class IndexSearcher:
 
 # ------------------------------------------------------------------------------------------------ ingress
 
+# /openapi.json and /docs are SearchAPI's own routes: the schema states this deployment's limits (api.py).
 http = FastAPI(
     title="denseqa search",
     summary="Semantic search over the passages of a denseqa index: dense, BM25 or hybrid.",
-    version="1",
+    version="1", openapi_url=None, docs_url=None, redoc_url=None,
 )
 install_error_handlers(http)
+# Documents the scheme in the OpenAPI schema; the check itself is the middleware below, which also covers the
+# docs pages (routes FastAPI adds itself, which take no dependencies).
+bearer = Security(HTTPBearer(auto_error=False, description="The service's API key (see `denseqa serve`)."))
+OPEN_PATHS = ("/healthz",)  # for load balancers' health checks: answers no data
+
+
+@http.middleware("http")
+async def require_api_key(request: Request, call_next):
+    path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
+    check = auth.installed()  # this process's SearchAPI replica's; None until it is configured: nothing passes
+    if path in OPEN_PATHS or (check is not None and check.allows(request.headers.get("authorization"))):
+        return await call_next(request)
+    message = "missing or wrong API key: send `Authorization: Bearer <key>` (the key `denseqa serve` printed " \
+              f"the place of: ~/.denseqa/api_key or ${KEY_ENV})"
+    return JSONResponse(error_body("authorization", message), status_code=401,
+                        headers={"WWW-Authenticate": 'Bearer realm="denseqa"'})
+
+
+# How long the ingress keeps retrying a call whose replica died: long enough for Serve to start a replacement
+# (a searcher loads its model and index in ~10-20 s on 2 cores), short of a client's usual 60 s timeout.
+RETRY_DEADLINE_S = 45.0
+
+
+async def retried(call, what: str, deadline_s: float = RETRY_DEADLINE_S):
+    """``await call()``, again while the replica it reached died or is restarting, until ``deadline_s``.
+
+    Every call retried this way is idempotent (encode, search, score, describe): repeating it on another replica,
+    or on the replacement Serve starts, gives the same answer. The handle routes a new call only to live replicas
+    and holds it while there are none, so the retry itself waits for the restart. Written here because Serve
+    retries a request only when a replica dies before it is assigned, not one a replica was working on.
+    """
+    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
+
+    deadline, pause = time.monotonic() + deadline_s, 0.05
+    while True:
+        try:
+            return await call()
+        except RayActorError as e:
+            if time.monotonic() + pause > deadline:
+                raise
+            logger.warning("%s: its replica died or is unreachable (%s); retrying", what, type(e).__name__)
+            await asyncio.sleep(pause)
+            pause = min(2 * pause, 1.0)
+
+
+def replica_counts(app_name: str = APP_NAME) -> dict[str, dict[str, int]]:
+    """Each deployment's replicas by state (RUNNING, STARTING, ...), from the Serve controller. (Defined above the
+    ingress: Serve captures what the class refers to when the module defines it.)"""
+    application = serve.status().applications.get(app_name)
+    if application is None:
+        return {}
+    return {name: {str(getattr(state, "value", state)): count for state, count in d.replica_states.items()}
+            for name, d in application.deployments.items()}
 
 
 def _is(error: Exception, kind: type) -> bool:
@@ -337,7 +442,7 @@ def _is(error: Exception, kind: type) -> bool:
     return isinstance(error, kind) or isinstance(getattr(error, "cause", None), kind)
 
 
-@serve.deployment(name="SearchAPI")
+@serve.deployment(name="SearchAPI", user_config=AuthSettings.model_construct().model_dump())  # no key: refused
 @serve.ingress(http)
 class SearchAPI:
     def __init__(self, encoder: DeploymentHandle | None, searcher: DeploymentHandle, limits: dict,
@@ -347,12 +452,24 @@ class SearchAPI:
         self.searcher = searcher
         self.reranker = reranker
         self.limits = Limits.model_validate(limits)
+        self.auth: AuthSettings | None = None  # set by reconfigure, which Serve calls right after __init__
 
-    @http.post("/search", response_model=SearchResponse, response_model_exclude_none=True, responses={
-        400: {"description": "Invalid JSON, a mode the index cannot answer, or rerank without a reranker"},
-        413: {"description": "Too many queries, a query too long, or too many candidates to re-rank"},
-        422: {"description": "A field is missing or invalid; the body names it"},
-        503: {"description": "No index loaded yet"}})
+    def reconfigure(self, config: dict | None) -> None:
+        settings = _validated("SearchAPI", config, self.auth, AuthSettings)
+        if settings is None:
+            return
+        auth.install(settings.key_check())
+        self.auth = settings
+        if not settings.auth:
+            logger.warning("SearchAPI: authentication is off; anyone who reaches the port can search and read /info")
+
+    @http.post("/search", response_model=SearchResponse, response_model_exclude_none=True, dependencies=[bearer],
+               responses=error_responses(
+                   400, 401, 413, 422, 503,
+                   s400="Invalid JSON, a mode the index cannot answer, or rerank without a reranker",
+                   s401="No API key, or not one the service accepts",
+                   s413="Too many queries, a query too long, or too many candidates to re-rank",
+                   s422="A field is missing or invalid; the body names it", s503="No index loaded yet"))
     async def search(self, request: SearchRequest):
         """Search the index: the hits of each query, best first; with ``rerank``, the first ``candidates`` hits
         re-ranked by the cross-encoder and the best ``k`` of them returned."""
@@ -377,7 +494,7 @@ class SearchAPI:
         """The best ``k`` of ``hits`` by the cross-encoder's score, each with its score and its search rank."""
         from denseqa.rerank import rerank_order
 
-        scores = await self.reranker.score.remote(query, [h["text"] for h in hits])
+        scores = await retried(partial(self.reranker.score.remote, query, [h["text"] for h in hits]), "re-ranking")
         return [{**hits[i], "rerank_score": scores[i], "retrieval_rank": int(i) + 1}
                 for i in rerank_order(np.asarray(scores))[:k]]
 
@@ -391,7 +508,8 @@ class SearchAPI:
         dense = [q for queries, _, mode in requests if mode != "bm25" for q in queries]
         try:
             # Without a QueryEncoder deployment the searcher encodes the queries it receives without vectors.
-            vectors = await self.encoder.encode.remote(dense) if dense and self.encoder is not None else None
+            vectors = await retried(partial(self.encoder.encode.remote, dense), "encoding") \
+                if dense and self.encoder is not None else None
         except Exception as e:
             return [e] * len(requests)
         rows, start = [], 0  # each request's rows in `vectors`
@@ -406,7 +524,7 @@ class SearchAPI:
             queries = [q for i in members for q in requests[i][0]]
             group_vectors = None if vectors is None or mode == "bm25" else \
                 np.concatenate([vectors[rows[i]] for i in members])
-            calls.append(self.searcher.search.remote(queries, k, mode, group_vectors))
+            calls.append(retried(partial(self.searcher.search.remote, queries, k, mode, group_vectors), "search"))
         answers = await asyncio.gather(*calls, return_exceptions=True)
         out: list[dict | Exception] = [None] * len(requests)
         for members, answer in zip(groups.values(), answers, strict=True):
@@ -418,7 +536,25 @@ class SearchAPI:
                 offset += n
         return out
 
-    @http.get("/healthz")
+    @http.get("/openapi.json", include_in_schema=False)
+    async def openapi(self, request: Request) -> JSONResponse:
+        """The OpenAPI schema, with this deployment's limits and what its index and reranker can answer."""
+        try:
+            has_bm25 = (await self.searcher.status.remote())["bm25"]
+        except Exception:  # no searcher reachable: state what an index with BM25 answers
+            has_bm25 = True
+        spec = openapi_with_limits(request.app.openapi(), self.limits, self.reranker is not None, has_bm25)
+        request.app.openapi_schema = None  # patched per call: the next call starts again from the routes
+        return JSONResponse(spec)
+
+    @http.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
+                                   title="denseqa search")
+
+    @http.get("/healthz", responses={503: {"description": "No index loaded, or the searcher is unreachable"}})
     async def healthz(self) -> JSONResponse:
         """200 when an index is loaded and answering, 503 otherwise."""
         try:
@@ -429,7 +565,7 @@ class SearchAPI:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok", "index": status["index"], "count": status["count"]})
 
-    @http.get("/info")
+    @http.get("/info", dependencies=[bearer], responses=error_responses(401, s401="No API key, or a wrong one"))
     async def info(self) -> dict:
         """The model, the index manifest, the last index change (swap or refusal), the reranker (null if none) and
         the input limits."""
@@ -437,7 +573,8 @@ class SearchAPI:
             self.searcher.describe_encoder.remote()
         model, status = await asyncio.gather(encoder, self.searcher.status.remote())
         reranker = await self.reranker.describe.remote() if self.reranker is not None else None
-        return {"model": model, "index": status, "reranker": reranker, "limits": self.limits.model_dump()}
+        return {"model": model, "index": status, "reranker": reranker, "limits": self.limits.model_dump(),
+                "replicas": await asyncio.to_thread(replica_counts)}
 
 
 def build_app(args: dict) -> serve.Application:

@@ -27,6 +27,8 @@ from .conftest import _free_port, real_pairs
 pytestmark = pytest.mark.slow
 
 SECTIONS = ("corpus", "model", "embed", "index")
+TEST_KEY = "denseqa-test-key-0123456789abcdef"  # the service's API key in these tests
+AUTH = {"Authorization": f"Bearer {TEST_KEY}"}
 
 
 def _build(tmp, name: str, pairs, model: dict | None = None, **index) -> str:
@@ -68,7 +70,7 @@ def _test_config(index: str, port: int, searcher_index: str | None = None, separ
         entry.setdefault("ray_actor_options", {}).setdefault("num_cpus", 0.5)  # QueryEncoder: not in serve.yaml
     searcher = deploying.deployment(config, "IndexSearcher")
     searcher["user_config"] = {**(searcher.get("user_config") or {}), "index": searcher_index}
-    return config
+    return deploying.with_auth(config, TEST_KEY)
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +85,15 @@ def service(indexes):
     serve.shutdown()
 
 
-def post(url: str, body=None, data: str | None = None, timeout: float = 60) -> requests.Response:
+def post(url: str, body=None, data: str | None = None, timeout: float = 60, headers: dict = AUTH) -> requests.Response:
     if data is not None:
-        return requests.post(f"{url}/search", data=data, headers={"content-type": "application/json"},
+        return requests.post(f"{url}/search", data=data, headers={"content-type": "application/json", **headers},
                              timeout=timeout)
-    return requests.post(f"{url}/search", json=body, timeout=timeout)
+    return requests.post(f"{url}/search", json=body, headers=headers, timeout=timeout)
+
+
+def get(url: str, timeout: float = 30, headers: dict = AUTH) -> requests.Response:
+    return requests.get(url, headers=headers, timeout=timeout)
 
 
 def _assert_same_hits(response_hits: list[dict], expected) -> None:
@@ -133,7 +139,7 @@ def test_a_separate_query_encoder_answers_the_same(service, indexes):
             body = post(service["url"], {"queries": questions, "k": 10, "mode": mode}).json()
             for result, hits in zip(body["results"], searcher.search(questions, k=10, mode=mode), strict=True):
                 _assert_same_hits(result["hits"], hits)
-        model = requests.get(f"{service['url']}/info", timeout=30).json()["model"]
+        model = get(f"{service['url']}/info", timeout=30).json()["model"]
         assert model["batched_queries"] >= 16 and model["device"] == "cpu"
     finally:
         deploying.deploy(_test_config(indexes["A"], service["port"]))
@@ -202,8 +208,8 @@ def test_every_bad_input_gets_a_4xx_naming_the_field(service, indexes):
         error = response.json()["error"]
         assert error["field"] == field, (raw[:80], error)
         assert error["message"]
-    assert requests.get(f"{url}/search", timeout=30).status_code == 405
-    assert requests.post(f"{url}/nowhere", json={"query": "x"}, timeout=30).status_code == 404
+    assert get(f"{url}/search", timeout=30).status_code == 405
+    assert requests.post(f"{url}/nowhere", json={"query": "x"}, headers=AUTH, timeout=30).status_code == 404
     # The limits are inclusive, and the server still answers after all of that
     ok = post(url, {"queries": ["q"] * 64, "k": 1000})
     assert ok.status_code == 200 and len(ok.json()["results"]) == 64
@@ -215,20 +221,124 @@ def test_health_info_and_openapi(service, indexes):
     from denseqa.search import read_manifest
 
     url = service["url"]
-    health = requests.get(f"{url}/healthz", timeout=30)
+    health = get(f"{url}/healthz", timeout=30)
     manifest = read_manifest(indexes["A"])
     assert health.status_code == 200 and health.json() == {"status": "ok", "index": indexes["A"],
                                                            "count": manifest["count"]}
-    info = requests.get(f"{url}/info", timeout=30).json()
+    info = get(f"{url}/info", timeout=30).json()
     assert info["model"]["weights_sha256"] == manifest["model"]["weights_sha256"]
     assert info["model"]["device"] == "cpu" and info["model"]["batching"]["max_batch_size"] == 32
     assert info["index"]["manifest"]["count"] == manifest["count"] and info["index"]["bm25"] is True
     assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000, "max_candidates": 200}
+    assert info["replicas"] == {"SearchAPI": {"RUNNING": 1}, "IndexSearcher": {"RUNNING": 1}}
     assert info["reranker"] is None
-    docs = requests.get(f"{url}/docs", timeout=30)
+    docs = get(f"{url}/docs", timeout=30)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
-    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    spec = get(f"{url}/openapi.json", timeout=30).json()
     assert {"/search", "/healthz", "/info"} <= set(spec["paths"])
+    # The schema states the limits the server enforces, the error bodies, and the API key
+    request = spec["components"]["schemas"]["SearchRequest"]
+    assert request["properties"]["queries"]["maxItems"] == 64 and request["properties"]["queries"]["minItems"] == 1
+    assert request["properties"]["query"]["maxLength"] == 2000 and request["properties"]["k"]["maximum"] == 1000
+    assert request["oneOf"] == [{"required": ["query"]}, {"required": ["queries"]}]
+    assert request["properties"]["rerank"]["enum"] == [False] and "candidates" not in request["properties"]
+    search = spec["paths"]["/search"]["post"]
+    assert {"400", "401", "413", "422", "503"} <= set(search["responses"])
+    assert search["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert search["security"] == [{"HTTPBearer": []}]
+
+
+def test_the_openapi_contract_holds_against_the_live_service(service, tmp_path):
+    """schemathesis, a real OpenAPI client, with all its checks against the live schema: valid requests are
+    answered 200, invalid ones refused with a documented 4xx, every response matches its schema, and a request
+    without the key is refused."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    st = Path(sys.executable).with_name("st")
+    result = subprocess.run(
+        [str(st), "--config-file", str(Path(__file__).with_name("schemathesis.toml")), "run",
+         f"{service['url']}/openapi.json", "--checks", "all", "--header", f"Authorization: Bearer "
+         f"{TEST_KEY}", "--max-examples", "25", "--seed", "7", "--request-timeout", "60", "--max-failures", "5"],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "NO_COLOR": "1"},
+        cwd=tmp_path)  # where it keeps its examples database
+    assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
+    assert "No issues found" in result.stdout or "passed" in result.stdout, result.stdout[-3000:]
+
+
+def test_every_endpoint_but_healthz_needs_the_api_key(service):
+    """No key, a wrong key, the right key in another scheme: 401 with the usual error body; the right key: 200.
+    /healthz answers load balancers without one. The key itself is nowhere in the deployed config."""
+    from denseqa.auth import digest
+    from denseqa.drivers import serve as deploying
+
+    url = service["url"]
+    refused = [("POST", "/search", {}), ("GET", "/info", {}), ("GET", "/docs", {}), ("GET", "/openapi.json", {}),
+               ("GET", "/redoc", {}), ("POST", "/search", {"Authorization": "Bearer wrong-key-0123456789abcdef"}),
+               ("POST", "/search", {"Authorization": f"Basic {TEST_KEY}"}),
+               ("POST", "/search", {"Authorization": TEST_KEY}), ("POST", "/search", {"Authorization": "Bearer "})]
+    for method, path, headers in refused:
+        r = requests.request(method, f"{url}{path}", json={"query": "an editor"}, headers=headers, timeout=30)
+        assert r.status_code == 401, (method, path, headers, r.status_code)
+        assert r.json()["error"]["field"] == "authorization" and "Bearer" in r.json()["error"]["message"]
+        assert r.headers["www-authenticate"].startswith("Bearer")
+    assert post(url, {"query": "an editor"}).status_code == 200
+    for path in ("/info", "/docs", "/openapi.json"):
+        assert get(f"{url}{path}").status_code == 200, path
+    assert get(f"{url}/healthz", headers={}).status_code == 200
+    running = str(deploying.running_config())
+    assert TEST_KEY not in running and digest(TEST_KEY) in running
+
+
+def test_no_auth_serves_anyone_and_says_so(service, indexes, caplog, tmp_path):
+    """--no-auth is a choice the driver warns about; the replicas then let requests through without a key."""
+    from denseqa.drivers import serve as deploying
+
+    cfg = JobConfig.from_dict({"serve": {"index": indexes["A"], "auth": False,
+                                         "api_key_file": str(tmp_path / "never")}}, sections=("serve",))
+    with caplog.at_level("WARNING"):
+        config = deploying.serve_config_for(cfg)
+    assert "--no-auth: the service answers anyone" in caplog.text and not (tmp_path / "never").exists()
+    assert deploying.deployment(config, "SearchAPI")["user_config"] == {"auth": False, "api_key_sha256": []}
+    deploying.deploy(deploying.with_auth(_test_config(indexes["A"], service["port"]), None))
+    try:
+        assert post(service["url"], {"query": "an editor"}, headers={}).status_code == 200
+        assert get(f"{service['url']}/info", headers={}).status_code == 200
+    finally:
+        deploying.deploy(_test_config(indexes["A"], service["port"]))
+    assert post(service["url"], {"query": "an editor"}, headers={}).status_code == 401
+
+
+def test_key_rotation_under_load_fails_no_request(service, indexes, tmp_path):
+    """rotate_key start: the new key and the old are accepted while clients move over; finish: only the new one.
+    The running SearchAPI replica is reconfigured, not restarted, and no request of the clients fails."""
+    from denseqa import auth
+    from denseqa.drivers import serve as deploying
+
+    url, key_file = service["url"], tmp_path / "api_key"
+    auth.write_key(key_file, TEST_KEY)
+    load = Load(url, indexes["questions"], clients=4)
+    try:
+        time.sleep(1)
+        started = deploying.rotate_key("start", str(key_file))
+        new_key = auth.read_key_file(key_file)
+        assert new_key != TEST_KEY and started == {"stage": "start", "keys_accepted": 2, "key": str(key_file)}
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        for key in (TEST_KEY, new_key):  # both keys work during the change
+            assert post(url, {"query": "an editor"}, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        load.headers["Authorization"] = f"Bearer {new_key}"  # the clients move to the new key
+        time.sleep(1)
+        assert deploying.rotate_key("finish", str(key_file))["keys_accepted"] == 1
+        time.sleep(1)
+    finally:
+        load.finish()
+    assert not load.errors and len(load.outcomes) > 10, (load.errors[:3], len(load.outcomes))
+    assert post(url, {"query": "an editor"}).status_code == 401  # the old key no longer
+    assert post(url, {"query": "an editor"}, headers={"Authorization": f"Bearer {new_key}"}).status_code == 200
+    deploying.deploy(_test_config(indexes["A"], service["port"]))  # back to the tests' key
+    assert post(url, {"query": "an editor"}).status_code == 200
 
 
 class Load:
@@ -238,7 +348,9 @@ class Load:
         self.url, self.questions, self.requests_each = url, questions, requests_each
         # (sent at, answered at, 200 or 0, index that answered)
         self.outcomes: list[tuple[float, float, int, str | None]] = []
+        self.answers: list[tuple[str, str, list[str]]] = []  # (question, mode, hit ids) of each 200
         self.errors: list[str] = []
+        self.headers = dict(AUTH)  # the key the clients send; a test may change it while they run
         self.stop = threading.Event()
         self.lock = threading.Lock()
         self.pool = ThreadPoolExecutor(clients)
@@ -253,9 +365,12 @@ class Load:
                 sent = time.monotonic()
                 try:
                     r = session.post(f"{self.url}/search", json={"query": question, "k": 5, "mode": mode},
-                                     timeout=120)
+                                     headers=dict(self.headers), timeout=120)
                     ok = r.status_code == 200 and len(r.json()["results"][0]["hits"]) >= 1
                     index = r.json().get("index") if r.status_code == 200 else None
+                    if ok:
+                        with self.lock:
+                            self.answers.append((question, mode, [h["id"] for h in r.json()["results"][0]["hits"]]))
                     if not ok:
                         with self.lock:
                             self.errors.append(f"{r.status_code} {r.text[:200]}")
@@ -289,7 +404,7 @@ def test_encoder_batching_is_reconfigured_live(service, indexes):
         deploying.deployment(config, ds.encoding_deployment(deploying.application(config)["args"]))["user_config"] = \
             settings
         deploying.deploy(config)
-        return requests.get(f"{service['url']}/info", timeout=30).json()["model"]
+        return get(f"{service['url']}/info", timeout=30).json()["model"]
 
     batches_at_start = deploy_with({"max_batch_size": 32, "batch_wait_timeout_s": 0.005})["batches"]
     model = deploy_with({"max_batch_size": 4, "batch_wait_timeout_s": 0.001})
@@ -297,7 +412,7 @@ def test_encoder_batching_is_reconfigured_live(service, indexes):
     before = model["batches"]
     assert before >= batches_at_start  # the same replica: its counters were not reset by a restart
     assert post(service["url"], {"queries": indexes["questions"][:12], "k": 3}).status_code == 200
-    after = requests.get(f"{service['url']}/info", timeout=30).json()["model"]
+    after = get(f"{service['url']}/info", timeout=30).json()["model"]
     assert after["batches"] - before >= 3  # 12 queries, at most 4 per forward pass
     assert deploy_with({"max_batch_size": 0})["batching"]["max_batch_size"] == 4  # refused, kept
     assert deploy_with(ds.EncoderSettings().model_dump())["batching"]["max_batch_size"] == 32
@@ -315,8 +430,64 @@ def test_concurrent_load_has_no_errors(service, indexes):
     load.finish()
     assert len(load.outcomes) == 512 and not load.errors, load.errors[:5]
     # Concurrent queries were encoded together: more than one query per forward pass on average
-    info = requests.get(f"{service['url']}/info", timeout=30).json()
+    info = get(f"{service['url']}/info", timeout=30).json()
     assert info["model"]["mean_batch_size"] > 1.5, info["model"]
+
+
+def _replica_pid(deployment: str) -> int:
+    """The process of the deployment's one replica, found as an operator would: Ray titles it
+    ``ray::ServeReplica:<app>:<deployment>``."""
+    import psutil
+
+    title = f"ServeReplica:denseqa:{deployment}"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if cmdline.startswith(f"ray::{title}"):
+            found.append(process.pid)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_a_replica_killed_under_load_loses_no_request(service, indexes):
+    """8 clients for 30 s; the replica that encodes and searches is SIGKILLed twice. The ingress retries the calls
+    that replica held on its replacement, so every request is answered 200, with the library Searcher's hits."""
+    import os
+    import signal
+
+    from denseqa.search import Searcher
+
+    load = Load(service["url"], indexes["questions"], clients=8)
+    started, killed = time.monotonic(), []
+    try:
+        for at in (5, 18):
+            time.sleep(max(0.0, started + at - time.monotonic()))
+            pid = _replica_pid("IndexSearcher")
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+            while _replica_pid_or_none("IndexSearcher") in (None, pid):  # until Serve runs its replacement
+                time.sleep(0.5)
+        time.sleep(max(0.0, started + 30 - time.monotonic()))
+    finally:
+        load.finish()
+    assert not load.errors, (len(load.errors), load.errors[:3])
+    assert all(status == 200 for _, _, status, _ in load.outcomes) and len(load.outcomes) > 100
+    stall = max(answered - sent for sent, answered, _, _ in load.outcomes)
+    print(f"replica kills {killed}: {len(load.outcomes)} requests, all 200; longest wait {stall:.1f} s")
+    assert len(set(killed)) == 2
+    searcher = Searcher(indexes["A"])
+    for mode in ("dense", "bm25", "hybrid"):
+        asked = sorted({q for q, m, _ in load.answers if m == mode})
+        expected = dict(zip(asked, ([h.id for h in row] for row in searcher.search(asked, k=5, mode=mode)),
+                            strict=True))
+        assert all(ids == expected[q] for q, m, ids in load.answers if m == mode), mode
+
+
+def _replica_pid_or_none(deployment: str) -> int | None:
+    try:
+        return _replica_pid(deployment)
+    except AssertionError:
+        return None
 
 
 def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes):
@@ -336,11 +507,11 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
         # An index built with another model: `--swap` refuses it before touching the deployment ...
         with pytest.raises(InputError, match="index was built with dimension 32"):
             deploying.swap_index(indexes["C"], timeout_s=120)
-        assert requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"]["index"] == indexes["B"]
+        assert get(f"{url}/info", timeout=30).json()["index"]["last_change"]["index"] == indexes["B"]
         # ... and a Serve config edited by hand to point at it is refused by the replicas: B keeps serving
         deploying.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["C"]))
         deadline = time.monotonic() + 120
-        while (requests.get(f"{url}/info", timeout=30).json()["index"]["last_change"] or {}).get("status") != \
+        while (get(f"{url}/info", timeout=30).json()["index"]["last_change"] or {}).get("status") != \
                 "refused":
             assert time.monotonic() < deadline, "the mismatched index was neither served nor refused"
             time.sleep(0.2)
@@ -356,7 +527,7 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     assert all(index == indexes["B"] for sent, _, _, index in load.outcomes if sent > swapped_at)
     assert len(load.outcomes) > 200
 
-    info = requests.get(f"{url}/info", timeout=30).json()["index"]
+    info = get(f"{url}/info", timeout=30).json()["index"]
     assert info["index"] == indexes["B"]
     assert info["last_change"]["index"] == indexes["C"] and info["last_change"]["serving"] == indexes["B"]
     assert "index was built with dimension" in info["last_change"]["reason"]
@@ -366,7 +537,7 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     body = post(url, {"queries": questions, "k": 5}).json()
     for result, hits in zip(body["results"], expected, strict=True):
         _assert_same_hits(result["hits"], hits)
-    assert requests.get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
+    assert get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
 
 
 def test_a_mode_the_index_cannot_answer_is_a_400(service, indexes):
@@ -374,7 +545,7 @@ def test_a_mode_the_index_cannot_answer_is_a_400(service, indexes):
 
     deploying.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["D"]))  # built with --no-bm25
     deadline = time.monotonic() + 120
-    while requests.get(f"{service['url']}/healthz", timeout=30).json()["index"] != indexes["D"]:
+    while get(f"{service['url']}/healthz", timeout=30).json()["index"] != indexes["D"]:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     for mode in ("bm25", "hybrid"):
@@ -433,7 +604,7 @@ def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, i
         response = post(url, {"query": questions[0], "rerank": True, **request})
         assert response.status_code == status, (request, response.text)
         assert response.json()["error"]["field"] == "candidates", response.text
-    info = requests.get(f"{url}/info", timeout=30).json()["reranker"]
+    info = get(f"{url}/info", timeout=30).json()["reranker"]
     assert info["path"] == cross_encoder_dir and info["mean_batch_size"] >= 1
 
 
@@ -458,6 +629,27 @@ def test_searcher_replica_logic_without_serve(indexes):
     assert replica.last_change["status"] == "refused" and "indx" in replica.last_change["reason"]
     asyncio.run(replica.reconfigure({"index": indexes["B"]}))
     assert replica.status()["index"] == indexes["B"] and replica.last_change["previous"] == indexes["A"]
+    # Health is a test query answered end to end, not just "loaded": a searcher whose index stops answering, or
+    # whose encoder fails, is unhealthy (and Serve replaces it)
+    encoding = IndexSearcher.func_or_class(indexes["A"], model, encodes_queries=True)
+    asyncio.run(encoding.reconfigure({}))
+    encoding.check_health()
+    batches = encoding.queries.batches
+    encoding.check_health()
+    assert encoding.queries.batches == batches  # health checks are not counted as queries
+
+    class BrokenIndex:
+        d, ntotal = replica.searcher.index.d, replica.searcher.index.ntotal
+
+        def search(self, vectors, k):
+            return np.zeros((len(vectors), k), np.float32), np.full((len(vectors), k), -1, np.int64)
+
+    replica.searcher.index = BrokenIndex()
+    with pytest.raises(RuntimeError, match="the test query found nothing"):
+        replica.check_health()
+    encoding.queries.encoder = None
+    with pytest.raises(AttributeError):
+        encoding.check_health()
 
 
 def test_shipped_serve_config_is_valid_and_autoscales():
