@@ -70,6 +70,12 @@ def test_cluster_serve_config_differs_from_the_local_one_in_resources_and_the_gp
     for app in (local_app, cluster_app):
         api = next(d for d in app["deployments"] if d["name"] == "SearchAPI")
         assert api["user_config"] == {"auth": True, "api_key_sha256": []}
+    # A replica stopped by a scale-down or a redeploy drains what it holds, the ingress for longer than its retries
+    from denseqa.serve import RETRY_DEADLINE_S
+
+    for app in (local_app, cluster_app):
+        drain = {d["name"]: d["graceful_shutdown_timeout_s"] for d in app["deployments"]}
+        assert drain["SearchAPI"] > RETRY_DEADLINE_S and min(drain.values()) >= 20, drain
     # On the cluster every deployment keeps 2 replicas at least: one that dies leaves another answering
     for d in cluster_app["deployments"]:
         assert d["autoscaling_config"].pop("min_replicas") >= 2, d["name"]
