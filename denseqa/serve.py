@@ -403,26 +403,47 @@ async def require_api_key(request: Request, call_next):
 # How long the ingress keeps retrying a call whose replica died: long enough for Serve to start a replacement
 # (a searcher loads its model and index in ~10-20 s on 2 cores), short of a client's usual 60 s timeout.
 RETRY_DEADLINE_S = 45.0
+# After a failure, how long one more attempt may take before it is given up and made again: a call sent to a
+# replica on a node that just died can hang until Ray declares the node dead, while the same call made again is
+# routed to a live replica (or waits for one). Far above a search's own time, even under load.
+RETRY_ATTEMPT_TIMEOUT_S = 10.0
 
 
-async def retried(call, what: str, deadline_s: float = RETRY_DEADLINE_S):
-    """``await call()``, again while the replica it reached died or is restarting, until ``deadline_s``.
+class ReplicaUnavailable(RuntimeError):
+    """No replica answered a call within the retry deadline (answered 503: the client may try again later)."""
 
-    Every call retried this way is idempotent (encode, search, score, describe): repeating it on another replica,
-    or on the replacement Serve starts, gives the same answer. The handle routes a new call only to live replicas
-    and holds it while there are none, so the retry itself waits for the restart. Written here because Serve
-    retries a request only when a replica dies before it is assigned, not one a replica was working on.
+
+async def _awaited(response):
+    return await response
+
+
+async def retried(call, what: str, deadline_s: float = RETRY_DEADLINE_S,
+                  attempt_timeout_s: float = RETRY_ATTEMPT_TIMEOUT_S):
+    """``await call()``, again while the replica it reached died, is restarting or hangs, until ``deadline_s``.
+
+    Every call retried this way is idempotent (encode, search, score): repeating it on another replica, or on the
+    replacement Serve starts, gives the same answer. The handle routes a new call only to live replicas and holds
+    it while there are none, so the retry itself waits for the restart. The first attempt runs without a timeout
+    (a healthy service pays nothing); the ones after a failure each get ``attempt_timeout_s``. Written here
+    because Serve retries a request only when a replica dies before it is assigned, not one a replica was
+    working on.
     """
     from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
 
-    deadline, pause = time.monotonic() + deadline_s, 0.05
+    deadline, pause, failures = time.monotonic() + deadline_s, 0.05, 0
     while True:
         try:
-            return await call()
-        except RayActorError as e:
-            if time.monotonic() + pause > deadline:
-                raise
-            logger.warning("%s: its replica died or is unreachable (%s); retrying", what, type(e).__name__)
+            if not failures:
+                return await call()
+            left = deadline - time.monotonic()
+            return await asyncio.wait_for(_awaited(call()), timeout=max(0.1, min(attempt_timeout_s, left)))
+        except (RayActorError, asyncio.TimeoutError) as e:
+            failures += 1
+            if time.monotonic() + pause >= deadline:
+                raise ReplicaUnavailable(f"{what}: no replica answered within {deadline_s:.0f} s "
+                                         f"({failures} attempts; last: {type(e).__name__})") from e
+            logger.warning("%s: its replica died, is unreachable or did not answer (%s); retrying", what,
+                           type(e).__name__)
             await asyncio.sleep(pause)
             pause = min(2 * pause, 1.0)
 
@@ -469,7 +490,8 @@ class SearchAPI:
                    s400="Invalid JSON, a mode the index cannot answer, or rerank without a reranker",
                    s401="No API key, or not one the service accepts",
                    s413="Too many queries, a query too long, or too many candidates to re-rank",
-                   s422="A field is missing or invalid; the body names it", s503="No index loaded yet"))
+                   s422="A field is missing or invalid; the body names it",
+                   s503="No index loaded yet, or no replica answered within the retry deadline"))
     async def search(self, request: SearchRequest):
         """Search the index: the hits of each query, best first; with ``rerank``, the first ``candidates`` hits
         re-ranked by the cross-encoder and the best ``k`` of them returned."""
@@ -482,10 +504,16 @@ class SearchAPI:
                 raise BadRequest("mode", one_line(getattr(answer, "cause", None) or answer), 400)
             if _is(answer, IndexNotLoaded):
                 raise BadRequest("index", "no index loaded yet", 503)
+            if _is(answer, ReplicaUnavailable):
+                raise BadRequest("service", f"{answer}; try again later", 503)
             raise answer
         hits = answer["hits"]
         if candidates is not None:
-            hits = await asyncio.gather(*(self._rerank(q, h, request.k) for q, h in zip(queries, hits, strict=True)))
+            try:
+                hits = await asyncio.gather(*(self._rerank(q, h, request.k)
+                                              for q, h in zip(queries, hits, strict=True)))
+            except ReplicaUnavailable as e:
+                raise BadRequest("service", f"{e}; try again later", 503) from None
         results = [{"query": q, "hits": h} for q, h in zip(queries, hits, strict=True)]
         return SearchResponse(results=results, mode=request.mode, k=request.k, index=answer["index"],
                               reranked_candidates=candidates, took_ms=(time.perf_counter() - started) * 1000)

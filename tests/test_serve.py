@@ -712,3 +712,41 @@ def test_a_deployment_waiting_for_resources_is_named_in_one_line():
     assert "\n" not in reason and reason.startswith("Deployment 'Reranker'")
     assert 'Resources required for each replica: {"CPU": 1.0}, total resources available: {"CPU": 0.25}' in reason
     assert deploying._waiting_reasons(None) == []
+
+
+def test_retried_calls_outlast_a_dead_or_hanging_replica_and_then_give_up():
+    """The ingress' retry without Serve: a call that fails with an actor error, then hangs (a replica on a node
+    that just died), is made again until it answers; one that never answers ends in ReplicaUnavailable (503)."""
+    from ray.exceptions import ActorUnavailableError
+
+    from denseqa.serve import ReplicaUnavailable, retried
+
+    attempts = []
+
+    async def flaky():
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise ActorUnavailableError("the replica's node died", b"0" * 16)
+        if len(attempts) == 2:
+            await asyncio.sleep(60)  # routed to the dead replica again: hangs until the attempt's timeout
+        return "hits"
+
+    assert asyncio.run(retried(flaky, "search", deadline_s=5, attempt_timeout_s=0.3)) == "hits"
+    assert len(attempts) == 3 and attempts[2] - attempts[1] < 1.5
+
+    async def dead():
+        raise ActorUnavailableError("gone", b"0" * 16)
+
+    started = time.monotonic()
+    with pytest.raises(ReplicaUnavailable, match=r"search: no replica answered within 1 s \(\d+ attempts"):
+        asyncio.run(retried(dead, "search", deadline_s=1, attempt_timeout_s=0.3))
+    assert time.monotonic() - started < 2
+
+    async def bad_request():  # anything but a replica failure is not retried
+        attempts.append(0)
+        raise ValueError("mode bm25: this index has no BM25")
+
+    before = len(attempts)
+    with pytest.raises(ValueError):
+        asyncio.run(retried(bad_request, "search"))
+    assert len(attempts) == before + 1
