@@ -324,10 +324,14 @@ class IndexConfig(Section):
         None, "FAISS index_factory string (e.g. 'IVF4096,PQ48'); overrides the automatic choice."
     )
     memory_budget_gb: float = _f(
-        4.0, "Memory the index may take; above it the chooser compresses the vectors (OPQ + IVF-PQ).", gt=0
+        4.0, "Memory the index may take; the chooser picks the fastest index that fits it, compressing the vectors "
+        "(half floats, 8 bits, then OPQ + IVF-PQ) only as far as needed.", gt=0
     )
     exact_max_vectors: int = _f(20000, "Up to this many vectors, exact inner-product search (no approximation).", ge=0)
-    hnsw_max_vectors: int = _f(500000, "Up to this many vectors (unsharded, within budget), HNSW; above, IVF.", ge=0)
+    hnsw_max_vectors: int = _f(
+        5_000_000, "Up to this many vectors an HNSW graph may be chosen (unsharded, when it fits the budget); above, "
+        "IVF: a graph is built in one process, and beyond this its build takes hours on a few cores.", ge=0
+    )
     target_recall: float = _f(
         0.95, "Tune nprobe / efSearch to the smallest value whose recall@10 against exact search reaches this.",
         gt=0, le=1

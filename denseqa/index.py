@@ -4,11 +4,13 @@ The build-index driver (:mod:`denseqa.drivers.build_index`) embeds the corpus (:
 this module to assemble the docstore, choose the index, train it on a sample, add the vectors (in parallel Ray
 tasks when sharded) and tune its search parameters against exact search.
 
-The choice follows autofaiss (Criteo): exact search while the corpus is small; a graph (HNSW, Malkov & Yashunin,
-2018) or an inverted file over flat vectors (IVF-Flat) in the middle; product quantisation with a learned rotation
-(OPQ + IVF-PQ, Jégou et al., 2011; Ge et al., 2013) when the raw vectors do not fit the memory budget. Any
-FAISS ``index_factory`` string overrides it. nprobe / efSearch are then set to the smallest value whose
-recall@10 against exact search, measured on corpus vectors used as queries, reaches the target.
+The choice follows autofaiss (Criteo) in spirit, by the memory budget rather than fixed counts: exact search while
+the corpus is small; then the fastest index that fits the budget with the least lossy vectors: a graph (HNSW,
+Malkov & Yashunin, 2018) over full, half-float or 8-bit vectors; else an inverted file (IVF-Flat, IVF-SQ8; with an
+HNSW coarse quantiser once the lists are many, Baranchuk et al., 2018); product quantisation with a learned
+rotation (OPQ + IVF-PQ, Jégou et al., 2011; Ge et al., 2013) only when not even 8-bit vectors fit. Any FAISS
+``index_factory`` string overrides it. nprobe / efSearch are then set to the smallest value whose recall@10
+against exact search, measured on query vectors (questions) where there are some, reaches the target.
 
 The folder: ``index.faiss`` (vector i is docstore row i), ``docstore.parquet`` (id, text), ``bm25/`` and
 ``manifest.json`` (model, dimension, normalisation, count, index type and parameters, measured recall, build time,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -34,6 +37,8 @@ from denseqa.errors import InputError
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
+REFINE_FILE = "vectors.faiss"  # with product quantisation: the full vectors, memory-mapped to re-rank candidates
+REFINE_K_FACTOR = 8  # candidates fetched per hit wanted, then re-ranked by their full vectors
 DOCSTORE_FILE = "docstore.parquet"
 MANIFEST_FILE = "manifest.json"
 BM25_DIR = "bm25"
@@ -57,6 +62,7 @@ class IndexChoice:
     reason: str
     estimated_bytes: int
     nlist: int | None = None
+    refine: bool = False  # re-rank the candidates with the full vectors, memory-mapped from REFINE_FILE
 
 
 def default_nlist(n: int) -> int:
@@ -69,15 +75,39 @@ def default_nlist(n: int) -> int:
 
 
 def kind_of(factory: str) -> str:
-    if "HNSW" in factory and "IVF" not in factory:
+    if factory.startswith("HNSW") or ("HNSW" in factory and "IVF" not in factory):
         return "hnsw"
     if "IVF" in factory:
         return "ivfpq" if re.search(r"PQ\d", factory.split("IVF", 1)[1]) else "ivf"
     return "flat" if factory.strip() in ("Flat", "IDMap,Flat") else "other"
 
 
+# Bytes each vector takes in each encoding FAISS offers here, by factory suffix: full floats, half floats,
+# 8-bit scalar quantisation (a learned min/max per dimension).
+VECTOR_ENCODINGS = (("Flat", 4.0), ("SQfp16", 2.0), ("SQ8", 1.0))
+IVF_ID_BYTES = 8  # an IVF list stores each vector's id beside its code
+HNSW_QUANTIZER_MIN_NLIST = 4096  # from this many lists, finding the nearest lists by brute force costs too much
+
+
+def hnsw_graph_bytes(n: int) -> int:
+    """The graph of HNSW{M}: 2M neighbour ids (int32) per vector at level 0, ~1/M of that again above."""
+    return int(n * HNSW_M * 2 * 4 * 1.1)
+
+
+def ivf_factory(nlist: int) -> str:
+    """IVF with a flat coarse quantiser, or an HNSW one once there are many lists (Baranchuk et al., 2018)."""
+    return f"IVF{nlist}_HNSW{HNSW_M}" if nlist >= HNSW_QUANTIZER_MIN_NLIST else f"IVF{nlist}"
+
+
 def choose_index(n: int, d: int, cfg: IndexConfig) -> IndexChoice:
-    """Pick an index for ``n`` vectors of dimension ``d`` within ``cfg.memory_budget_gb``."""
+    """Pick an index for ``n`` vectors of dimension ``d`` by what fits ``cfg.memory_budget_gb``.
+
+    Exact search while the corpus is small; then the fastest index whose estimated size fits the budget, with the
+    least lossy vectors: an HNSW graph over full, half or 8-bit vectors (unsharded builds: a graph does not merge);
+    else an inverted file (an HNSW coarse quantiser when the lists are many) over full or 8-bit vectors; else
+    product quantisation (OPQ + IVF-PQ), as many bytes per vector as fit. The estimates are the memory model in
+    BENCHMARKS.md.
+    """
     budget = cfg.memory_budget_gb * 2**30
     flat_bytes = n * d * 4
     nlist = default_nlist(n)
@@ -93,22 +123,32 @@ def choose_index(n: int, d: int, cfg: IndexConfig) -> IndexChoice:
                              f"than --memory-budget-gb {cfg.memory_budget_gb}; raise it or lower --exact-max-vectors")
         return IndexChoice("Flat", "flat", f"{n} <= exact_max_vectors {cfg.exact_max_vectors}: exact search",
                            flat_bytes)
-    hnsw_bytes = int(n * (d * 4 + HNSW_M * 2 * 4 * 1.1))
-    if n <= cfg.hnsw_max_vectors and cfg.shards == 1 and hnsw_bytes <= budget:
-        return IndexChoice(f"HNSW{HNSW_M},Flat", "hnsw",
-                           f"{n} <= hnsw_max_vectors {cfg.hnsw_max_vectors} and fits the budget: graph search",
-                           hnsw_bytes)
-    ivf_bytes = n * (d * 4 + 8) + nlist * d * 4
-    if ivf_bytes <= budget:
-        why = "sharded build" if cfg.shards > 1 and n <= cfg.hnsw_max_vectors else \
-            f"{n} > hnsw_max_vectors {cfg.hnsw_max_vectors}"
-        return IndexChoice(f"IVF{nlist},Flat", "ivf", f"{why}; flat vectors fit the budget", ivf_bytes, nlist)
+    fits = f"fits --memory-budget-gb {cfg.memory_budget_gb}"
+    graph_ok = cfg.shards == 1 and n <= cfg.hnsw_max_vectors
+    if graph_ok:
+        for encoding, per_dim in VECTOR_ENCODINGS:
+            size = int(n * d * per_dim) + hnsw_graph_bytes(n)
+            if size <= budget:
+                return IndexChoice(f"HNSW{HNSW_M},{encoding}", "hnsw", f"graph search over {encoding} vectors "
+                                   f"({size / 2**30:.2f} GiB) {fits}", size)
+    why = f"sharded build (--shards {cfg.shards})" if cfg.shards > 1 else \
+        f"{n} > hnsw_max_vectors {cfg.hnsw_max_vectors}" if n > cfg.hnsw_max_vectors else \
+        "no HNSW graph fits the budget"
+    quantiser = ivf_factory(nlist)
+    centroids = nlist * d * 4 + (hnsw_graph_bytes(nlist) if "HNSW" in quantiser else 0)
+    for encoding, per_dim in (VECTOR_ENCODINGS[0], VECTOR_ENCODINGS[2]):  # IVF-SQfp16 is rarely worth its own row
+        size = int(n * (d * per_dim + IVF_ID_BYTES)) + centroids
+        if size <= budget:
+            return IndexChoice(f"{quantiser},{encoding}", "ivf", f"{why}; inverted lists of {encoding} vectors "
+                               f"({size / 2**30:.2f} GiB) {fits}", size, nlist)
     for m in PQ_SUBQUANTIZERS:
-        pq_bytes = n * (m + 8) + nlist * d * 4 + d * d * 4
-        if d % m == 0 and pq_bytes <= budget:
-            return IndexChoice(f"OPQ{m},IVF{nlist},PQ{m}", "ivfpq",
-                               f"flat vectors ({ivf_bytes / 2**30:.2f} GiB) exceed the budget "
-                               f"({cfg.memory_budget_gb} GiB): {m} bytes per vector", pq_bytes, nlist)
+        size = n * (m + IVF_ID_BYTES) + centroids + d * d * 4
+        if d % m == 0 and size <= budget:
+            return IndexChoice(f"OPQ{m},{quantiser},PQ{m}", "ivfpq",
+                               f"{why}; even 8-bit vectors ({n * (d + IVF_ID_BYTES) / 2**30:.2f} GiB) exceed the "
+                               f"budget: product quantisation, {m} bytes per vector, candidates re-ranked with the "
+                               f"full vectors memory-mapped from disk ({flat_bytes / 2**30:.2f} GiB of disk)",
+                               size, nlist, refine=True)
     raise InputError(f"{n} vectors of dimension {d} do not fit --memory-budget-gb {cfg.memory_budget_gb} even "
                      "with product quantisation; raise the budget")
 
@@ -142,7 +182,12 @@ def set_search_parameter(index, kind: str, value: int | None) -> None:
 
     name = search_parameter(kind)
     if name and value is not None:
-        faiss.ParameterSpace().set_index_parameter(index, name, value)
+        space = faiss.ParameterSpace()
+        space.set_index_parameter(index, name, value)
+        ivf = faiss.try_extract_index_ivf(index) if name == "nprobe" else None
+        if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+            # An HNSW coarse quantiser must find the nprobe nearest lists, not only the first few
+            faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(2 * value, 64)
 
 
 # ------------------------------------------------------------------------------------------ the corpus on disk
@@ -304,6 +349,39 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
         if faults.planned_step("index.kill_after_shards") == i + 1:
             faults.kill_self(f"the build process kills itself after shard {i + 1}")
     return index
+
+
+def write_refine_vectors(path: str, layout: Layout, d: int, batch_size: int) -> int:
+    """Write every vector, in order, as a FAISS ``IndexFlatIP`` file, chunk by chunk: FAISS can memory-map such a
+    file (``IO_FLAG_MMAP_IFC``) but writes one only from an index held whole in memory, which the vectors of a
+    corpus compressed to fit its budget do not fit. The layout is FAISS's (``write_index`` of an IndexFlat:
+    fourcc, header, float count, floats); a test checks the bytes against FAISS's own."""
+    import struct
+
+    n = layout.count
+    with open(path, "wb") as f:
+        # fourcc "IxFI", d, ntotal, two unused int64 (1 << 20), is_trained, metric (0: inner product)
+        f.write(struct.pack("<4siqqq?i", b"IxFI", d, n, 1 << 20, 1 << 20, True, 0))
+        f.write(struct.pack("<q", n * d))
+        written = 0
+        for x in read_vectors(layout, batch_size):
+            f.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
+            written += len(x)
+    if written != n:
+        raise RuntimeError(f"{path}: wrote {written} vectors of {n}")
+    return os.path.getsize(path)
+
+
+def with_refine(index, refine_path: str, k_factor: int = REFINE_K_FACTOR):
+    """``index`` whose candidates (``k_factor`` per hit) are re-ranked by the full vectors of ``refine_path``,
+    memory-mapped: they stay on disk, and the page cache holds what searches touch. Returns FAISS's IndexRefine
+    (its Python constructor keeps references to both parts)."""
+    import faiss
+
+    vectors = faiss.read_index(refine_path, faiss.IO_FLAG_MMAP_IFC)
+    refined = faiss.IndexRefine(index, vectors)
+    refined.k_factor = k_factor
+    return refined
 
 
 # ------------------------------------------------------------------------------------------ tuning

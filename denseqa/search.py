@@ -24,7 +24,15 @@ import numpy as np
 
 from denseqa import storage
 from denseqa.errors import InputError
-from denseqa.index import BM25_DIR, DOCSTORE_FILE, FORMAT_VERSION, INDEX_FILE, MANIFEST_FILE, set_search_parameter
+from denseqa.index import (
+    BM25_DIR,
+    DOCSTORE_FILE,
+    FORMAT_VERSION,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    set_search_parameter,
+    with_refine,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +105,9 @@ class Searcher:
             encoder.check_matches(recorded, index_dir)
         self.encoder = encoder
         self.index = faiss.read_index(os.path.join(local, INDEX_FILE))
+        refine = self.manifest["index"].get("refine")
+        if refine:  # compressed codes in memory, candidates re-ranked with the full vectors memory-mapped
+            self.index = with_refine(self.index, os.path.join(local, refine["file"]), refine["k_factor"])
         if self.index.d != self.manifest["dimension"] or self.index.ntotal != self.manifest["count"]:
             raise InputError(f"{index_dir}: {INDEX_FILE} holds {self.index.ntotal} vectors of dimension "
                              f"{self.index.d}, the manifest says {self.manifest['count']} of "

@@ -74,9 +74,13 @@ def test_chosen_approximate_index_reaches_target_recall_on_100k_vectors(tmp_path
         (5_000, 4.0, 1, "flat", "Flat"),
         (100_000, 4.0, 1, "hnsw", "HNSW32,Flat"),
         (100_000, 4.0, 3, "ivf", "IVF1024,Flat"),  # shards merge only for flat and IVF indexes
-        (1_000_000, 4.0, 1, "ivf", "IVF4096,Flat"),
-        (1_000_000, 0.5, 1, "ivfpq", "OPQ96,IVF4096,PQ96"),  # 1.5 GB of raw vectors > 0.5 GB
-        (10_000_000, 0.5, 1, "ivfpq", "OPQ32,IVF16384,PQ32"),
+        (1_000_000, 4.0, 1, "hnsw", "HNSW32,Flat"),  # the graph over full vectors fits: 1.7 GB
+        (1_000_000, 1.5, 1, "hnsw", "HNSW32,SQfp16"),  # half floats: 0.98 GiB
+        (1_000_000, 0.75, 1, "hnsw", "HNSW32,SQ8"),  # 8 bits: 0.62 GiB
+        (1_000_000, 4.0, 2, "ivf", "IVF4096_HNSW32,Flat"),  # sharded: no graph; many lists: an HNSW quantiser
+        (1_000_000, 0.5, 1, "ivf", "IVF4096_HNSW32,SQ8"),  # SQ8 before PQ: 0.37 GB
+        (10_000_000, 4.0, 1, "ivf", "IVF16384_HNSW32,SQ8"),  # past hnsw_max_vectors
+        (10_000_000, 0.5, 1, "ivfpq", "OPQ32,IVF16384_HNSW32,PQ32"),  # even 8 bits (3.7 GB) do not fit
     ],
 )
 def test_index_choice_follows_count_and_memory_budget(n, budget_gb, shards, kind, factory):
@@ -152,3 +156,43 @@ def test_tuning_on_question_vectors_meets_the_target_for_those_questions(tmp_pat
     truth = exact_top_k(vectors, questions, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
     assert recall >= 0.95 and recall == pytest.approx(tuning["recall"], abs=1e-4)
+
+
+def test_refine_vectors_are_written_as_faiss_writes_an_inner_product_flat_index(tmp_path):
+    """The full vectors stream to disk chunk by chunk in FAISS's own IndexFlatIP file layout (byte for byte), so
+    FAISS memory-maps them to re-rank product-quantised candidates."""
+    import faiss
+
+    from denseqa.index import write_refine_vectors
+
+    vectors = clustered_vectors(1_000, 24, seed=8, clusters=20)
+    layout = layout_of(tmp_path, vectors, files=3)
+    path = tmp_path / "vectors.faiss"
+    write_refine_vectors(str(path), layout, 24, batch_size=128)
+    flat = faiss.IndexFlatIP(24)
+    flat.add(vectors)
+    assert path.read_bytes() == faiss.serialize_index(flat).tobytes()
+
+
+def test_compressed_choice_reranks_with_memory_mapped_vectors_to_reach_the_target(tmp_path):
+    """When not even 8-bit vectors fit, the chooser takes product quantisation with re-ranking from the full
+    vectors on disk: recall@10 then reaches the target that the codes alone cannot."""
+    from denseqa.index import set_search_parameter, with_refine, write_refine_vectors
+
+    n, d = 40_000, 64
+    vectors = clustered_vectors(n, d, seed=9, clusters=400)
+    layout = layout_of(tmp_path, vectors)
+    cfg = IndexConfig(memory_budget_gb=1.1e-3, exact_max_vectors=1000, tune_queries=300)  # ~1.2 MB: 8-bit is 2.8
+    choice = choose_index(n, d, cfg)
+    assert choice.kind == "ivfpq" and choice.refine and "memory-mapped" in choice.reason, choice
+    assert choice.estimated_bytes <= cfg.memory_budget_gb * 2**30
+    base = build_faiss_index(layout, d, choice, cfg)
+    codes_only = tune_search(base, choice, layout, cfg)
+    write_refine_vectors(str(tmp_path / "vectors.faiss"), layout, d, cfg.add_batch_size)
+    refined = with_refine(base, str(tmp_path / "vectors.faiss"))
+    tuning = tune_search(refined, choice, layout, cfg)
+    assert not codes_only["target_reached"] and tuning["target_reached"], (codes_only, tuning)
+    # scores are the exact inner products of the full vectors
+    set_search_parameter(refined, choice.kind, tuning["value"])
+    scores, found = refined.search(vectors[:5], 3)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", vectors[:5], vectors[found]), rtol=1e-5)

@@ -137,3 +137,28 @@ def test_an_interrupted_build_leaves_no_loadable_folder_and_a_rerun_completes(cl
     tuning = searcher.manifest["index"]["search"]
     distinct_questions = len(set(pq.read_table(sample).column("question")))
     assert tuning["queries"] == "questions" and tuning["tuned_on"] == distinct_questions
+
+
+def test_a_compressed_index_is_searched_with_its_memory_mapped_full_vectors(cluster, sample, tiny_model_dir):
+    """A budget that not even 8-bit vectors fit: the job writes product-quantised codes (index.faiss) and the full
+    vectors (vectors.faiss); the Searcher memory-maps those and re-ranks with them, so a hit's score is the exact
+    inner product of the full vectors, not the codes' approximation."""
+    import faiss
+
+    from denseqa.search import Searcher
+
+    index = cluster["tmp"] / "compressed" / "index"
+    built = submit_job(cluster, "build_index", "--corpus", str(sample), "--from-answers", "--output", str(index),
+                       "--model", str(tiny_model_dir), "--memory-budget-gb", "0.00001", "--exact-max-vectors", "10",
+                       "--no-bm25")
+    assert built.returncode == 0, (built.stdout + built.stderr)[-5000:]
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["index"]["kind"] == "ivfpq" and manifest["index"]["refine"]["file"] == "vectors.faiss"
+    assert manifest["index"]["refine"]["file_bytes"] == (index / "vectors.faiss").stat().st_size
+    full = faiss.rev_swig_ptr(faiss.read_index(str(index / "vectors.faiss")).get_xb(),
+                              manifest["count"] * manifest["dimension"])
+    full = np.array(full, copy=True).reshape(manifest["count"], manifest["dimension"])
+    searcher = Searcher(str(index), load_encoder=False)
+    queries = full[:20] + 0.01
+    scores, positions = searcher.dense_positions(queries, 5)
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, full[positions]), rtol=1e-4)

@@ -24,12 +24,16 @@ from denseqa.index import (
     INDEX_FILE,
     MANIFEST_FILE,
     RECALL_AT,
+    REFINE_FILE,
+    REFINE_K_FACTOR,
     assemble_docstore,
     build_faiss_index,
     check_factory,
     choose_index,
     shard_ranges,
     tune_search,
+    with_refine,
+    write_refine_vectors,
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
 from denseqa.texts import non_blank
@@ -111,9 +115,15 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         logger.info("%d passages (%d read, %d dropped, %d repeated): %s — %s", n, corpus.rows,
                     corpus.rows - embedding["rows"], embedding["rows"] - n, choice.factory, choice.reason)
         index = build_faiss_index(layout, d, choice, icfg)
-        tuning = tune_search(index, choice, layout, icfg, question_vectors)
         faiss.write_index(index, os.path.join(staging, INDEX_FILE))
         index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
+        refine = None
+        if choice.refine:
+            path = os.path.join(staging, REFINE_FILE)
+            refine = {"file": REFINE_FILE, "k_factor": REFINE_K_FACTOR, "memory_mapped": True,
+                      "file_bytes": write_refine_vectors(path, layout, d, icfg.add_batch_size)}
+            index = with_refine(index, path, REFINE_K_FACTOR)  # tuned as it will be searched
+        tuning = tune_search(index, choice, layout, icfg, question_vectors)
         del index
         bm25_info = _build_bm25(staging, icfg) if icfg.bm25 else None
         manifest = {
@@ -129,7 +139,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
                        "derived_ids": corpus.derived_ids},
             "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
                       "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
-                      "file_bytes": index_bytes, "shards": len(shard_ranges(n, icfg.shards)),
+                      "file_bytes": index_bytes, "refine": refine, "shards": len(shard_ranges(n, icfg.shards)),
                       "search": tuning},
             "bm25": bm25_info,
             "build": {"embedding": embedding, "index_seconds": round(time.time() - index_started, 2),
