@@ -394,8 +394,8 @@ async def require_api_key(request: Request, call_next):
     check = auth.installed()  # this process's SearchAPI replica's; None until it is configured: nothing passes
     if path in OPEN_PATHS or (check is not None and check.allows(request.headers.get("authorization"))):
         return await call_next(request)
-    message = "missing or wrong API key: send `Authorization: Bearer <key>` (the key `denseqa serve` printed " \
-              f"the place of: ~/.denseqa/api_key or ${KEY_ENV})"
+    message = "missing or wrong API key: send `Authorization: Bearer <key>` with the service's key (`denseqa " \
+              f"serve` printed where it is: ~/.denseqa/api_key on the machine that deployed it, or ${KEY_ENV})"
     return JSONResponse(error_body("authorization", message), status_code=401,
                         headers={"WWW-Authenticate": 'Bearer realm="denseqa"'})
 
