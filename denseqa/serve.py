@@ -412,6 +412,9 @@ RETRY_ATTEMPT_TIMEOUT_S = 10.0
 class ReplicaUnavailable(RuntimeError):
     """No replica answered a call within the retry deadline (answered 503: the client may try again later)."""
 
+    def as_response(self) -> BadRequest:
+        return BadRequest("service", f"{self}; try again later", 503)
+
 
 async def _awaited(response):
     return await response
@@ -504,8 +507,8 @@ class SearchAPI:
                 raise BadRequest("mode", one_line(getattr(answer, "cause", None) or answer), 400)
             if _is(answer, IndexNotLoaded):
                 raise BadRequest("index", "no index loaded yet", 503)
-            if _is(answer, ReplicaUnavailable):
-                raise BadRequest("service", f"{answer}; try again later", 503)
+            if isinstance(answer, ReplicaUnavailable):  # raised here, by this replica's retries
+                raise answer.as_response()
             raise answer
         hits = answer["hits"]
         if candidates is not None:
@@ -513,7 +516,7 @@ class SearchAPI:
                 hits = await asyncio.gather(*(self._rerank(q, h, request.k)
                                               for q, h in zip(queries, hits, strict=True)))
             except ReplicaUnavailable as e:
-                raise BadRequest("service", f"{e}; try again later", 503) from None
+                raise e.as_response() from None
         results = [{"query": q, "hits": h} for q, h in zip(queries, hits, strict=True)]
         return SearchResponse(results=results, mode=request.mode, k=request.k, index=answer["index"],
                               reranked_candidates=candidates, took_ms=(time.perf_counter() - started) * 1000)

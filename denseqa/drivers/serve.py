@@ -172,10 +172,14 @@ def rotate_key(stage: str, key_file: str, timeout_s: float = 600, app_name: str 
         accepted = [auth.digest(key)]
     entry["user_config"] = {**settings, "auth": True, "api_key_sha256": accepted}
     deploy(running, timeout_s)
-    # The new key reaches the file only once the service accepts it: clients that read the file never hold a key
-    # the service refuses.
-    source = f"${auth.KEY_ENV}" if from_env else str(auth.write_key(key_file, key)) if stage == "start" else \
-        str(Path(key_file).expanduser())
+    if from_env:
+        source = f"${auth.KEY_ENV}"
+    elif stage == "start":
+        # The new key reaches the file only once the service accepts it: clients that read the file never hold a
+        # key the service refuses.
+        source = str(auth.write_key(key_file, key))
+    else:
+        source = str(Path(key_file).expanduser())
     return {"stage": stage, "keys_accepted": len(accepted), "key": source}
 
 
