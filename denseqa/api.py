@@ -182,7 +182,8 @@ def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25
                         "description": props["queries"].get("description", "")
                         + " At most the service's `max_queries`."}
     request["oneOf"] = [{"required": ["query"]}, {"required": ["queries"]}]
-    props["mode"] = {**props["mode"], "enum": ["dense", "bm25", "hybrid"] if has_bm25 else ["dense"]}
+    if not has_bm25:  # an index built without BM25 answers dense search only
+        props["mode"] = {**props["mode"], "enum": ["dense"]}
     if has_reranker:
         props["candidates"] = {"type": "integer", "minimum": 1, "maximum": limits.max_candidates,
                                "description": props["candidates"].get("description", "")}
