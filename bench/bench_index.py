@@ -127,7 +127,7 @@ def ann_case(shards: str, budget_gb: float) -> dict:
 
     from denseqa.config import IndexConfig
     from denseqa.index import (
-        REFINE_FILE,
+        VECTORS_FILE,
         assemble_docstore,
         build_faiss_index,
         choose_index,
@@ -148,8 +148,8 @@ def ann_case(shards: str, budget_gb: float) -> dict:
         started = time.perf_counter()
         index = base = build_faiss_index(layout, d, choice, cfg)
         if choice.refine:  # as the job does: the full vectors go to disk and re-rank the candidates
-            write_refine_vectors(os.path.join(tmp, REFINE_FILE), layout, d, 65536)
-            index = with_refine(index, os.path.join(tmp, REFINE_FILE))
+            write_refine_vectors(os.path.join(tmp, VECTORS_FILE), layout, d, 65536)
+            index = with_refine(index, os.path.join(tmp, VECTORS_FILE))
         build_s = time.perf_counter() - started
         held_out = np.load(Path(shards).parent / f"{Path(shards).name}-{QUERIES_FILE}")
         half = len(held_out) // 2

@@ -37,8 +37,16 @@ def _train_reranker(args: argparse.Namespace) -> None:
 
 def _build_index(args: argparse.Namespace) -> None:
     from denseqa.drivers.build_index import run_build_index
+    from denseqa.drivers.update_index import run_update_index
 
-    manifest = run_build_index(config_from_args(args, COMMAND_SECTIONS["build-index"]))
+    cfg = config_from_args(args, COMMAND_SECTIONS["build-index"])
+    if cfg.index.update:
+        manifest = run_update_index(cfg)
+        index = {k: manifest["index"].get(k) for k in ("factory", "ntotal", "deleted")}
+        print(json.dumps({"output": manifest["output"], "version": manifest.get("version", 1),
+                          "count": manifest["count"], "index": index, "update": manifest["update"]}, indent=2))
+        return
+    manifest = run_build_index(cfg)
     print(json.dumps({k: manifest[k] for k in ("output", "count", "index", "build")}, indent=2))
 
 

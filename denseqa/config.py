@@ -359,6 +359,24 @@ class IndexConfig(Section):
     keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
     overwrite: bool = _f(False, "Replace an existing index folder.", owned=True)
     seed: int = _f(0, "Seed of the training and tuning samples.")
+    update: str | None = _f(
+        None, "Update this index folder live instead of building one: --upsert and --delete apply to it as a new "
+        "version, published atomically; only new or changed texts are embedded.", flag="--update", owned=True
+    )
+    upsert: str | None = _f(
+        None, "With --update: parquet of passages to add or replace (columns corpus.id_column and text_column; "
+        "a Q/A parquet for an index built --from-answers).", flag="--upsert", owned=True
+    )
+    delete: str | None = _f(
+        None, "With --update: parquet whose corpus.id_column lists passages to delete; ids not in the index are "
+        "counted and reported.", flag="--delete", owned=True
+    )
+    compact_threshold: float = _f(
+        0.2, "With --update: once this share of the index's vectors are deleted or replaced ones (kept as "
+        "tombstones, skipped by every search), rebuild it from the live vectors.", ge=0, le=1
+    )
+    swap: bool = _f(False, "With --update: hot-swap the running service (denseqa serve) to the new version.",
+                    operational=True)
 
 
 class EvalConfig(Section):

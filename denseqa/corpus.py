@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -92,6 +93,20 @@ def check_corpus(cfg: CorpusConfig) -> tuple[Any, list[str], int]:
     if id_column is not None:
         _check_unique_ids(fs, files, id_column, cfg.path)
     return fs, files, rows
+
+
+def read_corpus_table(cfg: CorpusConfig, checked: tuple[Any, list[str], int]) -> pa.Table:
+    """The whole cleaned corpus as one table (columns id, text) in the driver's memory, for inputs known to be
+    small (a live update's upserts); a repeated derived id keeps its first row, as in a build."""
+    fs, files, _ = checked
+    id_column = None if cfg.from_answers else cfg.id_column
+    columns = [cfg.text] if id_column is None else [id_column, cfg.text]
+    table = pa.concat_tables([_clean_batch(pq.read_table(f, columns=columns, filesystem=fs), id_column, cfg.text)
+                              for f in files])
+    if id_column is None:
+        first = pc.index_in(pc.unique(table.column(ID)), value_set=table.column(ID))  # each id's first row
+        table = table.take(pa.array(np.sort(np.asarray(first, dtype=np.int64))))
+    return table
 
 
 def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = None) -> Corpus:

@@ -37,9 +37,10 @@ from denseqa.errors import InputError
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
-REFINE_FILE = "vectors.faiss"  # with product quantisation: the full vectors, memory-mapped to re-rank candidates
+VECTORS_FILE = "vectors.faiss"  # full vectors beside lossy codes, memory-mapped: PQ re-ranks, updates compact
 REFINE_K_FACTOR = 8  # candidates fetched per hit wanted, then re-ranked by their full vectors
 DOCSTORE_FILE = "docstore.parquet"
+DELETED_FILE = "deleted.npy"  # positions deleted or replaced by a live update, never returned again (int64, sorted)
 MANIFEST_FILE = "manifest.json"
 BM25_DIR = "bm25"
 FORMAT_VERSION = 1
@@ -62,7 +63,7 @@ class IndexChoice:
     reason: str
     estimated_bytes: int
     nlist: int | None = None
-    refine: bool = False  # re-rank the candidates with the full vectors, memory-mapped from REFINE_FILE
+    refine: bool = False  # re-rank the candidates with the full vectors, memory-mapped from VECTORS_FILE
 
 
 def default_nlist(n: int) -> int:
@@ -188,6 +189,48 @@ def set_search_parameter(index, kind: str, value: int | None) -> None:
         if ivf is not None and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
             # An HNSW coarse quantiser must find the nprobe nearest lists, not only the first few
             faiss.downcast_index(ivf.quantizer).hnsw.efSearch = max(2 * value, 64)
+
+
+def search_parameters(index, kind: str, value: int | None, excluded: np.ndarray):
+    """FAISS search parameters that skip the positions ``excluded`` (a live update's deletions) and carry the tuned
+    nprobe / efSearch: FAISS filters by id inside the search itself (an ``IDSelector``), so a query still gets its
+    k best live passages, however many were deleted. Parameters passed with a search replace the index's own
+    settings, hence the tuned value is set here again."""
+    import faiss
+
+    base = index.base_index if isinstance(index, faiss.IndexRefine) else index
+    name = search_parameter(kind)
+    ivf = faiss.try_extract_index_ivf(base) if name == "nprobe" else None
+    if ivf is not None:
+        params = faiss.SearchParametersIVF()
+        if value is not None:
+            params.nprobe = value
+            if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexHNSW):
+                quantizer = faiss.SearchParametersHNSW()
+                quantizer.efSearch = max(2 * value, 64)  # as set_search_parameter
+                params.quantizer_params = quantizer
+                params.referenced_objects = [quantizer]  # SWIG holds no reference of its own
+    elif name == "efSearch":
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = value if value is not None else faiss.downcast_index(base).hnsw.efSearch
+    else:
+        params = faiss.SearchParameters()
+    selector = faiss.IDSelectorBatch(np.ascontiguousarray(excluded, dtype=np.int64))
+    params.sel = faiss.IDSelectorNot(selector)
+    params.selector_parts = [selector, params.sel]
+    if base is index:
+        return params
+    refined = faiss.IndexRefineSearchParameters()
+    refined.k_factor = index.k_factor
+    refined.base_index_params = params
+    refined.sel = params.sel  # the refine step checks it too
+    refined.referenced_objects = [params]
+    return refined
+
+
+def codes_are_exact(factory: str) -> bool:
+    """Whether the index stores the vectors themselves (``...,Flat``), so that they can be read back exactly."""
+    return factory.replace(" ", "").split(",")[-1] == "Flat"
 
 
 # ------------------------------------------------------------------------------------------ the corpus on disk
@@ -351,25 +394,38 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
     return index
 
 
-def write_refine_vectors(path: str, layout: Layout, d: int, batch_size: int) -> int:
-    """Write every vector, in order, as a FAISS ``IndexFlatIP`` file, chunk by chunk: FAISS can memory-map such a
-    file (``IO_FLAG_MMAP_IFC``) but writes one only from an index held whole in memory, which the vectors of a
-    corpus compressed to fit its budget do not fit. The layout is FAISS's (``write_index`` of an IndexFlat:
-    fourcc, header, float count, floats); a test checks the bytes against FAISS's own."""
+def write_vectors_file(path: str, d: int, n: int, chunks) -> int:
+    """Write ``n`` vectors, given as float32 chunks in order, as a FAISS ``IndexFlatIP`` file: FAISS can memory-map
+    such a file (``IO_FLAG_MMAP_IFC``) but writes one only from an index held whole in memory, which the vectors of
+    a corpus compressed to fit its budget do not fit. The layout is FAISS's (``write_index`` of an IndexFlat:
+    fourcc, header, float count, floats); a test checks the bytes against FAISS's own. Returns the file's size."""
     import struct
 
-    n = layout.count
     with open(path, "wb") as f:
         # fourcc "IxFI", d, ntotal, two unused int64 (1 << 20), is_trained, metric (0: inner product)
         f.write(struct.pack("<4siqqq?i", b"IxFI", d, n, 1 << 20, 1 << 20, True, 0))
         f.write(struct.pack("<q", n * d))
         written = 0
-        for x in read_vectors(layout, batch_size):
+        for x in chunks:
             f.write(np.ascontiguousarray(x, dtype=np.float32).tobytes())
             written += len(x)
     if written != n:
         raise RuntimeError(f"{path}: wrote {written} vectors of {n}")
     return os.path.getsize(path)
+
+
+def read_vectors_file(path: str, batch_size: int):
+    """The vectors of a file written by :func:`write_vectors_file` (or FAISS), in chunks, memory-mapped."""
+    import faiss
+
+    flat = faiss.read_index(path, faiss.IO_FLAG_MMAP_IFC)
+    for start in range(0, flat.ntotal, batch_size):
+        yield flat.reconstruct_n(start, min(batch_size, flat.ntotal - start))
+
+
+def write_refine_vectors(path: str, layout: Layout, d: int, batch_size: int) -> int:
+    """Every vector of the corpus, in order, into ``path`` (:func:`write_vectors_file`)."""
+    return write_vectors_file(path, d, layout.count, read_vectors(layout, batch_size))
 
 
 def with_refine(index, refine_path: str, k_factor: int = REFINE_K_FACTOR):

@@ -26,13 +26,16 @@ from denseqa import storage
 from denseqa.errors import InputError
 from denseqa.index import (
     BM25_DIR,
+    DELETED_FILE,
     DOCSTORE_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
     MANIFEST_FILE,
+    search_parameters,
     set_search_parameter,
     with_refine,
 )
+from denseqa.versions import resolve_index
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,11 @@ class Hit:
 
 
 def read_manifest(index_dir: str) -> dict:
-    """The manifest of a complete index folder; one-line InputError otherwise."""
+    """The manifest of a complete index folder (its current version, :mod:`denseqa.versions`); one-line
+    InputError otherwise."""
     if not storage.exists(index_dir):
         raise InputError(f"{index_dir}: index folder not found")
-    manifest = storage.read_json(storage.join(index_dir, MANIFEST_FILE))
+    manifest = storage.read_json(storage.join(resolve_index(index_dir), MANIFEST_FILE))
     if manifest is None:
         raise InputError(f"{index_dir}: not a complete index (no {MANIFEST_FILE}): its build did not finish; "
                          "run build-index again")
@@ -79,6 +83,10 @@ def rrf_fuse(rankings: list[np.ndarray], k: int, k_rrf: int = RRF_K) -> tuple[np
 class Searcher:
     """Loads an index folder (local or URI) and answers ``search(queries, k, mode)``.
 
+    An updated index is read at its current version, once: ``index_dir`` is that version's folder (``root`` the
+    folder given). Passages a live update deleted or replaced stay in the FAISS index and the docstore (their
+    positions are never reused) and are skipped inside every search.
+
     ``encoder``: the :class:`~denseqa.model.Encoder` for the queries; by default the model the manifest names is
     loaded. ``load_encoder=False`` leaves it out (a Serve searcher that receives query vectors, or BM25 only).
     """
@@ -90,6 +98,8 @@ class Searcher:
         from denseqa.bm25 import BM25Index
         from denseqa.model import Encoder, query_model_config
 
+        self.root = index_dir
+        index_dir = resolve_index(index_dir)
         self.index_dir = index_dir
         self.manifest = read_manifest(index_dir)
         self._download_dir = tempfile.mkdtemp(prefix="denseqa-index-") if storage.is_uri(index_dir) else None
@@ -108,12 +118,17 @@ class Searcher:
         refine = self.manifest["index"].get("refine")
         if refine:  # compressed codes in memory, candidates re-ranked with the full vectors memory-mapped
             self.index = with_refine(self.index, os.path.join(local, refine["file"]), refine["k_factor"])
-        if self.index.d != self.manifest["dimension"] or self.index.ntotal != self.manifest["count"]:
+        ntotal = self.manifest["index"].get("ntotal", self.manifest["count"])
+        if self.index.d != self.manifest["dimension"] or self.index.ntotal != ntotal:
             raise InputError(f"{index_dir}: {INDEX_FILE} holds {self.index.ntotal} vectors of dimension "
-                             f"{self.index.d}, the manifest says {self.manifest['count']} of "
-                             f"{self.manifest['dimension']}; rebuild the index")
+                             f"{self.index.d}, the manifest says {ntotal} of {self.manifest['dimension']}; rebuild "
+                             "the index")
         search = self.manifest["index"]["search"]
         set_search_parameter(self.index, self.manifest["index"]["kind"], search.get("value"))
+        deleted_file = os.path.join(local, DELETED_FILE)
+        self.deleted = np.load(deleted_file) if os.path.exists(deleted_file) else np.zeros(0, dtype=np.int64)
+        self._search_params = search_parameters(self.index, self.manifest["index"]["kind"], search.get("value"),
+                                                self.deleted) if len(self.deleted) else None
         self.docstore = pq.read_table(os.path.join(local, DOCSTORE_FILE), columns=["id", "text"])
         bm25_dir = os.path.join(local, BM25_DIR)
         self.bm25 = BM25Index.load(bm25_dir) if os.path.isdir(bm25_dir) else None
@@ -121,7 +136,8 @@ class Searcher:
         self._texts = self.docstore.column("text")
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        """Live passages: those a search can return."""
+        return self.index.ntotal - len(self.deleted)
 
     # -------------------------------------------------------------------- rankings as positions
 
@@ -130,7 +146,10 @@ class Searcher:
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
             raise InputError(f"query vectors must have shape (n, {self.index.d}), got {vectors.shape}")
-        return self.index.search(vectors, min(k, self.index.ntotal))
+        k = min(k, len(self))
+        if self._search_params is None:
+            return self.index.search(vectors, k)
+        return self.index.search(vectors, k, params=self._search_params)
 
     def bm25_positions(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.bm25 is None:
@@ -159,12 +178,23 @@ class Searcher:
             scores, positions = self.bm25_positions(queries, k)
         else:
             depth = max(k, FUSION_DEPTH)
-            _, dense = self.dense_positions(vectors, depth)
-            _, lexical = self.bm25_positions(queries, depth)
+            dense = self._ties_by_id(*self.dense_positions(vectors, depth))
+            lexical = self._ties_by_id(*self.bm25_positions(queries, depth))
             fused = [rrf_fuse([d, b], k) for d, b in zip(dense, lexical, strict=True)]
             scores = _pad([f[0] for f in fused], k, np.float32, 0.0)
             positions = _pad([f[1] for f in fused], k, np.int64, -1)
         return _pad(list(scores), k, np.float32, 0.0), _pad(list(positions), k, np.int64, -1)
+
+    def _ties_by_id(self, scores: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
+        """Each ranking with passages of equal score in id order. Fusion is by rank, and BM25 gives many passages
+        the same score: ordered by row, they would rank differently in two indexes of the same passages (a fresh
+        build and an updated one)."""
+        out = []
+        for row_scores, row in zip(scores, positions, strict=True):
+            ids = self._ids.take(np.maximum(row, 0)).to_pylist()
+            order = sorted(range(len(row)), key=lambda i: (row[i] < 0, -row_scores[i], ids[i]))
+            out.append(row[order])
+        return out
 
     # -------------------------------------------------------------------- hits
 

@@ -92,8 +92,11 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
                                                             show_progress=False), k=100, show_progress=False)
     lexical = [[ids[i] for i, s in zip(row, srow, strict=True) if s > 0] for row, srow in zip(found, found_scores,
                                                                                               strict=True)]
+    # Hybrid fuses by rank, each ranking's passages of equal score in id order (BM25 gives many the same score)
+    lexical_by_id = [[ids[i] for i, s in sorted(zip(row, srow, strict=True), key=lambda t: (-t[1], ids[t[0]]))
+                      if s > 0] for row, srow in zip(found, found_scores, strict=True)]
     hybrid = []
-    for d, b in zip(dense, lexical, strict=True):
+    for d, b in zip(dense, lexical_by_id, strict=True):
         fused: dict[str, float] = {}
         for ranking in (d, b):
             for rank, doc in enumerate(ranking):

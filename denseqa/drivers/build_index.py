@@ -24,12 +24,13 @@ from denseqa.index import (
     INDEX_FILE,
     MANIFEST_FILE,
     RECALL_AT,
-    REFINE_FILE,
     REFINE_K_FACTOR,
+    VECTORS_FILE,
     assemble_docstore,
     build_faiss_index,
     check_factory,
     choose_index,
+    codes_are_exact,
     shard_ranges,
     tune_search,
     with_refine,
@@ -72,7 +73,6 @@ def tuning_questions(cfg: JobConfig) -> list[str] | None:
 
 def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
-    import faiss
 
     from denseqa.corpus import check_corpus, load_corpus
     from denseqa.embed import embed_corpus, embedding_identity
@@ -82,6 +82,8 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     icfg = cfg.index
+    if icfg.upsert or icfg.delete:
+        raise InputError("--upsert and --delete change an existing index: pass it with --update INDEX")
     output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
     check_model_source(cfg.model.model)
     checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
@@ -107,42 +109,24 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
-        index_started = time.time()
-        layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), corpus.derived_ids,
-                                   icfg.add_batch_size)
-        n, d = layout.count, model_info["dimension"]
-        choice = choose_index(n, d, icfg)
-        logger.info("%d passages (%d read, %d dropped, %d repeated): %s — %s", n, corpus.rows,
-                    corpus.rows - embedding["rows"], embedding["rows"] - n, choice.factory, choice.reason)
-        index = build_faiss_index(layout, d, choice, icfg)
-        faiss.write_index(index, os.path.join(staging, INDEX_FILE))
-        index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
-        refine = None
-        if choice.refine:
-            path = os.path.join(staging, REFINE_FILE)
-            refine = {"file": REFINE_FILE, "k_factor": REFINE_K_FACTOR, "memory_mapped": True,
-                      "file_bytes": write_refine_vectors(path, layout, d, icfg.add_batch_size)}
-            index = with_refine(index, path, REFINE_K_FACTOR)  # tuned as it will be searched
-        tuning = tune_search(index, choice, layout, icfg, question_vectors)
-        del index
-        bm25_info = _build_bm25(staging, icfg) if icfg.bm25 else None
+        built = write_index_folder(staging, shards_dir, corpus.derived_ids, model_info["dimension"], icfg,
+                                   question_vectors)
+        n = built["count"]
         manifest = {
             "format": FORMAT_VERSION,
+            "version": 1,
             "output": output,
             "model": model_info,
-            "dimension": d,
+            "dimension": model_info["dimension"],
             "metric": "inner_product",
             "normalize": model_info["normalize"],
             "count": n,
             "corpus": {"path": corpus.path, "files": len(corpus.files), "rows_read": corpus.rows,
                        "dropped_empty": corpus.rows - embedding["rows"], "repeated_merged": embedding["rows"] - n,
                        "derived_ids": corpus.derived_ids},
-            "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
-                      "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
-                      "file_bytes": index_bytes, "refine": refine, "shards": len(shard_ranges(n, icfg.shards)),
-                      "search": tuning},
-            "bm25": bm25_info,
-            "build": {"embedding": embedding, "index_seconds": round(time.time() - index_started, 2),
+            "index": built["index"],
+            "bm25": built["bm25"],
+            "build": {"embedding": embedding, "index_seconds": built["seconds"],
                       "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
                       "embeddings_kept": shards_dir if icfg.keep_embeddings else None},
             "config": cfg.to_dict(),
@@ -152,11 +136,52 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
     if not icfg.keep_embeddings:
         storage.remove(building)
+    tuning = manifest["index"]["search"]
     searched = (f"{tuning['param']}={tuning['value']}, recall@{RECALL_AT} {tuning['recall']:.4f} on "
                 f"{tuning['queries']}") if tuning["param"] else "exact search"
-    logger.info("index written to %s: %d vectors, %s, %s, %.1f s", output, n, choice.factory, searched,
-                time.time() - started)
+    logger.info("index written to %s: %d vectors, %s, %s, %.1f s", output, n, manifest["index"]["factory"],
+                searched, time.time() - started)
     return manifest
+
+
+def write_index_folder(staging: str, shards_dir: str, derived_ids: bool, d: int, icfg: IndexConfig,
+                       question_vectors: np.ndarray | None) -> dict[str, Any]:
+    """From embedding shards to the files of an index folder in ``staging`` (all but the manifest): docstore,
+    FAISS index chosen, built and tuned, the full vectors when the codes are lossy, BM25. Returns the manifest's
+    ``count``, ``index`` and ``bm25`` entries and the seconds taken. A fresh build and an update's compaction both
+    come through here, so a compacted index is a fresh build of its live passages."""
+    import faiss
+
+    started = time.time()
+    layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), derived_ids, icfg.add_batch_size)
+    n = layout.count
+    choice = choose_index(n, d, icfg)
+    logger.info("%d passages: %s — %s", n, choice.factory, choice.reason)
+    index = build_faiss_index(layout, d, choice, icfg)
+    faiss.write_index(index, os.path.join(staging, INDEX_FILE))
+    index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
+    vectors = refine = None
+    if not codes_are_exact(choice.factory):
+        # Lossy codes (8-bit, PQ): the full vectors go beside them, for PQ's re-ranking and for an update's
+        # compaction, which rebuilds from the exact vectors (disk only: they are memory-mapped when read).
+        path = os.path.join(staging, VECTORS_FILE)
+        vectors = {"file": VECTORS_FILE, "file_bytes": write_refine_vectors(path, layout, d, icfg.add_batch_size)}
+        if choice.refine:
+            refine = {"file": VECTORS_FILE, "k_factor": REFINE_K_FACTOR, "memory_mapped": True,
+                      "file_bytes": vectors["file_bytes"]}
+            index = with_refine(index, path, REFINE_K_FACTOR)  # tuned as it will be searched
+    tuning = tune_search(index, choice, layout, icfg, question_vectors)
+    del index
+    bm25_info = _build_bm25(staging, icfg) if icfg.bm25 else None
+    return {
+        "count": n,
+        "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
+                  "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
+                  "file_bytes": index_bytes, "ntotal": n, "deleted": 0, "vectors": vectors, "refine": refine,
+                  "shards": len(shard_ranges(n, icfg.shards)), "search": tuning},
+        "bm25": bm25_info,
+        "seconds": round(time.time() - started, 2),
+    }
 
 
 def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any]:

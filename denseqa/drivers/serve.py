@@ -188,13 +188,17 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
 
     The folder is checked against the running encoder's model here first, so a mismatch is refused before the
     deployment is touched; the replicas check it again when they load it (the config can also be edited by hand).
+    An updated index is swapped to its current version's folder (:mod:`denseqa.versions`): the replicas load that
+    one, and a later update of the same folder is a new swap.
     """
     from denseqa.model import check_model_matches
     from denseqa.search import read_manifest
+    from denseqa.versions import resolve_index
 
     running = _running_app(app_name, "hot-swap")
     app = application(running, app_name)
     check_model_matches(read_manifest(app["args"]["index"])["model"], read_manifest(index)["model"], index)
+    index = resolve_index(storage.absolute(index))
     entry = deployment(running, "IndexSearcher", app_name)
     entry["user_config"] = {**(entry.get("user_config") or {}), "index": index}
     deploy(running, timeout_s)

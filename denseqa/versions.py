@@ -1,0 +1,62 @@
+"""Versions of an index folder: what a live update publishes, and what readers resolve.
+
+A fresh build writes an index folder (:mod:`denseqa.index`); it is version 1. Each update
+(:mod:`denseqa.drivers.update_index`) writes the next version as a complete index folder of its own,
+``versions/<n>/``, published like any output (assembled aside, renamed into place), then points ``CURRENT.json`` at
+it: one atomic file write (a rename locally, a single PUT on an object store) is the moment the new version
+becomes the index. A reader resolves the folder it is given through ``CURRENT.json`` once, then reads that version
+only, so it never mixes files of two versions.
+
+The previous version is kept (a replica that is loading it while the pointer moves still finds its files, and it
+is the rollback); older ones are removed after a new one is published.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from denseqa import storage
+from denseqa.index import BM25_DIR, DELETED_FILE, DOCSTORE_FILE, INDEX_FILE, MANIFEST_FILE, VECTORS_FILE
+
+logger = logging.getLogger(__name__)
+
+CURRENT_FILE = "CURRENT.json"
+VERSIONS_DIR = "versions"
+KEEP_VERSIONS = 2  # the current one and its predecessor
+# The files of version 1, which sits in the root folder itself (its manifest last: it marks the folder complete).
+ROOT_VERSION_FILES = (INDEX_FILE, VECTORS_FILE, DELETED_FILE, DOCSTORE_FILE, BM25_DIR, MANIFEST_FILE)
+
+
+def current_pointer(root: str) -> dict | None:
+    """``{"version": n, "folder": "versions/<n>"}`` of an updated index, None for one never updated."""
+    return storage.read_json(storage.join(root, CURRENT_FILE))
+
+
+def resolve_index(root: str) -> str:
+    """The folder holding the current version of the index at ``root`` (``root`` itself until its first update)."""
+    pointer = current_pointer(root)
+    return storage.join(root, *pointer["folder"].split("/")) if pointer else root
+
+
+def version_folder(n: int) -> str:
+    return f"{VERSIONS_DIR}/{n:06d}"
+
+
+def next_version(root: str) -> tuple[int, str]:
+    """(number, absolute folder) of the version an update of ``root`` writes next."""
+    pointer = current_pointer(root)
+    n = (pointer["version"] if pointer else 1) + 1
+    return n, storage.join(root, *version_folder(n).split("/"))
+
+
+def publish_version(root: str, n: int) -> None:
+    """Make version ``n`` (already complete in its folder) the current one, then remove versions older than its
+    predecessor."""
+    storage.write_json(storage.join(root, CURRENT_FILE), {"version": n, "folder": version_folder(n)})
+    logger.info("%s: version %d is now current", root, n)
+    old = n - KEEP_VERSIONS  # the version that just fell out of those kept
+    if old == 1:  # version 1 is the root folder's own files: the manifest goes first, so it stops loading
+        for name in reversed(ROOT_VERSION_FILES):
+            storage.remove(storage.join(root, name))
+    elif old > 1:
+        storage.remove(storage.join(root, *version_folder(old).split("/")))
