@@ -98,11 +98,12 @@ QUERIES_FILE = "queries.npy"  # beside the shards: held-out query vectors, drawn
 
 
 def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: int = 100_000,
-                           queries: int = 2000) -> None:
+                           queries: int = 2000, texts: list[str] | None = None) -> None:
     """Clustered unit vectors (as sentence embeddings are), written as the embedding job writes them: n / 50
     Gaussian clusters with standard deviation 1 around standard normal centres, normalised. ``queries`` more
     points drawn the same way, off the corpus, go to ``queries.npy``: the tuning and the measures use them, since a
-    corpus vector searched for finds itself, which flatters an approximate index."""
+    corpus vector searched for finds itself, which flatters an approximate index. ``texts``: cycled as the
+    passages' texts (each id otherwise), where their length matters (BM25)."""
     rng = np.random.default_rng(seed)
     clusters = max(1000, n // 50)
     centres = rng.standard_normal((clusters, d)).astype(np.float32)
@@ -117,7 +118,8 @@ def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: i
         m = min(chunk, n - start)
         x = draw(m)
         ids = [str(j) for j in range(start, start + m)]
-        pq.write_table(pa.table({"id": ids, "text": ids, "vector": pa.FixedSizeListArray.from_arrays(
+        text = [texts[j % len(texts)] for j in range(start, start + m)] if texts else ids
+        pq.write_table(pa.table({"id": ids, "text": text, "vector": pa.FixedSizeListArray.from_arrays(
             pa.array(x.reshape(-1)), d)}), folder / f"part-{i:04d}.parquet")
 
 

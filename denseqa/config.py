@@ -371,9 +371,18 @@ class IndexConfig(Section):
         None, "With --update: parquet whose corpus.id_column lists passages to delete; ids not in the index are "
         "counted and reported.", flag="--delete", owned=True
     )
+    sync: bool = _f(
+        False, "With --update: --upsert is the whole corpus now; passages of the index that are not in it are "
+        "deleted (what `denseqa run` does when only the corpus changed).", owned=True
+    )
     compact_threshold: float = _f(
         0.2, "With --update: once this share of the index's vectors are deleted or replaced ones (kept as "
         "tombstones, skipped by every search), rebuild it from the live vectors.", ge=0, le=1
+    )
+    update_local_max: int = _f(
+        5000, "With --update: up to this many new or changed passages are embedded in the driver (no actor pool to "
+        "start: a small update is searchable in seconds); more go through Ray Data, as a build.", ge=0,
+        operational=True
     )
     swap: bool = _f(False, "With --update: hot-swap the running service (denseqa serve) to the new version.",
                     operational=True)

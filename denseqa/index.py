@@ -12,10 +12,12 @@ rotation (OPQ + IVF-PQ, Jégou et al., 2011; Ge et al., 2013) only when not even
 ``index_factory`` string overrides it. nprobe / efSearch are then set to the smallest value whose recall@10
 against exact search, measured on query vectors (questions) where there are some, reaches the target.
 
-The folder: ``index.faiss`` (vector i is docstore row i), ``docstore.parquet`` (id, text), ``bm25/`` and
-``manifest.json`` (model, dimension, normalisation, count, index type and parameters, measured recall, build time,
-versions). It is assembled in ``<output>.building/`` and renamed into place when complete; ``manifest.json`` is
-what readers check, so an interrupted build never leaves a folder that loads.
+The folder: ``index.faiss`` (vector i is docstore row i), ``docstore.parquet`` (id, text), ``bm25/``,
+``vectors.faiss`` (the exact vectors, when the codes are lossy) and ``manifest.json`` (model, dimension,
+normalisation, count, index type and parameters, measured recall, build time, versions); after a live update
+(:mod:`denseqa.updates`) also ``deleted.npy``, the positions no search returns. Updates write new versions of the
+folder inside it (:mod:`denseqa.versions`). It is assembled in ``<output>.building/`` and renamed into place
+when complete; ``manifest.json`` is what readers check, so an interrupted build never leaves a folder that loads.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from denseqa.eval import REPORT_JSON, REPORT_MD
 from denseqa.index import MANIFEST_FILE
 from denseqa.negatives import RECORD_FILE as NEGATIVES_RECORD
 from denseqa.train import HELDOUT_FILE, RECORD_FILE
+from denseqa.versions import resolve_index
 
 STATE_FILE = "pipeline.json"
 CONFIG_FILE = "config.yaml"
@@ -84,7 +85,10 @@ def files_fingerprint(path: str) -> str:
 
 def output_fingerprint(run: RunFolder, step: str) -> str | None:
     """sha256 of the step's marker file (it holds the output's own record), or None while the output is absent."""
-    data = storage.read_bytes(storage.join(run.output(step), MARKERS[step]))
+    folder = run.output(step)
+    if step == "index":  # an index updated live: its current version's manifest
+        folder = resolve_index(folder)
+    data = storage.read_bytes(storage.join(folder, MARKERS[step]))
     return None if data is None else hashlib.sha256(data).hexdigest()
 
 

@@ -45,17 +45,21 @@ def live_positions(ntotal: int, deleted: np.ndarray) -> np.ndarray:
 
 
 def plan_update(docstore: pa.Table, deleted: np.ndarray, upserts: pa.Table | None, delete_ids: pa.Array | None,
-                where: str) -> UpdatePlan:
+                where: str, sync: bool = False) -> UpdatePlan:
     """Compare ``upserts`` (columns id, text; ids unique) and ``delete_ids`` with the live rows of ``docstore``.
 
-    An id both upserted and deleted is refused: which one is meant cannot be known. Ids to delete that are not live
-    are counted and named (the first few), not silently ignored.
+    ``sync``: the upserts are the whole corpus now, so every live passage not among them is deleted too. An id both
+    upserted and deleted is refused: which one is meant cannot be known. Ids to delete that are not live are
+    counted and named (the first few), not silently ignored.
     """
     live = live_positions(docstore.num_rows, deleted)
     live_ids = docstore.column("id").take(live)
     upserts = upserts if upserts is not None else pa.table({"id": pa.array([], pa.string()),
                                                             "text": pa.array([], pa.string())})
     delete_ids = pc.unique(delete_ids) if delete_ids is not None else pa.array([], pa.string())
+    if sync:
+        gone = pc.filter(live_ids, pc.invert(pc.is_in(live_ids, value_set=upserts.column("id"))))
+        delete_ids = pc.unique(pa.concat_arrays([delete_ids.cast(pa.string()), gone.combine_chunks()]))
     both = pc.filter(delete_ids, pc.is_in(delete_ids, value_set=upserts.column("id")))
     if len(both):
         raise InputError(f"{where}: id {both[0].as_py()!r} is both upserted and deleted; give each id once")

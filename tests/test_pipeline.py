@@ -12,6 +12,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
@@ -271,3 +272,33 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     assert (run / "pipeline.json").read_bytes() == state and (run / "index" / "manifest.json").exists()
     assert requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, headers=auth,
                          timeout=60).status_code == 200
+
+    # And when only the corpus changes (3 answers gone, 5 new pairs), the next run updates the index live instead
+    # of rebuilding it (no actor pool needed: the few new passages are embedded in the driver), re-evaluates, and
+    # the running service swaps to the new version
+    from denseqa.texts import text_id
+
+    pairs = pq.read_table(tmp_path / "run.parquet")
+    answers = list(dict.fromkeys(pairs.column("answer").to_pylist()))
+    gone, added = answers[:3], real_pairs(5, seed=77)
+    kept = pairs.filter(pa.array([a not in gone for a in pairs.column("answer").to_pylist()]))
+    pq.write_table(pa.concat_tables([kept, added.select(kept.column_names)]), tmp_path / "corpus2.parquet")
+    updated = submit_job(cluster, "pipeline", *args, *serve_args, "--corpus", str(tmp_path / "corpus2.parquet"),
+                         "--from-answers", "--text-column", "answer", timeout=600)
+    log = updated.stdout + updated.stderr
+    assert updated.returncode == 0, log[-5000:]
+    assert "train: up to date, skipped" in log and "index: only the corpus changed: updating" in log, log[-5000:]
+    assert "evaluate: running (changed index:" in log
+    assert json.loads((run / "index" / "CURRENT.json").read_text())["version"] == 2
+    manifest = json.loads((run / "index" / "versions" / "000002" / "manifest.json").read_text())
+    assert manifest["update"]["deleted"] == 3 and manifest["update"]["new"] == len(set(
+        added.column("answer").to_pylist()) - set(answers))
+    assert manifest["update"]["embedding"]["where"] == "driver"
+    new_answer = added.column("answer")[0].as_py()
+    hits = requests.post(f"{url}/search", json={"query": new_answer, "k": 1}, headers=auth,
+                         timeout=60).json()["results"][0]["hits"]
+    assert hits[0]["id"] == text_id(new_answer)
+    body = requests.post(f"{url}/search", json={"queries": gone, "k": 20}, headers=auth, timeout=60).json()
+    assert not {h["id"] for r in body["results"] for h in r["hits"]} & {text_id(a) for a in gone}
+    info = requests.get(f"{url}/info", headers=auth, timeout=60).json()["index"]
+    assert info["index"].endswith("/versions/000002")

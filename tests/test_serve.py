@@ -16,6 +16,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
@@ -51,6 +52,7 @@ def indexes(ray_local, tmp_path_factory, tiny_model_dir):
         "A": _build(tmp, "A", pairs_a), "B": _build(tmp, "B", pairs_b),
         "C": _build(tmp, "C", real_pairs(60, seed=13), {"model": tiny_model_dir}),
         "D": _build(tmp, "D", real_pairs(40, seed=14), bm25=False),
+        "E": _build(tmp, "E", real_pairs(60, seed=15)),
         "questions": pairs_a.column("question").to_pylist(), "questions_b": pairs_b.column("question").to_pylist(),
     }
 
@@ -538,6 +540,48 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     for result, hits in zip(body["results"], expected, strict=True):
         _assert_same_hits(result["hits"], hits)
     assert get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
+
+
+def test_an_update_published_under_load_is_swapped_in_and_its_deletes_vanish(service, indexes, tmp_path):
+    """`denseqa build-index --update E --upsert ... --delete ... --swap` while clients search E: no request fails,
+    the new version serves, the deleted passages are gone and the new one is found."""
+    from denseqa.drivers import serve as deploying
+    from denseqa.drivers.update_index import run_update_index
+    from denseqa.search import Searcher
+    from denseqa.texts import text_id
+
+    url, root = service["url"], indexes["E"]
+    assert deploying.swap_index(root, timeout_s=120)["index"] == root
+    before = Searcher(root)
+    victims = before.docstore.column("id").to_pylist()[:5]
+    victim_texts = before.docstore.column("text").to_pylist()[:5]
+    new_pairs = real_pairs(10, seed=99)
+    pq.write_table(new_pairs, tmp_path / "new.parquet")
+    pq.write_table(pa.table({"id": victims}), tmp_path / "delete.parquet")
+    load = Load(url, before.docstore.column("text").to_pylist()[5:], clients=8)
+    try:
+        time.sleep(2)
+        manifest = run_update_index(JobConfig.from_dict({"index": {
+            "update": root, "upsert": str(tmp_path / "new.parquet"), "delete": str(tmp_path / "delete.parquet"),
+            "swap": True}}, sections=SECTIONS))
+        swapped_at = time.monotonic()
+        time.sleep(2)
+    finally:
+        load.finish()
+    assert not load.errors, load.errors[:5]
+    version = f"{root}/versions/000002"
+    assert manifest["version"] == 2 and manifest["update"]["deleted"] == 5
+    assert all(index == version for sent, _, _, index in load.outcomes if sent > swapped_at)
+    assert {index for *_, index in load.outcomes} == {root, version}
+    info = get(f"{url}/info", timeout=30).json()["index"]
+    assert info["index"] == version and info["count"] == manifest["count"] == len(before) - 5 + manifest[
+        "update"]["new"]
+    for mode in ("dense", "bm25", "hybrid"):
+        body = post(url, {"queries": victim_texts, "k": 50, "mode": mode}).json()
+        assert not {h["id"] for r in body["results"] for h in r["hits"]} & set(victims), mode
+    answer = new_pairs.column("answer")[0].as_py()
+    assert post(url, {"query": answer, "k": 1}).json()["results"][0]["hits"][0]["id"] == text_id(answer)
+    deploying.swap_index(indexes["B"], timeout_s=120)  # back to what the tests after this one expect
 
 
 def test_a_mode_the_index_cannot_answer_is_a_400(service, indexes):

@@ -42,6 +42,16 @@ def test_the_plan_tells_new_changed_unchanged_deleted_and_unknown_apart():
     assert sorted(plan.unknown_deletes) == ["f", "zz"]
 
 
+def test_a_sync_deletes_what_the_corpus_no_longer_has():
+    from denseqa.updates import plan_update
+
+    docstore = _docstore(["a", "b", "c", "d"], ["A", "B", "C", "D"])
+    plan = plan_update(docstore, np.array([1], dtype=np.int64), _docstore(["a", "e"], ["A", "E"]), None, "corpus",
+                       sync=True)
+    assert plan.counts["deleted"] == 2 and plan.tombstones.tolist() == [2, 3]  # c and d; b was deleted before
+    assert plan.append.column("id").to_pylist() == ["e"] and plan.counts["unchanged"] == 1
+
+
 def test_an_id_both_upserted_and_deleted_is_refused():
     from denseqa.errors import InputError
     from denseqa.updates import plan_update
@@ -151,7 +161,8 @@ def test_upserts_deletes_and_compaction_equal_a_fresh_build(corpus):
     upserts = {**dict(zip(ids[100:120], texts[100:120], strict=True)), **changed, **unchanged}
     deletes = ids[40:50] + ["no-such-id", "neither-this"]
     _cli("build-index", "--update", index, "--upsert", _write(tmp / "up1.parquet", list(upserts),
-         list(upserts.values())), "--delete", str(_write_ids(tmp / "del1.parquet", deletes)))
+         list(upserts.values())), "--delete", str(_write_ids(tmp / "del1.parquet", deletes)),
+         "--update-local-max", "0")  # embedded by Ray Data's actors, as a large update is
     current.update(upserts)
     for i in deletes:
         current.pop(i, None)
@@ -161,6 +172,7 @@ def test_upserts_deletes_and_compaction_equal_a_fresh_build(corpus):
         {"new": 20, "changed": 5, "unchanged": 5, "deleted": 10, "unknown_deletes": 2}
     assert sorted(manifest["update"]["unknown_delete_ids"]) == ["neither-this", "no-such-id"]
     assert manifest["update"]["embedding"]["rows"] == 25  # only new and changed texts were embedded
+    assert manifest["update"]["embedding"]["where"] == "ray data"
     assert manifest["count"] == len(current) and manifest["index"]["deleted"] == 15
 
     # Update 2: a deleted id comes back, more deletes
@@ -172,6 +184,8 @@ def test_upserts_deletes_and_compaction_equal_a_fresh_build(corpus):
     for i in deletes:
         current.pop(i)
     assert json.loads((tmp / "index" / "CURRENT.json").read_text())["version"] == 3
+    manifest = json.loads((tmp / "index" / "versions" / "000003" / "manifest.json").read_text())
+    assert manifest["update"]["embedding"]["where"] == "driver"  # a small update: no actor pool to start
     assert not (tmp / "index" / "manifest.json").exists()  # version 1 (the root's files) is gone: 2 versions kept
 
     # Then search equals a fresh build of the final corpus: dense, BM25 and hybrid, ids and scores

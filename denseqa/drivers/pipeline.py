@@ -98,13 +98,38 @@ def run_mine_step(cfg: JobConfig, run: RunFolder) -> None:
                          embed=_embed_config(cfg), used=COMMAND_SECTIONS["mine-negatives"]))
 
 
-def run_index_step(cfg: JobConfig, run: RunFolder) -> None:
+# Index inputs that may change while the index is updated live rather than rebuilt: the corpus's files (and its
+# path); the model, the index settings and how the corpus is read stay.
+UPDATABLE_INDEX_INPUTS = {"corpus files", "corpus.path"}
+
+
+def index_updatable(inputs: dict[str, Any], record: dict | None, fingerprint: str | None) -> bool:
+    """Whether the index step can update the existing index instead of rebuilding it: it exists as recorded, and
+    only the corpus changed."""
+    if record is None or fingerprint is None or fingerprint != record.get("fingerprint"):
+        return False
+    before = record.get("inputs", {})
+    changed = {k for k in set(inputs) | set(before) if inputs.get(k) != before.get(k)}
+    return bool(changed) and changed <= UPDATABLE_INDEX_INPUTS
+
+
+def run_index_step(cfg: JobConfig, run: RunFolder, update: bool = False) -> None:
+    """Build the index; or, with ``update``, bring the existing one to the corpus as it is now (a live update that
+    embeds only new or changed passages, deletes the ones gone, and publishes a new version)."""
     from denseqa.drivers.build_index import run_build_index
+    from denseqa.drivers.update_index import run_update_index
 
     # The fine-tuned model carries its prompts (denseqa.json); the pipeline's own model keys still apply.
     model = cfg.model.model_copy(update={"model": run.output("train")})
+    corpus = corpus_config(cfg)
+    if update:
+        logger.info("index: only the corpus changed: updating %s live instead of rebuilding it", run.output("index"))
+        index = cfg.index.model_copy(update={"update": run.output("index"), "upsert": corpus.path, "sync": True})
+        run_update_index(JobConfig(corpus=corpus, model=model, embed=_embed_config(cfg), index=index,
+                                   used=COMMAND_SECTIONS["build-index"]))
+        return
     index = cfg.index.model_copy(update={"output": run.output("index"), "overwrite": True})
-    run_build_index(JobConfig(corpus=corpus_config(cfg), model=model, embed=_embed_config(cfg), index=index,
+    run_build_index(JobConfig(corpus=corpus, model=model, embed=_embed_config(cfg), index=index,
                               used=COMMAND_SECTIONS["build-index"]))
 
 
@@ -176,7 +201,8 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
             elif step == "mine":
                 run_mine_step(cfg, run)
             elif step == "index":
-                run_index_step(cfg, run)
+                run_index_step(cfg, run, update=step not in p.forced and index_updatable(
+                    inputs, record, output_fingerprint(run, step)))
             else:
                 run_evaluate_step(cfg, run)
             state["steps"][step] = {

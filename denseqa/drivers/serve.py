@@ -22,6 +22,7 @@ from denseqa import auth, ray_private, storage
 from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError, one_line
 from denseqa.serve import APP_NAME, deployment_names, encoding_deployment
+from denseqa.versions import resolve_index
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +194,6 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     """
     from denseqa.model import check_model_matches
     from denseqa.search import read_manifest
-    from denseqa.versions import resolve_index
 
     running = _running_app(app_name, "hot-swap")
     app = application(running, app_name)
@@ -287,6 +287,12 @@ def serve_config_for(cfg) -> dict:
         entry = deployment(config, encoding_deployment(app["args"]))
         entry["user_config"] = {**(entry.get("user_config") or {}),
                                 **{k: v for k, v in batching.items() if v is not None}}
+    current = resolve_index(index)
+    if current != index:
+        # An index updated live: the replicas serve its current version, named in their user_config, so deploying
+        # again after another update changes only that, and Serve swaps it on the running replicas.
+        entry = deployment(config, "IndexSearcher")
+        entry["user_config"] = {**(entry.get("user_config") or {}), "index": current}
     if not s.auth:
         logger.warning("--no-auth: the service answers anyone who reaches %s:%s, without an API key",
                        http_options.get("host"), http_options.get("port"))

@@ -53,13 +53,15 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     upsert_cfg = cfg.corpus.model_copy(update={"path": icfg.upsert, "from_answers": derived_ids})
     checked = check_corpus(upsert_cfg) if icfg.upsert else None  # columns, types, duplicate ids
     delete_ids = _read_delete_ids(icfg.delete, cfg.corpus.id_column) if icfg.delete else None
-    model_cfg = _checked_model(cfg, manifest, root)
+    model_cfg, encoder = _checked_model(cfg, manifest, root)
 
     local = _local_copy(current)
     docstore = pq.read_table(os.path.join(local, DOCSTORE_FILE), columns=["id", "text"])
     deleted = _deleted(local)
     upserts = read_corpus_table(upsert_cfg, checked) if checked else None
-    plan = plan_update(docstore, deleted, upserts, delete_ids, icfg.upsert or icfg.delete)
+    if icfg.sync and not icfg.upsert:
+        raise InputError("--sync needs --upsert: the whole corpus, as it is now")
+    plan = plan_update(docstore, deleted, upserts, delete_ids, icfg.upsert or icfg.delete, sync=icfg.sync)
     counts = plan.counts
     logger.info("update of %s (version %d): %d new, %d changed, %d unchanged, %d deleted", root,
                 manifest.get("version", 1), counts["new"], counts["changed"], counts["unchanged"], counts["deleted"])
@@ -79,7 +81,11 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     work = root.rstrip("/") + ".updating"  # on the index's storage: Ray Data's workers write the embeddings there
     storage.remove(work)
     try:
-        new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg)
+        if plan.append.num_rows <= icfg.update_local_max:
+            new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, cfg)
+        else:
+            new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg)
+        del encoder
         with storage.staged_output(version_dir, marker=MANIFEST_FILE) as staging:
             updated = _write_version(local, staging, manifest, docstore, new_rows, new_vectors, all_deleted, cfg,
                                      work)
@@ -109,7 +115,8 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
 
 
 def _checked_model(cfg: JobConfig, manifest: dict, root: str):
-    """The model config that embeds the new passages: the index's own (or ``--model``, which must be it)."""
+    """The model that embeds the new passages: the index's own (or ``--model``, which must be it), as its config
+    (for Ray Data's actors) and loaded here, on the backend that embedded the index."""
     from denseqa.model import Encoder, check_model_source, query_model_config
 
     model_cfg = query_model_config(manifest["model"], cfg.model.model)
@@ -118,7 +125,7 @@ def _checked_model(cfg: JobConfig, manifest: dict, root: str):
     if model_cfg.backend not in (None, "torch"):
         encoder.run_on_onnx_runtime(model_cfg.backend, model_cfg)  # exported once, into the cache actors read
     encoder.check_matches(manifest["model"], root)
-    return model_cfg
+    return model_cfg, encoder
 
 
 def _read_delete_ids(path: str, id_column: str):
@@ -143,6 +150,17 @@ def _local_copy(current: str) -> str:
 def _deleted(folder: str) -> np.ndarray:
     path = os.path.join(folder, DELETED_FILE)
     return np.load(path) if os.path.exists(path) else np.zeros(0, dtype=np.int64)
+
+
+def _embed_here(rows, encoder, cfg: JobConfig):
+    """Embed ``rows`` (id, text) in this process: (vectors, rows, stats)."""
+    if not rows.num_rows:
+        return np.zeros((0, 0), dtype=np.float32), rows, None
+    started = time.time()
+    vectors = encoder.encode_passages(rows.column("text").to_pylist(), cfg.embed.encode_batch_size)
+    seconds = time.time() - started
+    return vectors, rows, {"rows": rows.num_rows, "seconds": round(seconds, 2), "where": "driver",
+                           "passages_per_s": round(rows.num_rows / max(seconds, 1e-9), 2)}
 
 
 def _embed(rows, work: str, model_cfg, cfg: JobConfig):
@@ -170,7 +188,7 @@ def _embed(rows, work: str, model_cfg, cfg: JobConfig):
     batches = list(iter_shards(files, shards_dir, ["id", "text", "vector"], cfg.index.add_batch_size))
     vectors = np.concatenate([vectors_of(b) for b in batches])
     embedded = pa.Table.from_batches(batches).select(["id", "text"])
-    return vectors, embedded, stats
+    return vectors, embedded, {**stats, "where": "ray data"}
 
 
 def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows, new_vectors: np.ndarray,
