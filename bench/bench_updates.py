@@ -6,7 +6,8 @@ passages of real length; its manifest is the bundled model's. Then, in a subproc
 ``denseqa build-index --update`` upserts 1,000 real Debian passages (500 new ids, 500 changed texts) and deletes
 100 ids, while this process searches the current version one query at a time, as a serving replica does. Reported:
 the update's wall time and its parts, the seconds until a fresh ``Searcher`` of the new version answers (what a
-replica does on a swap), search latency before and during the update, and failed searches. The two share the 2 cores.
+replica does on a swap), search latency before and during the update (paced at --rate queries/s), and failed
+searches. The two share the machine's cores.
 
     python bench/bench_updates.py --vectors 1000000
 
@@ -45,7 +46,7 @@ def build_index(root: Path, n: int) -> dict:
     from denseqa import storage
     from denseqa.config import IndexConfig, JobConfig, ModelConfig
     from denseqa.drivers.build_index import write_index_folder
-    from denseqa.index import FORMAT_VERSION, MANIFEST_FILE
+    from denseqa.index import FORMAT_VERSION, MANIFEST_FILE, assemble_docstore
     from denseqa.model import Encoder
     from denseqa.provenance import package_versions, utc_now
 
@@ -56,7 +57,8 @@ def build_index(root: Path, n: int) -> dict:
     model = Encoder.load(ModelConfig(), device="cpu").describe()  # the bundled model, on its CPU default (ONNX)
     started = time.time()
     with storage.staged_output(str(root), marker=MANIFEST_FILE) as staging:
-        built = write_index_folder(staging, str(shards), False, 384, IndexConfig(), queries[:1000])
+        layout = assemble_docstore(str(shards), os.path.join(staging, "docstore.parquet"), False, 65536)
+        built = write_index_folder(staging, layout, 384, IndexConfig(), queries[:1000])
         manifest = {"format": FORMAT_VERSION, "version": 1, "output": str(root), "model": model, "dimension": 384,
                     "metric": "inner_product", "normalize": "l2", "count": built["count"],
                     "corpus": {"path": str(shards), "derived_ids": False}, "index": built["index"],
@@ -67,7 +69,7 @@ def build_index(root: Path, n: int) -> dict:
     return manifest
 
 
-def update_under_search(root: Path, n: int, upserts: int, deletes: int) -> dict:
+def update_under_search(root: Path, n: int, upserts: int, deletes: int, rate: float) -> dict:
     from denseqa.search import Searcher
 
     answers = debian_answers()
@@ -88,14 +90,16 @@ def update_under_search(root: Path, n: int, upserts: int, deletes: int) -> dict:
 
     during, errors, stop = [], [], threading.Event()
 
-    def search_loop() -> None:
-        i = 0
+    def search_loop() -> None:  # paced: a replica answering `rate` queries/s, not one spinning a core
+        i, next_at = 0, time.perf_counter()
         while not stop.is_set():
             try:
                 during.append(_timed(searcher, queries[i % len(queries)]))
             except Exception as e:  # a failed search during the update is what this counts
                 errors.append(repr(e))
             i += 1
+            next_at += 1 / rate
+            time.sleep(max(0.0, next_at - time.perf_counter()))
 
     loop = threading.Thread(target=search_loop)
     loop.start()
@@ -124,7 +128,7 @@ def update_under_search(root: Path, n: int, upserts: int, deletes: int) -> dict:
         "new_version_load_s": round(load_s, 1), "first_version_load_s": round(load_before_s, 1),
         "searchable_after_s": round(update_s + load_s, 1),
         "search_before": _percentiles(before), "search_during": _percentiles(during),
-        "searches_during": len(during), "failed_searches_during": len(errors),
+        "searches_during": len(during), "search_rate_per_s": rate, "failed_searches_during": len(errors),
         "live_after": len(fresh), "tombstones_after": len(fresh.deleted),
     }
 
@@ -146,6 +150,7 @@ def main() -> None:
     p.add_argument("--vectors", type=int, default=1_000_000)
     p.add_argument("--upserts", type=int, default=1000)
     p.add_argument("--deletes", type=int, default=100)
+    p.add_argument("--rate", type=float, default=100, help="queries/s searched during the update")
     p.add_argument("--work", default="/tmp/denseqa-bench-updates")
     p.add_argument("--out", default=str(REPO / "bench" / "results" / "updates.json"))
     a = p.parse_args()
@@ -163,7 +168,7 @@ def main() -> None:
     results = ResultsFile(a.out)
     results.save(f"update-{a.vectors}", {
         "index": {"factory": build["index"]["factory"], "build_s": build_s, "search": build["index"]["search"]},
-        **update_under_search(root, a.vectors, a.upserts, a.deletes)})
+        **update_under_search(root, a.vectors, a.upserts, a.deletes, a.rate)})
 
 
 if __name__ == "__main__":

@@ -349,6 +349,11 @@ class IndexConfig(Section):
         1, "Add the vectors in this many parallel Ray tasks (flat and IVF indexes), then merge them in order.",
         ge=1, operational=True
     )
+    partitions: int = _f(
+        1, "Write the index as this many partitions of about equal size, each a complete index (its own FAISS index "
+        "chosen for --memory-budget-gb, docstore and BM25), served by as many searcher deployments whose hits the "
+        "ingress merges: for corpora beyond one replica's memory.", ge=1
+    )
     add_batch_size: int = _f(65536, "Vectors read and added per chunk.", ge=1, operational=True)
     bm25: bool = _f(
         True,

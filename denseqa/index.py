@@ -45,6 +45,7 @@ DOCSTORE_FILE = "docstore.parquet"
 DELETED_FILE = "deleted.npy"  # positions deleted or replaced by a live update, never returned again (int64, sorted)
 MANIFEST_FILE = "manifest.json"
 BM25_DIR = "bm25"
+PARTITIONS_DIR = "partitions"  # an index built in partitions: a complete index folder each, one searcher each
 FORMAT_VERSION = 1
 RECALL_AT = 10
 RECALL_PLATEAU = 0.005  # when the target recall is out of reach, settle within this of the best one measured
@@ -53,6 +54,13 @@ RECALL_PLATEAU = 0.005  # when the target recall is out of reach, settle within 
 EF_SEARCH_VALUES = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 2048)
 HNSW_M = 32
 PQ_SUBQUANTIZERS = (96, 64, 48, 32, 24, 16, 12, 8, 4)
+
+
+def partition_root(folder: str) -> str:
+    """The index folder that a partition folder (``<index>/partitions/part-<i>``) belongs to; others unchanged."""
+    parent, _ = os.path.split(folder.rstrip("/"))
+    root, name = os.path.split(parent)
+    return root if name == PARTITIONS_DIR else folder
 
 
 # ------------------------------------------------------------------------------------------ choosing the index
@@ -254,9 +262,25 @@ class Layout:
     def offsets(self) -> list[int]:
         return [0, *np.cumsum(self.kept).tolist()][:-1]
 
+    def slice(self, start: int, stop: int) -> Layout:
+        """The passages at positions ``[start, stop)`` as a layout of their own (a partition of the index)."""
+        files, keep, kept = [], [], []
+        for path, mask, count, offset in zip(self.files, self.keep, self.kept, self.offsets(), strict=True):
+            lo, hi = max(start - offset, 0), min(stop - offset, count)
+            if hi <= lo:
+                continue
+            rows = np.flatnonzero(mask) if mask is not None else np.arange(count)  # the file's kept rows, in order
+            new = np.zeros(len(mask) if mask is not None else count, dtype=bool)
+            new[rows[lo:hi]] = True
+            files.append(path)
+            keep.append(None if new.all() else new)
+            kept.append(hi - lo)
+        return Layout(files, keep, kept, self.shards_dir)
 
-def assemble_docstore(shards_dir: str, docstore_path: str, derived_ids: bool, batch_size: int) -> Layout:
-    """Stream ``(id, text)`` of the shards into the docstore parquet, row i = index position i.
+
+def assemble_docstore(shards_dir: str, docstore_path: str | None, derived_ids: bool, batch_size: int) -> Layout:
+    """Stream ``(id, text)`` of the shards into the docstore parquet, row i = index position i (``None``: the layout
+    only, the docstores are written per partition by :func:`write_docstore`).
 
     With ids derived from the text (Q/A answers), a repeated answer keeps its first occurrence only.
     """
@@ -281,6 +305,8 @@ def assemble_docstore(shards_dir: str, docstore_path: str, derived_ids: bool, ba
                         else:
                             seen.add(doc_id)
                 mask_parts.append(mask)
+                if docstore_path is None:
+                    continue
                 table = pa.Table.from_batches([batch]).filter(pa.array(mask))
                 if writer is None:
                     writer = pq.ParquetWriter(docstore_path, table.schema)
@@ -293,6 +319,30 @@ def assemble_docstore(shards_dir: str, docstore_path: str, derived_ids: bool, ba
         if writer is not None:
             writer.close()
     return Layout(files, keep, kept, shards_dir)
+
+
+def write_docstore(layout: Layout, docstore_path: str, batch_size: int) -> None:
+    """The ``(id, text)`` of the layout's passages, in order, into a docstore parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseqa.embed import iter_shards
+
+    writer = None
+    try:
+        for path, mask in zip(layout.files, layout.keep, strict=True):
+            row = 0
+            for batch in iter_shards([path], layout.shards_dir, ["id", "text"], batch_size):
+                table = pa.Table.from_batches([batch])
+                if mask is not None:
+                    table = table.filter(pa.array(mask[row:row + batch.num_rows]))
+                row += batch.num_rows
+                if writer is None:
+                    writer = pq.ParquetWriter(docstore_path, table.schema)
+                writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
 
 
 def read_vectors(layout: Layout, batch_size: int, start: int = 0, stop: int | None = None):

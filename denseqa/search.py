@@ -80,6 +80,22 @@ def rrf_fuse(rankings: list[np.ndarray], k: int, k_rrf: int = RRF_K) -> tuple[np
     return np.array([s for _, s in best], dtype=np.float32), np.array([p for p, _ in best], dtype=np.int64)
 
 
+def merge_hits(partitions: list[list[dict]], k: int) -> list[dict]:
+    """The k best of the hit lists of a query from each partition of an index (dicts with ``score``), by score;
+    partitions in order for equal scores, so the order is that of the whole index searched at once."""
+    return sorted((hit for hits in partitions for hit in hits), key=lambda hit: -hit["score"])[:k]
+
+
+def fuse_hits(dense: list[dict], lexical: list[dict], k: int, k_rrf: int = RRF_K) -> list[dict]:
+    """:func:`rrf_fuse` of two rankings of hits (dicts with ``position``, ``id`` and ``score``) as
+    :meth:`Searcher.rank` fuses them: each ranking's equal scores in id order, fused ties by position."""
+    by_position = {hit["position"]: hit for hit in dense + lexical}
+    rankings = [np.array([h["position"] for h in sorted(hits, key=lambda h: (-h["score"], h["id"]))], dtype=np.int64)
+                for hits in (dense, lexical)]
+    scores, positions = rrf_fuse(rankings, k, k_rrf)
+    return [{**by_position[int(p)], "score": float(s)} for s, p in zip(scores, positions, strict=True)]
+
+
 class Searcher:
     """Loads an index folder (local or URI) and answers ``search(queries, k, mode)``.
 
@@ -114,10 +130,25 @@ class Searcher:
         if encoder is not None:
             encoder.check_matches(recorded, index_dir)
         self.encoder = encoder
+        partitions = self.manifest["index"].get("partitions")
+        if partitions:
+            # Built in partitions (one per searcher deployment when served): searched here as one, each
+            # partition's hits merged by score; position p of partition i is position offset_i + p here.
+            self.parts = [Searcher(os.path.join(local, *part["folder"].split("/")), load_encoder=False)
+                          for part in partitions]
+            self.offsets = np.array([part["positions"][0] for part in partitions], dtype=np.int64)
+            self.index = self.bm25 = None
+            self.deleted = np.zeros(0, dtype=np.int64)
+            self.dimension = self.manifest["dimension"]
+            if any(part.bm25 is not None for part in self.parts):
+                self.bm25 = True  # answered by the partitions'
+            return
+        self.parts = None
         self.index = faiss.read_index(os.path.join(local, INDEX_FILE))
         refine = self.manifest["index"].get("refine")
         if refine:  # compressed codes in memory, candidates re-ranked with the full vectors memory-mapped
             self.index = with_refine(self.index, os.path.join(local, refine["file"]), refine["k_factor"])
+        self.dimension = self.index.d
         ntotal = self.manifest["index"].get("ntotal", self.manifest["count"])
         if self.index.d != self.manifest["dimension"] or self.index.ntotal != ntotal:
             raise InputError(f"{index_dir}: {INDEX_FILE} holds {self.index.ntotal} vectors of dimension "
@@ -137,6 +168,8 @@ class Searcher:
 
     def __len__(self) -> int:
         """Live passages: those a search can return."""
+        if self.parts is not None:
+            return sum(len(part) for part in self.parts)
         return self.index.ntotal - len(self.deleted)
 
     # -------------------------------------------------------------------- rankings as positions
@@ -144,8 +177,10 @@ class Searcher:
     def dense_positions(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, positions) of the k nearest passages of each query vector; -1 where fewer exist."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        if vectors.ndim != 2 or vectors.shape[1] != self.index.d:
-            raise InputError(f"query vectors must have shape (n, {self.index.d}), got {vectors.shape}")
+        if vectors.ndim != 2 or vectors.shape[1] != self.dimension:
+            raise InputError(f"query vectors must have shape (n, {self.dimension}), got {vectors.shape}")
+        if self.parts is not None:
+            return self._merged([part.dense_positions(vectors, k) for part in self.parts], k)
         k = min(k, len(self))
         if self._search_params is None:
             return self.index.search(vectors, k)
@@ -155,7 +190,19 @@ class Searcher:
         if self.bm25 is None:
             raise InputError(f"{self.index_dir}: this index was built without BM25 (--no-bm25); bm25 and hybrid "
                              "search need it")
+        if self.parts is not None:
+            return self._merged([part.bm25_positions(queries, k) for part in self.parts], k)
         return self.bm25.search(queries, k)
+
+    def _merged(self, answers: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k best of the partitions' (scores, positions), positions made global; -1 padded, as one index."""
+        scores = np.concatenate([s for s, _ in answers], axis=1)
+        positions = np.concatenate([np.where(p >= 0, p + offset, -1) for (_, p), offset
+                                    in zip(answers, self.offsets, strict=True)], axis=1)
+        scores = np.where(positions >= 0, scores, -np.inf)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        top_scores, top = np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+        return np.where(top >= 0, top_scores, 0.0).astype(np.float32), top
 
     def encode(self, queries: list[str], batch_size: int = 64) -> np.ndarray:
         if self.encoder is None:
@@ -191,10 +238,18 @@ class Searcher:
         build and an updated one)."""
         out = []
         for row_scores, row in zip(scores, positions, strict=True):
-            ids = self._ids.take(np.maximum(row, 0)).to_pylist()
+            ids = self._ids_at(row)
             order = sorted(range(len(row)), key=lambda i: (row[i] < 0, -row_scores[i], ids[i]))
             out.append(row[order])
         return out
+
+    def _ids_at(self, positions: np.ndarray) -> list[str]:
+        """The id at each position ("" for -1)."""
+        if self.parts is None:
+            return [i if p >= 0 else "" for i, p in zip(self._ids.take(np.maximum(positions, 0)).to_pylist(),
+                                                        positions, strict=True)]
+        found = iter(self.hits(np.zeros(len(positions), dtype=np.float32), positions))
+        return [next(found).id if p >= 0 else "" for p in positions]
 
     # -------------------------------------------------------------------- hits
 
@@ -205,6 +260,14 @@ class Searcher:
         return [self.hits(s, p) for s, p in zip(scores, positions, strict=True)]
 
     def hits(self, scores: np.ndarray, positions: np.ndarray) -> list[Hit]:
+        if self.parts is not None:
+            out = []
+            for score, position in zip(scores, positions, strict=True):
+                if position >= 0:
+                    i = int(np.searchsorted(self.offsets, position, side="right")) - 1
+                    hit = self.parts[i].hits(np.array([score]), np.array([position - self.offsets[i]]))[0]
+                    out.append(Hit(hit.id, hit.score, hit.text, int(position)))
+            return out
         keep = [(float(s), int(p)) for s, p in zip(scores, positions, strict=True) if p >= 0]
         rows = [p for _, p in keep]
         ids = self._ids.take(rows).to_pylist() if rows else []

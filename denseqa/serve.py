@@ -67,6 +67,9 @@ from denseqa.api import (
 from denseqa.auth import KEY_ENV, KeyCheck, digest
 from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
+from denseqa.index import partition_root
+from denseqa.search import FUSION_DEPTH, fuse_hits, merge_hits
+from denseqa.versions import resolve_index
 
 logger = logging.getLogger("ray.serve")
 
@@ -346,7 +349,7 @@ class IndexSearcher:
         if self.queries is not None:  # straight to the model: a health check is not a query to batch or count
             vector = self.queries.encoder.encode_queries([HEALTH_QUERY], 1)
         else:  # the vectors come from a QueryEncoder: any unit vector exercises the index
-            vector = np.full((1, searcher.index.d), searcher.index.d ** -0.5, dtype=np.float32)
+            vector = np.full((1, searcher.dimension), searcher.dimension ** -0.5, dtype=np.float32)
         hits = searcher.hits(*(row[0] for row in searcher.dense_positions(vector, 1)))
         if len(searcher) and (not hits or not isinstance(hits[0].text, str)):
             raise RuntimeError(f"the test query found nothing in {searcher.index_dir} ({len(searcher)} passages)")
@@ -359,8 +362,10 @@ class IndexSearcher:
         if vectors is None and mode != "bm25" and self.queries is not None:
             vectors = await self.queries.encode(queries)
         scores, positions = searcher.rank(queries, k, mode, vectors)
-        hits = [[{"id": h.id, "score": h.score, "text": h.text} for h in searcher.hits(s, p)]
-                for s, p in zip(scores, positions, strict=True)]
+        # Positions in the whole index, for the ingress to fuse the hits of partitions as one index would.
+        offset = (searcher.manifest.get("partition") or {}).get("positions", [0])[0]
+        hits = [[{"id": h.id, "score": h.score, "text": h.text, "position": h.position + offset}
+                 for h in searcher.hits(s, p)] for s, p in zip(scores, positions, strict=True)]
         return {"index": searcher.index_dir, "hits": hits}
 
     def describe_encoder(self) -> dict | None:
@@ -469,11 +474,12 @@ def _is(error: Exception, kind: type) -> bool:
 @serve.deployment(name="SearchAPI", user_config=AuthSettings.model_construct().model_dump())  # no key: refused
 @serve.ingress(http)
 class SearchAPI:
-    def __init__(self, encoder: DeploymentHandle | None, searcher: DeploymentHandle, limits: dict,
-                 reranker: DeploymentHandle | None = None) -> None:
+    def __init__(self, encoder: DeploymentHandle | None, searcher: DeploymentHandle | list[DeploymentHandle],
+                 limits: dict, reranker: DeploymentHandle | None = None) -> None:
         # encoder: the QueryEncoder deployment (args.separate_encoder), or None: the searcher encodes.
+        # searcher: one IndexSearcher, or one per partition of a partitioned index (their hits are merged here).
         self.encoder = encoder
-        self.searcher = searcher
+        self.searchers = searcher if isinstance(searcher, list) else [searcher]
         self.reranker = reranker
         self.limits = Limits.model_validate(limits)
         self.auth: AuthSettings | None = None  # set by reconfigure, which Serve calls right after __init__
@@ -555,7 +561,7 @@ class SearchAPI:
             queries = [q for i in members for q in requests[i][0]]
             group_vectors = None if vectors is None or mode == "bm25" else \
                 np.concatenate([vectors[rows[i]] for i in members])
-            calls.append(retried(partial(self.searcher.search.remote, queries, k, mode, group_vectors), "search"))
+            calls.append(self._search(queries, k, mode, group_vectors))
         answers = await asyncio.gather(*calls, return_exceptions=True)
         out: list[dict | Exception] = [None] * len(requests)
         for members, answer in zip(groups.values(), answers, strict=True):
@@ -567,11 +573,44 @@ class SearchAPI:
                 offset += n
         return out
 
+    async def _search(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None) -> dict:
+        """One searcher call, or a scatter-gather over the partitions: each one's k best merged by score; for
+        hybrid, each ranking merged (as deep as fusion reads it), then fused here."""
+        if len(self.searchers) == 1:
+            answer = await retried(partial(self.searchers[0].search.remote, queries, k, mode, vectors), "search")
+        elif mode == "hybrid":
+            depth = max(k, FUSION_DEPTH)
+            dense, lexical = await asyncio.gather(self._gathered(queries, depth, "dense", vectors),
+                                                  self._gathered(queries, depth, "bm25", None))
+            answer = {"index": dense["index"], "hits": [fuse_hits(d, b, k) for d, b in
+                                                        zip(dense["hits"], lexical["hits"], strict=True)]}
+        else:
+            answer = await self._gathered(queries, k, mode, vectors)
+        return {"index": answer["index"], "hits": [[{key: value for key, value in hit.items() if key != "position"}
+                                                    for hit in hits] for hits in answer["hits"]]}
+
+    async def _gathered(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None) -> dict:
+        answers = await asyncio.gather(*(retried(partial(s.search.remote, queries, k, mode, vectors), "search")
+                                         for s in self.searchers))
+        return {"index": partition_root(answers[0]["index"]),
+                "hits": [merge_hits([a["hits"][i] for a in answers], k) for i in range(len(queries))]}
+
+    async def _status(self) -> dict:
+        """The searcher's status; of a partitioned index, the partitions' together (counts summed)."""
+        statuses = await asyncio.gather(*(s.status.remote() for s in self.searchers))
+        if len(statuses) == 1:
+            return statuses[0]
+        loaded = all(status["index"] for status in statuses)
+        return {"index": partition_root(statuses[0]["index"]) if loaded else None,
+                "count": sum(status["count"] for status in statuses),
+                "bm25": all(status["bm25"] for status in statuses), "partitions": statuses,
+                "last_change": statuses[0]["last_change"]}
+
     @http.get("/openapi.json", include_in_schema=False)
     async def openapi(self, request: Request) -> JSONResponse:
         """The OpenAPI schema, with this deployment's limits and what its index and reranker can answer."""
         try:
-            has_bm25 = (await self.searcher.status.remote())["bm25"]
+            has_bm25 = (await self._status())["bm25"]
         except Exception:  # no searcher reachable: state what an index with BM25 answers
             has_bm25 = True
         spec = openapi_with_limits(request.app.openapi(), self.limits, self.reranker is not None, has_bm25)
@@ -589,7 +628,7 @@ class SearchAPI:
     async def healthz(self) -> JSONResponse:
         """200 when an index is loaded and answering, 503 otherwise."""
         try:
-            status = await self.searcher.status.remote()
+            status = await self._status()
         except Exception as e:
             return JSONResponse({"status": "unavailable", "reason": one_line(e)}, status_code=503)
         if not status["index"]:
@@ -601,8 +640,8 @@ class SearchAPI:
         """The model, the index manifest, the last index change (swap or refusal), the reranker (null if none) and
         the input limits."""
         encoder = self.encoder.describe.remote() if self.encoder is not None else \
-            self.searcher.describe_encoder.remote()
-        model, status = await asyncio.gather(encoder, self.searcher.status.remote())
+            self.searchers[0].describe_encoder.remote()
+        model, status = await asyncio.gather(encoder, self._status())
         reranker = await self.reranker.describe.remote() if self.reranker is not None else None
         return {"model": model, "index": status, "reranker": reranker, "limits": self.limits.model_dump(),
                 "replicas": await asyncio.to_thread(replica_counts)}
@@ -622,7 +661,16 @@ def build_app(args: dict) -> serve.Application:
         if path is not None and not storage.is_uri(path) and not os.path.isabs(path):
             raise InputError(f"Serve application args.{key} {path!r}: give an absolute path or a URI; replicas "
                              "do not run in your working directory")
-    model = read_manifest(parsed.index)["model"]  # the encoder is the one the initial index was built with
+    manifest = read_manifest(parsed.index)
+    model = manifest["model"]  # the encoder is the one the initial index was built with
+    partitions = manifest["index"].get("partitions")
+    if partitions:  # one searcher deployment per partition; queries are encoded once, before the scatter
+        folder = resolve_index(parsed.index)
+        searchers = [IndexSearcher.options(name=name).bind(storage.join(folder, *part["folder"].split("/")), model)
+                     for name, part in zip(searcher_names(args), partitions, strict=True)]
+        reranker = Reranker.bind(parsed.reranker) if parsed.reranker else None
+        return SearchAPI.bind(QueryEncoder.bind(model), searchers,
+                              parsed.model_dump(include=set(Limits.model_fields)), reranker)
     if parsed.separate_encoder:
         encoder, searcher = QueryEncoder.bind(model), IndexSearcher.bind(parsed.index, model)
     else:
@@ -631,15 +679,30 @@ def build_app(args: dict) -> serve.Application:
     return SearchAPI.bind(encoder, searcher, parsed.model_dump(include=set(Limits.model_fields)), reranker)
 
 
+def partition_count(args: dict) -> int:
+    """How many partitions the index of these ``args`` has (1: not partitioned)."""
+    from denseqa.search import read_manifest
+
+    return len(read_manifest(args["index"])["index"].get("partitions") or [None]) if args.get("index") else 1
+
+
+def searcher_names(args: dict) -> list[str]:
+    """``IndexSearcher``, or ``IndexSearcher-<i>`` for each partition of a partitioned index."""
+    count = partition_count(args)
+    return ["IndexSearcher"] if count == 1 else [f"IndexSearcher-{i}" for i in range(count)]
+
+
 def deployment_names(args: dict) -> list[str]:
     """The deployments the application of these ``args`` has (a Serve config may not name any other)."""
-    return ["SearchAPI", "IndexSearcher", *(["QueryEncoder"] if args.get("separate_encoder") else []),
+    searchers = searcher_names(args)
+    separate = args.get("separate_encoder") or len(searchers) > 1
+    return ["SearchAPI", *searchers, *(["QueryEncoder"] if separate else []),
             *(["Reranker"] if args.get("reranker") else [])]
 
 
 def encoding_deployment(args: dict) -> str:
     """The deployment whose ``user_config`` sets the query encoder's batching."""
-    return "QueryEncoder" if args.get("separate_encoder") else "IndexSearcher"
+    return "QueryEncoder" if "QueryEncoder" in deployment_names(args) else "IndexSearcher"
 
 
 

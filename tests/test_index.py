@@ -196,3 +196,56 @@ def test_compressed_choice_reranks_with_memory_mapped_vectors_to_reach_the_targe
     set_search_parameter(refined, choice.kind, tuning["value"])
     scores, found = refined.search(vectors[:5], 3)
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", vectors[:5], vectors[found]), rtol=1e-5)
+
+
+def _folder_with_manifest(folder, built: dict, d: int, partitions: list | None = None) -> str:
+    """A minimal manifest beside what write_index_folder / write_partitions wrote: what Searcher reads."""
+    import json
+
+    from denseqa.index import FORMAT_VERSION
+
+    manifest = {"format": FORMAT_VERSION, "model": {}, "dimension": d, "count": built["count"],
+                "index": built["index"], "bm25": built["bm25"]}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    for part in partitions or []:
+        (folder / part["folder"] / "manifest.json").write_text(json.dumps(
+            {**manifest, "count": part["count"], "index": part["index"], "bm25": part["bm25"],
+             "partition": {k: part[k] for k in ("number", "of", "positions")}}))
+    return str(folder)
+
+
+@pytest.mark.parametrize("files", [1, 4])
+def test_an_index_in_partitions_searches_as_the_whole_one(tmp_path, files):
+    """Built in 3 partitions (each its own index, docstore and BM25), searched as one: the same exact dense hits
+    and scores as the whole index, positions and ids included; BM25 and hybrid answer from every partition."""
+    from denseqa.drivers.build_index import write_index_folder, write_partitions
+    from denseqa.search import Searcher
+
+    d, n = 32, 3000
+    vectors = clustered_vectors(n, d, clusters=50)
+    shards = write_shards(tmp_path / "emb", vectors, files)
+    cfg = IndexConfig(partitions=3)
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "parts").mkdir()
+    layout = assemble_docstore(shards, str(tmp_path / "whole" / "docstore.parquet"), False, 500)
+    whole = _folder_with_manifest(tmp_path / "whole", write_index_folder(str(tmp_path / "whole"), layout, d, cfg,
+                                                                         None), d)
+    layout = assemble_docstore(shards, None, False, 500)
+    built = write_partitions(str(tmp_path / "parts"), layout, d, cfg, None, {})
+    parts = _folder_with_manifest(tmp_path / "parts", built, d, built["partitions"])
+    assert [p["positions"] for p in built["partitions"]] == [[0, 1000], [1000, 2000], [2000, 3000]]
+
+    a, b = Searcher(whole, load_encoder=False), Searcher(parts, load_encoder=False)
+    assert len(a) == len(b) == n
+    queries = clustered_vectors(40, d, seed=5, clusters=50)
+    (sa, pa_), (sb, pb) = a.dense_positions(queries, 10), b.dense_positions(queries, 10)
+    np.testing.assert_array_equal(pa_, pb)
+    np.testing.assert_allclose(sa, sb, atol=1e-6)
+    assert [[h.id for h in a.hits(s, p)] for s, p in zip(sa, pa_, strict=True)] == \
+        [[h.id for h in b.hits(s, p)] for s, p in zip(sb, pb, strict=True)]
+    texts = [f"text {i}" for i in (15, 1500, 2999)]
+    for mode in ("bm25", "hybrid"):
+        found = b.search(texts, k=5, mode=mode, vectors=queries[:3])
+        assert all(len(hits) == 5 for hits in found)
+        if mode == "bm25":  # each number is in one passage only, in each of the partitions
+            assert [hits[0].id for hits in found] == ["d15", "d1500", "d2999"]

@@ -53,6 +53,7 @@ def indexes(ray_local, tmp_path_factory, tiny_model_dir):
         "C": _build(tmp, "C", real_pairs(60, seed=13), {"model": tiny_model_dir}),
         "D": _build(tmp, "D", real_pairs(40, seed=14), bm25=False),
         "E": _build(tmp, "E", real_pairs(60, seed=15)),
+        "P": _build(tmp, "P", pairs_a, partitions=3),  # A's passages in 3 partitions
         "questions": pairs_a.column("question").to_pylist(), "questions_b": pairs_b.column("question").to_pylist(),
     }
 
@@ -794,3 +795,65 @@ def test_retried_calls_outlast_a_dead_or_hanging_replica_and_then_give_up():
     with pytest.raises(ValueError):
         asyncio.run(retried(bad_request, "search"))
     assert len(attempts) == before + 1
+
+
+# ------------------------------------------------------------------------------------------ a partitioned index
+
+
+def test_a_partitioned_index_served_by_three_searchers_equals_the_whole_one(service, indexes, monkeypatch):
+    """A's passages built as 3 partitions: 3 searcher deployments, the ingress merging their hits. Dense results
+    (exact search) equal the unpartitioned index's; every mode equals the library's partitioned Searcher; each
+    searcher holds a third of the passages; one killed under load costs no request. Runs last: it redeploys."""
+    import os
+    import signal
+
+    from denseqa.config import ServeConfig
+    from denseqa.drivers import serve as deploying
+    from denseqa.errors import InputError
+    from denseqa.search import Searcher
+    from denseqa.serve import deployment_names
+
+    root = indexes["P"]
+    monkeypatch.setenv("DENSEQA_API_KEY", TEST_KEY)
+    config = deploying.serve_config_for(JobConfig(serve=ServeConfig(index=root, host="127.0.0.1",
+                                                                    port=service["port"]), used=("serve",)))
+    app = deploying.application(config)
+    app["logging_config"] = {"log_level": "WARNING", "enable_access_log": False}
+    names = [e["name"] for e in app["deployments"]]
+    assert sorted(names) == sorted(deployment_names(app["args"])) == sorted(
+        ["SearchAPI", "QueryEncoder", "IndexSearcher-0", "IndexSearcher-1", "IndexSearcher-2"])
+    for name in deployment_names(app["args"]):  # 2 CPUs here: a quarter each, one replica
+        entry = deploying.deployment(config, name)
+        entry.setdefault("autoscaling_config", {}).update(min_replicas=1, max_replicas=1)
+        entry.setdefault("ray_actor_options", {})["num_cpus"] = 0.25
+    url = deploying.deploy(config)
+
+    whole, partitioned = Searcher(indexes["A"]), Searcher(root)
+    questions = indexes["questions"][:20]
+    body = post(url, {"queries": questions, "k": 10}).json()
+    assert body["index"] == root
+    for result, hits in zip(body["results"], whole.search(questions, k=10), strict=True):
+        _assert_same_hits(result["hits"], hits)
+        assert [h["score"] for h in result["hits"]] == pytest.approx([h.score for h in hits], abs=1e-5)
+    for mode in ("bm25", "hybrid"):
+        body = post(url, {"queries": questions, "k": 10, "mode": mode}).json()
+        for result, hits in zip(body["results"], partitioned.search(questions, k=10, mode=mode), strict=True):
+            _assert_same_hits(result["hits"], hits)
+    with pytest.raises(InputError, match="1 partition.s., the running application has 3 searcher"):
+        deploying.swap_index(indexes["A"], timeout_s=60)  # another shape of deployment: deploy, not swap
+    info = get(f"{url}/info").json()["index"]
+    counts = [p["count"] for p in info["partitions"]]
+    assert info["count"] == len(whole) == sum(counts) and max(counts) - min(counts) <= 1
+
+    load = Load(url, indexes["questions"], clients=8)
+    try:
+        time.sleep(3)
+        pid = _replica_pid("IndexSearcher-1")
+        os.kill(pid, signal.SIGKILL)
+        while _replica_pid_or_none("IndexSearcher-1") in (None, pid):
+            time.sleep(0.5)
+        time.sleep(3)
+    finally:
+        load.finish()
+    assert not load.errors, (len(load.errors), load.errors[:3])
+    assert len(load.outcomes) > 50

@@ -23,9 +23,11 @@ from denseqa.index import (
     FORMAT_VERSION,
     INDEX_FILE,
     MANIFEST_FILE,
+    PARTITIONS_DIR,
     RECALL_AT,
     REFINE_K_FACTOR,
     VECTORS_FILE,
+    Layout,
     assemble_docstore,
     build_faiss_index,
     check_factory,
@@ -34,6 +36,7 @@ from denseqa.index import (
     shard_ranges,
     tune_search,
     with_refine,
+    write_docstore,
     write_refine_vectors,
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
@@ -109,15 +112,21 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
-        built = write_index_folder(staging, shards_dir, corpus.derived_ids, model_info["dimension"], icfg,
-                                   question_vectors)
+        d = model_info["dimension"]
+        if icfg.partitions == 1:
+            layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), corpus.derived_ids,
+                                       icfg.add_batch_size)
+            built = write_index_folder(staging, layout, d, icfg, question_vectors)
+        else:
+            layout = assemble_docstore(shards_dir, None, corpus.derived_ids, icfg.add_batch_size)
+            built = write_partitions(staging, layout, d, icfg, question_vectors, model_info)
         n = built["count"]
         manifest = {
             "format": FORMAT_VERSION,
             "version": 1,
             "output": output,
             "model": model_info,
-            "dimension": model_info["dimension"],
+            "dimension": d,
             "metric": "inner_product",
             "normalize": model_info["normalize"],
             "count": n,
@@ -133,6 +142,10 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
             "versions": package_versions(),
             "created": utc_now(),
         }
+        for part in built.get("partitions", []):  # each partition folder is an index of its own, for its searcher
+            storage.write_json(os.path.join(staging, part["folder"], MANIFEST_FILE), {
+                **manifest, "output": f"{output}/{part['folder']}", "count": part["count"], "index": part["index"],
+                "bm25": part["bm25"], "partition": {k: part[k] for k in ("number", "of", "positions")}})
         storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
     if not icfg.keep_embeddings:
         storage.remove(building)
@@ -144,16 +157,45 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     return manifest
 
 
-def write_index_folder(staging: str, shards_dir: str, derived_ids: bool, d: int, icfg: IndexConfig,
+def write_partitions(staging: str, layout: Layout, d: int, icfg: IndexConfig, question_vectors: np.ndarray | None,
+                     model_info: dict) -> dict[str, Any]:
+    """The passages in ``icfg.partitions`` contiguous ranges, each a complete index folder in
+    ``partitions/part-<i>/`` (its FAISS index chosen for the budget of one replica, docstore, BM25), for as many
+    searcher deployments; the returned ``index`` entry lists them for the root manifest."""
+    started = time.time()
+    parts = []
+    ranges = shard_ranges(layout.count, icfg.partitions)
+    for i, (start, stop) in enumerate(ranges):
+        folder = f"{PARTITIONS_DIR}/part-{i:03d}"
+        path = os.path.join(staging, *folder.split("/"))
+        os.makedirs(path)
+        part = layout.slice(start, stop)
+        write_docstore(part, os.path.join(path, DOCSTORE_FILE), icfg.add_batch_size)
+        built = write_index_folder(path, part, d, icfg, question_vectors)
+        logger.info("partition %d/%d: passages %d to %d, %s", i + 1, len(ranges), start, stop - 1,
+                    built["index"]["factory"])
+        parts.append({"folder": folder, "number": i, "of": len(ranges), "positions": [start, stop],
+                      "count": built["count"], "index": built["index"], "bm25": built["bm25"]})
+    first = parts[0]["index"]
+    index = {"kind": "partitioned", "factory": first["factory"], "partitions": [
+        {k: p[k] for k in ("folder", "positions", "count")} | {"factory": p["index"]["factory"]} for p in parts],
+        "memory_budget_gb": icfg.memory_budget_gb, "memory_budget_per": "partition",
+        "search": first["search"], "ntotal": layout.count, "deleted": 0}
+    bm25 = parts[0]["bm25"] and {**parts[0]["bm25"], "statistics": "per partition"}
+    return {"count": layout.count, "index": index, "bm25": bm25, "partitions": parts,
+            "seconds": round(time.time() - started, 2)}
+
+
+def write_index_folder(staging: str, layout: Layout, d: int, icfg: IndexConfig,
                        question_vectors: np.ndarray | None) -> dict[str, Any]:
-    """From embedding shards to the files of an index folder in ``staging`` (all but the manifest): docstore,
-    FAISS index chosen, built and tuned, the full vectors when the codes are lossy, BM25. Returns the manifest's
-    ``count``, ``index`` and ``bm25`` entries and the seconds taken. A fresh build and an update's compaction both
-    come through here, so a compacted index is a fresh build of its live passages."""
+    """From the embedded passages of ``layout`` (their docstore already in ``staging``) to the other files of an
+    index folder but the manifest: FAISS index chosen, built and tuned, the full vectors when the codes are lossy,
+    BM25. Returns the manifest's ``count``, ``index`` and ``bm25`` entries and the seconds taken. A fresh build, each
+    partition of one and an update's compaction all come through here, so a compacted index is a fresh build of
+    its live passages."""
     import faiss
 
     started = time.time()
-    layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), derived_ids, icfg.add_batch_size)
     n = layout.count
     choice = choose_index(n, d, icfg)
     logger.info("%d passages: %s — %s", n, choice.factory, choice.reason)

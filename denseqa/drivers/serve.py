@@ -21,7 +21,7 @@ from ray import serve
 from denseqa import auth, ray_private, storage
 from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError, one_line
-from denseqa.serve import APP_NAME, deployment_names, encoding_deployment
+from denseqa.serve import APP_NAME, deployment_names, encoding_deployment, searcher_names
 from denseqa.versions import resolve_index
 
 logger = logging.getLogger(__name__)
@@ -199,21 +199,38 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     app = application(running, app_name)
     check_model_matches(read_manifest(app["args"]["index"])["model"], read_manifest(index)["model"], index)
     index = resolve_index(storage.absolute(index))
-    entry = deployment(running, "IndexSearcher", app_name)
-    entry["user_config"] = {**(entry.get("user_config") or {}), "index": index}
+    names = searcher_names(app["args"])
+    partitions = read_manifest(index)["index"].get("partitions") or [None]
+    if len(partitions) != len(names):
+        raise InputError(f"{index}: {len(partitions)} partition(s), the running application has {len(names)} "
+                         "searcher deployment(s); deploy it with `denseqa serve --index` instead of swapping")
+    # Each searcher (one per partition) gets its folder; Serve reconfigures them all from this one deploy.
+    targets = {name: index if part is None else storage.join(index, *part["folder"].split("/"))
+               for name, part in zip(names, partitions, strict=True)}
+    for name, target in targets.items():
+        entry = deployment(running, name, app_name)
+        entry["user_config"] = {**(entry.get("user_config") or {}), "index": target}
     deploy(running, timeout_s)
-    handle = serve.get_deployment_handle("IndexSearcher", app_name)
     deadline = time.monotonic() + timeout_s
-    while True:
-        status = handle.status.remote().result()
-        change = status["last_change"] or {}
-        if status["index"] == index:
-            return status
-        if change.get("index") == index and change.get("status") == "refused":
-            raise InputError(f"{index}: refused by the running searcher: {change['reason']}")
-        if time.monotonic() > deadline:
-            raise DenseqaError(f"{index}: not served after {timeout_s:.0f} s; see the IndexSearcher logs")
-        time.sleep(0.5)
+    statuses = {}
+    for name, target in targets.items():
+        handle = serve.get_deployment_handle(name, app_name)
+        while True:
+            status = handle.status.remote().result()
+            change = status["last_change"] or {}
+            if status["index"] == target:
+                statuses[name] = status
+                break
+            if change.get("index") == target and change.get("status") == "refused":
+                raise InputError(f"{target}: refused by the running searcher: {change['reason']}")
+            if time.monotonic() > deadline:
+                raise DenseqaError(f"{target}: not served after {timeout_s:.0f} s; see the {name} logs")
+            time.sleep(0.5)
+    if len(statuses) == 1:
+        return statuses[names[0]]
+    return {"index": index, "count": sum(s["count"] for s in statuses.values()),
+            "last_change": {"previous": statuses[names[0]]["last_change"].get("previous")},
+            "partitions": list(statuses.values())}
 
 
 def _waiting_reasons(state) -> list[str]:
@@ -274,6 +291,16 @@ def serve_config_for(cfg) -> dict:
     app = application(config)
     http_options = config.get("http_options", {})
     present = deployment_names(app["args"])
+    names = searcher_names(app["args"])
+    if len(names) > 1:  # a partitioned index: the IndexSearcher entry's options go to each partition's searcher
+        deployments = app.setdefault("deployments", [])
+        template = next((e for e in deployments if e.get("name") == "IndexSearcher"), {})
+        given = {e.get("name") for e in deployments}
+        app["deployments"] = [e for e in deployments if e.get("name") != "IndexSearcher"] + [
+            {**copy.deepcopy(template), "name": name} for name in names if name not in given]
+        if "QueryEncoder" not in given:  # the queries are encoded once, before the scatter: as a searcher did
+            app["deployments"].append({"name": "QueryEncoder", **copy.deepcopy(
+                {k: v for k, v in template.items() if k in ("ray_actor_options", "autoscaling_config")})})
     for entry in app.get("deployments", []):
         # Serve refuses options for a deployment the application does not have (no reranker: no Reranker; the
         # searchers encoding their own queries: no QueryEncoder), so a shared config file's extra entries go.

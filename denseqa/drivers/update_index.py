@@ -49,6 +49,8 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     root = storage.absolute(icfg.update)
     manifest = read_manifest(root)  # not an index: one line
     current = resolve_index(root)
+    if manifest["index"]["kind"] == "partitioned":
+        raise InputError(f"{root}: a partitioned index (--partitions) is not updated live yet; build it again")
     derived_ids = bool(manifest["corpus"].get("derived_ids"))
     upsert_cfg = cfg.corpus.model_copy(update={"path": icfg.upsert, "from_answers": derived_ids})
     checked = check_corpus(upsert_cfg) if icfg.upsert else None  # columns, types, duplicate ids
@@ -241,6 +243,7 @@ def _compacted(staging: str, manifest: dict, live_rows, chunks, cfg: JobConfig, 
 
     from denseqa.drivers.build_index import write_index_folder
     from denseqa.embed import VECTOR
+    from denseqa.index import assemble_docstore
 
     shards_dir = storage.join(work, "compaction")
     fs, path = storage.filesystem(shards_dir)
@@ -258,5 +261,6 @@ def _compacted(staging: str, manifest: dict, live_rows, chunks, cfg: JobConfig, 
     settings = {k: recorded[k] for k in RECORDED_INDEX_KEYS if k in recorded}
     settings.update({k: getattr(cfg.index, k) for k in cfg.index.model_fields_set if k in RECORDED_INDEX_KEYS})
     icfg = IndexConfig.model_validate({**settings, "add_batch_size": cfg.index.add_batch_size})
-    built = write_index_folder(staging, shards_dir, False, manifest["dimension"], icfg, None)
+    layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), False, icfg.add_batch_size)
+    built = write_index_folder(staging, layout, manifest["dimension"], icfg, None)
     return {**manifest, "count": built["count"], "index": built["index"], "bm25": built["bm25"], "compacted": True}
