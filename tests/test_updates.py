@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from .conftest import real_pairs
-from .test_bad_input import assert_one_line_error, run_job
+from .test_bad_input import assert_one_line_error
 
 # ------------------------------------------------------------------------------------------ the plan
 
@@ -252,7 +253,9 @@ def _snapshot(folder) -> list[tuple[str, int, int]]:
 
 
 @pytest.mark.slow
-def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, tiny_model_dir):
+def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, tiny_model_dir, capsys):
+    """Through the command line's entry (in this process: the cases fail before Ray is used)."""
+    from denseqa.cli import main
     from denseqa.model import bundled_model_path
 
     tmp, texts, ids = corpus["tmp"], corpus["texts"], corpus["ids"]
@@ -261,8 +264,13 @@ def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, t
          "--model", tiny_model_dir)
     before = _snapshot(index)
 
+    def run(*args):
+        capsys.readouterr()
+        code = main(["build-index", *args])
+        return subprocess.CompletedProcess(args, code, "", capsys.readouterr().err)
+
     def update(*args):
-        return run_job("build_index", "--update", str(index), *args)
+        return run("--update", str(index), *args)
 
     def error(result, *fragments):
         assert_one_line_error(result, *fragments, command="build-index")
@@ -276,11 +284,11 @@ def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, t
     twice = _write(tmp / "twice.parquet", ["x", "y", "x"], ["one", "two", "three"])
     error(update("--upsert", twice), twice, "id 'x' appears 2 times")
     fine = _write(tmp / "fine.parquet", ["x"], ["a new passage"])
-    error(update("--upsert", fine, "--model", bundled_model_path()), str(index), "index was built with")
+    error(update("--upsert", fine, "--model", str(bundled_model_path())), str(index), "index was built with")
     not_index = tmp / "not-an-index"
     not_index.mkdir()
     (not_index / "notes.txt").write_text("hello")
-    error(run_job("build_index", "--update", str(not_index), "--upsert", fine), str(not_index),
+    error(run("--update", str(not_index), "--upsert", fine), str(not_index),
           "not a complete index")
     error(update(), "--update needs --upsert")
     assert _snapshot(index) == before
