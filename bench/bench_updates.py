@@ -41,29 +41,35 @@ def debian_answers() -> list[str]:
     return list(dict.fromkeys(pq.read_table(DATA, columns=["answer"]).column("answer").to_pylist()))
 
 
-def build_index(root: Path, n: int) -> dict:
-    """The n-vector index folder, built as a build-index job would write it (its embedding aside)."""
+def build_index(root: Path, n: int, partitions: int = 1) -> dict:
+    """The n-vector index folder, built as a build-index job would write it (its embedding aside); in
+    ``partitions`` when more than 1."""
     from denseqa import storage
     from denseqa.config import IndexConfig, JobConfig, ModelConfig
-    from denseqa.drivers.build_index import write_index_folder
+    from denseqa.drivers.build_index import write_index_folder, write_partition_manifests, write_partitions
     from denseqa.index import FORMAT_VERSION, MANIFEST_FILE, assemble_docstore
     from denseqa.model import Encoder
     from denseqa.provenance import package_versions, utc_now
 
-    shards = root.parent / f"{root.name}-shards"
+    shards = root.parent / f"synthetic-{n}-shards"
     if not shards.exists():
         write_synthetic_shards(shards, n, 384, texts=debian_answers())
     queries = np.load(shards.parent / f"{shards.name}-{QUERIES_FILE}")
     model = Encoder.load(ModelConfig(), device="cpu").describe()  # the bundled model, on its CPU default (ONNX)
     started = time.time()
     with storage.staged_output(str(root), marker=MANIFEST_FILE) as staging:
-        layout = assemble_docstore(str(shards), os.path.join(staging, "docstore.parquet"), False, 65536)
-        built = write_index_folder(staging, layout, 384, IndexConfig(), queries[:1000])
+        if partitions == 1:
+            layout = assemble_docstore(str(shards), os.path.join(staging, "docstore.parquet"), False, 65536)
+            built = write_index_folder(staging, layout, 384, IndexConfig(), queries[:1000])
+        else:
+            layout = assemble_docstore(str(shards), None, False, 65536)
+            built = write_partitions(staging, layout, 384, IndexConfig(partitions=partitions), queries[:1000], model)
         manifest = {"format": FORMAT_VERSION, "version": 1, "output": str(root), "model": model, "dimension": 384,
                     "metric": "inner_product", "normalize": "l2", "count": built["count"],
                     "corpus": {"path": str(shards), "derived_ids": False}, "index": built["index"],
                     "bm25": built["bm25"], "build": {"index_seconds": built["seconds"]},
                     "config": JobConfig().to_dict(), "versions": package_versions(), "created": utc_now()}
+        write_partition_manifests(staging, manifest, built.get("partitions", []))
         storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
     print(f"built {root} in {time.time() - started:.0f} s: {built['index']['factory']}", flush=True)
     return manifest
@@ -82,7 +88,7 @@ def update_under_search(root: Path, n: int, upserts: int, deletes: int, rate: fl
     pq.write_table(pa.table({"id": ids, "text": texts}), root.parent / "upserts.parquet")
     pq.write_table(pa.table({"id": [str(i) for i in deleted]}), root.parent / "deletes.parquet")
 
-    queries = np.load(root.parent / f"{root.name}-v1-shards-{QUERIES_FILE}")[1000:]
+    queries = np.load(root.parent / f"synthetic-{n}-shards-{QUERIES_FILE}")[1000:]
     started = time.perf_counter()
     searcher = Searcher(str(root), load_encoder=False)
     load_before_s = time.perf_counter() - started

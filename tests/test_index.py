@@ -202,15 +202,13 @@ def _folder_with_manifest(folder, built: dict, d: int, partitions: list | None =
     """A minimal manifest beside what write_index_folder / write_partitions wrote: what Searcher reads."""
     import json
 
+    from denseqa.drivers.build_index import write_partition_manifests
     from denseqa.index import FORMAT_VERSION
 
     manifest = {"format": FORMAT_VERSION, "model": {}, "dimension": d, "count": built["count"],
                 "index": built["index"], "bm25": built["bm25"]}
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    for part in partitions or []:
-        (folder / part["folder"] / "manifest.json").write_text(json.dumps(
-            {**manifest, "count": part["count"], "index": part["index"], "bm25": part["bm25"],
-             "partition": {k: part[k] for k in ("number", "of", "positions")}}))
+    write_partition_manifests(str(folder), {**manifest, "output": str(folder)}, partitions or [])
     return str(folder)
 
 

@@ -142,10 +142,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
             "versions": package_versions(),
             "created": utc_now(),
         }
-        for part in built.get("partitions", []):  # each partition folder is an index of its own, for its searcher
-            storage.write_json(os.path.join(staging, part["folder"], MANIFEST_FILE), {
-                **manifest, "output": f"{output}/{part['folder']}", "count": part["count"], "index": part["index"],
-                "bm25": part["bm25"], "partition": {k: part[k] for k in ("number", "of", "positions")}})
+        write_partition_manifests(staging, manifest, built.get("partitions", []))
         storage.write_json(os.path.join(staging, MANIFEST_FILE), manifest)
     if not icfg.keep_embeddings:
         storage.remove(building)
@@ -184,6 +181,16 @@ def write_partitions(staging: str, layout: Layout, d: int, icfg: IndexConfig, qu
     bm25 = parts[0]["bm25"] and {**parts[0]["bm25"], "statistics": "per partition"}
     return {"count": layout.count, "index": index, "bm25": bm25, "partitions": parts,
             "seconds": round(time.time() - started, 2)}
+
+
+def write_partition_manifests(staging: str, manifest: dict, parts: list[dict]) -> None:
+    """Each partition folder's manifest: the index's, with the partition's own count, index and BM25, so that it
+    loads as an index of its own (what its searcher deployment serves)."""
+    for part in parts:
+        storage.write_json(os.path.join(staging, *part["folder"].split("/"), MANIFEST_FILE), {
+            **manifest, "output": f"{manifest['output']}/{part['folder']}", "count": part["count"],
+            "index": part["index"], "bm25": part["bm25"],
+            "partition": {k: part[k] for k in ("number", "of", "positions")}})
 
 
 def write_index_folder(staging: str, layout: Layout, d: int, icfg: IndexConfig,
