@@ -680,10 +680,14 @@ def build_app(args: dict) -> serve.Application:
 
 
 def partition_count(args: dict) -> int:
-    """How many partitions the index of these ``args`` has (1: not partitioned)."""
+    """How many partitions the index of these ``args`` has (1: not partitioned, or no index there yet: a config
+    file's placeholder; deploying it fails on the folder, in one line)."""
     from denseqa.search import read_manifest
 
-    return len(read_manifest(args["index"])["index"].get("partitions") or [None]) if args.get("index") else 1
+    try:
+        return len(read_manifest(args["index"])["index"].get("partitions") or [None]) if args.get("index") else 1
+    except (InputError, OSError):  # OSError: a URI that cannot be reached from here
+        return 1
 
 
 def searcher_names(args: dict) -> list[str]:
