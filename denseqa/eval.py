@@ -115,14 +115,18 @@ def load_judgements(cfg, searcher) -> Judgements:
     for question, value in rows:
         wanted.setdefault(question, set()).add(value)
 
-    ids = searcher.docstore.column("id").to_pylist()
+    # Passages a live update deleted or replaced stay in the docstore but no search returns them: not relevant.
+    live = np.ones(searcher.docstore.num_rows, dtype=bool)
+    live[searcher.deleted] = False
+    docstore = searcher.docstore.filter(pa.array(live))
+    ids = docstore.column("id").to_pylist()
     if cfg.relevant_id_column:
         known = set(ids)
         lookup = {value: {value} for values in wanted.values() for value in values if value in known}
     else:
         needed = {value for values in wanted.values() for value in values}
         lookup: dict[str, set[str]] = {}
-        for doc_id, text in zip(ids, searcher.docstore.column("text").to_pylist(), strict=True):
+        for doc_id, text in zip(ids, docstore.column("text").to_pylist(), strict=True):
             if text in needed:
                 lookup.setdefault(text, set()).add(doc_id)
     judged = [(q, set().union(*(lookup.get(v, set()) for v in values))) for q, values in wanted.items()]

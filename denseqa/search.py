@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 
 from denseqa import storage
 from denseqa.errors import InputError
@@ -68,15 +69,19 @@ def read_manifest(index_dir: str) -> dict:
     return manifest
 
 
-def rrf_fuse(rankings: list[np.ndarray], k: int, k_rrf: int = RRF_K) -> tuple[np.ndarray, np.ndarray]:
-    """Reciprocal rank fusion of rankings of positions (-1 = empty slot): (scores, positions) of the top k."""
+def rrf_fuse(rankings: list[np.ndarray], k: int, k_rrf: int = RRF_K,
+             ids: dict[int, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reciprocal rank fusion of rankings of positions (-1 = empty slot): (scores, positions) of the top k.
+
+    ``ids``: each position's passage id, by which equal fused scores are ordered (else by position), so that two
+    indexes of the same passages in another row order fuse alike."""
     scores: dict[int, float] = {}
     for ranking in rankings:
         for rank, position in enumerate(ranking):
             if position >= 0:
                 scores[int(position)] = scores.get(int(position), 0.0) + 1.0 / (k_rrf + rank + 1)
-    # Ties (equal fused score) break by position, so the order is deterministic.
-    best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
+    # Ties (equal fused score) break by id (or position), so the order is deterministic.
+    best = sorted(scores.items(), key=lambda item: (-item[1], ids[item[0]] if ids else "", item[0]))[:k]
     return np.array([s for _, s in best], dtype=np.float32), np.array([p for p, _ in best], dtype=np.int64)
 
 
@@ -88,11 +93,11 @@ def merge_hits(partitions: list[list[dict]], k: int) -> list[dict]:
 
 def fuse_hits(dense: list[dict], lexical: list[dict], k: int, k_rrf: int = RRF_K) -> list[dict]:
     """:func:`rrf_fuse` of two rankings of hits (dicts with ``position``, ``id`` and ``score``) as
-    :meth:`Searcher.rank` fuses them: each ranking's equal scores in id order, fused ties by position."""
+    :meth:`Searcher.rank` fuses them: equal scores, in each ranking and fused, in id order."""
     by_position = {hit["position"]: hit for hit in dense + lexical}
     rankings = [np.array([h["position"] for h in sorted(hits, key=lambda h: (-h["score"], h["id"]))], dtype=np.int64)
                 for hits in (dense, lexical)]
-    scores, positions = rrf_fuse(rankings, k, k_rrf)
+    scores, positions = rrf_fuse(rankings, k, k_rrf, {p: hit["id"] for p, hit in by_position.items()})
     return [{**by_position[int(p)], "score": float(s)} for s, p in zip(scores, positions, strict=True)]
 
 
@@ -139,6 +144,7 @@ class Searcher:
             self.offsets = np.array([part["positions"][0] for part in partitions], dtype=np.int64)
             self.index = self.bm25 = None
             self.deleted = np.zeros(0, dtype=np.int64)
+            self.docstore = pa.concat_tables([part.docstore for part in self.parts])  # row = global position
             self.dimension = self.manifest["dimension"]
             if any(part.bm25 is not None for part in self.parts):
                 self.bm25 = True  # answered by the partitions'
@@ -227,7 +233,12 @@ class Searcher:
             depth = max(k, FUSION_DEPTH)
             dense = self._ties_by_id(*self.dense_positions(vectors, depth))
             lexical = self._ties_by_id(*self.bm25_positions(queries, depth))
-            fused = [rrf_fuse([d, b], k) for d, b in zip(dense, lexical, strict=True)]
+            fused = []
+            for d, b in zip(dense, lexical, strict=True):
+                candidates = np.unique(np.concatenate([d, b]))
+                candidates = candidates[candidates >= 0]
+                fused.append(rrf_fuse([d, b], k, ids=dict(zip(candidates.tolist(), self._ids_at(candidates),
+                                                             strict=True))))
             scores = _pad([f[0] for f in fused], k, np.float32, 0.0)
             positions = _pad([f[1] for f in fused], k, np.int64, -1)
         return _pad(list(scores), k, np.float32, 0.0), _pad(list(positions), k, np.int64, -1)

@@ -69,7 +69,7 @@ from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
 from denseqa.index import partition_root
 from denseqa.search import FUSION_DEPTH, fuse_hits, merge_hits
-from denseqa.versions import resolve_index
+from denseqa.versions import VERSIONS_DIR, resolve_index
 
 logger = logging.getLogger("ray.serve")
 
@@ -324,9 +324,17 @@ class IndexSearcher:
         logger.info("IndexSearcher serving %s (%d passages)", target, len(searcher))
 
     def _load(self, index: str):
+        from denseqa import storage
         from denseqa.model import check_model_matches
         from denseqa.search import Searcher
 
+        if index != self.default_index and not storage.exists(index) and \
+                index.split(f"/{VERSIONS_DIR}/")[0] == self.default_index.rstrip("/"):
+            # A version of this application's index that later updates have removed (a new replica started long
+            # after the last swap): its current version instead, rather than no replica at all.
+            logger.warning("IndexSearcher: %s is gone (removed by later updates); loading the current version of "
+                           "%s", index, self.default_index)
+            index = self.default_index
         searcher = Searcher(index, load_encoder=False)
         check_model_matches(self.model, searcher.manifest["model"], index)
         return searcher

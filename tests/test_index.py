@@ -241,6 +241,13 @@ def test_an_index_in_partitions_searches_as_the_whole_one(tmp_path, files):
     np.testing.assert_allclose(sa, sb, atol=1e-6)
     assert [[h.id for h in a.hits(s, p)] for s, p in zip(sa, pa_, strict=True)] == \
         [[h.id for h in b.hits(s, p)] for s, p in zip(sb, pb, strict=True)]
+    from denseqa.config import JobConfig
+    from denseqa.drivers.update_index import run_update_index
+
+    for folder in (parts, f"{parts}/partitions/part-001"):  # not updated live: neither the whole nor a partition
+        with pytest.raises(InputError, match="partitioned index .--partitions., or one of its partitions"):
+            run_update_index(JobConfig.from_dict({"index": {"update": folder, "upsert": "new.parquet"}},
+                                                 sections=("corpus", "model", "embed", "index")))
     texts = [f"text {i}" for i in (15, 1500, 2999)]
     for mode in ("bm25", "hybrid"):
         found = b.search(texts, k=5, mode=mode, vectors=queries[:3])

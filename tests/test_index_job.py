@@ -92,7 +92,7 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
                                                             show_progress=False), k=100, show_progress=False)
     lexical = [[ids[i] for i, s in zip(row, srow, strict=True) if s > 0] for row, srow in zip(found, found_scores,
                                                                                               strict=True)]
-    # Hybrid fuses by rank, each ranking's passages of equal score in id order (BM25 gives many the same score)
+    # Hybrid fuses by rank, passages of equal score in id order (BM25 gives many the same score), fused ones too
     lexical_by_id = [[ids[i] for i, s in sorted(zip(row, srow, strict=True), key=lambda t: (-t[1], ids[t[0]]))
                       if s > 0] for row, srow in zip(found, found_scores, strict=True)]
     hybrid = []
@@ -101,7 +101,7 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
         for ranking in (d, b):
             for rank, doc in enumerate(ranking):
                 fused[doc] = fused.get(doc, 0.0) + 1 / (60 + rank + 1)
-        hybrid.append(sorted(fused, key=lambda doc: (-fused[doc], ids.index(doc)))[:100])
+        hybrid.append(sorted(fused, key=lambda doc: (-fused[doc], doc))[:100])  # equal fused scores: id order
     rel = [relevant[q] for q in questions]
     assert result["judgements"]["evaluated"] == len(questions)
     for mode, ranked in (("dense", dense), ("bm25", lexical), ("hybrid", hybrid)):

@@ -93,6 +93,20 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
     assert why(base, "train").startswith("changed data files:")
 
 
+def test_the_index_is_updated_live_only_when_the_corpus_alone_changed():
+    from denseqa.drivers.pipeline import index_updatable
+
+    before = {"corpus files": "a" * 64, "corpus.path": "/c1.parquet", "index.factory": None, "model": "m1"}
+    record = {"inputs": before, "fingerprint": "f"}
+    assert index_updatable({**before, "corpus files": "b" * 64, "corpus.path": "/c2.parquet"}, record, "f")
+    assert not index_updatable(before, record, "f")  # nothing changed: skipped, not updated
+    assert not index_updatable({**before, "corpus files": "b" * 64, "model": "m2"}, record, "f")  # a new model
+    assert not index_updatable({**before, "corpus files": "b" * 64}, record, "g")  # the index was replaced
+    assert not index_updatable({**before, "corpus files": "b" * 64}, None, "f")  # never built
+    parts = {**before, "index.partitions": 3}
+    assert not index_updatable({**parts, "corpus files": "b" * 64}, {"inputs": parts, "fingerprint": "f"}, "f")
+
+
 def test_hard_negative_steps_and_what_redoes_them(qa_parquet):
     from denseqa.run_folder import decide, step_inputs
 

@@ -108,6 +108,8 @@ def index_updatable(inputs: dict[str, Any], record: dict | None, fingerprint: st
     only the corpus changed."""
     if record is None or fingerprint is None or fingerprint != record.get("fingerprint"):
         return False
+    if inputs.get("index.partitions", 1) > 1:  # partitions are not updated live (yet): rebuilt
+        return False
     before = record.get("inputs", {})
     changed = {k for k in set(inputs) | set(before) if inputs.get(k) != before.get(k)}
     return bool(changed) and changed <= UPDATABLE_INDEX_INPUTS

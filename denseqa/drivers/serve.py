@@ -296,8 +296,11 @@ def serve_config_for(cfg) -> dict:
         deployments = app.setdefault("deployments", [])
         template = next((e for e in deployments if e.get("name") == "IndexSearcher"), {})
         given = {e.get("name") for e in deployments}
+        # They search only (the QueryEncoder encodes): a GPU the entry asks for is the encoder's, not theirs.
+        searcher = {**copy.deepcopy(template), "ray_actor_options": {
+            k: v for k, v in (template.get("ray_actor_options") or {}).items() if k != "num_gpus"}}
         app["deployments"] = [e for e in deployments if e.get("name") != "IndexSearcher"] + [
-            {**copy.deepcopy(template), "name": name} for name in names if name not in given]
+            {**copy.deepcopy(searcher), "name": name} for name in names if name not in given]
         if "QueryEncoder" not in given:  # the queries are encoded once, before the scatter: as a searcher did
             app["deployments"].append({"name": "QueryEncoder", **copy.deepcopy(
                 {k: v for k, v in template.items() if k in ("ray_actor_options", "autoscaling_config")})})

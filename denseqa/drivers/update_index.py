@@ -49,8 +49,9 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     root = storage.absolute(icfg.update)
     manifest = read_manifest(root)  # not an index: one line
     current = resolve_index(root)
-    if manifest["index"]["kind"] == "partitioned":
-        raise InputError(f"{root}: a partitioned index (--partitions) is not updated live yet; build it again")
+    if manifest["index"]["kind"] == "partitioned" or manifest.get("partition"):
+        raise InputError(f"{root}: a partitioned index (--partitions), or one of its partitions, is not updated "
+                         "live yet; build it again")
     derived_ids = bool(manifest["corpus"].get("derived_ids"))
     upsert_cfg = cfg.corpus.model_copy(update={"path": icfg.upsert, "from_answers": derived_ids})
     checked = check_corpus(upsert_cfg) if icfg.upsert else None  # columns, types, duplicate ids
