@@ -231,28 +231,27 @@ class Searcher:
             scores, positions = self.bm25_positions(queries, k)
         else:
             depth = max(k, FUSION_DEPTH)
-            dense = self._ties_by_id(*self.dense_positions(vectors, depth))
-            lexical = self._ties_by_id(*self.bm25_positions(queries, depth))
-            fused = []
-            for d, b in zip(dense, lexical, strict=True):
-                candidates = np.unique(np.concatenate([d, b]))
-                candidates = candidates[candidates >= 0]
-                fused.append(rrf_fuse([d, b], k, ids=dict(zip(candidates.tolist(), self._ids_at(candidates),
-                                                             strict=True))))
+            dense_scores, dense = self.dense_positions(vectors, depth)
+            lexical_scores, lexical = self.bm25_positions(queries, depth)
+            fused = [self._fused(rankings, k) for rankings in zip(dense_scores, dense, lexical_scores, lexical,
+                                                                   strict=True)]
             scores = _pad([f[0] for f in fused], k, np.float32, 0.0)
             positions = _pad([f[1] for f in fused], k, np.int64, -1)
         return _pad(list(scores), k, np.float32, 0.0), _pad(list(positions), k, np.int64, -1)
 
-    def _ties_by_id(self, scores: np.ndarray, positions: np.ndarray) -> list[np.ndarray]:
-        """Each ranking with passages of equal score in id order. Fusion is by rank, and BM25 gives many passages
-        the same score: ordered by row, they would rank differently in two indexes of the same passages (a fresh
-        build and an updated one)."""
-        out = []
-        for row_scores, row in zip(scores, positions, strict=True):
-            ids = self._ids_at(row)
-            order = sorted(range(len(row)), key=lambda i: (row[i] < 0, -row_scores[i], ids[i]))
-            out.append(row[order])
-        return out
+    def _fused(self, rankings: tuple[np.ndarray, ...], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`rrf_fuse` of one query's (dense scores, positions, BM25 scores, positions), equal scores in id
+        order, in each ranking and fused. Fusion is by rank, and BM25 gives many passages the same score: ordered by
+        row, they would rank differently in two indexes of the same passages (a fresh build and an updated one)."""
+        candidates = np.unique(np.concatenate(rankings[1::2]))
+        candidates = candidates[candidates >= 0]
+        ids = dict(zip(candidates.tolist(), self._ids_at(candidates), strict=True))
+        ordered = []
+        for scores, row in (rankings[:2], rankings[2:]):
+            kept = sorted(((float(s), int(p)) for s, p in zip(scores, row, strict=True) if p >= 0),
+                          key=lambda hit: (-hit[0], ids[hit[1]]))
+            ordered.append(np.array([p for _, p in kept], dtype=np.int64))
+        return rrf_fuse(ordered, k, ids=ids)
 
     def _ids_at(self, positions: np.ndarray) -> list[str]:
         """The id at each position ("" for -1)."""
