@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from denseqa.errors import InputError
-from denseqa.index import VECTORS_FILE, codes_are_exact, read_vectors_file, write_vectors_file
+from denseqa.index import INDEX_FILE, VECTORS_FILE, codes_are_exact, read_vectors_file, write_vectors_file
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def append_vectors(index_path: str, vectors_path: str | None, new: np.ndarray, s
     index = faiss.read_index(index_path)
     for start in range(0, len(new), batch_size):
         index.add(np.ascontiguousarray(new[start:start + batch_size], dtype=np.float32))
-    faiss.write_index(index, os.path.join(staging, "index.faiss"))
+    faiss.write_index(index, os.path.join(staging, INDEX_FILE))
     if vectors_path is not None:
         old = read_vectors_file(vectors_path, batch_size)
         write_vectors_file(os.path.join(staging, VECTORS_FILE), index.d, index.ntotal, _chain(old, [new]))

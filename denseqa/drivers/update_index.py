@@ -46,6 +46,8 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     icfg = cfg.index
     if not (icfg.upsert or icfg.delete):
         raise InputError("--update needs --upsert FILE (passages to add or change) and/or --delete FILE (ids)")
+    if icfg.sync and not icfg.upsert:
+        raise InputError("--sync needs --upsert: the whole corpus, as it is now")
     root = storage.absolute(icfg.update)
     manifest = read_manifest(root)  # not an index: one line
     current = resolve_index(root)
@@ -62,8 +64,6 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     docstore = pq.read_table(os.path.join(local, DOCSTORE_FILE), columns=["id", "text"])
     deleted = _deleted(local)
     upserts = read_corpus_table(upsert_cfg, checked) if checked else None
-    if icfg.sync and not icfg.upsert:
-        raise InputError("--sync needs --upsert: the whole corpus, as it is now")
     plan = plan_update(docstore, deleted, upserts, delete_ids, icfg.upsert or icfg.delete, sync=icfg.sync)
     counts = plan.counts
     logger.info("update of %s (version %d): %d new, %d changed, %d unchanged, %d deleted", root,
@@ -167,7 +167,8 @@ def _embed_here(rows, encoder, cfg: JobConfig):
 
 
 def _embed(rows, work: str, model_cfg, cfg: JobConfig):
-    """Embed ``rows`` (id, text) with the build's Ray Data pipeline: (vectors, rows in the order embedded, stats)."""
+    """Embed ``rows`` (id, text; more than --update-local-max) with the build's Ray Data pipeline: (vectors, rows in
+    the order embedded, stats)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -176,8 +177,6 @@ def _embed(rows, work: str, model_cfg, cfg: JobConfig):
     from denseqa.onnx_backend import resolve_backend
     from denseqa.resources import embeds_on_gpu
 
-    if not rows.num_rows:
-        return np.zeros((0, 0), dtype=np.float32), rows, None
     fs, path = storage.filesystem(storage.join(work, "upserts.parquet"))
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(rows, path, filesystem=fs)
