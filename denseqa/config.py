@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from denseqa.errors import InputError
@@ -151,6 +151,25 @@ class TrainConfig(Section):
     mask_duplicates: bool = _f(
         True, "Never count an in-batch answer as a negative when its answer or question text equals the pair's."
     )
+    directions: list[Literal["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]] = _f(
+        ["query_to_doc"],
+        "MNRL's similarity terms (comma-separated on the command line): query_to_doc (always), doc_to_query (the "
+        "symmetric loss), query_to_query and doc_to_doc (same-type negatives: GTE's improved contrastive loss, with "
+        "all four and partition_mode joint). Duplicates are masked in each.",
+        rule="a list of query_to_doc, query_to_query, doc_to_query, doc_to_doc that includes query_to_doc",
+    )
+    partition_mode: Literal["joint", "per_direction"] = _f(
+        "joint", "joint: one softmax over every direction's candidates; per_direction: one per direction, averaged "
+        "(only with query_to_doc and doc_to_query, whose candidates hold the positive)."
+    )
+    hardness_mode: Literal["in_batch_negatives", "hard_negatives", "all_negatives"] | None = _f(
+        None, "Hardness weighting (Lan et al. 2025): add hardness_strength * cos (no gradient) to the logits of the "
+        "in-batch negatives, the mined hard negatives, or all negatives, so harder ones weigh more. None: off."
+    )
+    hardness_strength: float = _f(
+        0.0, "With hardness_mode: the weight alpha (Lan et al. use 9 on in-batch negatives, EmbeddingGemma 5 on hard "
+        "ones).", ge=0, allow_inf_nan=False
+    )
     cached_loss: bool = _f(
         False,
         "GradCache (CachedMultipleNegativesRankingLoss): embed the batch in mini-batches without keeping their "
@@ -173,6 +192,26 @@ class TrainConfig(Section):
         2, "Restart the workers from the last checkpoint this many times after a failure.",
         ge=0, operational=True,
     )
+
+    @field_validator("directions", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _loss_options(self):
+        if "query_to_doc" not in self.directions:
+            raise _broken("directions", "a list that includes query_to_doc (the term holding the positive)",
+                          ",".join(self.directions))
+        same_type = sorted({"query_to_query", "doc_to_doc"} & set(self.directions))
+        if self.partition_mode == "per_direction" and same_type:
+            raise _broken("partition_mode", f"joint with the same-type directions {', '.join(same_type)} (their "
+                          "candidates never hold the positive, so a softmax of their own is ill-defined)",
+                          self.partition_mode)
+        if (self.hardness_mode is None) != (self.hardness_strength == 0):
+            raise _broken("hardness_strength", "> 0 exactly when hardness_mode is set (one without the other does "
+                          f"nothing; hardness_mode is {self.hardness_mode})", self.hardness_strength)
+        return self
 
     @model_validator(mode="after")
     def _precision_needs_a_gpu(self):
@@ -700,7 +739,10 @@ def _first_error(section: str, error: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         return f"unknown key {section}.{key}; valid keys: {', '.join(sorted(fields))}"
     if first["type"] == "literal_error":
-        choices = typing.get_args(_base_type(fields[key].annotation))
+        hint = _base_type(fields[key].annotation)
+        if typing.get_origin(hint) is list:  # a list of choices: the wrong item is named
+            hint = typing.get_args(hint)[0]
+        choices = typing.get_args(hint)
         return f"{section}.{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
     if first["type"] in _TYPE_ERRORS:
         return f"{section}.{key} must be a {_TYPE_ERRORS[first['type']]}, got {value!r}"

@@ -41,6 +41,10 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         scale: float = 20.0,
         gather_across_devices: bool = True,
         mask_duplicates: bool = True,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
     ) -> None:
         """
         sentence-transformers' MultipleNegativesRankingLoss (InfoNCE with in-batch negatives, the candidates of
@@ -63,6 +67,13 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             gather_across_devices: score against the answers of every worker, not only the local ones.
             mask_duplicates: mask out duplicate answers and answers of duplicate questions; then the labels must be
                 the texts' hashes (:func:`duplicate_labels`), and a call without them is an error.
+            directions, partition_mode, hardness_mode, hardness_strength: sentence-transformers' options, with its
+                meaning: the symmetric loss (``("query_to_doc", "doc_to_query")``, ``"per_direction"``; Günther et
+                al. 2024), GTE's improved contrastive loss (all four directions, ``"joint"``; Li et al. 2023) and
+                hardness weighting of the negatives' logits (Lan et al. 2025). Each direction's candidates are
+                masked as the answers are: a question is not a negative of its own answer's pair when its text, or
+                its answer's text, equals the pair's; nor an answer in ``doc_to_doc`` when its text equals the
+                pair's answer or it answers the pair's question.
 
         References:
             - Henderson et al. 2017, "Efficient Natural Language Response Suggestion for Smart Reply"
@@ -70,6 +81,10 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             - Karpukhin et al. 2020, "Dense Passage Retrieval for Open-Domain Question Answering" (DPR),
               https://arxiv.org/abs/2004.04906
             - Qu et al. 2021, "RocketQA" (cross-batch negatives across GPUs), https://arxiv.org/abs/2010.08191
+            - Li et al. 2023, "Towards General Text Embeddings with Multi-stage Contrastive Learning" (GTE),
+              https://arxiv.org/abs/2308.03281
+            - Günther et al. 2024, "Jina Embeddings 2" (symmetric loss), https://arxiv.org/abs/2310.19923
+            - Lan et al. 2025, "LLaVE" (hardness-weighted contrastive loss), https://arxiv.org/abs/2503.04812
 
         Requirements:
             1. (question, answer) pairs, optionally with hard negatives (question, answer, negative_1, ...).
@@ -89,34 +104,97 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 
         Relations:
             - Equals :class:`sentence_transformers.losses.MultipleNegativesRankingLoss` with
-              ``gather_across_devices`` when no text repeats within the global batch.
+              ``gather_across_devices`` and the same options when no text repeats within the global batch.
         """
-        super().__init__(model, scale=scale, similarity_fct=cos_sim, gather_across_devices=gather_across_devices)
+        # sentence-transformers validates the options (and refuses the ill-defined ones: "per_direction" with a
+        # same-type direction, which never contains the positive).
+        super().__init__(model, scale=scale, similarity_fct=cos_sim, gather_across_devices=gather_across_devices,
+                         directions=tuple(directions), partition_mode=partition_mode, hardness_mode=hardness_mode,
+                         hardness_strength=hardness_strength)
         self.mask_duplicates = mask_duplicates
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         """``embeddings`` = [questions (B, d), answers (B, d), negatives_k (B, d)...] of this worker;
         ``labels`` = their texts' hashes, int64 (B, len(embeddings)) (:func:`duplicate_labels`)."""
+        return -self.log_likelihoods(embeddings, labels).mean()
+
+    def log_likelihoods(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        """(B,) each local question's log-probability of its own answer: the loss is minus their mean.
+
+        Written out here, not delegated to sentence-transformers, because its loss has no place for a mask; the
+        steps are its own (the same matrices, penalties, scaling and normalisers), with masking added."""
         queries, docs = embeddings[0], list(embeddings[1:])
         batch_size = queries.size(0)
         hashes = self._column_hashes(labels, len(embeddings), batch_size) if self.mask_duplicates else None
-        offset = 0
+        all_queries, offset = queries, 0
         if self.gather_across_devices:
             # Gathered with autograd: the backward pass sends each slice's gradient back to its worker.
             docs = [all_gather_with_grad(d) for d in docs]
+            if {"query_to_query", "doc_to_query"} & set(self.directions):
+                all_queries = all_gather_with_grad(queries)
             if hashes is not None:
                 hashes = [all_gather(h.to(queries.device)) for h in hashes]
             # This worker's questions sit at rows [rank * B, (rank + 1) * B) of the global batch.
             offset = get_rank() * batch_size
         global_batch = docs[0].size(0)
-        local_rows = torch.arange(batch_size, device=queries.device)
-        positive_cols = local_rows + offset
+        rows = torch.arange(batch_size, device=queries.device)
+        positive_cols = rows + offset
+        docs_all = torch.cat(docs, dim=0)  # (N * (1 + num_negatives), d)
+        own_answers = docs[0][positive_cols]  # (B, d)
 
-        # (B, N * (1 + num_negatives)): each local question against every gathered candidate
-        scores = self.similarity_fct(queries, torch.cat(docs, dim=0)) * self.scale
+        # One (B, candidates) matrix per direction, and where its candidates are not negatives.
+        sims, masks = {}, {}
+        sims["query_to_doc"] = self.similarity_fct(queries, docs_all)
+        masks["query_to_doc"] = same_pair = None
         if hashes is not None:
-            scores = scores.masked_fill(self._duplicate_mask(hashes, positive_cols, global_batch), -torch.inf)
-        return torch.nn.functional.cross_entropy(scores, positive_cols)
+            masks["query_to_doc"] = self._duplicate_mask(hashes, positive_cols, global_batch)
+            same_pair = self._same_pair_mask(hashes, positive_cols)  # (B, N)
+        own_pair = torch.zeros(batch_size, global_batch, dtype=torch.bool, device=queries.device)
+        own_pair[rows, positive_cols] = True
+        if "query_to_query" in self.directions:
+            sims["query_to_query"] = self.similarity_fct(queries, all_queries)
+            masks["query_to_query"] = own_pair if same_pair is None else own_pair | same_pair
+        if "doc_to_query" in self.directions:
+            sims["doc_to_query"] = self.similarity_fct(all_queries, own_answers).T
+            masks["doc_to_query"] = same_pair
+        if "doc_to_doc" in self.directions:
+            sims["doc_to_doc"] = self.similarity_fct(docs_all, own_answers).T
+            own_docs = own_pair.repeat(1, len(docs))  # the pair's answer and its own hard negatives
+            duplicates = masks["query_to_doc"]
+            masks["doc_to_doc"] = own_docs if duplicates is None else own_docs | duplicates
+
+        penalty = self._hardness_penalty(sims["query_to_doc"], positive_cols, global_batch, len(docs))
+        for direction in sims:
+            sims[direction] = sims[direction] * self.scale
+            if direction == "query_to_doc" and penalty is not None:
+                sims[direction] = sims[direction] + penalty
+            if masks[direction] is not None:
+                sims[direction] = sims[direction].masked_fill(masks[direction], -torch.inf)
+
+        if self.partition_mode == "joint":
+            # The positive sits in query_to_doc, the first block: at its own column of the concatenation.
+            return torch.log_softmax(torch.cat(list(sims.values()), dim=1), dim=1)[rows, positive_cols]
+        log_z = torch.stack([torch.logsumexp(s, dim=1) for s in sims.values()]).mean(dim=0)
+        return sims["query_to_doc"][rows, positive_cols] - log_z
+
+    def _hardness_penalty(self, query_to_doc: Tensor, positive_cols: Tensor, global_batch: int,
+                          doc_columns: int) -> Tensor | None:
+        """``hardness_strength * stop_grad(cos)`` on the negatives the hardness mode names, 0 elsewhere (Lan et al.
+        2025, Eq. 5); None when hardness weighting is off."""
+        if self.hardness_mode is None or self.hardness_strength == 0.0:
+            return None
+        penalty = self.hardness_strength * query_to_doc.detach()
+        rows = torch.arange(len(positive_cols), device=penalty.device)
+        positive = torch.zeros_like(penalty, dtype=torch.bool)
+        positive[rows, positive_cols] = True
+        own = positive[:, :global_batch].repeat(1, doc_columns)  # the pair's answer and its own hard negatives
+        if self.hardness_mode == "hard_negatives":
+            keep = own & ~positive
+        elif self.hardness_mode == "in_batch_negatives":
+            keep = ~own
+        else:  # all_negatives
+            keep = ~positive
+        return penalty.masked_fill(~keep, 0.0)
 
     @staticmethod
     def _column_hashes(labels: Tensor | None, columns: int, batch_size: int) -> list[Tensor]:
@@ -127,6 +205,16 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             raise ValueError(f"labels must be int64 text hashes of shape ({batch_size}, {columns}), one column per "
                              f"text column; got {labels.dtype} {tuple(labels.shape)}")
         return list(labels.unbind(dim=1))
+
+    @staticmethod
+    def _same_pair_mask(hashes: list[Tensor], positive_cols: Tensor) -> Tensor:
+        """(B, N) True where another pair of the global batch has the local pair's question or answer text: its
+        question asks the same thing, so it is no negative of this pair in the query directions."""
+        question_hashes, answer_hashes = hashes[0], hashes[1]
+        mask = (question_hashes.unsqueeze(0) == question_hashes[positive_cols].unsqueeze(1)) | (
+            answer_hashes.unsqueeze(0) == answer_hashes[positive_cols].unsqueeze(1))
+        mask[torch.arange(len(positive_cols), device=mask.device), positive_cols] = False
+        return mask
 
     @staticmethod
     def _duplicate_mask(hashes: list[Tensor], positive_cols: Tensor, global_batch: int) -> Tensor:
@@ -144,7 +232,9 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "gather_across_devices": self.gather_across_devices,
-                "mask_duplicates": self.mask_duplicates}
+                "mask_duplicates": self.mask_duplicates, "directions": list(self.directions),
+                "partition_mode": self.partition_mode, "hardness_mode": self.hardness_mode,
+                "hardness_strength": self.hardness_strength}
 
 
 class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
@@ -155,6 +245,10 @@ class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesR
         gather_across_devices: bool = True,
         mask_duplicates: bool = True,
         mini_batch_size: int = 32,
+        directions: tuple[str, ...] = ("query_to_doc",),
+        partition_mode: str = "joint",
+        hardness_mode: str | None = None,
+        hardness_strength: float = 0.0,
     ) -> None:
         """
         :class:`DuplicateMaskedMultipleNegativesRankingLoss` with gradient caching: the batch is embedded in
@@ -171,7 +265,8 @@ class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesR
         Args:
             model: the SentenceTransformer being trained. Set ``.model`` to its DDP wrapper afterwards, so that
                 the re-embedding in (3) goes through DDP's gradient synchronisation.
-            scale, gather_across_devices, mask_duplicates: as :class:`DuplicateMaskedMultipleNegativesRankingLoss`.
+            scale, gather_across_devices, mask_duplicates, directions, partition_mode, hardness_mode,
+                hardness_strength: as :class:`DuplicateMaskedMultipleNegativesRankingLoss`.
             mini_batch_size: texts per forward pass.
 
         References:
@@ -181,11 +276,13 @@ class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesR
         Inputs: tokenized features of (question, answer, negative_1, ...), as returned by ``model.preprocess``, and
         the labels of :class:`DuplicateMaskedMultipleNegativesRankingLoss`.
         """
+        options = dict(directions=tuple(directions), partition_mode=partition_mode, hardness_mode=hardness_mode,
+                       hardness_strength=hardness_strength)
         super().__init__(model, scale=scale, similarity_fct=cos_sim, mini_batch_size=mini_batch_size,
-                         gather_across_devices=gather_across_devices)
+                         gather_across_devices=gather_across_devices, **options)
         self.masked = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=scale,
                                                                   gather_across_devices=gather_across_devices,
-                                                                  mask_duplicates=mask_duplicates)
+                                                                  mask_duplicates=mask_duplicates, **options)
 
     @property
     def mask_duplicates(self) -> bool:

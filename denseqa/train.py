@@ -121,12 +121,12 @@ def build_loss(model, forward, t):
         DuplicateMaskedMultipleNegativesRankingLoss,
     )
 
+    options = dict(scale=t.scale, gather_across_devices=t.gather, mask_duplicates=t.mask_duplicates,
+                   directions=tuple(t.directions), partition_mode=t.partition_mode, hardness_mode=t.hardness_mode,
+                   hardness_strength=t.hardness_strength)
     if not t.cached_loss:
-        return DuplicateMaskedMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
-                                                           mask_duplicates=t.mask_duplicates)
-    loss = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, scale=t.scale, gather_across_devices=t.gather,
-                                                             mask_duplicates=t.mask_duplicates,
-                                                             mini_batch_size=t.mini_batch_size)
+        return DuplicateMaskedMultipleNegativesRankingLoss(model, **options)
+    loss = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, mini_batch_size=t.mini_batch_size, **options)
     loss.model = forward  # the replayed forward passes go through DDP, which synchronises the gradients once
     return loss
 
@@ -264,6 +264,9 @@ class BiEncoderTask:
     @classmethod
     def loop_inputs(cls, cfg: JobConfig, data) -> dict[str, Any]:
         check_mining_split(cfg, data)
+        if cfg.train.hardness_mode == "hard_negatives" and not data.negative_columns:
+            raise InputError(f"{cfg.data.path}: train.hardness_mode hard_negatives weighs the mined negatives, and "
+                             "these pairs have none (mine-negatives writes them; or use in_batch_negatives)")
         return {"heldout": data.heldout, "negative_columns": data.negative_columns}
 
     @classmethod
@@ -276,6 +279,8 @@ class BiEncoderTask:
             "hard_negatives": hard_negatives_record(cfg, data),
             "loss": {"name": "CachedDuplicateMaskedMultipleNegativesRankingLoss" if t.cached_loss
                      else "DuplicateMaskedMultipleNegativesRankingLoss", "cached": t.cached_loss,
+                     "directions": list(t.directions), "partition_mode": t.partition_mode,
+                     "hardness_mode": t.hardness_mode, "hardness_strength": t.hardness_strength,
                      **({"mini_batch_size": t.mini_batch_size} if t.cached_loss else {})},
         }
         return {"prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True))}, training

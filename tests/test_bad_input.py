@@ -98,6 +98,11 @@ def test_bad_option_value(qa_parquet, out):
     path = qa_parquet(question=["q"], answer=["a"])
     assert_one_line_error(run_train("--data", path, "--output", out, "--scale", "-1"),
                           "train.scale must be > 0, got -1.0")
+    # Issue 19: an MNRL option that cannot be combined: a softmax of its own over same-type candidates
+    assert_one_line_error(run_train("--data", path, "--output", out, "--directions", "query_to_doc,doc_to_doc",
+                                    "--partition-mode", "per_direction"),
+                          "train.partition_mode must be joint with the same-type directions doc_to_doc")
+    assert not Path(out).exists()
 
 
 def test_existing_run_folder_needs_resume(tmp_path, qa_parquet, out):

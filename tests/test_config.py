@@ -39,12 +39,36 @@ def test_unknown_key_is_an_error_that_names_it():
         ({"train": {"checkpoint_metric": "map"}}, r"checkpoint_metric must be one of"),
         ({"data": {"heldout_fraction": 1.5}}, r"data.heldout_fraction must be in \(0, 1\)"),
         ({"model": {"pooling": "max"}}, r"model.pooling must be one of mean, cls, got 'max'"),
+        # Issue 19: sentence-transformers' MNRL options that are ill-defined or do nothing are refused
+        ({"train": {"directions": ["doc_to_query"]}}, r"train.directions must be a list that includes query_to_doc"),
+        ({"train": {"directions": "query_to_doc,doc_to_dog"}},
+         r"train.directions must be one of query_to_doc, query_to_query, doc_to_query, doc_to_doc, got .doc_to_dog."),
+        ({"train": {"directions": ["query_to_doc", "doc_to_doc"], "partition_mode": "per_direction"}},
+         r"train.partition_mode must be joint with the same-type directions doc_to_doc"),
+        ({"train": {"hardness_mode": "in_batch_negatives"}}, r"train.hardness_strength must be > 0 exactly when "),
+        ({"train": {"hardness_strength": 5.0}}, r"train.hardness_strength must be > 0 exactly when .*got 5.0"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):
     with pytest.raises(InputError, match=message) as e:
         JobConfig.from_dict(values, source="x.yaml")
     assert "\n" not in str(e.value)
+
+
+def test_loss_options_from_the_command_line_reach_the_loss():
+    import argparse
+
+    from denseqa.config import add_config_arguments, config_from_args
+    from denseqa.train import build_loss
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, ("train",))
+    args = parser.parse_args(["--directions", "query_to_doc,doc_to_query", "--partition-mode", "per_direction",
+                              "--hardness-mode", "in_batch_negatives", "--hardness-strength", "9"])
+    cfg = config_from_args(args, ("train",))
+    loss = build_loss(None, None, cfg.train)
+    assert loss.directions == ("query_to_doc", "doc_to_query") and loss.partition_mode == "per_direction"
+    assert (loss.hardness_mode, loss.hardness_strength) == ("in_batch_negatives", 9.0)
 
 
 def test_readme_configuration_reference_is_generated_from_the_config_classes():
@@ -66,7 +90,7 @@ def test_a_command_refuses_a_section_it_does_not_read():
 
 
 @pytest.mark.parametrize("key, value", [("scale", 10.0), ("gather", False), ("mask_duplicates", False),
-                                        ("mini_batch_size", 8)])
+                                        ("mini_batch_size", 8), ("directions", ["query_to_doc", "doc_to_query"])])
 def test_the_reranker_refuses_a_bi_encoder_loss_option_instead_of_ignoring_it(key, value):
     from denseqa.config import COMMAND_SECTIONS
     from denseqa.train_reranker import RerankerTask

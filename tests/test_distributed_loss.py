@@ -8,6 +8,9 @@ negative: the distributed loss equals the single-process loss with that logit ma
 Issue 6: with hard negatives (one per pair, one of them a copy of another pair's answer, which must be masked),
 the cached loss (mini-batches of 3 texts, so batches split unevenly) gives the same loss and gradients as the
 plain loss, and both equal the single-process loss over the whole global batch.
+
+Issue 19: sentence-transformers' loss options (GTE's four directions with hardness weighting; the symmetric loss
+under GradCache) give the single-process loss and gradients too, duplicates across workers masked.
 """
 
 from __future__ import annotations
@@ -34,6 +37,14 @@ SCENARIOS = {
     "duplicate": dict(gather=True, duplicate=True),
     "negatives": dict(gather=True, duplicate=False, negatives=True),
     "cached_negatives": dict(gather=True, duplicate=False, negatives=True, cached=True),
+    # Issue 19: sentence-transformers' options, with duplicates across workers masked in every direction
+    "gte_hardness": dict(gather=True, duplicate=True, negatives=True, options="gte_hardness"),
+    "cached_symmetric": dict(gather=True, duplicate=True, cached=True, options="symmetric"),
+}
+LOSS_OPTIONS = {
+    "gte_hardness": dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
+                         hardness_mode="all_negatives", hardness_strength=5.0),
+    "symmetric": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
 }
 MINI_BATCH = 3
 
@@ -65,12 +76,14 @@ def _worker(config: dict) -> None:
         model = load_model(ModelConfig(model=config["model_dir"], max_seq_length=48), device="cpu")
         freeze_parameters_without_grad(model)
         forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=ddp_kwargs())
+        options = LOSS_OPTIONS.get(scenario.get("options"), {})
         if scenario.get("cached"):
-            loss_fn = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=MINI_BATCH)
+            loss_fn = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0, mini_batch_size=MINI_BATCH,
+                                                                        **options)
             loss_fn.model = forward
         else:
             loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0,
-                                                                  gather_across_devices=scenario["gather"])
+                                                                  gather_across_devices=scenario["gather"], **options)
         questions, answers = _batch(scenario["duplicate"])
         mine = slice(rank * B, (rank + 1) * B)
         negatives = [column[mine] for column in _negatives()] if scenario.get("negatives") else []
@@ -84,11 +97,11 @@ def _worker(config: dict) -> None:
 
 
 def _single_process(model_dir: str, duplicate: bool, negatives: bool = False,
-                    mask: bool = True) -> tuple[float, dict[str, np.ndarray]]:
+                    mask: bool = True, options: str | None = None) -> tuple[float, dict[str, np.ndarray]]:
     model = load_model(ModelConfig(model=model_dir, max_seq_length=48), device="cpu")
     freeze_parameters_without_grad(model)
     loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=20.0, gather_across_devices=True,
-                                                          mask_duplicates=mask)
+                                                          mask_duplicates=mask, **LOSS_OPTIONS.get(options, {}))
     questions, answers = _batch(duplicate)
     # all 2B pairs in one process
     loss = contrastive_loss(model, model, loss_fn, questions, answers, _negatives() if negatives else [])
@@ -192,3 +205,25 @@ def test_cached_and_plain_losses_give_equal_gradients_on_each_worker(two_worker_
         assert set(plain) == set(cached) and plain
         for name in plain:
             _assert_close_gradients(cached[name], plain[name], _largest(plain), name)
+
+
+@pytest.mark.parametrize("scenario", ["gte_hardness", "cached_symmetric"])
+def test_sentence_transformers_loss_options_give_the_single_process_loss_and_gradients(two_worker_results,
+                                                                                     tiny_model_dir, scenario):
+    # Given the single-process loss over the 2B pairs with the same option (GTE's four directions with hardness
+    # weighting and hard negatives; the symmetric loss, cached), worker 1 repeating worker 0's answer text
+    spec = SCENARIOS[scenario]
+    kwargs = dict(duplicate=True, negatives=spec.get("negatives", False), options=spec["options"])
+    ref_loss, ref_grads = _single_process(tiny_model_dir, **kwargs)
+    unmasked_loss, _ = _single_process(tiny_model_dir, mask=False, **kwargs)
+    plain_loss, _ = _single_process(tiny_model_dir, duplicate=True, negatives=spec.get("negatives", False))
+    # (masking and the option both change it, so matching it means both were applied across workers)
+    assert abs(ref_loss - unmasked_loss) > 1e-4 and abs(ref_loss - plain_loss) > 1e-3
+    for rank, results in enumerate(two_worker_results):
+        # Then each worker's loss and gradients equal it: the gathered questions carry their gradients back too
+        assert float(results[f"{scenario}/loss"]) == pytest.approx(ref_loss, rel=1e-5)
+        grads = _grads(results, scenario)
+        assert set(grads) == set(ref_grads)
+        scale = _largest(ref_grads)
+        for name, g in grads.items():
+            _assert_close_gradients(g, ref_grads[name], scale, f"rank {rank}: {name}")

@@ -116,3 +116,94 @@ def test_the_losses_train_unchanged_inside_sentence_transformers_trainer(tiny_mo
     # Then it trained: a finite loss over 3 steps, and the weights moved
     assert result.global_step == 3 and torch.isfinite(torch.tensor(result.training_loss))
     assert any(not torch.equal(before[n], p.detach()) for n, p in model.named_parameters())
+
+
+# ---------------------------------------------------------------- sentence-transformers' MNRL options (issue 19)
+
+ALL_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+OPTIONS = {
+    "symmetric": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    "symmetric_joint": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="joint"),
+    "gte": dict(directions=ALL_DIRECTIONS, partition_mode="joint"),
+    "hardness_in_batch": dict(hardness_mode="in_batch_negatives", hardness_strength=9.0),
+    "hardness_hard": dict(hardness_mode="hard_negatives", hardness_strength=5.0),
+    "gte_hardness_all": dict(directions=ALL_DIRECTIONS, hardness_mode="all_negatives", hardness_strength=5.0),
+}
+
+
+@pytest.mark.parametrize("negatives", [0, 2], ids=["pairs", "two_negatives"])
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_option_equals_sentence_transformers_own_loss_when_nothing_repeats(option, negatives):
+    # Given distinct texts, so nothing is masked, and the same embeddings
+    q, a = _embeddings(8, seed=3)
+    extra = [_embeddings(8, seed=10 + k)[0] for k in range(negatives)]
+    texts = [[f"{c}{i}" for i in range(8)] for c in ["q", "a", *[f"n{k}_" for k in range(negatives)]]]
+    ours = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0, **OPTIONS[option])
+    theirs = MultipleNegativesRankingLoss(None, scale=20.0, gather_across_devices=True, **OPTIONS[option])
+    # Then the masked loss equals sentence-transformers' loss with the same option
+    torch.testing.assert_close(ours.compute_loss_from_embeddings([q, a, *extra], duplicate_labels(*texts)),
+                               theirs.compute_loss_from_embeddings([q, a, *extra], labels=None))
+
+
+def _options_reference(q, a, negatives, questions, answers, negative_texts, directions, partition_mode,
+                       hardness_mode=None, hardness_strength=0.0, scale=20.0):
+    """The loss written candidate by candidate: for pair i, each direction's candidates minus those that are the
+    same as pair i (equal question or answer text; a copy of the answer among the documents)."""
+    def cos(x, y):
+        return float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+
+    n = len(questions)
+    doc_vectors = [a[j] for j in range(n)] + [neg[j] for neg in negatives for j in range(n)]
+    doc_texts = list(answers) + [t for column in negative_texts for t in column]
+    doc_pair = list(range(n)) * (1 + len(negatives))
+    losses = []
+    for i in range(n):
+        same = [questions[j] == questions[i] or answers[j] == answers[i] for j in range(n)]
+        terms = {"query_to_doc": []}
+        for c, (vec, text, j) in enumerate(zip(doc_vectors, doc_texts, doc_pair, strict=True)):
+            positive = c == i
+            if not positive and (text == answers[i] or (c < n and same[j])):
+                continue
+            logit = scale * cos(q[i], vec)
+            own = j == i
+            if not positive and hardness_mode in ("in_batch_negatives", "all_negatives") and not own:
+                logit += hardness_strength * cos(q[i], vec)
+            if own and not positive and hardness_mode in ("hard_negatives", "all_negatives"):
+                logit += hardness_strength * cos(q[i], vec)
+            terms["query_to_doc"].append(logit)
+        if "query_to_query" in directions:
+            terms["query_to_query"] = [scale * cos(q[i], q[j]) for j in range(n) if j != i and not same[j]]
+        if "doc_to_query" in directions:
+            terms["doc_to_query"] = [scale * cos(q[j], a[i]) for j in range(n) if j == i or not same[j]]
+        if "doc_to_doc" in directions:
+            candidates = enumerate(zip(doc_vectors, doc_texts, doc_pair, strict=True))
+            terms["doc_to_doc"] = [scale * cos(vec, a[i]) for c, (vec, text, j) in candidates
+                                   if j != i and text != answers[i] and not (c < n and same[j])]
+        positive = scale * cos(q[i], a[i])
+        if partition_mode == "joint":
+            log_z = torch.logsumexp(torch.tensor([x for t in terms.values() for x in t]), 0)
+        else:
+            log_z = torch.stack([torch.logsumexp(torch.tensor(t), 0) for t in terms.values()]).mean()
+        losses.append(log_z - positive)
+    return torch.stack(losses).mean()
+
+
+@pytest.mark.parametrize("option", list(OPTIONS))
+def test_each_option_masks_duplicates_in_every_direction(option):
+    # Given a batch where pair 5 repeats pair 1's answer, pair 6 repeats pair 2's question, and pair 0's hard
+    # negative is pair 3's answer text
+    q, a = _embeddings(8, seed=4)
+    negative = _embeddings(8, seed=5)[0]
+    questions, answers = [f"q{i}" for i in range(8)], [f"a{i}" for i in range(8)]
+    negative_texts = [f"n{i}" for i in range(8)]
+    answers[5], questions[6], negative_texts[0] = answers[1], questions[2], answers[3]
+    options = {"directions": ("query_to_doc",), "partition_mode": "joint", **OPTIONS[option]}
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0, **options)
+    unmasked = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0, mask_duplicates=False, **options)
+    # When the loss is computed with masking
+    masked = loss_fn.compute_loss_from_embeddings([q, a, negative],
+                                                  duplicate_labels(questions, answers, negative_texts))
+    # Then it equals the candidate-by-candidate reference, and differs from the unmasked loss
+    reference = _options_reference(q, a, [negative], questions, answers, [negative_texts], **options)
+    torch.testing.assert_close(masked, reference.to(masked.dtype), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(masked, unmasked.compute_loss_from_embeddings([q, a, negative]))
