@@ -270,6 +270,10 @@ class MineConfig(Section):
         ge=1, operational=True,
     )
     bm25_stopwords: str | None = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")
+    bm25_tokenizer: Literal["auto", "regex", "kiwi"] = _f(
+        "auto", "How BM25 cuts text into terms: regex (bm25s's words), kiwi (Korean morphemes, kiwipiepy), or auto "
+        "(kiwi when the answers are Korean)."
+    )
 
     @model_validator(mode="after")
     def _enough_ranks(self):
@@ -400,6 +404,11 @@ class IndexConfig(Section):
         "driver's memory: turn it off for corpora larger than that.",
     )
     bm25_stopwords: str | None = _f("en", "Stopword list for BM25 tokenization (bm25s name, e.g. en; none: keep all).")
+    bm25_tokenizer: Literal["auto", "regex", "kiwi"] = _f(
+        "auto", "How BM25 cuts text into terms: regex (bm25s's words: languages with spaces between words), kiwi "
+        "(Korean morphemes from kiwipiepy: nouns, verb stems, foreign words), or auto (kiwi when the corpus is "
+        "Korean). Recorded in the manifest: the searcher, the service and the evaluation cut queries the same way."
+    )
     keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
     overwrite: bool = _f(False, "Replace an existing index folder.", owned=True)
     seed: int = _f(0, "Seed of the training and tuning samples.")

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from denseqa.config import CorpusConfig
-from denseqa.data import check_schema, resolve_parquet_files
+from denseqa.data import check_schema, resolve_parquet_files, sample_strings
 from denseqa.errors import InputError
 from denseqa.texts import non_blank, text_id
 
@@ -93,6 +93,12 @@ def check_corpus(cfg: CorpusConfig) -> tuple[Any, list[str], int]:
     if id_column is not None:
         _check_unique_ids(fs, files, id_column, cfg.path)
     return fs, files, rows
+
+
+def sample_texts(cfg: CorpusConfig, checked: tuple[Any, list[str], int], n: int = 2000) -> list[str]:
+    """Up to ``n`` non-blank texts from the start of the corpus files: enough to tell its language."""
+    fs, files, _ = checked
+    return sample_strings(fs, files, cfg.text, n)
 
 
 def read_corpus_table(cfg: CorpusConfig, checked: tuple[Any, list[str], int]) -> pa.Table:

@@ -115,6 +115,19 @@ def _list_files(fs: pafs.FileSystem, root: str, recursive: bool) -> list[str]:
     return [i.path for i in fs.get_file_info(selector) if i.type == pafs.FileType.File]
 
 
+def sample_strings(fs: pafs.FileSystem, files: list[str], column: str, n: int = 2000) -> list[str]:
+    """Up to ``n`` non-blank values of ``column`` from the start of ``files``: enough to tell the texts'
+    language without reading them all."""
+    texts: list[str] = []
+    for f in files:
+        for batch in pq.ParquetFile(f, filesystem=fs).iter_batches(batch_size=n, columns=[column]):
+            values = batch.column(0).cast(pa.string())
+            texts += pc.filter(values, non_blank(values)).to_pylist()[:n - len(texts)]
+            if len(texts) >= n:
+                return texts
+    return texts
+
+
 def _is_string(t: pa.DataType) -> bool:
     if pa.types.is_dictionary(t):
         t = t.value_type

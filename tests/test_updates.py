@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -293,3 +294,51 @@ def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, t
     error(update(), "--update needs --upsert")
     assert _snapshot(index) == before
     assert not (tmp / "untouched.updating").exists()
+
+
+# ------------------------------------------------------------------------------------------ Korean (issue 19)
+
+
+@pytest.mark.slow
+def test_a_korean_index_uses_kiwi_in_its_build_its_updates_and_its_evaluation(corpus, capfd):
+    """build-index chooses the tokenizer once (auto: Korean, so Kiwi), warns that the bundled English model does
+    not read Korean, records the choice; an update cuts the new passages the same way; the evaluation's BM25
+    figures are those of Kiwi's terms, not the regex's."""
+    from denseqa.bm25 import BM25Index
+    from denseqa.search import Searcher
+
+    tmp = corpus["tmp"]
+    table = pq.read_table(Path(__file__).resolve().parents[1] / "data" / "debian-ko-sample.parquet").slice(0, 150)
+    ids, questions, texts = (table.column(c).to_pylist() for c in ("id", "question", "answer"))
+    index = str(tmp / "ko-index")
+    capfd.readouterr()
+    _cli("build-index", "--corpus", _write(tmp / "ko.parquet", ids[:140], texts[:140]), "--output", index)
+    warnings = [line for line in capfd.readouterr().err.splitlines() if "trained on en" in line]
+    assert len(warnings) == 1 and "the texts are Korean (ko)" in warnings[0] and "klue/roberta-base" in warnings[0]
+    manifest = json.loads((tmp / "ko-index" / "manifest.json").read_text())
+    assert manifest["bm25"]["tokenizer"] == "kiwi"
+
+    # An update: the new passages are found by their stems, as a fresh Kiwi index finds them
+    _cli("build-index", "--update", index, "--upsert", _write(tmp / "ko-up.parquet", ids[140:], texts[140:]))
+    version = json.loads((tmp / "ko-index" / "CURRENT.json").read_text())["version"]
+    updated = json.loads((tmp / "ko-index" / "versions" / f"{version:06d}" / "manifest.json").read_text())
+    assert updated["bm25"]["tokenizer"] == "kiwi"
+    searcher = Searcher(index)
+    kiwi = BM25Index.build(texts, "en", tokenizer="kiwi")
+    _, expected = kiwi.search(questions[140:], 5)
+    got = [[h.id for h in hits] for hits in searcher.search(questions[140:], 5, "bm25")]
+    assert got == [[ids[p] for p in row if p >= 0] for row in expected]
+
+    # The evaluation's BM25 MRR@10 is Kiwi's over the same questions, above the regex's
+    heldout = tmp / "ko-heldout.parquet"
+    pq.write_table(pa.table({"question": questions, "answer": texts}), heldout)
+    _cli("evaluate", "--index", index, "--queries", str(heldout), "--output", str(tmp / "ko-eval"))
+    report = json.loads((tmp / "ko-eval" / "eval.json").read_text())
+    bm25 = report["modes"]["bm25"]["mrr@10"]
+
+    def mrr(bm25_index):
+        _, positions = bm25_index.search(questions, 10)
+        return np.mean([1 / (list(r).index(i) + 1) if i in r else 0 for i, r in enumerate(positions)])
+
+    assert bm25 == pytest.approx(mrr(kiwi), abs=1e-4)
+    assert bm25 > mrr(BM25Index.build(texts, "en", tokenizer="regex")) + 0.05

@@ -74,10 +74,29 @@ def tuning_questions(cfg: JobConfig) -> list[str] | None:
     return [distinct[i] for i in sorted(picked)]
 
 
+def resolve_bm25_tokenizer(icfg: IndexConfig, texts: list[str], model_cfg) -> IndexConfig:
+    """The index settings with ``bm25_tokenizer`` auto resolved over a sample of the corpus, once (every partition
+    and every later update cuts text the same way); and the warning when the model never learnt the corpus's
+    language, logged here because it is the same sample."""
+    from denseqa.bm25 import resolve_tokenizer
+    from denseqa.language import language_mismatch
+    from denseqa.model import describe_model, resolve_model_source
+
+    mismatch = language_mismatch(texts, resolve_model_source(model_cfg.model), describe_model(model_cfg))
+    if mismatch:
+        logger.warning("%s", mismatch)
+    if not icfg.bm25:
+        return icfg
+    tokenizer = resolve_tokenizer(icfg.bm25_tokenizer, texts)
+    logger.info("BM25 tokenizer: %s%s", tokenizer, " (auto: the corpus is Korean)" if tokenizer == "kiwi" and
+                icfg.bm25_tokenizer == "auto" else "")
+    return icfg.model_copy(update={"bm25_tokenizer": tokenizer})
+
+
 def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
 
-    from denseqa.corpus import check_corpus, load_corpus
+    from denseqa.corpus import check_corpus, load_corpus, sample_texts
     from denseqa.embed import embed_corpus, embedding_identity
     from denseqa.model import Encoder, check_model_source
     from denseqa.onnx_backend import resolve_backend
@@ -90,6 +109,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
     check_model_source(cfg.model.model)
     checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
+    icfg = resolve_bm25_tokenizer(icfg, sample_texts(cfg.corpus, checked), cfg.model)
     # For the manifest (weights hash, dimension, prompts, backend) and the checks that need the model.
     encoder = Encoder.load(cfg.model.model_copy(update={"backend": "torch"}), device="cpu")
     check_factory(icfg, encoder.dimension)
@@ -240,5 +260,7 @@ def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any]:
 
     started = time.time()
     texts = pq.read_table(os.path.join(staging, DOCSTORE_FILE), columns=["text"]).column("text").to_pylist()
-    BM25Index.build(texts, cfg.bm25_stopwords).save(os.path.join(staging, BM25_DIR))
-    return {"library": "bm25s", "stopwords": cfg.bm25_stopwords, "seconds": round(time.time() - started, 2)}
+    bm25 = BM25Index.build(texts, cfg.bm25_stopwords, tokenizer=cfg.bm25_tokenizer)
+    bm25.save(os.path.join(staging, BM25_DIR))
+    return {"library": "bm25s", "tokenizer": bm25.tokenizer, "stopwords": cfg.bm25_stopwords,
+            "seconds": round(time.time() - started, 2)}

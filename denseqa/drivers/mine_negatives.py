@@ -98,7 +98,9 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     work = output.rstrip("/") + ".work"
     try:
         if m.method == "bm25":
-            retriever = {"kind": "bm25", "index": ray.put(BM25Index.build(texts, m.bm25_stopwords))}
+            bm25 = BM25Index.build(texts, m.bm25_stopwords, tokenizer=m.bm25_tokenizer)
+            logger.info("BM25 tokenizer: %s%s", bm25.tokenizer, " (auto)" if m.bm25_tokenizer == "auto" else "")
+            retriever = {"kind": "bm25", "index": ray.put(bm25)}
             pool = model_actors("mining", use_gpu=False, actors=m.actors, cpus_per_actor=cfg.embed.cpus_per_actor)
         else:
             retriever = _dense_retriever(cfg, texts, work)

@@ -45,15 +45,20 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from denseqa.data import load_qa_data
+    from denseqa.data import load_qa_data, resolve_parquet_files, sample_strings
+    from denseqa.language import language_mismatch
     from denseqa.model import check_model_source, describe_model
     from denseqa.resources import cpus_per_worker_default
 
     started = time.time()
     task.check_config(cfg)
     output, run_dir = _resolve_output(cfg)
-    check_model_source(cfg.model.model)
+    source = check_model_source(cfg.model.model)
     data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
+    mismatch = language_mismatch(sample_strings(*resolve_parquet_files(cfg.data.path), cfg.data.answer_column),
+                                 source, describe_model(cfg.model))
+    if mismatch:
+        logger.warning("%s", mismatch)
     loop_inputs = task.loop_inputs(cfg, data)
 
     t = cfg.train
@@ -126,7 +131,8 @@ def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
 
 def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: str, output: str,
                  wall_s: float) -> dict:
-    from denseqa.model import describe_model
+    from denseqa.language import model_languages
+    from denseqa.model import describe_model, resolve_model_source
 
     metric = cfg.train.checkpoint_metric
     trained = [e for e in state.evals if e["step"] > 0]
@@ -135,6 +141,8 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
     return {
         "kind": task.kind,
         "model": describe_model(cfg.model),
+        # What the starting model was trained on, for the language check of the jobs that use this one.
+        "languages": model_languages(resolve_model_source(cfg.model.model)),
         **top,
         "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
         "training": {

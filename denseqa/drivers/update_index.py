@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 # What an index *is* (its choice and tuning): a compaction rebuilds with the settings the index was built with,
 # unless this command sets them.
 RECORDED_INDEX_KEYS = ("factory", "memory_budget_gb", "exact_max_vectors", "hnsw_max_vectors", "target_recall",
-                       "tune_queries", "train_size", "bm25", "bm25_stopwords", "seed")
+                       "tune_queries", "train_size", "bm25", "bm25_stopwords", "bm25_tokenizer", "seed")
 
 
 def run_update_index(cfg: JobConfig) -> dict[str, Any]:
@@ -227,8 +227,8 @@ def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows,
         started = time.time()
         live = live_positions(ntotal, deleted)
         # BM25's statistics (document frequencies, lengths) are the corpus's: rebuilt over the live texts
-        BM25Index.build(rows.column("text").take(live).to_pylist(), bm25.get("stopwords"), positions=live).save(
-            os.path.join(staging, BM25_DIR))
+        BM25Index.build(rows.column("text").take(live).to_pylist(), bm25.get("stopwords"), positions=live,
+                        tokenizer=bm25.get("tokenizer", "regex")).save(os.path.join(staging, BM25_DIR))
         bm25 = {**bm25, "seconds": round(time.time() - started, 2)}
     file_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
     return {**manifest, "count": ntotal - len(deleted), "bm25": bm25, "compacted": False,
@@ -260,6 +260,8 @@ def _compacted(staging: str, manifest: dict, live_rows, chunks, cfg: JobConfig, 
     recorded = (manifest.get("config") or {}).get("index") or {}
     settings = {k: recorded[k] for k in RECORDED_INDEX_KEYS if k in recorded}
     settings.update({k: getattr(cfg.index, k) for k in cfg.index.model_fields_set if k in RECORDED_INDEX_KEYS})
+    if (manifest.get("bm25") or {}).get("tokenizer"):  # the terms the index was cut into, not "auto" again
+        settings["bm25_tokenizer"] = manifest["bm25"]["tokenizer"]
     icfg = IndexConfig.model_validate({**settings, "add_batch_size": cfg.index.add_batch_size})
     layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), False, icfg.add_batch_size)
     built = write_index_folder(staging, layout, manifest["dimension"], icfg, None)
