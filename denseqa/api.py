@@ -51,8 +51,9 @@ class SearchRequest(BaseModel):
     query: StrictStr | None = Field(None, description="A single query; give this or `queries`.")
     queries: list[StrictStr] | None = Field(None, description="Several queries answered in one call.")
     k: Count = Field(10, ge=1, le=MAX_K, description="Hits per query.")
-    mode: Literal["dense", "bm25", "hybrid"] = Field(
-        "dense", description="dense (FAISS), bm25 (lexical) or hybrid (reciprocal rank fusion of both)."
+    mode: Literal["dense", "bm25", "hybrid"] | None = Field(
+        None, description="dense (FAISS), bm25 (lexical) or hybrid (reciprocal rank fusion of both). Default: the "
+        "service's default mode (`/info` names it; `denseqa run` deploys the one its evaluation found best)."
     )
     rerank: StrictBool = Field(
         False, description="Re-rank the first `candidates` hits of the search with the service's cross-encoder."
@@ -62,7 +63,7 @@ class SearchRequest(BaseModel):
         f"{DEFAULT_CANDIDATES}, or `k` if larger); at most the service's `max_candidates`.",
     )
 
-    @field_validator("query", "queries", "candidates", mode="before")
+    @field_validator("query", "queries", "candidates", "mode", mode="before")
     @classmethod
     def _not_null(cls, value, info: ValidationInfo):
         # An explicit null is refused rather than read as "left out": the published schema says these are a
@@ -168,7 +169,8 @@ def error_responses(*statuses: int, **descriptions: str) -> dict:
             for status in statuses}
 
 
-def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25: bool) -> dict:
+def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25: bool,
+                        default_mode: str = "dense") -> dict:
     """The service's OpenAPI schema with every rule its server enforces on a search request written in: the
     query limits of this deployment (configurable, so not in the static model), one of `query` or `queries`, no
     blank query, the modes its index answers, and re-ranking only where a reranker runs. What JSON Schema cannot
@@ -182,8 +184,10 @@ def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25
                         "description": props["queries"].get("description", "")
                         + " At most the service's `max_queries`."}
     request["oneOf"] = [{"required": ["query"]}, {"required": ["queries"]}]
-    if not has_bm25:  # an index built without BM25 answers dense search only
-        props["mode"] = {**props["mode"], "enum": ["dense"]}
+    # A string when given (null is refused, as for the other fields), defaulting to this deployment's mode; an
+    # index built without BM25 answers dense search only.
+    props["mode"] = {"type": "string", "enum": ["dense", "bm25", "hybrid"] if has_bm25 else ["dense"],
+                     "default": default_mode, "description": props["mode"].get("description", "")}
     if has_reranker:
         props["candidates"] = {"type": "integer", "minimum": 1, "maximum": limits.max_candidates,
                                "description": props["candidates"].get("description", "")}

@@ -468,6 +468,10 @@ class EvalConfig(Section):
     )
     rerank_candidates: int = _f(50, "With a reranker: the first N hits of each mode are re-ranked (the rest keep "
                                     "their order after them).", ge=1)
+    zero_shot: bool = _f(
+        True, "When the index's model was fine-tuned by denseqa, also evaluate the model it started from (dense, "
+        "the passages embedded again with it, in this process): the row that shows what fine-tuning gained."
+    )
     output: str | None = _f(None, "Report folder (eval.json, eval.md, recall.png). Default: <index>.eval", owned=True)
     overwrite: bool = _f(False, "Replace an existing report folder.", owned=True)
 
@@ -527,6 +531,10 @@ class ServeConfig(Section):
     max_candidates: int | None = _override(Limits, "max_candidates")
     max_batch_size: int | None = _override(EncoderSettings, "max_batch_size")
     batch_wait_timeout_s: float | None = _override(EncoderSettings, "batch_wait_timeout_s")
+    default_mode: Literal["dense", "bm25", "hybrid"] | None = _f(
+        None, "Search mode of a request that names none (default: the Serve config's args.default_mode, dense; "
+        "`run` deploys the mode its evaluation found best unless this is given)."
+    )
     separate_encoder: bool | None = _f(
         None, "Encode queries in a QueryEncoder deployment of their own, e.g. on GPU replicas (default: the Serve "
         "config's; configs/serve.yaml has each searcher replica encode its own queries, one hop fewer on CPU)."

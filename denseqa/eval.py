@@ -166,17 +166,114 @@ def retrieval_metrics(ranked_ids: list[list[str]], relevant: list[set[str]]) -> 
     return metrics
 
 
+def reciprocal_ranks(ranked_ids: list[list[str]], relevant: list[set[str]], k: int = 10) -> np.ndarray:
+    """Each question's reciprocal rank of its first relevant passage within the first ``k`` (0 if none): the
+    per-question values whose mean is MRR@k. (sentence-transformers' evaluator returns the means only, and the
+    paired test needs the values; ``tests/test_eval.py`` checks them against trec_eval's.)"""
+    return np.array([next((1.0 / (rank + 1) for rank, doc in enumerate(ranking[:k]) if doc in rel), 0.0)
+                     for ranking, rel in zip(ranked_ids, relevant, strict=True)])
+
+
+BOOTSTRAP_RESAMPLES = 2000
+CONFIDENCE = 0.95
+
+
+def paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """The mean of ``a - b`` over the same questions and its 95% interval by the paired bootstrap (resampling
+    questions, so each resample keeps both systems' values for a question together; Efron & Tibshirani 1993;
+    for IR, Sakai 2006, "Evaluating evaluation metrics based on the bootstrap"), with scipy's ``bootstrap``.
+    An interval that excludes 0 says the difference is not the luck of these questions."""
+    from scipy.stats import bootstrap
+
+    difference = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if not difference.any():  # the same ranking: no spread to resample
+        return {"difference": 0.0, "ci95": [0.0, 0.0]}
+    result = bootstrap((difference,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE,
+                       method="percentile", rng=np.random.default_rng(seed))
+    low, high = result.confidence_interval
+    return {"difference": round(float(difference.mean()), 6), "ci95": [round(float(low), 6), round(float(high), 6)]}
+
+
+def compare_modes(per_query: dict[str, np.ndarray], zero_shot: str | None, metric: str = "mrr@10") -> dict:
+    """Each mode's difference in ``metric`` from the best mode and from the starting model (``zero_shot``, the
+    row of the model before fine-tuning; None: not evaluated), each with its paired 95% interval."""
+    best = max(per_query, key=lambda mode: per_query[mode].mean())
+    out = {"metric": metric, "method": f"paired bootstrap over questions, {BOOTSTRAP_RESAMPLES} resamples, "
+                                       f"{CONFIDENCE:.0%} percentile interval", "best": best, "zero_shot": zero_shot,
+           "vs_best": {m: paired_interval(v, per_query[best]) for m, v in per_query.items() if m != best}}
+    if zero_shot is not None:
+        out["vs_zero_shot"] = {m: paired_interval(v, per_query[zero_shot]) for m, v in per_query.items()
+                               if m != zero_shot}
+    return out
+
+
+TREC_QRELS = "qrels.txt"
+TREC_RUNS = "runs"
+
+
+def _trec_id(value: str) -> str:
+    # TREC files are whitespace-separated: whitespace inside an id is percent-encoded, the same in both files.
+    return "".join(f"%{ord(c):02X}" if c.isspace() or c == "%" else c for c in value)
+
+
+def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list[set[str]]) -> dict[str, Any]:
+    """``qrels.txt`` (``qid 0 docid 1``) and ``runs/<mode>.trec`` (``qid Q0 docid rank score <mode>``) for
+    trec_eval, pytrec_eval or ranx. Question ``i`` is ``q<i>``, in the report's order. The score column is the
+    ranking's own order (the first of k hits scores k): IR tools re-sort by score and break ties by document id,
+    and the searcher's scores do tie (BM25, fusion), so writing them would let a tool reorder what was measured."""
+    import os
+
+    os.makedirs(os.path.join(folder, TREC_RUNS), exist_ok=True)
+    with open(os.path.join(folder, TREC_QRELS), "w") as f:
+        for i, rel in enumerate(relevant):
+            f.writelines(f"q{i} 0 {_trec_id(doc)} 1\n" for doc in sorted(rel))
+    runs = {}
+    for mode, ranked in rankings.items():
+        name = f"{TREC_RUNS}/{mode.replace(' ', '-')}.trec"
+        with open(os.path.join(folder, name), "w") as f:
+            for i, ranking in enumerate(ranked):
+                f.writelines(f"q{i} Q0 {_trec_id(doc)} {rank + 1} {len(ranking) - rank} {mode.replace(' ', '-')}\n"
+                             for rank, doc in enumerate(ranking))
+        runs[mode] = name
+    return {"qrels": TREC_QRELS, "runs": runs}
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     columns = [f"recall@{k}" for k in REPORT_KS] + ["mrr@10", "ndcg@10"]
+    comparison = report.get("comparison")
+    extra = []
+    if comparison:
+        extra = ["Δ mrr@10 vs best (95% CI)"] + (["Δ mrr@10 vs zero-shot (95% CI)"] if comparison["zero_shot"]
+                                                  else [])
     lines = [f"Retrieval of {report['judgements']['evaluated']} held-out questions in {report['index']['count']} "
              f"passages ({report['index']['factory']}, model {report['model']['path']}).", "",
-             "| mode | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+             "| mode | " + " | ".join(columns + extra) + " |", "|---|" + "---:|" * len(columns + extra)]
+    notes = []
     if report.get("reranking"):
         r = report["reranking"]
-        lines[1:1] = [f"`+rerank`: the first {r['candidates']} hits re-ordered by the cross-encoder "
-                      f"{r['reranker']['path']} ({r['pairs_scored']} pairs scored in {r['seconds']:.1f} s).", ""]
+        notes.append(f"`+rerank`: the first {r['candidates']} hits re-ordered by the cross-encoder "
+                     f"{r['reranker']['path']} ({r['pairs_scored']} pairs scored in {r['seconds']:.1f} s).")
+    if report.get("zero_shot"):
+        notes.append(f"`zero-shot`: dense search with the starting model, {report['zero_shot']['model']}, before "
+                     "fine-tuning (the passages embedded again with it).")
+    if comparison:
+        notes.append(f"Differences: {comparison['method']}; an interval that excludes 0 is a difference these "
+                     "questions support.")
+    if notes:
+        lines[1:1] = [" ".join(notes), ""]
+
+    def interval(against: str, mode: str) -> str:
+        if mode == comparison[against.replace("vs_", "")]:
+            return "—"
+        c = comparison[against][mode]
+        return f"{c['difference']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
+
     for mode, metrics in report["modes"].items():
-        lines.append(f"| {mode} | " + " | ".join(f"{metrics[c]:.4f}" for c in columns) + " |")
+        cells = [f"{metrics[c]:.4f}" for c in columns]
+        if comparison:
+            cells += [interval("vs_best", mode)] + ([interval("vs_zero_shot", mode)] if comparison["zero_shot"]
+                                                    else [])
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

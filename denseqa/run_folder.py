@@ -185,6 +185,13 @@ def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def best_mode(report: dict[str, Any], metric: str = "mrr@10") -> str:
+    """The search mode (dense, bm25 or hybrid; re-ranked rows aside, re-ranking is a request's choice) with the
+    best ``metric`` in an evaluation report; dense on a tie, the one that needs no lexical index."""
+    base = {mode: m[metric] for mode, m in report["modes"].items() if mode in ("dense", "bm25", "hybrid")}
+    return max(base, key=lambda mode: (base[mode], mode == "dense"))
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     m, i, e = summary["model"], summary["index"], summary["eval"]
     steps = summary["steps"]
@@ -208,7 +215,7 @@ def summary_text(summary: dict[str, Any]) -> str:
         url, example = summary["url"], summary["example"]
         body = json.dumps({"query": example["query"], "k": 3, **({"rerank": True} if example["rerank"] else {})},
                           ensure_ascii=False).replace("'", "'\\''")
-        lines += [f"endpoint {url}/search  (OpenAPI docs: {url}/docs)",
+        lines += [f"endpoint {url}/search  (OpenAPI docs: {url}/docs; default mode {summary['default_mode']})",
                   f"  curl -s {url}/search{curl_header(summary.get('api_key'))} -H 'content-type: application/json' "
                   f"-d '{body}'",
                   f"  {example['query']!r} →"]

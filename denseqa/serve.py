@@ -41,7 +41,7 @@ import logging
 import os
 import time
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request, Security
@@ -90,6 +90,10 @@ class SearchAppArgs(Limits):
         False, description="Encode queries in a QueryEncoder deployment of their own (its replicas can hold GPUs "
         "and scale apart from the searchers). False: each IndexSearcher replica encodes its own queries, one hop "
         "fewer, which is faster on CPU."
+    )
+    default_mode: Literal["dense", "bm25", "hybrid"] = Field(
+        "dense", description="The search mode of a request that names none (`denseqa run` sets the one its "
+        "evaluation found best)."
     )
 
 
@@ -483,13 +487,14 @@ def _is(error: Exception, kind: type) -> bool:
 @serve.ingress(http)
 class SearchAPI:
     def __init__(self, encoder: DeploymentHandle | None, searcher: DeploymentHandle | list[DeploymentHandle],
-                 limits: dict, reranker: DeploymentHandle | None = None) -> None:
+                 limits: dict, reranker: DeploymentHandle | None = None, default_mode: str = "dense") -> None:
         # encoder: the QueryEncoder deployment (args.separate_encoder), or None: the searcher encodes.
         # searcher: one IndexSearcher, or one per partition of a partitioned index (their hits are merged here).
         self.encoder = encoder
         self.searchers = searcher if isinstance(searcher, list) else [searcher]
         self.reranker = reranker
         self.limits = Limits.model_validate(limits)
+        self.default_mode = default_mode  # of a request that names no mode
         self.auth: AuthSettings | None = None  # set by reconfigure, which Serve calls right after __init__
 
     def reconfigure(self, config: dict | None) -> None:
@@ -515,7 +520,8 @@ class SearchAPI:
         started = time.perf_counter()
         queries = checked_queries(request, self.limits)
         candidates = checked_candidates(request, self.limits, self.reranker is not None)
-        answer = await self._answer((queries, candidates or request.k, request.mode))
+        mode = request.mode or self.default_mode
+        answer = await self._answer((queries, candidates or request.k, mode))
         if isinstance(answer, Exception):
             if _is(answer, InputError):  # e.g. bm25 asked of an index built without it
                 raise BadRequest("mode", one_line(getattr(answer, "cause", None) or answer), 400)
@@ -532,7 +538,7 @@ class SearchAPI:
             except ReplicaUnavailable as e:
                 raise e.as_response() from None
         results = [{"query": q, "hits": h} for q, h in zip(queries, hits, strict=True)]
-        return SearchResponse(results=results, mode=request.mode, k=request.k, index=answer["index"],
+        return SearchResponse(results=results, mode=mode, k=request.k, index=answer["index"],
                               reranked_candidates=candidates, took_ms=(time.perf_counter() - started) * 1000)
 
     async def _rerank(self, query: str, hits: list[dict], k: int) -> list[dict]:
@@ -621,7 +627,8 @@ class SearchAPI:
             has_bm25 = (await self._status())["bm25"]
         except Exception:  # no searcher reachable: state what an index with BM25 answers
             has_bm25 = True
-        spec = openapi_with_limits(request.app.openapi(), self.limits, self.reranker is not None, has_bm25)
+        spec = openapi_with_limits(request.app.openapi(), self.limits, self.reranker is not None, has_bm25,
+                                   self.default_mode)
         request.app.openapi_schema = None  # patched per call: the next call starts again from the routes
         return JSONResponse(spec)
 
@@ -652,6 +659,7 @@ class SearchAPI:
         model, status = await asyncio.gather(encoder, self._status())
         reranker = await self.reranker.describe.remote() if self.reranker is not None else None
         return {"model": model, "index": status, "reranker": reranker, "limits": self.limits.model_dump(),
+                "default_mode": self.default_mode,
                 "replicas": await asyncio.to_thread(replica_counts)}
 
 
@@ -670,6 +678,9 @@ def build_app(args: dict) -> serve.Application:
             raise InputError(f"Serve application args.{key} {path!r}: give an absolute path or a URI; replicas "
                              "do not run in your working directory")
     manifest = read_manifest(parsed.index)
+    if parsed.default_mode != "dense" and not manifest.get("bm25"):
+        raise InputError(f"Serve application args.default_mode {parsed.default_mode}: the index {parsed.index} was "
+                         "built without BM25 and answers dense search only")
     model = manifest["model"]  # the encoder is the one the initial index was built with
     partitions = manifest["index"].get("partitions")
     if partitions:  # one searcher deployment per partition; queries are encoded once, before the scatter
@@ -678,13 +689,14 @@ def build_app(args: dict) -> serve.Application:
                      for name, part in zip(searcher_names(args), partitions, strict=True)]
         reranker = Reranker.bind(parsed.reranker) if parsed.reranker else None
         return SearchAPI.bind(QueryEncoder.bind(model), searchers,
-                              parsed.model_dump(include=set(Limits.model_fields)), reranker)
+                              parsed.model_dump(include=set(Limits.model_fields)), reranker, parsed.default_mode)
     if parsed.separate_encoder:
         encoder, searcher = QueryEncoder.bind(model), IndexSearcher.bind(parsed.index, model)
     else:
         encoder, searcher = None, IndexSearcher.bind(parsed.index, model, encodes_queries=True)
     reranker = Reranker.bind(parsed.reranker) if parsed.reranker else None
-    return SearchAPI.bind(encoder, searcher, parsed.model_dump(include=set(Limits.model_fields)), reranker)
+    return SearchAPI.bind(encoder, searcher, parsed.model_dump(include=set(Limits.model_fields)), reranker,
+                          parsed.default_mode)
 
 
 def partition_count(args: dict) -> int:

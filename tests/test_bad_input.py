@@ -262,6 +262,8 @@ def test_serve_bad_index_config_and_values(tmp_path):
                           command="serve")
     assert_one_line_error(serve("--index", str(half), "--max-batch-size", "0"), "serve.max_batch_size must be >= 1",
                           command="serve")
+    assert_one_line_error(serve("--index", str(half), "--default-mode", "hybrid"), "--default-mode hybrid:",
+                          "built without BM25 and answers dense search only", command="serve")
     # a reranker folder that is missing, or a bi-encoder (it would score with a random head)
     assert_one_line_error(serve("--index", str(half), "--reranker", str(missing)), str(missing),
                           "not a model folder (no config.json)", command="serve")

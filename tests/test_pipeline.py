@@ -229,8 +229,30 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     assert "evaluate: running (not run before)" in log
     assert _sha(run / "model" / "denseqa.json") == model_sha and _sha(run / "index" / "manifest.json") == index_sha
     report = json.loads((run / "eval" / "eval.json").read_text())
-    assert report["judgements"]["evaluated"] == 40 and set(report["modes"]) == {"dense", "bm25", "hybrid"}
+    assert report["judgements"]["evaluated"] == 40
+    # (issue 19: the model training started from is evaluated too, each mode's difference from the best and from it
+    # has its paired 95% interval, and TREC files that trec_eval reads give the report's figures)
+    assert set(report["modes"]) == {"dense", "bm25", "hybrid", "zero-shot"}
+    assert report["zero_shot"]["model"].startswith("sentence-transformers/all-MiniLM-L6-v2 (bundled")
+    comparison = report["comparison"]
+    assert comparison["zero_shot"] == "zero-shot" and set(comparison["vs_zero_shot"]) == {"dense", "bm25", "hybrid"}
+    for c in [*comparison["vs_best"].values(), *comparison["vs_zero_shot"].values()]:
+        assert c["ci95"][0] <= c["difference"] <= c["ci95"][1]
+    markdown = (run / "eval" / "eval.md").read_text()
+    assert "| zero-shot |" in markdown and "Δ mrr@10 vs zero-shot (95% CI)" in markdown
     assert (run / "eval" / "eval.md").exists() and (run / "eval" / "recall.png").exists()
+    import pytrec_eval
+
+    qrels, trec = {}, {}
+    for line in (run / "eval" / report["trec"]["qrels"]).read_text().splitlines():
+        q, _, doc, rel = line.split()
+        qrels.setdefault(q, {})[doc] = int(rel)
+    for line in (run / "eval" / report["trec"]["runs"]["hybrid"]).read_text().splitlines():
+        q, _, doc, rank, score, _ = line.split()
+        if int(rank) <= 10:
+            trec.setdefault(q, {})[doc] = float(score)
+    measured = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(trec)
+    assert sum(m["recip_rank"] for m in measured.values()) / 40 == pytest.approx(report["modes"]["hybrid"]["mrr@10"])
     saved = (run / "config.yaml").read_text()
     assert "max_steps: 3" in saved and "output:" not in saved
     before = _steps(run)
@@ -262,13 +284,19 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     key = read_key_file(key_file)
     assert oct(key_file.stat().st_mode & 0o777) == "0o600" and key not in log
     auth = bearer_header(key)
+    from denseqa.run_folder import best_mode
     from denseqa.search import Searcher
 
+    # (issue 19: the service's default mode is the one the evaluation found best, and the log says which)
+    report = json.loads((run / "eval" / "eval.json").read_text())
+    mode = best_mode(report)
+    assert f"serving with default mode {mode}, the evaluation's best (MRR@10: dense " in log
+    assert f"(OpenAPI docs: {url}/docs; default mode {mode})" in log
     searcher = Searcher(str(run / "index"))
     questions = pq.read_table(run / "model" / "heldout.parquet").column("question").to_pylist()[:8]
-    expected = searcher.search(questions, k=5)
+    expected = searcher.search(questions, 5, mode)
     response = requests.post(f"{url}/search", json={"queries": questions, "k": 5}, headers=auth, timeout=60)
-    assert response.status_code == 200, response.text
+    assert response.status_code == 200 and response.json()["mode"] == mode, response.text
     for got, want in zip(response.json()["results"], expected, strict=True):
         assert [h["id"] for h in got["hits"]] == [h.id for h in want]
         assert [h["score"] for h in got["hits"]] == pytest.approx([h.score for h in want], abs=1e-5)
@@ -316,3 +344,14 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     assert not {h["id"] for r in body["results"] for h in r["hits"]} & {text_id(a) for a in gone}
     info = requests.get(f"{url}/info", headers=auth, timeout=60).json()["index"]
     assert info["index"].endswith("/versions/000002")
+
+
+def test_the_service_is_deployed_with_the_mode_the_evaluation_found_best():
+    from denseqa.run_folder import best_mode
+
+    # The bundled English model over the Korean data (issue 19's figures): BM25 beats dense, hybrid beats both
+    korean = {"modes": {"dense": {"mrr@10": 0.244}, "bm25": {"mrr@10": 0.549}, "hybrid": {"mrr@10": 0.417},
+                        "dense+rerank": {"mrr@10": 0.9}}}
+    assert best_mode(korean) == "bm25"  # a re-ranked row is a request's choice, not a mode
+    assert best_mode({"modes": {"dense": {"mrr@10": 0.5}, "bm25": {"mrr@10": 0.5}}}) == "dense"  # ties: dense
+    assert best_mode({"modes": {"dense": {"mrr@10": 0.8}}}) == "dense"  # an index without BM25

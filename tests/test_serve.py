@@ -234,7 +234,7 @@ def test_health_info_and_openapi(service, indexes):
     assert info["index"]["manifest"]["count"] == manifest["count"] and info["index"]["bm25"] is True
     assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000, "max_candidates": 200}
     assert info["replicas"] == {"SearchAPI": {"RUNNING": 1}, "IndexSearcher": {"RUNNING": 1}}
-    assert info["reranker"] is None
+    assert info["reranker"] is None and info["default_mode"] == "dense"
     docs = get(f"{url}/docs", timeout=30)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = get(f"{url}/openapi.json", timeout=30).json()
@@ -245,6 +245,11 @@ def test_health_info_and_openapi(service, indexes):
     assert request["properties"]["query"]["maxLength"] == 2000 and request["properties"]["k"]["maximum"] == 1000
     assert request["oneOf"] == [{"required": ["query"]}, {"required": ["queries"]}]
     assert request["properties"]["rerank"]["enum"] == [False] and "candidates" not in request["properties"]
+    # a request naming no mode gets the deployment's default mode, which the schema states (null is refused)
+    assert {k: request["properties"]["mode"][k] for k in ("type", "enum", "default")} == \
+        {"type": "string", "enum": ["dense", "bm25", "hybrid"], "default": "dense"}
+    assert post(url, {"query": "a text editor", "k": 2}).json()["mode"] == "dense"
+    assert post(url, {"query": "a text editor", "mode": None}).status_code == 422
     search = spec["paths"]["/search"]["post"]
     assert {"400", "401", "413", "422", "503"} <= set(search["responses"])
     assert search["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

@@ -14,20 +14,25 @@ import time
 from typing import Any
 
 from denseqa import storage
+from denseqa.config import ModelConfig
 from denseqa.errors import InputError
 from denseqa.eval import (
     CURVE_MAX_K,
     REPORT_JSON,
     REPORT_MD,
     REPORT_PNG,
+    compare_modes,
     load_judgements,
     plot_recall,
+    reciprocal_ranks,
     report_markdown,
     rerank_rankings,
     retrieval_metrics,
+    write_trec,
 )
-from denseqa.model import Encoder, query_model_config
+from denseqa.model import Encoder, describe_model, query_model_config, resolve_model_source
 from denseqa.search import Searcher, read_manifest
+from denseqa.train import RECORD_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +67,21 @@ def run_evaluation(cfg) -> dict[str, Any]:
     if e.reranker:
         reranking = rerank_rankings(e, searcher, judgements.questions, rankings)
         rankings.update(reranking.pop("rankings"))
-    results = {}
+    zero_shot = None
+    start = starting_model(manifest["model"]) if e.zero_shot and not e.model else None
+    if start is not None:
+        t0 = time.time()
+        rankings["zero-shot"] = zero_shot_ranking(start, manifest["model"], searcher, judgements.questions,
+                                                  e.batch_size)
+        seconds["zero-shot"] = round(time.time() - t0, 3)
+        zero_shot = {"model": describe_model(start), "seconds": seconds["zero-shot"]}
+    results, per_query, ranked_ids = {}, {}, {}
     for mode, ranking in rankings.items():
-        results[mode] = retrieval_metrics([[ids[p] for p in row] for row in ranking], judgements.relevant)
+        ranked_ids[mode] = [[ids[p] for p in row] for row in ranking]
+        results[mode] = retrieval_metrics(ranked_ids[mode], judgements.relevant)
+        per_query[mode] = reciprocal_ranks(ranked_ids[mode], judgements.relevant)
         logger.info("%s: %s", mode, " ".join(f"{k} {v:.4f}" for k, v in results[mode].items() if k != "recall_curve"))
+    comparison = compare_modes(per_query, "zero-shot" if zero_shot else None)
     report = {
         "index": {"path": e.index, "count": manifest["count"], "factory": manifest["index"]["factory"],
                   "search": {k: manifest["index"]["search"].get(k) for k in ("param", "value", "recall")}},
@@ -75,10 +91,13 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "modes": results,
         "seconds": seconds,
         "reranking": reranking,
+        "zero_shot": zero_shot,
+        "comparison": comparison,
         "config": cfg.to_dict(),
         "notes": None if searcher.bm25 is not None else "index built without BM25: bm25 and hybrid not evaluated",
     }
     with storage.staged_output(output, marker=REPORT_JSON) as staging:
+        report["trec"] = write_trec(staging, ranked_ids, judgements.relevant)
         report["markdown"] = report_markdown(report)
         with open(os.path.join(staging, REPORT_MD), "w") as f:
             f.write(report["markdown"])
@@ -87,3 +106,31 @@ def run_evaluation(cfg) -> dict[str, Any]:
             json.dump(report, f, indent=2)
     report["output"] = output
     return report
+
+
+def starting_model(recorded: dict) -> ModelConfig | None:
+    """The model an index's model was fine-tuned from, as its ``denseqa.json`` records it (None: the model was not
+    trained by denseqa, or by a version that did not record it): encoded as the index's model is, with its
+    prompts, length and backend."""
+    record = storage.join(recorded["path"], RECORD_FILE)
+    trained = storage.read_json(record) if storage.exists(record) else None
+    if not trained or "base_model" not in trained or trained.get("kind") != "bi-encoder":
+        return None
+    return query_model_config(recorded, model=resolve_model_source(trained["base_model"]))
+
+
+def zero_shot_ranking(start: ModelConfig, recorded: dict, searcher: Searcher, questions: list[str],
+                      batch_size: int) -> list[list[int]]:
+    """Each question's first :data:`CURVE_MAX_K` docstore positions by exact dense search with ``start``, over
+    the index's live passages embedded again with it."""
+    import faiss
+    import numpy as np
+
+    encoder = Encoder.load(start)
+    live = np.setdiff1d(np.arange(searcher.docstore.num_rows), searcher.deleted)
+    texts = searcher.docstore.column("text").take(live).to_pylist()
+    logger.info("zero-shot: embedding %d passages with the starting model %s", len(texts), describe_model(start))
+    index = faiss.IndexFlatIP(encoder.dimension)
+    index.add(encoder.encode_passages(texts, batch_size))
+    _, found = index.search(encoder.encode_queries(questions, batch_size), min(CURVE_MAX_K, len(texts)))
+    return [[int(live[p]) for p in row if p >= 0] for row in found]

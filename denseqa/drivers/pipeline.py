@@ -24,8 +24,10 @@ from denseqa.errors import InputError
 from denseqa.provenance import utc_now
 from denseqa.run_folder import (
     CONFIG_FILE,
+    MARKERS,
     STATE_FILE,
     RunFolder,
+    best_mode,
     corpus_config,
     decide,
     files_fingerprint,
@@ -146,12 +148,25 @@ def run_evaluate_step(cfg: JobConfig, run: RunFolder) -> dict[str, Any]:
     return run_evaluation(JobConfig(eval=evaluation, used=COMMAND_SECTIONS["evaluate"]))
 
 
-def run_serve_step(cfg: JobConfig, run: RunFolder) -> str:
+def deploy_mode(cfg: JobConfig, run: RunFolder) -> str:
+    """The service's default search mode: --default-mode if given, else the mode the evaluation found best (on an
+    English model over Korean text, BM25 or hybrid, not dense), said in the log with the figures behind it."""
+    report = storage.read_json(storage.join(run.output("evaluate"), MARKERS["evaluate"]))
+    figures = ", ".join(f"{mode} {m['mrr@10']:.3f}" for mode, m in report["modes"].items() if "+" not in mode)
+    if cfg.serve.default_mode:
+        logger.info("serving with default mode %s (given; evaluation MRR@10: %s)", cfg.serve.default_mode, figures)
+        return cfg.serve.default_mode
+    mode = best_mode(report)
+    logger.info("serving with default mode %s, the evaluation's best (MRR@10: %s)", mode, figures)
+    return mode
+
+
+def run_serve_step(cfg: JobConfig, run: RunFolder, mode: str) -> str:
     from denseqa.drivers.serve import deploy, serve_config_for
 
     reranker = run.output("reranker") if cfg.pipeline.reranker else None
-    serve_cfg = JobConfig(serve=cfg.serve.model_copy(update={"index": run.output("index"), "reranker": reranker}),
-                          used=("serve",))
+    serve_cfg = JobConfig(serve=cfg.serve.model_copy(update={"index": run.output("index"), "reranker": reranker,
+                                                             "default_mode": mode}), used=("serve",))
     return deploy(serve_config_for(serve_cfg), cfg.serve.timeout_s)
 
 
@@ -220,7 +235,8 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
 
     summary = summarize(run, ran)
     if p.deploy:
-        url = run_serve_step(cfg, run)
+        summary["default_mode"] = deploy_mode(cfg, run)
+        url = run_serve_step(cfg, run, summary["default_mode"])
         query = p.example_query or summary["example_query"]
         from denseqa.drivers.serve import api_key_for
 

@@ -278,7 +278,10 @@ def serve_config_for(cfg) -> dict:
     if not s.index:
         raise InputError("no index to serve: pass --index (a folder written by build-index)")
     index = storage.absolute(s.index)  # replicas do not run in this working directory
-    read_manifest(index)  # a missing or unfinished index fails here, in one line, before anything is deployed
+    manifest = read_manifest(index)  # a missing or unfinished index fails here, in one line, before any deploy
+    if s.default_mode not in (None, "dense") and not manifest.get("bm25"):
+        raise InputError(f"--default-mode {s.default_mode}: {s.index} was built without BM25 and answers dense "
+                         "search only")
     reranker = None
     if s.reranker:
         from denseqa.rerank import resolve_reranker
@@ -287,7 +290,8 @@ def serve_config_for(cfg) -> dict:
         resolve_reranker(reranker)  # likewise for a folder that is not a cross-encoder
     config = with_overrides(load_serve_config(s.serve_config), index=index, host=s.host, port=s.port,
                             max_queries=s.max_queries, max_query_chars=s.max_query_chars,
-                            max_candidates=s.max_candidates, reranker=reranker, separate_encoder=s.separate_encoder)
+                            max_candidates=s.max_candidates, reranker=reranker, separate_encoder=s.separate_encoder,
+                            default_mode=s.default_mode)
     app = application(config)
     http_options = config.get("http_options", {})
     present = deployment_names(app["args"])

@@ -141,7 +141,9 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
     return {
         "kind": task.kind,
         "model": describe_model(cfg.model),
-        # What the starting model was trained on, for the language check of the jobs that use this one.
+        # The model training started from (None: the bundled one), for the evaluation's zero-shot row, and the
+        # languages it was trained on, for the language check of the jobs that use this one.
+        "base_model": cfg.model.model,
         "languages": model_languages(resolve_model_source(cfg.model.model)),
         **top,
         "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},

@@ -1,0 +1,93 @@
+"""The evaluation report's statistics (issue 19, part 4): per-question reciprocal ranks, the paired bootstrap
+intervals, and TREC files that trec_eval (here pytrec_eval) reads back into the report's own figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from denseqa.eval import compare_modes, paired_interval, reciprocal_ranks, retrieval_metrics, write_trec
+
+
+def _rankings(seed: int, n: int = 300, docs: int = 50, skill: float = 0.5):
+    """n questions, each with 1-2 relevant docs among `docs`, ranked by a system that puts a relevant one first
+    with probability `skill`, else shuffles."""
+    rng = np.random.default_rng(seed)
+    relevant, ranked = [], []
+    for i in range(n):
+        rel = {f"d{i % docs}"} | ({f"d{(i + 7) % docs}"} if i % 3 == 0 else set())
+        order = [f"d{j}" for j in rng.permutation(docs)]
+        if rng.random() < skill:
+            first = sorted(rel)[0]
+            order.remove(first)
+            order.insert(0, first)
+        relevant.append(rel)
+        ranked.append(order[:20])
+    return ranked, relevant
+
+
+def test_trec_files_read_by_pytrec_eval_give_the_reports_figures(tmp_path):
+    import pytrec_eval
+
+    # Given two systems' rankings (ids with a space and a percent sign, which TREC files cannot hold as they are)
+    good, relevant = _rankings(0, skill=0.7)
+    weak, _ = _rankings(1, skill=0.2)
+    good = [[doc.replace("d1", "d 1%") for doc in row] for row in good]
+    weak = [[doc.replace("d1", "d 1%") for doc in row] for row in weak]
+    relevant = [{doc.replace("d1", "d 1%") for doc in rel} for rel in relevant]
+    written = write_trec(str(tmp_path), {"dense": good, "zero-shot": weak}, relevant)
+    assert written == {"qrels": "qrels.txt", "runs": {"dense": "runs/dense.trec", "zero-shot": "runs/zero-shot.trec"}}
+
+    # When trec_eval's measures are computed from the files alone
+    def read(path):
+        table = {}
+        for line in (tmp_path / path).read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 4:
+                table.setdefault(parts[0], {})[parts[2]] = int(parts[3])
+            else:
+                table.setdefault(parts[0], {})[parts[2]] = float(parts[4])
+        return table
+
+    qrels = read(written["qrels"])
+    for mode, ranked in (("dense", good), ("zero-shot", weak)):
+        run = read(written["runs"][mode])
+        top10 = {q: dict(sorted(docs.items(), key=lambda kv: -kv[1])[:10]) for q, docs in run.items()}
+        at10 = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank", "ndcg_cut.10", "recall.10"}).evaluate(top10)
+        at100 = pytrec_eval.RelevanceEvaluator(qrels, {"recall.100"}).evaluate(run)
+        ours = retrieval_metrics(ranked, relevant)
+        # Then they equal the report's, question by question for MRR@10
+        rr = reciprocal_ranks(ranked, relevant)
+        np.testing.assert_allclose([at10[f"q{i}"]["recip_rank"] for i in range(len(ranked))], rr, atol=1e-12)
+        assert ours["mrr@10"] == pytest.approx(rr.mean(), abs=1e-9)
+        assert ours["ndcg@10"] == pytest.approx(np.mean([v["ndcg_cut_10"] for v in at10.values()]), abs=1e-6)
+        assert ours["recall@10"] == pytest.approx(np.mean([v["recall_10"] for v in at10.values()]), abs=1e-9)
+        assert ours["recall@100"] == pytest.approx(np.mean([v["recall_100"] for v in at100.values()]), abs=1e-9)
+
+
+def test_the_paired_interval_holds_the_difference_and_excludes_zero_only_for_a_real_one():
+    good, relevant = _rankings(0, skill=0.7)
+    weak, _ = _rankings(1, skill=0.3)
+    noise, _ = _rankings(2, skill=0.7)
+    a, b, c = (reciprocal_ranks(r, relevant) for r in (good, weak, noise))
+    real = paired_interval(a, b)
+    assert real["difference"] == pytest.approx(a.mean() - b.mean(), abs=1e-6)
+    assert 0 < real["ci95"][0] < real["difference"] < real["ci95"][1]
+    same_skill = paired_interval(a, c)
+    assert same_skill["ci95"][0] < 0 < same_skill["ci95"][1]
+    assert paired_interval(a, a) == {"difference": 0.0, "ci95": [0.0, 0.0]}
+    # Seeded: the same report twice has the same intervals
+    assert paired_interval(a, b) == real
+
+
+def test_every_mode_is_compared_with_the_best_and_with_the_starting_model():
+    good, relevant = _rankings(0, skill=0.7)
+    per_query = {"dense": reciprocal_ranks(good, relevant),
+                 "bm25": reciprocal_ranks(_rankings(3, skill=0.5)[0], relevant),
+                 "zero-shot": reciprocal_ranks(_rankings(4, skill=0.3)[0], relevant)}
+    comparison = compare_modes(per_query, "zero-shot")
+    assert comparison["best"] == "dense" and set(comparison["vs_best"]) == {"bm25", "zero-shot"}
+    assert set(comparison["vs_zero_shot"]) == {"dense", "bm25"}
+    assert comparison["vs_zero_shot"]["dense"]["ci95"][0] > 0  # fine-tuning's gain, surely above zero
+    assert all(c["difference"] < 0 for c in comparison["vs_best"].values())
+    assert "vs_zero_shot" not in compare_modes(per_query, None)
