@@ -170,6 +170,17 @@ class TrainConfig(Section):
         0.0, "With hardness_mode: the weight alpha (Lan et al. use 9 on in-batch negatives, EmbeddingGemma 5 on hard "
         "ones).", ge=0, allow_inf_nan=False
     )
+    distill: Literal["margin_mse", "kl"] | None = _f(
+        None, "Distil a cross-encoder teacher's scores of each pair's answer and hard negatives (the teacher_* "
+        "columns mine-negatives --teacher writes) into the bi-encoder, on top of MNRL: margin_mse (MarginMSE, "
+        "Hofstätter et al. 2020) or kl (KL divergence from the teacher's softmax). None: off."
+    )
+    distill_weight: float = _f(1.0, "With distill: the loss is MNRL + distill_weight * the distillation term.",
+                               gt=0, allow_inf_nan=False)
+    distill_temperature: float = _f(
+        1.0, "With distill kl: the temperature dividing the teacher's and the student's scores (the student's are "
+        "scale * cos).", gt=0, allow_inf_nan=False
+    )
     cached_loss: bool = _f(
         False,
         "GradCache (CachedMultipleNegativesRankingLoss): embed the batch in mini-batches without keeping their "
@@ -208,6 +219,10 @@ class TrainConfig(Section):
             raise _broken("partition_mode", f"joint with the same-type directions {', '.join(same_type)} (their "
                           "candidates never hold the positive, so a softmax of their own is ill-defined)",
                           self.partition_mode)
+        loose = sorted({"distill_weight", "distill_temperature"} & self.model_fields_set)
+        if self.distill is None and loose:
+            raise _broken(loose[0], "given with train.distill only (without it there is no distillation term to "
+                          "weigh)", getattr(self, loose[0]))
         if (self.hardness_mode is None) != (self.hardness_strength == 0):
             raise _broken("hardness_strength", "> 0 exactly when hardness_mode is set (one without the other does "
                           f"nothing; hardness_mode is {self.hardness_mode})", self.hardness_strength)
@@ -274,6 +289,13 @@ class MineConfig(Section):
         "auto", "How BM25 cuts text into terms: regex (bm25s's words), kiwi (Korean morphemes, kiwipiepy), or auto "
         "(kiwi when the answers are Korean)."
     )
+    teacher: str | None = _f(
+        None, "Cross-encoder folder (train-reranker's output, or any sentence-transformers CrossEncoder with one "
+        "score) that scores each pair's answer and mined negatives, written as columns teacher_answer, "
+        "teacher_negative_1..n for train.distill.", owned=True
+    )
+    teacher_batch_size: int = _f(64, "With teacher: (question, passage) pairs per forward pass of the teacher.",
+                                 ge=1, operational=True)
 
     @model_validator(mode="after")
     def _enough_ranks(self):
@@ -561,8 +583,8 @@ class ServeConfig(Section):
 
 
 # Every step `run` may take, in order; `round1` and `mine` only with pipeline.negatives, `reranker` only with
-# pipeline.reranker (see PipelineConfig.steps).
-PIPELINE_STEPS = ("round1", "mine", "train", "reranker", "index", "evaluate", "serve")
+# pipeline.reranker, `teacher` only with pipeline.distill_reranker (see PipelineConfig.steps).
+PIPELINE_STEPS = ("round1", "mine", "reranker", "teacher", "train", "index", "evaluate", "serve")
 
 
 class PipelineConfig(Section):
@@ -580,8 +602,8 @@ class PipelineConfig(Section):
     )
     force: str | None = _f(
         None,
-        "Redo these steps even if their outputs match the config (comma-separated: round1, mine, train, index, "
-        "evaluate); later steps follow because their input changed.",
+        "Redo these steps even if their outputs match the config (comma-separated: round1, mine, reranker, teacher, "
+        "train, index, evaluate); later steps follow because their input changed.",
         flag="--force",
     )
     negatives: Literal["none", "bm25", "model"] = _f(
@@ -597,6 +619,13 @@ class PipelineConfig(Section):
         "encoder; the evaluation reports every mode re-ranked, and the service re-ranks requests that ask for it. "
         "Needs --negatives bm25 or model.",
         flag="--reranker",
+    )
+    distill_reranker: bool = _f(
+        False,
+        "Chain the reranker into the bi-encoder: negatives, then the reranker trained on them, then its scores of "
+        "every mined pair (teacher/), then the bi-encoder trained with train.distill (margin_mse unless set). Needs "
+        "--reranker.",
+        flag="--distill-reranker",
     )
     deploy: bool = _f(True, "Deploy the search service at the end (off: stop after the evaluation).")
     example_query: str | None = _f(
@@ -616,6 +645,8 @@ class PipelineConfig(Section):
         if self.reranker and self.negatives == "none":
             raise _broken("negatives", "bm25 or model with pipeline.reranker (a cross-encoder cannot learn from "
                           "positives alone)", self.negatives)
+        if self.distill_reranker and not self.reranker:
+            raise _broken("reranker", "on with pipeline.distill_reranker (the reranker is the teacher)", self.reranker)
         return self
 
     @property
@@ -624,6 +655,8 @@ class PipelineConfig(Section):
         skipped = {"none": {"round1", "mine"}, "bm25": {"round1"}, "model": set()}[self.negatives]
         if not self.reranker:
             skipped = skipped | {"reranker"}
+        if not self.distill_reranker:
+            skipped = skipped | {"teacher"}
         return tuple(s for s in PIPELINE_STEPS[:-1] if s not in skipped)
 
     @property

@@ -49,6 +49,7 @@ class QAData:
     counts: dict[str, int] = field(default_factory=dict)  # read, dropped, heldout, train (, without_negatives)
     files: list[str] = field(default_factory=list)
     negative_columns: list[str] = field(default_factory=list)  # hard-negative columns of `train`, in order
+    teacher_columns: list[str] = field(default_factory=list)  # teacher scores of the answer and each negative
 
 
 def negative_columns(fs: pafs.FileSystem, files: list[str], wanted: int | None) -> list[str]:
@@ -157,7 +158,7 @@ def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str],
 
 
 def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed: int,
-                 negative_columns: list[str]) -> pa.Table:
+                 negative_columns: list[str], score_columns: tuple[str, ...] = ()) -> pa.Table:
     """Drop rows with a null, empty or whitespace-only text; rename to question/answer; add the split key.
     Hard-negative columns pass through (a row without its negatives is dropped from training later, not here:
     the held-out split must not depend on them)."""
@@ -167,14 +168,17 @@ def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed
     q, a = pc.filter(q, keep), pc.filter(a, keep)
     keys = np.fromiter((split_key(s, seed) for s in q.to_pylist()), dtype=np.int64, count=len(q))
     negatives = {c: pc.filter(batch.column(c).cast(pa.string()), keep) for c in negative_columns}
-    return pa.table({QUESTION: q, ANSWER: a, **negatives, _SPLIT_KEY: keys})
+    scores = {c: pc.filter(batch.column(c).cast(pa.float32()), keep) for c in score_columns}
+    return pa.table({QUESTION: q, ANSWER: a, **negatives, **scores, _SPLIT_KEY: keys})
 
 
-def keep_with_negatives(batch: pa.Table, negative_columns: list[str]) -> pa.Table:
-    """The rows whose every hard-negative text is present and not blank."""
+def keep_with_negatives(batch: pa.Table, negative_columns: list[str], score_columns: tuple[str, ...] = ()) -> pa.Table:
+    """The rows whose every hard-negative text is present and not blank (and every teacher score a number)."""
     keep = pa.array(np.ones(batch.num_rows, dtype=bool))
     for c in negative_columns:
         keep = pc.and_(keep, non_blank(batch.column(c)))
+    for c in score_columns:
+        keep = pc.and_(keep, pc.fill_null(pc.is_finite(batch.column(c)), False))
     return batch.filter(keep)
 
 
@@ -183,8 +187,31 @@ def heldout_count(n_rows: int, cfg: DataConfig) -> int:
     return max(1, min(wanted, cfg.heldout_max))
 
 
-def load_qa_data(cfg: DataConfig) -> QAData:
-    """Validate, read, clean and split the Q/A pairs. Raises InputError with one line on bad input."""
+def teacher_columns(fs: pafs.FileSystem, files: list[str], negatives: list[str], path: str) -> list[str]:
+    """The teacher-score columns of the answer and of each of ``negatives`` (``teacher_answer``,
+    ``teacher_negative_<i>``), which distillation needs; InputError naming what is missing."""
+    from denseqa.negatives import teacher_column_names
+
+    if not negatives:
+        raise InputError(f"{path}: train.distill needs hard negatives with the teacher's scores, and these pairs "
+                         "have no negative columns: mine them with mine-negatives --teacher CROSS_ENCODER")
+    wanted = teacher_column_names(len(negatives))
+    names = pq.read_schema(files[0], filesystem=fs).names
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise InputError(f"{path}: train.distill needs the teacher's scores and column {missing[0]!r} is missing "
+                         "(mine-negatives --teacher CROSS_ENCODER writes teacher_answer, teacher_negative_1..n)")
+    for f in files:
+        schema = pq.read_schema(f, filesystem=fs)
+        for c in wanted:
+            if not pa.types.is_floating(schema.field(c).type):
+                raise InputError(f"{f}: column {c!r} must hold teacher scores (floats), got {schema.field(c).type}")
+    return wanted
+
+
+def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
+    """Validate, read, clean and split the Q/A pairs (with the teacher's scores of the answer and hard negatives,
+    for distillation). Raises InputError with one line on bad input."""
     import ray.data
 
     if not cfg.path:
@@ -192,10 +219,12 @@ def load_qa_data(cfg: DataConfig) -> QAData:
     fs, files = resolve_parquet_files(cfg.path)
     negatives = negative_columns(fs, files, cfg.num_negatives)
     check_schema(fs, files, [cfg.question_column, cfg.answer_column, *negatives])
+    teachers = teacher_columns(fs, files, negatives, cfg.path) if with_teacher_scores else []
 
     # Keep block order stable, so a resumed run that skips the batches it already trained on skips the same ones.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
-    raw = ray.data.read_parquet(files, filesystem=fs, columns=[cfg.question_column, cfg.answer_column, *negatives])
+    raw = ray.data.read_parquet(files, filesystem=fs,
+                                columns=[cfg.question_column, cfg.answer_column, *negatives, *teachers])
     n_read = raw.count()
     if n_read == 0:
         raise InputError(f"{cfg.path}: no rows")
@@ -203,7 +232,7 @@ def load_qa_data(cfg: DataConfig) -> QAData:
         _clean_batch,
         batch_format="pyarrow",
         fn_kwargs=dict(question_column=cfg.question_column, answer_column=cfg.answer_column, seed=cfg.split_seed,
-                       negative_columns=negatives),
+                       negative_columns=negatives, score_columns=tuple(teachers)),
     )
     ordered = cleaned.sort(_SPLIT_KEY).materialize()
     n_kept = ordered.count()
@@ -223,12 +252,13 @@ def load_qa_data(cfg: DataConfig) -> QAData:
         raise InputError(f"{cfg.path}: only {n_kept} usable rows; too few to hold out {n_heldout} and train")
     heldout_ds, train_ds = ordered.split_at_indices([n_heldout])
     heldout = [(r[QUESTION], r[ANSWER]) for r in heldout_ds.take_all()]
-    train_ds = train_ds.select_columns([QUESTION, ANSWER, *negatives])
+    train_ds = train_ds.select_columns([QUESTION, ANSWER, *negatives, *teachers])
     counts = {"read": n_read, "dropped": n_dropped, "heldout": n_heldout, "train": n_kept - n_heldout}
     if negatives:
         # The miner leaves a negative empty when no candidate passed its filters; such pairs cannot fill a step.
         train_ds = train_ds.map_batches(keep_with_negatives, batch_format="pyarrow",
-                                        fn_kwargs=dict(negative_columns=negatives)).materialize()
+                                        fn_kwargs=dict(negative_columns=negatives,
+                                                       score_columns=tuple(teachers))).materialize()
         n_train = train_ds.count()
         counts.update(without_negatives=counts["train"] - n_train, train=n_train)
         if n_train == 0:
@@ -236,4 +266,5 @@ def load_qa_data(cfg: DataConfig) -> QAData:
                              "--num-negatives or mine again with a wider range or a smaller margin")
     logger.info("data: %s%s", ", ".join(f"{k} {v}" for k, v in counts.items()),
                 f"; hard negatives {negatives[0]}..{negatives[-1]}" if negatives else "")
-    return QAData(train=train_ds, heldout=heldout, counts=counts, files=files, negative_columns=negatives)
+    return QAData(train=train_ds, heldout=heldout, counts=counts, files=files, negative_columns=negatives,
+                  teacher_columns=teachers)

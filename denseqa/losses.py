@@ -14,18 +14,33 @@ from each softmax. Because the hashes are the labels, the losses run unchanged i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
+    DistillKLDivLoss,
+    MarginMSELoss,
     MultipleNegativesRankingLoss,
 )
-from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank
+from sentence_transformers.util import all_gather, all_gather_with_grad, cos_sim, get_rank, pairwise_cos_sim
 from torch import Tensor
 
 from denseqa.texts import text_hashes
+
+
+class LossLabels(NamedTuple):
+    """The labels of a step with distillation: the texts' hashes (:func:`duplicate_labels`, or None without
+    masking) and the teacher's scores, float (B, 1 + num_negatives): each pair's answer, then its hard negatives."""
+
+    hashes: Tensor | None
+    teacher_scores: Tensor | None
+
+
+def _split_labels(labels: Tensor | LossLabels | None) -> tuple[Tensor | None, Tensor | None]:
+    # A plain tensor is the hashes alone: what sentence-transformers' trainer passes from a dataset's label column.
+    return (labels.hashes, labels.teacher_scores) if isinstance(labels, LossLabels) else (labels, None)
 
 
 def duplicate_labels(*columns: Sequence[str]) -> Tensor:
@@ -45,6 +60,9 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         partition_mode: str = "joint",
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        distill: str | None = None,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         """
         sentence-transformers' MultipleNegativesRankingLoss (InfoNCE with in-batch negatives, the candidates of
@@ -74,6 +92,15 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                 masked as the answers are: a question is not a negative of its own answer's pair when its text, or
                 its answer's text, equals the pair's; nor an answer in ``doc_to_doc`` when its text equals the
                 pair's answer or it answers the pair's question.
+            distill: add a term that teaches the bi-encoder a cross-encoder teacher's scores of each question's
+                answer and hard negatives (the labels are then :class:`LossLabels`): ``"margin_mse"``, MarginMSE
+                (Hofstätter et al. 2020) on the differences between the answer's score and each negative's, or
+                ``"kl"``, the KL divergence from the teacher's softmax over them (as FlagEmbedding's distillation).
+                Computed by sentence-transformers' :class:`MarginMSELoss` and :class:`DistillKLDivLoss` on the
+                student's scores ``scale * cos`` (the logits MNRL uses), from each worker's own pairs: the term is a
+                mean over pairs with nothing gathered, so DDP's averaging makes it the global batch's mean.
+            distill_weight: the loss is MNRL + ``distill_weight`` * the term.
+            distill_temperature: of the KL term, dividing both the student's and the teacher's scores.
 
         References:
             - Henderson et al. 2017, "Efficient Natural Language Response Suggestion for Smart Reply"
@@ -85,6 +112,8 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
               https://arxiv.org/abs/2308.03281
             - Günther et al. 2024, "Jina Embeddings 2" (symmetric loss), https://arxiv.org/abs/2310.19923
             - Lan et al. 2025, "LLaVE" (hardness-weighted contrastive loss), https://arxiv.org/abs/2503.04812
+            - Hofstätter et al. 2020, "Improving Efficient Neural Ranking Models with Cross-Architecture Knowledge
+              Distillation" (MarginMSE), https://arxiv.org/abs/2010.02666
 
         Requirements:
             1. (question, answer) pairs, optionally with hard negatives (question, answer, negative_1, ...).
@@ -112,11 +141,27 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                          directions=tuple(directions), partition_mode=partition_mode, hardness_mode=hardness_mode,
                          hardness_strength=hardness_strength)
         self.mask_duplicates = mask_duplicates
+        self.distill, self.distill_weight, self.distill_temperature = distill, distill_weight, distill_temperature
+        self.distillation = _distillation_loss(model, distill, scale, distill_temperature)
 
-    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor],
+                                     labels: Tensor | LossLabels | None = None) -> Tensor:
         """``embeddings`` = [questions (B, d), answers (B, d), negatives_k (B, d)...] of this worker;
-        ``labels`` = their texts' hashes, int64 (B, len(embeddings)) (:func:`duplicate_labels`)."""
-        return -self.log_likelihoods(embeddings, labels).mean()
+        ``labels`` = their texts' hashes, int64 (B, len(embeddings)) (:func:`duplicate_labels`), or with
+        ``distill`` a :class:`LossLabels` that adds the teacher's scores."""
+        hashes, teacher_scores = _split_labels(labels)
+        loss = -self.log_likelihoods(embeddings, hashes).mean()
+        if self.distillation is None:
+            return loss
+        if teacher_scores is None or len(embeddings) < 3:
+            raise ValueError(f"distill={self.distill!r} needs each pair's hard negatives and the teacher's scores of "
+                             "its answer and negatives (LossLabels.teacher_scores); got "
+                             + ("no teacher scores" if teacher_scores is None else "no hard negatives"))
+        if tuple(teacher_scores.shape) != (embeddings[0].size(0), len(embeddings) - 1):
+            raise ValueError(f"teacher scores must be ({embeddings[0].size(0)}, {len(embeddings) - 1}): the answer's "
+                             f"and each hard negative's; got {tuple(teacher_scores.shape)}")
+        teacher_scores = teacher_scores.to(device=embeddings[0].device, dtype=embeddings[0].dtype)
+        return loss + self.distill_weight * self.distillation.compute_loss_from_embeddings(embeddings, teacher_scores)
 
     def log_likelihoods(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
         """(B,) each local question's log-probability of its own answer: the loss is minus their mean.
@@ -234,7 +279,24 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         return {"scale": self.scale, "gather_across_devices": self.gather_across_devices,
                 "mask_duplicates": self.mask_duplicates, "directions": list(self.directions),
                 "partition_mode": self.partition_mode, "hardness_mode": self.hardness_mode,
-                "hardness_strength": self.hardness_strength}
+                "hardness_strength": self.hardness_strength,
+                **({"distill": self.distill, "distill_weight": self.distill_weight,
+                    "distill_temperature": self.distill_temperature} if self.distill else {})}
+
+
+def _distillation_loss(model, distill: str | None, scale: float, temperature: float):
+    """sentence-transformers' distillation loss for ``distill``, scoring with ``scale * cos``; None for none."""
+    if distill is None:
+        return None
+
+    def logits(a: Tensor, b: Tensor) -> Tensor:  # one score per row pair (B,): the student's logits
+        return scale * pairwise_cos_sim(a, b)
+
+    if distill == "margin_mse":
+        return MarginMSELoss(model, similarity_fct=logits)
+    if distill == "kl":
+        return DistillKLDivLoss(model, similarity_fct=logits, temperature=temperature)
+    raise ValueError(f"distill must be margin_mse, kl or None, got {distill!r}")
 
 
 class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesRankingLoss):
@@ -249,6 +311,9 @@ class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesR
         partition_mode: str = "joint",
         hardness_mode: str | None = None,
         hardness_strength: float = 0.0,
+        distill: str | None = None,
+        distill_weight: float = 1.0,
+        distill_temperature: float = 1.0,
     ) -> None:
         """
         :class:`DuplicateMaskedMultipleNegativesRankingLoss` with gradient caching: the batch is embedded in
@@ -266,7 +331,9 @@ class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesR
             model: the SentenceTransformer being trained. Set ``.model`` to its DDP wrapper afterwards, so that
                 the re-embedding in (3) goes through DDP's gradient synchronisation.
             scale, gather_across_devices, mask_duplicates, directions, partition_mode, hardness_mode,
-                hardness_strength: as :class:`DuplicateMaskedMultipleNegativesRankingLoss`.
+                hardness_strength, distill, distill_weight, distill_temperature: as
+                :class:`DuplicateMaskedMultipleNegativesRankingLoss` (the distillation term is computed in step
+                (2) from the same cached embeddings, so its gradient reaches the model through the replay too).
             mini_batch_size: texts per forward pass.
 
         References:
@@ -282,13 +349,19 @@ class CachedDuplicateMaskedMultipleNegativesRankingLoss(CachedMultipleNegativesR
                          gather_across_devices=gather_across_devices, **options)
         self.masked = DuplicateMaskedMultipleNegativesRankingLoss(model, scale=scale,
                                                                   gather_across_devices=gather_across_devices,
-                                                                  mask_duplicates=mask_duplicates, **options)
+                                                                  mask_duplicates=mask_duplicates, distill=distill,
+                                                                  distill_weight=distill_weight,
+                                                                  distill_temperature=distill_temperature, **options)
 
     @property
     def mask_duplicates(self) -> bool:
         return self.masked.mask_duplicates
 
-    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
+    @property
+    def distill(self) -> str | None:
+        return self.masked.distill
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | LossLabels | None = None, *,
                        with_backward: bool = False) -> Tensor:
         """Step (2): the gathered, masked loss from the mini-batch embeddings of each column."""
         embeddings = [torch.cat(column) for column in reps]

@@ -21,6 +21,10 @@ millions of pairs is mined across the cluster. The output folder holds ``pairs/`
 question and answer columns plus the negative columns (held-out pairs included, without negatives, so that the
 training job's held-out split finds the same pairs), and ``negatives.json``, the record, written last. Train on
 the folder itself (``--data OUTPUT``).
+
+With ``mine.teacher`` (a cross-encoder: the reranker train-reranker wrote, or any), the same actors score each
+pair's answer and negatives with it, as columns ``teacher_answer``, ``teacher_negative_1..n``: the targets of the
+bi-encoder's distillation term (``train.distill``; FlagEmbedding's knowledge distillation, MarginMSE).
 """
 
 from __future__ import annotations
@@ -44,6 +48,14 @@ SKIPPED_COLUMN, COMPLETE_COLUMN = "_skipped_by_margin", "_complete"
 
 def negative_column_names(n: int) -> list[str]:
     return [f"negative_{i}" for i in range(1, n + 1)]
+
+
+def teacher_column_names(n: int) -> list[str]:
+    """The teacher's scores of a pair's answer and of its ``n`` negatives (``mine.teacher``, for distillation)."""
+    return ["teacher_answer", *(f"teacher_{c}" for c in negative_column_names(n))]
+
+
+TEACHER_SECONDS_COLUMN = "_teacher_seconds"
 
 
 def select_negatives(scores: np.ndarray, positions: np.ndarray, positives: set[int], cfg: MineConfig,
@@ -105,6 +117,12 @@ class NegativeMiner:
             self.searcher = Searcher(retriever["index_dir"], device=retriever["device"])
             self.texts = self.searcher.docstore.column("text").to_pylist()
         self.position_of = {t: i for i, t in enumerate(self.texts)}
+        self.teacher = None
+        if self.cfg.teacher:
+            from denseqa.rerank import Reranker
+
+            self.teacher = Reranker(self.cfg.teacher, device=retriever.get("device"),
+                                    batch_size=self.cfg.teacher_batch_size)
 
     def rank(self, questions: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.searcher is None:
@@ -131,5 +149,56 @@ class NegativeMiner:
         for name, values in zip(negative_column_names(n), columns, strict=True):
             out = out.append_column(name, pa.array(values, type=pa.string()))
         complete = [int(v is not None) for v in columns[-1]]
+        if self.teacher is not None:
+            out = with_teacher_scores(self.teacher, out, questions, answers, columns)
         out = out.append_column(SKIPPED_COLUMN, pa.array(skipped, type=pa.int64()))
         return out.append_column(COMPLETE_COLUMN, pa.array(complete, type=pa.int64()))
+
+
+def with_teacher_scores(teacher, out: pa.Table, questions: list[str], answers: list[str],
+                        negatives: list[list[str | None]]) -> pa.Table:
+    """``out`` with the teacher's raw scores (logits) of each pair's answer and negatives as float columns
+    (:func:`teacher_column_names`; null for a pair without all its negatives, which training drops), and the
+    seconds the teacher took (on the first row, summed by the driver)."""
+    import time
+
+    rows = [i for i in range(len(questions)) if all(column[i] is not None for column in negatives)]
+    passages = [answers, *negatives]
+    started = time.perf_counter()
+    flat = teacher.scores([(questions[i], column[i]) for column in passages for i in rows], logits=True)
+    seconds = time.perf_counter() - started
+    scores = flat.reshape(len(passages), len(rows)) if rows else np.zeros((len(passages), 0), np.float32)
+    out = out.drop_columns([c for c in teacher_column_names(len(negatives)) if c in out.column_names])
+    for name, values in zip(teacher_column_names(len(negatives)), scores, strict=True):
+        column = [None] * len(questions)
+        for i, value in zip(rows, values.tolist(), strict=True):
+            column[i] = value
+        out = out.append_column(name, pa.array(column, type=pa.float32()))
+    timing = [0.0] * len(questions)
+    if timing:
+        timing[0] = seconds
+    return out.append_column(TEACHER_SECONDS_COLUMN, pa.array(timing, type=pa.float64()))
+
+
+class TeacherScorer:
+    """A Ray Data actor: adds a teacher's scores to pairs mined earlier (``pairs/`` of a mine-negatives output),
+    for a teacher trained after the mining (the pipeline's reranker, trained on those very negatives)."""
+
+    def __init__(self, teacher: str, batch_size: int, device: str, question_column: str, answer_column: str,
+                 negative_columns: list[str], torch_threads: int | None = None) -> None:
+        from denseqa.logs import setup_logging
+        from denseqa.rerank import Reranker
+
+        setup_logging()
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        self.teacher = Reranker(teacher, device=device, batch_size=batch_size)
+        self.question_column, self.answer_column = question_column, answer_column
+        self.negative_columns = negative_columns
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return with_teacher_scores(self.teacher, batch, batch.column(self.question_column).to_pylist(),
+                                   batch.column(self.answer_column).to_pylist(),
+                                   [batch.column(c).to_pylist() for c in self.negative_columns])

@@ -73,12 +73,17 @@ class Reranker:
             with open(record_file) as f:
                 self.record = json.load(f)
 
-    def scores(self, pairs: list[tuple[str, str]]) -> np.ndarray:
-        """One relevance score per (question, passage) pair, higher is better (the model's own activation)."""
+    def scores(self, pairs: list[tuple[str, str]], logits: bool = False) -> np.ndarray:
+        """One relevance score per (question, passage) pair, higher is better: the model's own activation, or with
+        ``logits`` its raw output (what distillation learns from: a sigmoid squeezes the margins between a good
+        and a hard passage, which MarginMSE and the teacher's softmax are made of)."""
         if not pairs:
             return np.zeros(0, dtype=np.float32)
+        import torch
+
+        options = {"activation_fn": torch.nn.Identity()} if logits else {}
         return np.asarray(self.model.predict(pairs, batch_size=self.batch_size, convert_to_numpy=True,
-                                             show_progress_bar=False), dtype=np.float32).reshape(len(pairs))
+                                             show_progress_bar=False, **options), dtype=np.float32).reshape(len(pairs))
 
     def describe(self) -> dict[str, Any]:
         final = (self.record.get("metrics") or {}).get("final")

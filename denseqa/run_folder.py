@@ -43,10 +43,10 @@ from denseqa.versions import resolve_index
 STATE_FILE = "pipeline.json"
 CONFIG_FILE = "config.yaml"
 # The file that marks each step's output complete (written last; see denseqa.storage.publish_folder).
-MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "train": RECORD_FILE, "reranker": RECORD_FILE,
-           "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
-OUTPUTS = {"round1": "round1", "mine": "negatives", "train": "model", "reranker": "reranker", "index": "index",
-           "evaluate": "eval"}
+MARKERS = {"round1": RECORD_FILE, "mine": NEGATIVES_RECORD, "reranker": RECORD_FILE, "teacher": NEGATIVES_RECORD,
+           "train": RECORD_FILE, "index": MANIFEST_FILE, "evaluate": REPORT_JSON}
+OUTPUTS = {"round1": "round1", "mine": "negatives", "reranker": "reranker", "teacher": "teacher", "train": "model",
+           "index": "index", "evaluate": "eval"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +108,11 @@ def step_inputs(cfg: JobConfig, step: str, made: dict[str, str | None]) -> dict[
             inputs.update(_section(cfg, "rerank"))
         if step != "round1" and cfg.pipeline.negatives != "none":
             inputs["negatives"] = made["mine"]
+        if step == "train" and cfg.pipeline.distill_reranker:  # the mined pairs with the reranker's scores
+            inputs["negatives"] = made["teacher"]
         return inputs
+    if step == "teacher":
+        return {"negatives": made["mine"], "teacher": made["reranker"]}
     if step == "mine":
         inputs = {**_section(cfg, "data"), **_section(cfg, "mine"), "mine.method": mining_method(cfg),
                   "data files": files_fingerprint(cfg.data.path)}

@@ -96,14 +96,17 @@ class TrainState:
 
 
 def contrastive_loss(forward, model, loss_fn, questions: list[str], answers: list[str],
-                     negatives: Sequence[list[str]] = ()) -> torch.Tensor:
+                     negatives: Sequence[list[str]] = (), teacher_scores: torch.Tensor | None = None) -> torch.Tensor:
     """This worker's loss for one step: its questions against the (gathered) answers and hard negatives of the
-    global batch. ``negatives``: one list of B texts per hard-negative column."""
-    from denseqa.losses import CachedDuplicateMaskedMultipleNegativesRankingLoss, duplicate_labels
+    global batch. ``negatives``: one list of B texts per hard-negative column; ``teacher_scores``: with
+    distillation, the teacher's scores of each pair's answer and negatives, (B, 1 + len(negatives))."""
+    from denseqa.losses import CachedDuplicateMaskedMultipleNegativesRankingLoss, LossLabels, duplicate_labels
     from denseqa.model import embed_texts
 
     columns = [questions, answers, *negatives]
     labels = duplicate_labels(*columns).to(model.device) if loss_fn.mask_duplicates else None
+    if loss_fn.distill:
+        labels = LossLabels(labels, teacher_scores)
     if isinstance(loss_fn, CachedDuplicateMaskedMultipleNegativesRankingLoss):
         # Tokenized here, embedded inside the loss mini-batch by mini-batch (twice: see the loss).
         features = [{k: v.to(model.device) if isinstance(v, torch.Tensor) else v
@@ -123,7 +126,8 @@ def build_loss(model, forward, t):
 
     options = dict(scale=t.scale, gather_across_devices=t.gather, mask_duplicates=t.mask_duplicates,
                    directions=tuple(t.directions), partition_mode=t.partition_mode, hardness_mode=t.hardness_mode,
-                   hardness_strength=t.hardness_strength)
+                   hardness_strength=t.hardness_strength, distill=t.distill, distill_weight=t.distill_weight,
+                   distill_temperature=t.distill_temperature)
     if not t.cached_loss:
         return DuplicateMaskedMultipleNegativesRankingLoss(model, **options)
     loss = CachedDuplicateMaskedMultipleNegativesRankingLoss(model, mini_batch_size=t.mini_batch_size, **options)
@@ -215,6 +219,7 @@ class BiEncoderTask:
         self.cfg, self.t, self.device = cfg, cfg.train, device
         self.heldout = [tuple(p) for p in loop_inputs["heldout"]]
         self.negative_columns = loop_inputs["negative_columns"]
+        self.teacher_columns = loop_inputs.get("teacher_columns", [])
         self.query_prompt, self.passage_prompt = prompts_of(cfg.model)
 
     def load(self) -> tuple[torch.nn.Module, list[str]]:
@@ -240,7 +245,9 @@ class BiEncoderTask:
         questions = [self.query_prompt + q for q in batch["question"]]
         answers = [self.passage_prompt + a for a in batch["answer"]]
         negatives = [[self.passage_prompt + n for n in batch[c]] for c in self.negative_columns]
-        return contrastive_loss(self.forward, self.model, self.loss_fn, questions, answers, negatives)
+        teacher_scores = torch.tensor(list(zip(*(batch[c] for c in self.teacher_columns), strict=True)),
+                                      dtype=torch.float32) if self.teacher_columns else None
+        return contrastive_loss(self.forward, self.model, self.loss_fn, questions, answers, negatives, teacher_scores)
 
     def evaluate(self, model) -> dict[str, float]:
         from denseqa.eval import evaluate
@@ -267,7 +274,8 @@ class BiEncoderTask:
         if cfg.train.hardness_mode == "hard_negatives" and not data.negative_columns:
             raise InputError(f"{cfg.data.path}: train.hardness_mode hard_negatives weighs the mined negatives, and "
                              "these pairs have none (mine-negatives writes them; or use in_batch_negatives)")
-        return {"heldout": data.heldout, "negative_columns": data.negative_columns}
+        return {"heldout": data.heldout, "negative_columns": data.negative_columns,
+                "teacher_columns": data.teacher_columns}
 
     @classmethod
     def record(cls, cfg: JobConfig, data, plan: TrainPlan) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -281,6 +289,8 @@ class BiEncoderTask:
                      else "DuplicateMaskedMultipleNegativesRankingLoss", "cached": t.cached_loss,
                      "directions": list(t.directions), "partition_mode": t.partition_mode,
                      "hardness_mode": t.hardness_mode, "hardness_strength": t.hardness_strength,
+                     "distill": {"term": t.distill, "weight": t.distill_weight, "temperature": t.distill_temperature,
+                                 "teacher": teacher_record(cfg, data)} if t.distill else None,
                      **({"mini_batch_size": t.mini_batch_size} if t.cached_loss else {})},
         }
         return {"prompts": dict(zip(("query", "passage"), prompts_of(cfg.model), strict=True))}, training
@@ -524,6 +534,12 @@ def mining_record(cfg, data) -> dict[str, Any] | None:
         return storage.read_json(storage.join(cfg.data.path, MINED_RECORD))
     except (OSError, ValueError):
         return None
+
+
+def teacher_record(cfg, data) -> dict[str, Any] | None:
+    """Which teacher scored the training data's negatives (the miner's record of it), for the model's record."""
+    mined = mining_record(cfg, data)
+    return (mined or {}).get("teacher")
 
 
 def check_mining_split(cfg, data) -> None:

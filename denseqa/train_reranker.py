@@ -33,7 +33,8 @@ METRICS = ("mrr@10", "ndcg@10")
 # Options of the bi-encoder's loss (train section) that a cross-encoder has no use for: given to the reranker,
 # they are refused, never silently ignored. Its own are rerank.in_batch_negatives and rerank.loss_scale.
 BI_ENCODER_ONLY = ("scale", "gather", "mask_duplicates", "cached_loss", "mini_batch_size", "directions",
-                   "partition_mode", "hardness_mode", "hardness_strength")
+                   "partition_mode", "hardness_mode", "hardness_strength", "distill", "distill_weight",
+                   "distill_temperature")
 
 
 def load_cross_encoder(model_cfg, device: str | None = None):

@@ -55,6 +55,23 @@ def tiny_model_dir(tmp_path_factory) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_cross_encoder_dir(tmp_path_factory) -> str:
+    """A random BERT with one score (a Hugging Face sequence-classification checkpoint, as CrossEncoder reads)."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from denseqa.model import bundled_model_path
+
+    path = tmp_path_factory.mktemp("tiny-cross-encoder")
+    torch.manual_seed(1)
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A real local Ray runtime sized like this machine (2 CPUs), for one test module."""

@@ -10,7 +10,8 @@ the cached loss (mini-batches of 3 texts, so batches split unevenly) gives the s
 plain loss, and both equal the single-process loss over the whole global batch.
 
 Issue 19: sentence-transformers' loss options (GTE's four directions with hardness weighting; the symmetric loss
-under GradCache) give the single-process loss and gradients too, duplicates across workers masked.
+under GradCache) and the distillation term (KL; MarginMSE under GradCache) give the single-process loss and
+gradients too, duplicates across workers masked.
 """
 
 from __future__ import annotations
@@ -40,12 +41,19 @@ SCENARIOS = {
     # Issue 19: sentence-transformers' options, with duplicates across workers masked in every direction
     "gte_hardness": dict(gather=True, duplicate=True, negatives=True, options="gte_hardness"),
     "cached_symmetric": dict(gather=True, duplicate=True, cached=True, options="symmetric"),
+    # Issue 19: distillation of a teacher's scores on top of the gathered, masked loss
+    "distill_kl": dict(gather=True, duplicate=True, negatives=True, options="distill_kl"),
+    "cached_distill_margin": dict(gather=True, duplicate=True, negatives=True, cached=True, options="distill_margin"),
 }
 LOSS_OPTIONS = {
     "gte_hardness": dict(directions=("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),
                          hardness_mode="all_negatives", hardness_strength=5.0),
     "symmetric": dict(directions=("query_to_doc", "doc_to_query"), partition_mode="per_direction"),
+    "distill_kl": dict(distill="kl", distill_weight=0.5, distill_temperature=2.0),
+    "distill_margin": dict(distill="margin_mse", distill_weight=0.1),
 }
+# A teacher's logits of each of the 2B pairs' answer and hard negative.
+TEACHER = torch.linspace(-3.0, 5.0, 4 * B).reshape(2 * B, 2).flip(0)
 MINI_BATCH = 3
 
 
@@ -87,7 +95,8 @@ def _worker(config: dict) -> None:
         questions, answers = _batch(scenario["duplicate"])
         mine = slice(rank * B, (rank + 1) * B)
         negatives = [column[mine] for column in _negatives()] if scenario.get("negatives") else []
-        loss = contrastive_loss(forward, model, loss_fn, questions[mine], answers[mine], negatives)
+        teacher = TEACHER[mine] if "distill" in options else None
+        loss = contrastive_loss(forward, model, loss_fn, questions[mine], answers[mine], negatives, teacher)
         loss.backward()
         results[f"{name}/loss"] = np.float64(all_reduce_mean(loss))
         for n, p in model.named_parameters():
@@ -104,7 +113,8 @@ def _single_process(model_dir: str, duplicate: bool, negatives: bool = False,
                                                           mask_duplicates=mask, **LOSS_OPTIONS.get(options, {}))
     questions, answers = _batch(duplicate)
     # all 2B pairs in one process
-    loss = contrastive_loss(model, model, loss_fn, questions, answers, _negatives() if negatives else [])
+    teacher = TEACHER if "distill" in LOSS_OPTIONS.get(options, {}) else None
+    loss = contrastive_loss(model, model, loss_fn, questions, answers, _negatives() if negatives else [], teacher)
     loss.backward()
     return float(loss.detach()), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -207,7 +217,7 @@ def test_cached_and_plain_losses_give_equal_gradients_on_each_worker(two_worker_
             _assert_close_gradients(cached[name], plain[name], _largest(plain), name)
 
 
-@pytest.mark.parametrize("scenario", ["gte_hardness", "cached_symmetric"])
+@pytest.mark.parametrize("scenario", ["gte_hardness", "cached_symmetric", "distill_kl", "cached_distill_margin"])
 def test_sentence_transformers_loss_options_give_the_single_process_loss_and_gradients(two_worker_results,
                                                                                      tiny_model_dir, scenario):
     # Given the single-process loss over the 2B pairs with the same option (GTE's four directions with hardness

@@ -207,3 +207,55 @@ def test_each_option_masks_duplicates_in_every_direction(option):
     reference = _options_reference(q, a, [negative], questions, answers, [negative_texts], **options)
     torch.testing.assert_close(masked, reference.to(masked.dtype), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(masked, unmasked.compute_loss_from_embeddings([q, a, negative]))
+
+
+# ---------------------------------------------------------------- distillation from a cross-encoder (issue 19)
+
+
+@pytest.mark.parametrize("distill", ["margin_mse", "kl"])
+def test_distillation_adds_sentence_transformers_own_term_to_the_masked_loss(distill):
+    from sentence_transformers.sentence_transformer.losses import DistillKLDivLoss, MarginMSELoss
+    from sentence_transformers.util import pairwise_cos_sim
+
+    from denseqa.losses import LossLabels
+
+    # Given pairs with two hard negatives each, and a teacher's logits for the answer and both negatives
+    q, a = _embeddings(6, seed=7)
+    negatives = [_embeddings(6, seed=8 + k)[0] for k in range(2)]
+    texts = [[f"{c}{i}" for i in range(6)] for c in ("q", "a", "n", "m")]
+    teacher = torch.randn(6, 3, generator=torch.Generator().manual_seed(9)) * 4
+    embeddings, hashes = [q, a, *negatives], duplicate_labels(*texts)
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0, distill=distill, distill_weight=0.5,
+                                                          distill_temperature=2.0)
+    # When the combined loss is computed
+    combined = loss_fn.compute_loss_from_embeddings(embeddings, LossLabels(hashes, teacher))
+    # Then it is the masked MNRL plus the weight times sentence-transformers' own term on scale * cos
+    plain = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0)
+    mnrl = plain.compute_loss_from_embeddings(embeddings, hashes)
+
+    def logits(x, y):
+        return 20.0 * pairwise_cos_sim(x, y)
+
+    theirs = MarginMSELoss(None, similarity_fct=logits) if distill == "margin_mse" else \
+        DistillKLDivLoss(None, similarity_fct=logits, temperature=2.0)
+    torch.testing.assert_close(combined, mnrl + 0.5 * theirs.compute_loss_from_embeddings(embeddings, teacher))
+    # And the term pulls toward the teacher: agreeing with it costs less than contradicting it
+    student = torch.stack([logits(q, d) for d in [a, *negatives]], dim=1).detach()
+    agree = loss_fn.compute_loss_from_embeddings(embeddings, LossLabels(hashes, student))
+    disagree = loss_fn.compute_loss_from_embeddings(embeddings, LossLabels(hashes, -student))
+    assert agree < disagree
+
+
+def test_distillation_without_teacher_scores_or_negatives_is_an_error():
+    from denseqa.losses import LossLabels
+
+    q, a = _embeddings(4)
+    n = _embeddings(4, seed=2)[0]
+    hashes = duplicate_labels(*[[f"{c}{i}" for i in range(4)] for c in "qan"])
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0, distill="kl")
+    with pytest.raises(ValueError, match="needs each pair's hard negatives and the teacher's scores.*no teacher"):
+        loss_fn.compute_loss_from_embeddings([q, a, n], hashes)
+    with pytest.raises(ValueError, match="no hard negatives"):
+        loss_fn.compute_loss_from_embeddings([q, a], LossLabels(hashes[:, :2], torch.zeros(4, 1)))
+    with pytest.raises(ValueError, match=r"teacher scores must be \(4, 2\)"):
+        loss_fn.compute_loss_from_embeddings([q, a, n], LossLabels(hashes, torch.zeros(4, 3)))

@@ -180,3 +180,77 @@ def test_training_data_reads_negative_columns_and_drops_pairs_without_them(ray_l
     assert load_qa_data(DataConfig(path=path, heldout_size=5, num_negatives=0)).negative_columns == []
     with pytest.raises(InputError, match=r"data.num_negatives is 2 but the file has 1 hard-negative columns"):
         load_qa_data(DataConfig(path=path, heldout_size=5, num_negatives=2))
+
+
+# ------------------------------------------------------------------------- a teacher's scores, distilled (issue 19)
+
+
+@pytest.mark.slow
+def test_a_teacher_scores_the_mined_pairs_and_the_bi_encoder_trains_on_its_scores(ray_local, pairs, tmp_path,
+                                                                                 tiny_cross_encoder_dir,
+                                                                                 tiny_model_dir):
+    from sentence_transformers import CrossEncoder
+    from torch import nn
+
+    from denseqa.drivers.train import run_training
+    from denseqa.negatives import teacher_column_names
+
+    path, _ = pairs
+    out = str(tmp_path / "taught")
+    mined, record = _mine(path, out, method="bm25", teacher=tiny_cross_encoder_dir, teacher_batch_size=16)
+    # The teacher's raw scores (logits) of each complete pair's answer and negatives, null elsewhere
+    columns = teacher_column_names(2)
+    assert columns == ["teacher_answer", "teacher_negative_1", "teacher_negative_2"]
+    assert mined.column_names == ["question", "answer", "negative_1", "negative_2", *columns]
+    teacher = CrossEncoder(tiny_cross_encoder_dir, device="cpu")
+    rows = mined.to_pylist()
+    complete = [r for r in rows if r["negative_2"] is not None]
+    assert all(r[c] is None for r in rows if r["negative_2"] is None for c in columns)
+    expected = teacher.predict([(r["question"], r[t]) for r in complete[:20] for t in ("answer", "negative_1",
+                                                                                        "negative_2")],
+                               activation_fn=nn.Identity(), convert_to_numpy=True).reshape(-1, 3)
+    got = np.array([[r[c] for c in columns] for r in complete[:20]])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+    assert record["teacher"]["pairs_scored"] == 3 * len(complete) and record["teacher"]["pairs_per_s_per_actor"] > 0
+
+    # A teacher trained after the mining (the pipeline's reranker) scores the mined folder into a new one: the same
+    # pairs, negatives and scores
+    from denseqa.drivers.mine_negatives import run_teacher_scoring
+
+    rescored_out = str(tmp_path / "rescored")
+    rescored = run_teacher_scoring(JobConfig.from_dict(
+        {"data": {"path": out}, "mine": {"teacher": tiny_cross_encoder_dir, "output": rescored_out}},
+        "test", COMMAND_SECTIONS["mine-negatives"]))
+    assert rescored["teacher"]["pairs_scored"] == record["teacher"]["pairs_scored"]
+    assert rescored["scored_from"] == out and rescored["columns"] == record["columns"]
+    again = pq.read_table(f"{rescored_out}/pairs").sort_by([("question", "ascending"), ("answer", "ascending")])
+    before = mined.sort_by([("question", "ascending"), ("answer", "ascending")])
+    assert again.column_names == before.column_names
+    for c in before.column_names:
+        if c in columns:
+            np.testing.assert_allclose(np.array(again[c].to_pylist(), dtype=float),
+                                       np.array(before[c].to_pylist(), dtype=float), rtol=1e-4, atol=1e-4)
+        else:
+            assert again[c].to_pylist() == before[c].to_pylist(), c
+
+    # Then the bi-encoder trains with the distillation term on those scores, and records it
+    model_out = str(tmp_path / "student")
+    cfg = JobConfig.from_dict({"data": {"path": out, "heldout_size": 30},
+                               "model": {"model": tiny_model_dir, "max_seq_length": 32},
+                               "train": {"batch_size": 8, "max_steps": 2, "distill": "margin_mse",
+                                         "distill_weight": 0.1, "eval_batch_size": 32},
+                               "output": {"output": model_out}}, "test", COMMAND_SECTIONS["train"])
+    trained = run_training(cfg)
+    assert trained["training"]["steps"] == 2
+    assert trained["training"]["loss"]["distill"]["term"] == "margin_mse"
+    assert trained["training"]["loss"]["distill"]["teacher"]["path"] == tiny_cross_encoder_dir
+
+    # And distillation asked of pairs without the teacher's scores is refused, naming the file and the fix
+    plain = str(tmp_path / "plain.parquet")
+    pq.write_table(mined.drop_columns(columns), plain)
+    with pytest.raises(InputError, match=r"plain.parquet: train.distill needs the teacher's scores and column "
+                                         r"'teacher_answer' is missing \(mine-negatives --teacher"):
+        run_training(JobConfig.from_dict({"data": {"path": plain}, "train": {"distill": "kl"},
+                                          "output": {"output": str(tmp_path / "never")}},
+                                         "test", COMMAND_SECTIONS["train"]))
+    assert not (tmp_path / "never").exists()

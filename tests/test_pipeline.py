@@ -47,8 +47,8 @@ def test_keys_the_run_folder_decides_and_bad_force_are_refused(tmp_path):
             JobConfig.from_dict(values, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
     with pytest.raises(InputError, match=r"^run.yaml: mine.method is decided by pipeline.negatives"):
         JobConfig.from_dict({"mine": {"method": "dense"}}, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
-    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of round1, mine, train, "
-                                         r"reranker, index, evaluate"):
+    with pytest.raises(InputError, match=r"pipeline.force must be a comma-separated list of round1, mine, reranker, "
+                                         r"teacher, train, index, evaluate"):
         _parse("--force", "index,serve")
 
 
@@ -138,7 +138,7 @@ def test_the_reranker_step_follows_the_negatives_and_the_evaluation_follows_it(q
 
     data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
     cfg = _parse("--run-dir", "r", "--data", data, "--negatives", "bm25", "--reranker")
-    assert cfg.pipeline.steps == ("mine", "train", "reranker", "index", "evaluate")
+    assert cfg.pipeline.steps == ("mine", "reranker", "train", "index", "evaluate")
     made = {"mine": "fp-negatives", "train": "fp-model", "reranker": "fp-reranker", "index": "fp-index"}
     reranker = step_inputs(cfg, "reranker", made)
     assert reranker["negatives"] == "fp-negatives" and "rerank.in_batch_negatives" in reranker
@@ -355,3 +355,25 @@ def test_the_service_is_deployed_with_the_mode_the_evaluation_found_best():
     assert best_mode(korean) == "bm25"  # a re-ranked row is a request's choice, not a mode
     assert best_mode({"modes": {"dense": {"mrr@10": 0.5}, "bm25": {"mrr@10": 0.5}}}) == "dense"  # ties: dense
     assert best_mode({"modes": {"dense": {"mrr@10": 0.8}}}) == "dense"  # an index without BM25
+
+
+
+def test_distilling_the_reranker_chains_negatives_reranker_teacher_scores_and_bi_encoder(qa_parquet):
+    from denseqa.drivers.pipeline import run_pipeline
+    from denseqa.errors import InputError
+    from denseqa.run_folder import step_inputs
+
+    data = qa_parquet(question=["q1", "q2"], answer=["a1", "a2"])
+    cfg = _parse("--run-dir", "r", "--data", data, "--negatives", "bm25", "--reranker", "--distill-reranker")
+    # The reranker comes first, then its scores of the mined pairs, then the bi-encoder trained on them
+    assert cfg.pipeline.steps == ("mine", "reranker", "teacher", "train", "index", "evaluate")
+    made = {"mine": "fp-negatives", "reranker": "fp-reranker", "teacher": "fp-scored", "train": "fp-model"}
+    assert step_inputs(cfg, "teacher", made) == {"negatives": "fp-negatives", "teacher": "fp-reranker"}
+    assert step_inputs(cfg, "train", made)["negatives"] == "fp-scored"  # a new reranker redoes the bi-encoder
+    assert step_inputs(cfg, "reranker", made)["negatives"] == "fp-negatives"
+    # The teacher is the reranker; distillation without the chain has no scores to learn from
+    with pytest.raises(InputError, match=r"pipeline.reranker must be on with pipeline.distill_reranker"):
+        _parse("--run-dir", "r", "--data", data, "--negatives", "bm25", "--distill-reranker")
+    with pytest.raises(InputError, match=r"^train.distill kl needs a teacher's scores of the mined pairs: pass "
+                                         r"--distill-reranker"):
+        run_pipeline(_parse("--run-dir", "r", "--data", data, "--negatives", "bm25", "--train.distill", "kl"))

@@ -68,13 +68,13 @@ def run_evaluation(cfg) -> dict[str, Any]:
         reranking = rerank_rankings(e, searcher, judgements.questions, rankings)
         rankings.update(reranking.pop("rankings"))
     zero_shot = None
-    start = starting_model(manifest["model"]) if e.zero_shot and not e.model else None
+    start, start_name = starting_model(manifest["model"]) if e.zero_shot and not e.model else (None, None)
     if start is not None:
         t0 = time.time()
         rankings["zero-shot"] = zero_shot_ranking(start, manifest["model"], searcher, judgements.questions,
                                                   e.batch_size)
         seconds["zero-shot"] = round(time.time() - t0, 3)
-        zero_shot = {"model": describe_model(start), "seconds": seconds["zero-shot"]}
+        zero_shot = {"model": start_name, "seconds": seconds["zero-shot"]}
     results, per_query, ranked_ids = {}, {}, {}
     for mode, ranking in rankings.items():
         ranked_ids[mode] = [[ids[p] for p in row] for row in ranking]
@@ -108,15 +108,17 @@ def run_evaluation(cfg) -> dict[str, Any]:
     return report
 
 
-def starting_model(recorded: dict) -> ModelConfig | None:
-    """The model an index's model was fine-tuned from, as its ``denseqa.json`` records it (None: the model was not
-    trained by denseqa, or by a version that did not record it): encoded as the index's model is, with its
-    prompts, length and backend."""
+def starting_model(recorded: dict) -> tuple[ModelConfig | None, str | None]:
+    """The model an index's model was fine-tuned from, as its ``denseqa.json`` records it, encoded as the index's
+    model is (its prompts, length and backend), and its name; (None, None) when the model was not trained by
+    denseqa, or by a version that did not record it."""
     record = storage.join(recorded["path"], RECORD_FILE)
     trained = storage.read_json(record) if storage.exists(record) else None
     if not trained or "base_model" not in trained or trained.get("kind") != "bi-encoder":
-        return None
-    return query_model_config(recorded, model=resolve_model_source(trained["base_model"]))
+        return None, None
+    base = trained["base_model"]  # None: the bundled model
+    return (query_model_config(recorded, model=resolve_model_source(base)),
+            describe_model(ModelConfig(model=base)))
 
 
 def zero_shot_ranking(start: ModelConfig, recorded: dict, searcher: Searcher, questions: list[str],

@@ -15,15 +15,18 @@ import pyarrow as pa
 
 from denseqa import storage
 from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig
-from denseqa.data import ANSWER, QUESTION
+from denseqa.data import ANSWER, QUESTION, resolve_parquet_files
 from denseqa.errors import InputError
 from denseqa.negatives import (
     COMPLETE_COLUMN,
     PAIRS_DIR,
     RECORD_FILE,
     SKIPPED_COLUMN,
+    TEACHER_SECONDS_COLUMN,
     NegativeMiner,
+    TeacherScorer,
     negative_column_names,
+    teacher_column_names,
 )
 from denseqa.provenance import utc_now
 
@@ -68,6 +71,61 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
     return {"kind": "dense", "index_dir": index_dir}
 
 
+def _teacher_record(teacher: str, scored, pairs: int, columns: list[str]) -> dict[str, Any]:
+    """What the teacher scored and how fast: the cost of distillation's targets."""
+    seconds = float(scored.sum(TEACHER_SECONDS_COLUMN) or 0.0)
+    logger.info("teacher %s scored %d (question, passage) pairs, %.1f pairs/s per actor", teacher, pairs,
+                pairs / seconds if seconds else float("nan"))
+    return {"path": teacher, "scores": "logits", "columns": columns, "pairs_scored": pairs,
+            "actor_seconds": round(seconds, 2),
+            "pairs_per_s_per_actor": round(pairs / seconds, 1) if seconds else None}
+
+
+def _check_teacher(teacher: str) -> None:
+    from denseqa.rerank import resolve_reranker
+
+    try:  # a bi-encoder folder would be "converted" with a random head: refused before Ray starts
+        resolve_reranker(teacher)
+    except InputError as e:
+        raise InputError(f"mine.teacher: {e}") from None
+
+
+def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
+    """Score the pairs of a mine-negatives output (``cfg.data.path``) with ``cfg.mine.teacher`` into a new one
+    (``cfg.mine.output``): the same pairs and negatives, with the teacher columns. For a teacher trained after
+    the mining, on those negatives (the pipeline's reranker). Returns the new record."""
+    import ray.data
+
+    from denseqa.resources import model_actors
+
+    started = time.time()
+    m = cfg.mine
+    _check_teacher(m.teacher)
+    mined = storage.read_json(storage.join(cfg.data.path, RECORD_FILE))
+    output = storage.output_folder(m.output, m.overwrite, "the pairs with their teacher scores")
+    fs, files = resolve_parquet_files(storage.join(cfg.data.path, PAIRS_DIR))
+    pool = model_actors("teacher", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
+    scored = ray.data.read_parquet(files, filesystem=fs).map_batches(
+        TeacherScorer,
+        fn_constructor_kwargs={"teacher": m.teacher, "batch_size": m.teacher_batch_size,
+                               "device": "cuda" if pool.use_gpu else "cpu",
+                               "question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column,
+                               "negative_columns": mined["columns"], "torch_threads": pool.torch_threads},
+        batch_size=m.batch_size, batch_format="pyarrow", concurrency=pool.actors, num_cpus=pool.cpus,
+        num_gpus=1 if pool.use_gpu else None,
+    ).materialize()
+    columns = teacher_column_names(len(mined["columns"]))
+    teacher = _teacher_record(m.teacher, scored, mined["counts"]["with_all_negatives"] * (1 + len(mined["columns"])),
+                              columns)
+    with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
+        fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
+        scored.drop_columns([TEACHER_SECONDS_COLUMN]).write_parquet(path, filesystem=fs)
+        record = {**mined, "teacher": teacher, "scored_from": cfg.data.path, "output": output,
+                  "seconds": round(mined["seconds"] + time.time() - started, 1), "created": utc_now()}
+        storage.write_json(storage.join(staging, RECORD_FILE), record)
+    return record
+
+
 def run_mining(cfg: JobConfig) -> dict[str, Any]:
     """Mine hard negatives for the training pairs of ``cfg.data``; write them with the pairs. Returns the record."""
     import ray
@@ -83,6 +141,8 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     output = storage.output_folder(m.output, m.overwrite, "the pairs with their hard negatives")
     if m.method == "dense":
         check_model_source(cfg.model.model)
+    if m.teacher:
+        _check_teacher(m.teacher)
     # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
     data = load_qa_data(cfg.data.model_copy(update={"num_negatives": 0}))
     texts = sorted(data.train.unique(ANSWER))
@@ -101,11 +161,13 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             bm25 = BM25Index.build(texts, m.bm25_stopwords, tokenizer=m.bm25_tokenizer)
             logger.info("BM25 tokenizer: %s%s", bm25.tokenizer, " (auto)" if m.bm25_tokenizer == "auto" else "")
             retriever = {"kind": "bm25", "index": ray.put(bm25)}
-            pool = model_actors("mining", use_gpu=False, actors=m.actors, cpus_per_actor=cfg.embed.cpus_per_actor)
+            # BM25 needs no GPU; a teacher scoring the pairs does the work a GPU is for.
+            pool = model_actors("mining", use_gpu=bool(m.teacher) and cfg.embed.use_gpu, actors=m.actors,
+                                cpus_per_actor=cfg.embed.cpus_per_actor)
         else:
             retriever = _dense_retriever(cfg, texts, work)
             pool = model_actors("mining", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
-            retriever["device"] = "cuda" if pool.use_gpu else "cpu"
+        retriever["device"] = "cuda" if pool.use_gpu else "cpu"
         mined = data.train.map_batches(
             NegativeMiner,
             fn_constructor_kwargs={"cfg": m.model_dump(), "texts": ray.put(texts), "retriever": retriever,
@@ -114,7 +176,9 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             num_gpus=1 if pool.use_gpu else None,
         ).materialize()
         columns = negative_column_names(m.num_negatives)
+        scores = teacher_column_names(m.num_negatives) if m.teacher else []
         complete = int(mined.sum(COMPLETE_COLUMN) or 0)
+        teacher = _teacher_record(m.teacher, mined, complete * (1 + m.num_negatives), scores) if m.teacher else None
         counts = {"train_pairs": data.counts["train"], "with_all_negatives": complete,
                   "without_all_negatives": data.counts["train"] - complete,
                   "heldout_pairs_without_negatives": data.counts["heldout"], "candidates": len(texts),
@@ -122,11 +186,13 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                   "skipped_by_margin": int(mined.sum(SKIPPED_COLUMN) or 0)}
         heldout = ray.data.from_arrow(pa.table({
             QUESTION: [q for q, _ in data.heldout], ANSWER: [a for _, a in data.heldout],
-            **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns}}))
+            **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns},
+            **{c: pa.nulls(len(data.heldout), pa.float32()) for c in scores}}))
         # Ray Data's write tasks write the pairs, on any node: the staging must be storage they all reach.
         with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
             fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
-            mined.drop_columns([SKIPPED_COLUMN, COMPLETE_COLUMN]).union(heldout).map_batches(
+            mined.drop_columns([SKIPPED_COLUMN, COMPLETE_COLUMN, *([TEACHER_SECONDS_COLUMN] if m.teacher else [])]
+                               ).union(heldout).map_batches(
                 _rename, batch_format="pyarrow",
                 fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
             ).write_parquet(path, filesystem=fs)
@@ -135,6 +201,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 "model": describe_model(cfg.model) if m.method == "dense" else None,
                 "options": {k: v for k, v in m.model_dump().items() if k not in ("output", "overwrite")},
                 "columns": columns,
+                "teacher": teacher,
                 "counts": counts,
                 "data": {"path": cfg.data.path, "rows": data.counts},
                 "config": cfg.to_dict(),

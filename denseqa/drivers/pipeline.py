@@ -79,6 +79,10 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
         data = cfg.data.model_copy(update={"num_negatives": 0})
     elif cfg.pipeline.negatives != "none":
         data = cfg.data.model_copy(update={"path": run.output("mine")})
+    train = cfg.train
+    if step == "train" and cfg.pipeline.distill_reranker:  # the mined pairs with the reranker's scores
+        data = cfg.data.model_copy(update={"path": run.output("teacher")})
+        train = cfg.train.model_copy(update={"distill": cfg.train.distill or "margin_mse"})
     output = OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume, overwrite=True)
     if step == "reranker":
         # The train section's loss options are the bi-encoder's: the reranker gets the rest (it refuses those).
@@ -86,8 +90,17 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
         run_training(JobConfig(data=data, model=cfg.model, train=train, rerank=cfg.rerank, output=output,
                                used=COMMAND_SECTIONS["train-reranker"]), task=RerankerTask)
         return
-    run_training(JobConfig(data=data, model=cfg.model, train=cfg.train, output=output,
-                           used=COMMAND_SECTIONS["train"]))
+    run_training(JobConfig(data=data, model=cfg.model, train=train, output=output, used=COMMAND_SECTIONS["train"]))
+
+
+def run_teacher_step(cfg: JobConfig, run: RunFolder) -> None:
+    """The reranker's scores of every mined pair's answer and negatives: the distillation targets."""
+    from denseqa.drivers.mine_negatives import run_teacher_scoring
+
+    mine = cfg.mine.model_copy(update={"teacher": run.output("reranker"), "output": run.output("teacher"),
+                                       "overwrite": True})
+    run_teacher_scoring(JobConfig(data=cfg.data.model_copy(update={"path": run.output("mine")}), model=cfg.model,
+                                  mine=mine, embed=_embed_config(cfg), used=COMMAND_SECTIONS["mine-negatives"]))
 
 
 def run_mine_step(cfg: JobConfig, run: RunFolder) -> None:
@@ -190,6 +203,9 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     if not cfg.data.path:
         raise InputError("no training data given: pass --data PARQUET (question/answer pairs)")
     check_model_source(cfg.model.model)
+    if cfg.train.distill and not p.distill_reranker:
+        raise InputError(f"train.distill {cfg.train.distill} needs a teacher's scores of the mined pairs: pass "
+                         "--distill-reranker (with --negatives and --reranker), which chains them")
     files_fingerprint(cfg.data.path)  # a missing data or corpus path fails here, before Ray starts
     files_fingerprint(corpus_config(cfg).path)
     started_here = connect(may_start_local=True)
@@ -217,6 +233,8 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
                 run_train_step(cfg, run, key, step)
             elif step == "mine":
                 run_mine_step(cfg, run)
+            elif step == "teacher":
+                run_teacher_step(cfg, run)
             elif step == "index":
                 run_index_step(cfg, run, update=step not in p.forced and index_updatable(
                     inputs, record, output_fingerprint(run, step)))

@@ -54,7 +54,8 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
     task.check_config(cfg)
     output, run_dir = _resolve_output(cfg)
     source = check_model_source(cfg.model.model)
-    data = load_qa_data(cfg.data)  # validates, then starts or joins Ray through Ray Data
+    # validates, then starts or joins Ray through Ray Data
+    data = load_qa_data(cfg.data, with_teacher_scores=cfg.train.distill is not None)
     mismatch = language_mismatch(sample_strings(*resolve_parquet_files(cfg.data.path), cfg.data.answer_column),
                                  source, describe_model(cfg.model))
     if mismatch:
