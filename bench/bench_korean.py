@@ -61,11 +61,11 @@ def pipeline(work: Path) -> dict:
     index, report_dir = work / "index", work / "eval"
     captured = io.StringIO()
     handler = logging.StreamHandler(captured)
-    logging.getLogger().addHandler(handler)
+    logging.getLogger("denseqa").addHandler(handler)  # denseqa's logger does not propagate to the root
     try:
         denseqa("build-index", "--corpus", str(KOREAN), "--from-answers", "--output", str(index), "--overwrite")
     finally:
-        logging.getLogger().removeHandler(handler)
+        logging.getLogger("denseqa").removeHandler(handler)
     warning = next((line for line in captured.getvalue().splitlines() if "trained on" in line), None)
     denseqa("evaluate", "--index", str(index), "--queries", str(KOREAN), "--output", str(report_dir), "--overwrite")
     report = json.loads((report_dir / "eval.json").read_text())

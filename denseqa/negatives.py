@@ -103,17 +103,17 @@ class NegativeMiner:
             return ray.get(value) if isinstance(value, ray.ObjectRef) else value
 
         self.other_answers: dict[str, list[str]] = resolve(other_answers)  # question -> all its answers
+        if torch_threads:  # the query encoder's or the teacher's forward passes use the cores Ray Data leaves idle
+            import torch
+
+            torch.set_num_threads(torch_threads)
         if retriever["kind"] == "bm25":
             self.bm25 = resolve(retriever["index"])
             self.texts: list[str] = resolve(texts)
             self.searcher = None
         else:
-            import torch
-
             from denseqa.search import Searcher
 
-            if torch_threads:
-                torch.set_num_threads(torch_threads)
             self.searcher = Searcher(retriever["index_dir"], device=retriever["device"])
             self.texts = self.searcher.docstore.column("text").to_pylist()
         self.position_of = {t: i for i, t in enumerate(self.texts)}

@@ -1,0 +1,255 @@
+"""The full recipe, measured (issue 19, part 5): an ablation on the Debian English evaluation, on one machine.
+
+The split and corpus of bench_index.py, bench_negatives.py and bench_rerank.py: 2,000 pairs held out by question,
+searched among 10,000 answers. To keep a 2-core machine's day for it, training uses the held-out pairs plus
+``--train-pairs`` (8,000) others of the data: the held-out split is the same (it takes the pairs with the
+smallest split keys, and those are all in the subset), and 100 steps of 32 see 3,200 pairs anyway. Each
+bi-encoder trains ``--steps`` (100) steps of ``--batch-size`` (32) from the bundled all-MiniLM-L6-v2, learning
+rate 3e-5, 128 tokens, 1 worker with 2 torch threads. The rows:
+
+1. zero-shot: the bundled model, untrained;
+2. in-batch negatives;
+3. + one BM25 hard negative per pair (mine-negatives);
+4. + distillation: a reranker (train-reranker on the mined pairs, ``--reranker-steps``) scores every mined
+   pair's answer and negative (the teacher step of ``denseqa run --distill-reranker``), and the bi-encoder trains
+   with MNRL + MarginMSE on those scores;
+5. row 4's hybrid (dense + Kiwi/regex BM25, RRF);
+6. row 5 re-ranked: its first ``--rerank-candidates`` hits re-ordered by the reranker;
+7. against: sentence-transformers' own ``SentenceTransformerTrainer`` with ``MultipleNegativesRankingLoss`` at
+   the same steps and batch (in-batch negatives: compare with row 2).
+
+Each row: MRR@10, Recall@1/10 and the difference from the row above with its 95% paired bootstrap interval (from
+the TREC runs the evaluations write, per question), and the wall time of each part. Every finished part is kept in
+``--work`` and reused, so an interrupted run goes on where it stopped.
+
+    python bench/bench_quality.py --work /tmp/bench/quality
+
+Needs ../shared/data. Results go to bench/results/quality.json after each part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from bench_negatives import DATA, REPO, corpus_of, denseqa  # noqa: E402 (bench/, this script's folder)
+from results_file import ResultsFile  # noqa: E402
+
+sys.path.insert(0, str(REPO))
+HELDOUT = 2000
+
+
+def subset(work: Path, train_pairs: int) -> Path:
+    """The held-out pairs of the full data's split, plus ``train_pairs`` others (seeded)."""
+    from denseqa.config import DataConfig
+    from denseqa.texts import split_key
+
+    path = work / "subset.parquet"
+    if path.exists():
+        return path
+    table = pq.read_table(DATA)
+    seed = DataConfig().split_seed
+    keys = np.array([split_key(q, seed) for q in table.column("question").to_pylist()], dtype=np.int64)
+    order = np.argsort(keys, kind="stable")
+    held, rest = order[:HELDOUT], order[HELDOUT:]
+    # A question on both sides of the cut goes with the held-out ones, as the split keeps a question's rows together.
+    rest = rest[keys[rest] != keys[held[-1]]]
+    picked = np.random.default_rng(0).choice(rest, train_pairs, replace=False)
+    pq.write_table(table.take(np.sort(np.concatenate([held, picked]))), path)
+    return path
+
+
+class Ablation:
+    def __init__(self, work: Path, results: ResultsFile, args: argparse.Namespace) -> None:
+        self.work, self.results, self.args = work, results, args
+        self.data = str(subset(work, args.train_pairs))
+        self.split = ["--heldout-size", str(HELDOUT), "--heldout-max", str(HELDOUT)]
+        self.train_args = ["--max-steps", str(args.steps), "--eval-every-steps", str(args.steps), "--batch-size",
+                           str(args.batch_size), "--max-seq-length", "128", "--learning-rate", "3e-5",
+                           "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(os.cpu_count()),
+                           "--log-every-steps", "20"]
+
+    def timed(self, key: str, make, done: Path) -> Path:
+        """Run ``make()`` unless ``done`` exists; the part's wall time is kept in the results."""
+        if not done.exists():
+            started = time.time()
+            make()
+            self.results.save(f"seconds/{key}", round(time.time() - started, 1))
+        return done.parent
+
+    def train(self, name: str, data: str, *extra: str) -> Path:
+        out = self.work / name
+
+        def make():
+            shutil.rmtree(str(out) + ".run", ignore_errors=True)
+            denseqa("train", "--data", data, "--output", str(out), "--overwrite", *self.split, *self.train_args,
+                    *extra)
+        return self.timed(name, make, out / "denseqa.json")
+
+    def mine(self) -> str:
+        out = self.work / "mined"
+        self.timed("mine", lambda: denseqa("mine-negatives", "--data", self.data, *self.split, "--mine.output",
+                                           str(out), "--mine.overwrite", "--mine.num-negatives", "1"),
+                   out / "negatives.json")
+        return str(out)
+
+    def reranker(self, mined: str) -> Path:
+        out = self.work / "reranker"
+
+        def make():
+            shutil.rmtree(str(out) + ".run", ignore_errors=True)
+            denseqa("train-reranker", "--data", mined, "--output", str(out), "--overwrite", *self.split,
+                    "--max-steps", str(self.args.reranker_steps), "--eval-every-steps", str(self.args.reranker_steps),
+                    "--batch-size", "16", "--max-seq-length", "128", "--learning-rate", "5e-5",
+                    "--in-batch-negatives", "2", "--num-workers", "1", "--cpus-per-worker", "1",
+                    "--torch-threads", str(os.cpu_count()))
+        return self.timed("reranker", make, out / "denseqa.json")
+
+    def teacher(self, mined: str, reranker: Path) -> str:
+        from denseqa.config import COMMAND_SECTIONS, JobConfig
+        from denseqa.drivers.mine_negatives import run_teacher_scoring
+
+        out = self.work / "taught"
+        self.timed("teacher", lambda: run_teacher_scoring(JobConfig.from_dict(
+            {"data": {"path": mined}, "mine": {"teacher": str(reranker), "output": str(out), "overwrite": True}},
+            "bench", COMMAND_SECTIONS["mine-negatives"])), out / "negatives.json")
+        return str(out)
+
+    def sentence_transformers_trainer(self, heldout: Path) -> Path:
+        """MNRL through SentenceTransformerTrainer on the same training pairs (the held-out ones removed)."""
+        out = self.work / "st-trainer"
+
+        def make():
+            from datasets import Dataset
+            from sentence_transformers import (
+                SentenceTransformer,
+                SentenceTransformerTrainer,
+                SentenceTransformerTrainingArguments,
+            )
+            from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+            from denseqa.model import bundled_model_path
+
+            held = set(pq.read_table(heldout).column("question").to_pylist())
+            table = pq.read_table(self.data, columns=["question", "answer"])
+            rows = [r for r in table.to_pylist() if r["question"] not in held]
+            model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+            model.max_seq_length = 128
+            arguments = SentenceTransformerTrainingArguments(
+                output_dir=str(self.work / "st-trainer.run"), max_steps=self.args.steps,
+                per_device_train_batch_size=self.args.batch_size, learning_rate=3e-5, warmup_ratio=0.1,
+                batch_sampler="no_duplicates", save_strategy="no", report_to=[], seed=42, logging_steps=20)
+            SentenceTransformerTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows),
+                                       loss=MultipleNegativesRankingLoss(model)).train()
+            model.save(str(out))
+            (out / "trained.json").write_text(json.dumps({"steps": self.args.steps}))
+        return self.timed("st-trainer", make, out / "trained.json")
+
+    def evaluate(self, name: str, model: Path | None, heldout: Path, reranker: Path | None = None) -> dict:
+        index, report_dir = self.work / f"index-{name}", self.work / f"eval-{name}"
+        corpus = self.work / "corpus.parquet"
+        if not corpus.exists():
+            pq.write_table(corpus_of(pq.read_table(heldout), self.args.corpus), corpus)
+        model_args = ["--model", str(model)] if model else ["--max-seq-length", "128"]
+        self.timed(f"index-{name}", lambda: denseqa(
+            "build-index", "--corpus", str(corpus), "--from-answers", "--output", str(index), "--overwrite",
+            "--factory", "Flat", *model_args), index / "manifest.json")
+        rerank = ["--reranker", str(reranker), "--rerank-candidates", str(self.args.rerank_candidates)] \
+            if reranker else []
+        self.timed(f"eval-{name}", lambda: denseqa(
+            "evaluate", "--index", str(index), "--queries", str(heldout), "--output", str(report_dir),
+            "--overwrite", "--no-zero-shot", *rerank), report_dir / "eval.json")
+        return json.loads((report_dir / "eval.json").read_text()) | {"folder": str(report_dir)}
+
+
+def reciprocal_ranks(report: dict, mode: str) -> np.ndarray:
+    """Per-question MRR@10 from the report's TREC run (questions q0..qN in the report's order)."""
+    folder = Path(report["folder"])
+    relevant: dict[str, set[str]] = {}
+    for line in (folder / report["trec"]["qrels"]).read_text().splitlines():
+        q, _, doc, _ = line.split()
+        relevant.setdefault(q, set()).add(doc)
+    ranked: dict[str, list[str]] = {q: [] for q in relevant}
+    for line in (folder / report["trec"]["runs"][mode]).read_text().splitlines():
+        q, _, doc, _, _, _ = line.split()
+        ranked[q].append(doc)
+    from denseqa.eval import reciprocal_ranks as rr
+
+    qids = sorted(relevant, key=lambda q: int(q[1:]))
+    return rr([ranked[q] for q in qids], [relevant[q] for q in qids])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default="/tmp/bench/quality")
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--train-pairs", type=int, default=8000)
+    parser.add_argument("--corpus", type=int, default=10_000)
+    parser.add_argument("--reranker-steps", type=int, default=200)
+    parser.add_argument("--rerank-candidates", type=int, default=20)
+    parser.add_argument("--upto", default="st-trainer", help="stop after this row: zero-shot, in-batch, bm25, "
+                                                             "distill, st-trainer")
+    parser.add_argument("--results", default=str(REPO / "bench" / "results" / "quality.json"))
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("RAY_ADDRESS", "local")
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(args.results)
+    ablation = Ablation(work, results, args)
+    order = ["zero-shot", "in-batch", "bm25", "distill", "st-trainer"]
+    wanted = order[:order.index(args.upto) + 1]
+
+    in_batch = ablation.train("in-batch", ablation.data)
+    heldout = in_batch / "heldout.parquet"
+    reports = {"zero-shot": ablation.evaluate("zero-shot", None, heldout)}
+    rows = [("zero-shot", "zero-shot", "dense"), ("in-batch", "in-batch", "dense")]
+    reports["in-batch"] = ablation.evaluate("in-batch", in_batch, heldout)
+    if "bm25" in wanted:
+        mined = ablation.mine()
+        reports["bm25"] = ablation.evaluate("bm25", ablation.train("bm25", mined), heldout)
+        rows.append(("+ BM25 negatives", "bm25", "dense"))
+    if "distill" in wanted:
+        reranker = ablation.reranker(mined)
+        taught = ablation.teacher(mined, reranker)
+        student = ablation.train("distill", taught, "--distill", "margin_mse")
+        reports["distill"] = ablation.evaluate("distill", student, heldout, reranker)
+        rows += [("+ distillation (MarginMSE)", "distill", "dense"), ("hybrid", "distill", "hybrid"),
+                 (f"+ rerank (first {args.rerank_candidates})", "distill", "hybrid+rerank")]
+    table = []
+    previous = None
+    from denseqa.eval import paired_interval
+
+    for label, report, mode in rows:
+        metrics = reports[report]["modes"][mode]
+        per_question = reciprocal_ranks(reports[report], mode)
+        row = {"row": label, "mode": mode, "mrr@10": round(metrics["mrr@10"], 4),
+               "recall@1": round(metrics["recall@1"], 4), "recall@10": round(metrics["recall@10"], 4)}
+        if previous is not None:
+            row["vs_previous"] = paired_interval(per_question, previous)
+        previous = per_question
+        table.append(row)
+    if "st-trainer" in wanted:
+        reports["st-trainer"] = ablation.evaluate("st-trainer", ablation.sentence_transformers_trainer(heldout),
+                                                  heldout)
+        metrics = reports["st-trainer"]["modes"]["dense"]
+        table.append({"row": "SentenceTransformerTrainer, in-batch (compare: in-batch)", "mode": "dense",
+                      "mrr@10": round(metrics["mrr@10"], 4), "recall@1": round(metrics["recall@1"], 4),
+                      "recall@10": round(metrics["recall@10"], 4),
+                      "vs_in_batch": paired_interval(reciprocal_ranks(reports["st-trainer"], "dense"),
+                                                     reciprocal_ranks(reports["in-batch"], "dense"))})
+    results.save("ablation", {"questions": reports["zero-shot"]["judgements"]["evaluated"], "corpus": args.corpus,
+                              "steps": args.steps, "batch_size": args.batch_size, "train_pairs": args.train_pairs,
+                              "table": table})
+
+
+if __name__ == "__main__":
+    main()
