@@ -492,7 +492,8 @@ class EvalConfig(Section):
                                     "their order after them).", ge=1)
     zero_shot: bool = _f(
         True, "When the index's model was fine-tuned by denseqa, also evaluate the model it started from (dense, "
-        "the passages embedded again with it, in this process): the row that shows what fine-tuning gained."
+        "the passages embedded again with it, in this process, up to 200,000 of them): the row that shows what "
+        "fine-tuning gained."
     )
     output: str | None = _f(None, "Report folder (eval.json, eval.md, recall.png). Default: <index>.eval", owned=True)
     overwrite: bool = _f(False, "Replace an existing report folder.", owned=True)
