@@ -213,6 +213,20 @@ def test_index_no_output_and_bad_values(qa_parquet, index_out, tiny_model_dir):
                        "index.target_recall must be in (0, 1], got 1.5")
     assert_index_error(build_index("--corpus", path, "--output", index_out, "--factory", "HNSW32,Flat",
                                    "--shards", "2"), "sharded build (--shards 2) needs a flat or IVF index")
+    # Issue 19: an unknown BM25 tokenizer
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--bm25-tokenizer", "mecab"),
+                       "index.bm25_tokenizer must be one of auto, regex, kiwi, got 'mecab'")
+    assert not Path(index_out).exists()
+
+
+def test_a_teacher_that_is_a_bi_encoder_is_refused_before_anything_runs(qa_parquet, tmp_path, tiny_model_dir):
+    # Issue 19: a bi-encoder would be "converted" into a cross-encoder with a random head and score noise
+    pairs = qa_parquet(question=["q1", "q2", "q3"], answer=["a1", "a2", "a3"])
+    out = tmp_path / "mined"
+    result = run_job("mine_negatives", "--data", pairs, "--output", str(out), "--teacher", tiny_model_dir)
+    assert_one_line_error(result, f"mine.teacher: reranker {tiny_model_dir}: not a cross-encoder with one score "
+                          "(BertModel", command="mine-negatives")
+    assert not out.exists()
 
 
 def test_index_all_texts_empty(qa_parquet, index_out, tiny_model_dir):
