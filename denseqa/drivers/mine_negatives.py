@@ -104,8 +104,9 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     mined = storage.read_json(storage.join(cfg.data.path, RECORD_FILE))
     output = storage.output_folder(m.output, m.overwrite, "the pairs with their teacher scores")
     fs, files = resolve_parquet_files(storage.join(cfg.data.path, PAIRS_DIR))
+    pairs = ray.data.read_parquet(files, filesystem=fs)  # starts or joins Ray, as every Ray Data job does
     pool = model_actors("teacher", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
-    scored = ray.data.read_parquet(files, filesystem=fs).map_batches(
+    scored = pairs.map_batches(
         TeacherScorer,
         fn_constructor_kwargs={"teacher": m.teacher, "batch_size": m.teacher_batch_size,
                                "device": "cuda" if pool.use_gpu else "cpu",
