@@ -208,6 +208,7 @@ def compare_modes(per_query: dict[str, np.ndarray], zero_shot: str | None, metri
 
 
 TREC_QRELS = "qrels.txt"
+TREC_QUERIES = "queries.tsv"
 TREC_RUNS = "runs"
 
 
@@ -216,9 +217,11 @@ def _trec_id(value: str) -> str:
     return "".join(f"%{ord(c):02X}" if c.isspace() or c == "%" else c for c in value)
 
 
-def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list[set[str]]) -> dict[str, Any]:
-    """``qrels.txt`` (``qid 0 docid 1``) and ``runs/<mode>.trec`` (``qid Q0 docid rank score <mode>``) for
-    trec_eval, pytrec_eval or ranx. Question ``i`` is ``q<i>``, in the report's order. The score column is the
+def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list[set[str]],
+               questions: list[str]) -> dict[str, Any]:
+    """``qrels.txt`` (``qid 0 docid 1``), ``queries.tsv`` (``qid<TAB>question``, the questions' texts, one line
+    each, tabs and newlines in them turned to spaces) and ``runs/<mode>.trec`` (``qid Q0 docid rank score <mode>``)
+    for trec_eval, pytrec_eval or ranx. Question ``i`` is ``q<i>``, in the report's order. The score column is the
     ranking's own order (the first of k hits scores k): IR tools re-sort by score and break ties by document id,
     and the searcher's scores do tie (BM25, fusion), so writing them would let a tool reorder what was measured."""
     import os
@@ -227,6 +230,8 @@ def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list
     with open(os.path.join(folder, TREC_QRELS), "w") as f:
         for i, rel in enumerate(relevant):
             f.writelines(f"q{i} 0 {_trec_id(doc)} 1\n" for doc in sorted(rel))
+    with open(os.path.join(folder, TREC_QUERIES), "w", encoding="utf-8") as f:
+        f.writelines(f"q{i}\t{' '.join(q.split())}\n" for i, q in enumerate(questions))
     runs = {}
     for mode, ranked in rankings.items():
         name = f"{TREC_RUNS}/{mode.replace(' ', '-')}.trec"
@@ -235,7 +240,7 @@ def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list
                 f.writelines(f"q{i} Q0 {_trec_id(doc)} {rank + 1} {len(ranking) - rank} {mode.replace(' ', '-')}\n"
                              for rank, doc in enumerate(ranking))
         runs[mode] = name
-    return {"qrels": TREC_QRELS, "runs": runs}
+    return {"qrels": TREC_QRELS, "queries": TREC_QUERIES, "runs": runs}
 
 
 def report_markdown(report: dict[str, Any]) -> str:

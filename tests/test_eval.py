@@ -35,8 +35,12 @@ def test_trec_files_read_by_pytrec_eval_give_the_reports_figures(tmp_path):
     good = [[doc.replace("d1", "d 1%") for doc in row] for row in good]
     weak = [[doc.replace("d1", "d 1%") for doc in row] for row in weak]
     relevant = [{doc.replace("d1", "d 1%") for doc in rel} for rel in relevant]
-    written = write_trec(str(tmp_path), {"dense": good, "zero-shot": weak}, relevant)
-    assert written == {"qrels": "qrels.txt", "runs": {"dense": "runs/dense.trec", "zero-shot": "runs/zero-shot.trec"}}
+    questions = [f"question {i}\twith a tab" for i in range(len(relevant))]
+    written = write_trec(str(tmp_path), {"dense": good, "zero-shot": weak}, relevant, questions)
+    assert written == {"qrels": "qrels.txt", "queries": "queries.tsv",
+                       "runs": {"dense": "runs/dense.trec", "zero-shot": "runs/zero-shot.trec"}}
+    lines = (tmp_path / "queries.tsv").read_text().splitlines()
+    assert len(lines) == len(questions) and lines[3] == "q3\tquestion 3 with a tab"
 
     # When trec_eval's measures are computed from the files alone
     def read(path):

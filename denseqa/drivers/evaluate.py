@@ -106,7 +106,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "notes": None if searcher.bm25 is not None else "index built without BM25: bm25 and hybrid not evaluated",
     }
     with storage.staged_output(output, marker=REPORT_JSON) as staging:
-        report["trec"] = write_trec(staging, ranked_ids, judgements.relevant)
+        report["trec"] = write_trec(staging, ranked_ids, judgements.relevant, judgements.questions)
         report["markdown"] = report_markdown(report)
         with open(os.path.join(staging, REPORT_MD), "w") as f:
             f.write(report["markdown"])
