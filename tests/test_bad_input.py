@@ -309,8 +309,8 @@ def test_run_bad_input_fails_before_anything_runs(tmp_path, qa_parquet):
     assert_one_line_error(run_pipeline("--config", str(config), "--run-dir", str(run), "--data", data),
                           "index.output is decided by the run folder", command="run")
     assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--force", "serve"),
-                          "pipeline.force must be a comma-separated list of round1, mine, train, reranker, index, "
-                          "evaluate",
+                          "pipeline.force must be a comma-separated list of round1, mine, reranker, teacher, train, "
+                          "index, evaluate",
                           command="run")
     assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--model", "org/unknown-model"),
                           "org/unknown-model", command="run")
