@@ -219,9 +219,11 @@ class TrainConfig(Section):
             raise _broken("partition_mode", f"joint with the same-type directions {', '.join(same_type)} (their "
                           "candidates never hold the positive, so a softmax of their own is ill-defined)",
                           self.partition_mode)
-        loose = sorted({"distill_weight", "distill_temperature"} & self.model_fields_set)
+        # Compared with the defaults, not with the keys given: a worker rebuilds the config from all of its values.
+        loose = [key for key in ("distill_weight", "distill_temperature")
+                 if getattr(self, key) != type(self).model_fields[key].default]
         if self.distill is None and loose:
-            raise _broken(loose[0], "given with train.distill only (without it there is no distillation term to "
+            raise _broken(loose[0], "left at its default without train.distill (there is no distillation term to "
                           "weigh)", getattr(self, loose[0]))
         if (self.hardness_mode is None) != (self.hardness_strength == 0):
             raise _broken("hardness_strength", "> 0 exactly when hardness_mode is set (one without the other does "

@@ -47,12 +47,22 @@ def test_unknown_key_is_an_error_that_names_it():
          r"train.partition_mode must be joint with the same-type directions doc_to_doc"),
         ({"train": {"hardness_mode": "in_batch_negatives"}}, r"train.hardness_strength must be > 0 exactly when "),
         ({"train": {"hardness_strength": 5.0}}, r"train.hardness_strength must be > 0 exactly when .*got 5.0"),
+        ({"train": {"distill_weight": 0.5}}, r"train.distill_weight must be left at its default without "
+                                             r"train.distill .*got 0.5"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):
     with pytest.raises(InputError, match=message) as e:
         JobConfig.from_dict(values, source="x.yaml")
     assert "\n" not in str(e.value)
+
+
+def test_a_config_rebuilt_from_all_its_values_is_the_same_config():
+    # What every Ray Train worker does with the driver's config: no rule may depend on which keys were given
+    for values in ({}, {"train": {"distill": "kl", "distill_weight": 0.5, "hardness_mode": "all_negatives",
+                                  "hardness_strength": 5.0}}):
+        cfg = JobConfig.from_dict(values, source="x.yaml")
+        assert JobConfig.from_dict(cfg.to_dict(), source="worker").to_dict() == cfg.to_dict()
 
 
 def test_loss_options_from_the_command_line_reach_the_loss():

@@ -300,7 +300,7 @@ def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, t
 
 
 @pytest.mark.slow
-def test_a_korean_index_uses_kiwi_in_its_build_its_updates_and_its_evaluation(corpus, capfd):
+def test_a_korean_index_uses_kiwi_in_its_build_its_updates_and_its_evaluation(corpus):
     """build-index chooses the tokenizer once (auto: Korean, so Kiwi), warns that the bundled English model does
     not read Korean, records the choice; an update cuts the new passages the same way; the evaluation's BM25
     figures are those of Kiwi's terms, not the regex's."""
@@ -311,9 +311,18 @@ def test_a_korean_index_uses_kiwi_in_its_build_its_updates_and_its_evaluation(co
     table = pq.read_table(Path(__file__).resolve().parents[1] / "data" / "debian-ko-sample.parquet").slice(0, 150)
     ids, questions, texts = (table.column(c).to_pylist() for c in ("id", "question", "answer"))
     index = str(tmp / "ko-index")
-    capfd.readouterr()
-    _cli("build-index", "--corpus", _write(tmp / "ko.parquet", ids[:140], texts[:140]), "--output", index)
-    warnings = [line for line in capfd.readouterr().err.splitlines() if "trained on en" in line]
+    # denseqa's log lines, caught at its logger (its handler writes to whichever stderr it was set up with)
+    import io
+    import logging
+
+    log = io.StringIO()
+    handler = logging.StreamHandler(log)
+    logging.getLogger("denseqa").addHandler(handler)
+    try:
+        _cli("build-index", "--corpus", _write(tmp / "ko.parquet", ids[:140], texts[:140]), "--output", index)
+    finally:
+        logging.getLogger("denseqa").removeHandler(handler)
+    warnings = [line for line in log.getvalue().splitlines() if "trained on en" in line]
     assert len(warnings) == 1 and "the texts are Korean (ko)" in warnings[0] and "klue/roberta-base" in warnings[0]
     manifest = json.loads((tmp / "ko-index" / "manifest.json").read_text())
     assert manifest["bm25"]["tokenizer"] == "kiwi"
