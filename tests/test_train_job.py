@@ -149,7 +149,8 @@ def test_mined_hard_negatives_train_through_ray_job_submit_with_the_cached_loss(
     assert record["kind"] == "bi-encoder"
     assert training["steps"] == 2 and training["negatives_per_question"] == 31
     assert training["loss"] == {"name": "CachedDuplicateMaskedMultipleNegativesRankingLoss", "cached": True,
-                                "mini_batch_size": 4}
+                                "mini_batch_size": 4, "directions": ["query_to_doc"], "partition_mode": "joint",
+                                "hardness_mode": None, "hardness_strength": 0.0, "distill": None}
     hard = training["hard_negatives"]
     assert hard["per_pair"] == 1 and hard["columns"] == ["negative_1"]
     assert hard["mined"]["method"] == "bm25" and hard["mined"]["counts"] == counts
