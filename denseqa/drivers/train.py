@@ -144,7 +144,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
         "model": describe_model(cfg.model),
         # The model training started from (None: the bundled one), for the evaluation's zero-shot row, and the
         # languages it was trained on, for the language check of the jobs that use this one.
-        "base_model": cfg.model.model,
+        "base_model": _portable_model_name(cfg.model.model),
         "languages": model_languages(resolve_model_source(cfg.model.model)),
         **top,
         "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
@@ -169,6 +169,14 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
         "wall_time_s": round(wall_s, 1),
         "output": output,
     }
+
+
+def _portable_model_name(name: str | None) -> str | None:
+    """``model.model`` as a later job elsewhere finds it: a local folder by its absolute path (the evaluation runs
+    in another directory); None (the bundled model), a hub id or a URI as given."""
+    if name and not storage.is_uri(name) and os.path.exists(os.path.expanduser(name)):
+        return os.path.abspath(os.path.expanduser(name))
+    return name
 
 
 def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple[str, str]]) -> None:
