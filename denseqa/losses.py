@@ -208,7 +208,7 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             duplicates = masks["query_to_doc"]
             masks["doc_to_doc"] = own_docs if duplicates is None else own_docs | duplicates
 
-        penalty = self._hardness_penalty(sims["query_to_doc"], positive_cols, global_batch, len(docs))
+        penalty = self._hardness_penalty(sims["query_to_doc"], own_pair, len(docs))
         for direction in sims:
             sims[direction] = sims[direction] * self.scale
             if direction == "query_to_doc" and penalty is not None:
@@ -222,17 +222,15 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         log_z = torch.stack([torch.logsumexp(s, dim=1) for s in sims.values()]).mean(dim=0)
         return sims["query_to_doc"][rows, positive_cols] - log_z
 
-    def _hardness_penalty(self, query_to_doc: Tensor, positive_cols: Tensor, global_batch: int,
-                          doc_columns: int) -> Tensor | None:
+    def _hardness_penalty(self, query_to_doc: Tensor, own_pair: Tensor, doc_columns: int) -> Tensor | None:
         """``hardness_strength * stop_grad(cos)`` on the negatives the hardness mode names, 0 elsewhere (Lan et al.
-        2025, Eq. 5); None when hardness weighting is off."""
+        2025, Eq. 5); None when hardness weighting is off. ``own_pair``: (B, N), True at each pair's answer."""
         if self.hardness_mode is None or self.hardness_strength == 0.0:
             return None
         penalty = self.hardness_strength * query_to_doc.detach()
-        rows = torch.arange(len(positive_cols), device=penalty.device)
         positive = torch.zeros_like(penalty, dtype=torch.bool)
-        positive[rows, positive_cols] = True
-        own = positive[:, :global_batch].repeat(1, doc_columns)  # the pair's answer and its own hard negatives
+        positive[:, :own_pair.size(1)] = own_pair
+        own = own_pair.repeat(1, doc_columns)  # the pair's answer and its own hard negatives
         if self.hardness_mode == "hard_negatives":
             keep = own & ~positive
         elif self.hardness_mode == "in_batch_negatives":
