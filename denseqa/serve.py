@@ -45,7 +45,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request, Security
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from ray import serve
@@ -402,7 +402,8 @@ install_error_handlers(http)
 # Documents the scheme in the OpenAPI schema; the check itself is the middleware below, which also covers the
 # docs pages (routes FastAPI adds itself, which take no dependencies).
 bearer = Security(HTTPBearer(auto_error=False, description="The service's API key (see `denseqa serve`)."))
-OPEN_PATHS = ("/healthz",)  # for load balancers' health checks: answers no data
+# /healthz for load balancers' health checks; / is the search page, which holds no data and asks for the key.
+OPEN_PATHS = ("/healthz", "/")
 
 
 @http.middleware("http")
@@ -638,6 +639,21 @@ class SearchAPI:
 
         return get_swagger_ui_html(openapi_url=request.scope.get("root_path", "") + "/openapi.json",
                                    title="denseqa search")
+
+    @http.get("/", include_in_schema=False)
+    async def page(self, request: Request) -> HTMLResponse:
+        """The search page (see :mod:`denseqa.search_page`)."""
+        from denseqa.search_page import CONTENT_SECURITY_POLICY, search_page
+
+        try:
+            has_bm25 = (await self._status())["bm25"]
+        except Exception:  # no searcher reachable yet: the page's searches will say so
+            has_bm25 = True
+        page = search_page(request.scope.get("root_path", ""), self.default_mode,
+                           ["dense", "bm25", "hybrid"] if has_bm25 else ["dense"], self.reranker is not None,
+                           self.auth is None or self.auth.auth)
+        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                                           "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     @http.get("/healthz", responses={503: {"description": "No index loaded, or the searcher is unreachable"}})
     async def healthz(self) -> JSONResponse:

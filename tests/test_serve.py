@@ -278,7 +278,8 @@ def test_the_openapi_contract_holds_against_the_live_service(service, tmp_path):
 
 def test_every_endpoint_but_healthz_needs_the_api_key(service):
     """No key, a wrong key, the right key in another scheme: 401 with the usual error body; the right key: 200.
-    /healthz answers load balancers without one. The key itself is nowhere in the deployed config."""
+    /healthz answers load balancers without one, and / (the search page, which holds no data) loads without one.
+    The key itself is nowhere in the deployed config."""
     from denseqa.auth import digest
     from denseqa.drivers import serve as deploying
 
@@ -620,16 +621,20 @@ def cross_encoder_dir(tmp_path_factory) -> str:
     return str(path)
 
 
-def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, indexes, cross_encoder_dir):
-    from sentence_transformers import CrossEncoder
-
+def _deploy_with_reranker(index: str, port: int, cross_encoder_dir: str) -> str:
     from denseqa.drivers import serve as deploying
 
-    config = _test_config(indexes["A"], service["port"])
+    config = _test_config(index, port)
     deploying.application(config)["args"]["reranker"] = cross_encoder_dir
     deploying.deployment(config, "Reranker").update(autoscaling_config={"min_replicas": 1, "max_replicas": 1},
                                              ray_actor_options={"num_cpus": 0.25})  # 2 CPUs for 3 deployments
-    url = deploying.deploy(config)
+    return deploying.deploy(config)
+
+
+def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, indexes, cross_encoder_dir):
+    from sentence_transformers import CrossEncoder
+
+    url = _deploy_with_reranker(indexes["A"], service["port"], cross_encoder_dir)
     model = CrossEncoder(cross_encoder_dir)
     questions = indexes["questions"][:3]
     for mode in ("dense", "hybrid"):
@@ -656,6 +661,97 @@ def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, i
         assert response.json()["error"]["field"] == "candidates", response.text
     info = get(f"{url}/info", timeout=30).json()["reranker"]
     assert info["path"] == cross_encoder_dir and info["mean_batch_size"] >= 1
+
+
+def _chromium():
+    """Debian's chromium, headless, driven by its chromium-driver (scripts/test.sh installs both)."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(argument)
+    options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
+    return webdriver.Chrome(service=Service(shutil.which("chromedriver") or "/usr/bin/chromedriver"), options=options)
+
+
+def test_the_search_page_in_a_real_browser(service, indexes, cross_encoder_dir, tmp_path):
+    """The page at / in headless chromium: it asks for the key, shows the API's hits for the query in its URL and
+    for a typed one (mode and rerank chosen), shows a 4xx's message, and asks again after a 401."""
+    import os
+    from pathlib import Path
+    from urllib.parse import parse_qs, quote, urlparse
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ready
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    url = _deploy_with_reranker(indexes["A"], service["port"], cross_encoder_dir)
+    page = requests.get(f"{url}/", timeout=30)  # no key needed for the page: it holds no data
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["content-security-policy"]
+    assert indexes["questions"][0] not in page.text
+
+    def api_ids(body: dict) -> list[str]:
+        response = post(url, body)
+        assert response.status_code == 200, response.text
+        return [h["id"] for h in response.json()["results"][0]["hits"]]
+
+    def page_ids() -> list[str]:
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "li.hit") or d.find_element(By.ID, "error").text)
+        return [li.get_attribute("data-id") for li in browser.find_elements(By.CSS_SELECTOR, "li.hit")]
+
+    browser = _chromium()
+    wait = WebDriverWait(browser, 60)
+    try:
+        question = indexes["questions"][5]
+        browser.get(f"{url}/?q={quote(question)}&mode=bm25")  # a search is a link...
+        key_box = browser.find_element(By.ID, "key-box")
+        wait.until(lambda d: key_box.is_displayed())  # ...that first asks for the key
+        assert "needs its API key" in browser.find_element(By.ID, "error").text
+        browser.find_element(By.ID, "key").send_keys(TEST_KEY)
+        browser.find_element(By.ID, "key-save").click()
+        assert page_ids() == api_ids({"query": question, "k": 10, "mode": "bm25"})
+        assert browser.execute_script("return sessionStorage.getItem('denseqa_api_key')") == TEST_KEY
+
+        # Typing a query, hybrid, re-ranked: the API's hits, and the URL now holds the search.
+        typed = "edit text files in a terminal"
+        box = browser.find_element(By.ID, "q")
+        box.clear()
+        box.send_keys(typed)
+        Select(browser.find_element(By.ID, "mode")).select_by_value("hybrid")
+        browser.find_element(By.ID, "rerank").click()
+        browser.find_element(By.ID, "go").click()
+        wait.until(ready.url_contains("rerank=1"))
+        shown = page_ids()
+        assert shown == api_ids({"query": typed, "k": 10, "mode": "hybrid", "rerank": True})
+        assert "rerank" in browser.find_element(By.CSS_SELECTOR, "li.hit .score").text
+        assert parse_qs(urlparse(browser.current_url).query) == {"q": [typed], "mode": ["hybrid"], "rerank": ["1"]}
+        screenshots = Path(os.environ.get("DENSEQA_SCREENSHOTS", tmp_path))
+        browser.save_screenshot(str(screenshots / "search-page.png"))
+
+        # A 4xx shows the service's own message: a query longer than the limit is a 413 naming the query.
+        expected = post(url, {"query": "x" * 2001, "k": 10, "mode": "hybrid", "rerank": True})
+        assert expected.status_code == 413
+        browser.execute_script("document.getElementById('q').value = 'x'.repeat(2001)")
+        browser.find_element(By.ID, "go").click()
+        error = wait.until(lambda d: d.find_element(By.ID, "error").text)
+        assert error == f"413 query: {expected.json()['error']['message']}"
+        assert browser.find_elements(By.CSS_SELECTOR, "li.hit") == []
+
+        # A wrong key: the 401's message, the key forgotten, and the page asks for it again.
+        browser.execute_script("sessionStorage.setItem('denseqa_api_key', 'not-the-key')")
+        box = browser.find_element(By.ID, "q")
+        box.clear()
+        box.send_keys(typed)
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda d: key_box.is_displayed())
+        assert browser.find_element(By.ID, "error").text.startswith("401 authorization: missing or wrong API key")
+        assert browser.execute_script("return sessionStorage.getItem('denseqa_api_key')") is None
+    finally:
+        browser.quit()
 
 
 def test_searcher_replica_logic_without_serve(indexes):
