@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, add_config_arguments, config_from_args
 from denseqa.errors import DenseqaError
-from denseqa.logs import setup_logging
+from denseqa.logs import VERBOSE_ENV, setup_logging
 
 
 def _mine_negatives(args: argparse.Namespace) -> None:
@@ -89,11 +90,16 @@ def build_parser() -> argparse.ArgumentParser:
         # No abbreviations: with --section.key flags, "--index" would otherwise be read as a prefix of "--index.seed".
         command = sub.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         add_config_arguments(command, COMMAND_SECTIONS[name], skip=PIPELINE_OWNED if name == "run" else frozenset())
+        command.add_argument("--verbose", action="store_true",
+                             help="Keep Ray Data's per-operator progress bars and execution plans, and the libraries' "
+                                  "progress bars and INFO lines, in the log (off: denseqa's own lines only).")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ[VERBOSE_ENV] = "1"
     setup_logging()
     try:
         COMMANDS[args.command][0](args)

@@ -590,6 +590,22 @@ class ServeConfig(Section):
 PIPELINE_STEPS = ("round1", "mine", "reranker", "teacher", "train", "index", "evaluate", "serve")
 
 
+class MlflowConfig(Section):
+    """Experiment tracking on MLflow: each job one run (parameters, training curves, held-out metrics, reports);
+    in `denseqa run`, one run per step under one parent run."""
+
+    enabled: bool = _f(True, "Track on MLflow (--no-mlflow: off).", flag="--mlflow", operational=True)
+    tracking_uri: str | None = _f(
+        None,
+        "MLflow tracking URI: a server (http://host:5000) or a database (sqlite:///path/mlflow.db). Default: "
+        "$MLFLOW_TRACKING_URI; else `denseqa run` keeps a local store in its run folder (mlflow/mlflow.db, "
+        "artifacts in mlflow/artifacts; browse it with the mlflow package's `mlflow ui --backend-store-uri "
+        "sqlite:///RUN/mlflow/mlflow.db`), and a job run on its own is not tracked.",
+        operational=True,
+    )
+    experiment: str = _f("denseqa", "MLflow experiment the runs go to.", operational=True)
+
+
 class PipelineConfig(Section):
     """The one-command run (`denseqa run`): [round1 → mine →] train → index → evaluate → serve, in one run folder.
 
@@ -670,17 +686,18 @@ class PipelineConfig(Section):
 SECTIONS: dict[str, type[Section]] = {
     "data": DataConfig, "model": ModelConfig, "mine": MineConfig, "train": TrainConfig, "rerank": RerankConfig,
     "output": OutputConfig, "corpus": CorpusConfig, "embed": EmbedConfig, "index": IndexConfig, "eval": EvalConfig,
-    "serve": ServeConfig, "pipeline": PipelineConfig,
+    "serve": ServeConfig, "pipeline": PipelineConfig, "mlflow": MlflowConfig,
 }
 # The sections each command reads; the others are refused in its config file.
 COMMAND_SECTIONS = {
-    "mine-negatives": ("data", "model", "mine", "embed"),
-    "train": ("data", "model", "train", "output"),
-    "train-reranker": ("data", "model", "train", "rerank", "output"),
-    "build-index": ("corpus", "model", "embed", "index"),
-    "evaluate": ("eval",),
+    "mine-negatives": ("data", "model", "mine", "embed", "mlflow"),
+    "train": ("data", "model", "train", "output", "mlflow"),
+    "train-reranker": ("data", "model", "train", "rerank", "output", "mlflow"),
+    "build-index": ("corpus", "model", "embed", "index", "mlflow"),
+    "evaluate": ("eval", "mlflow"),
     "serve": ("serve",),
-    "run": ("pipeline", "data", "model", "mine", "train", "rerank", "corpus", "embed", "index", "eval", "serve"),
+    "run": ("pipeline", "data", "model", "mine", "train", "rerank", "corpus", "embed", "index", "eval", "serve",
+            "mlflow"),
 }
 
 
@@ -718,6 +735,7 @@ class JobConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     used: tuple[str, ...] = tuple(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from denseqa.config import CorpusConfig
 from denseqa.data import check_schema, resolve_parquet_files, sample_strings
 from denseqa.errors import InputError
+from denseqa.logs import configure_ray_data
 from denseqa.texts import non_blank, text_id
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = 
     id_column = None if cfg.from_answers else cfg.id_column
     columns = [cfg.text] if id_column is None else [id_column, cfg.text]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    configure_ray_data()
     dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns).map_batches(
         _clean_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
     )

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from denseqa.config import DataConfig
 from denseqa.errors import InputError
+from denseqa.logs import configure_ray_data
 from denseqa.storage import is_uri
 from denseqa.texts import non_blank, split_key
 
@@ -223,6 +224,7 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
 
     # Keep block order stable, so a resumed run that skips the batches it already trained on skips the same ones.
     ray.data.DataContext.get_current().execution_options.preserve_order = True
+    configure_ray_data()
     raw = ray.data.read_parquet(files, filesystem=fs,
                                 columns=[cfg.question_column, cfg.answer_column, *negatives, *teachers])
     n_read = raw.count()

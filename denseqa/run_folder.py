@@ -36,6 +36,7 @@ from denseqa.auth import curl_header
 from denseqa.config import OPERATIONAL, PIPELINE_OWNED, CorpusConfig, JobConfig
 from denseqa.eval import REPORT_JSON, REPORT_MD
 from denseqa.index import MANIFEST_FILE
+from denseqa.model_card import CURVES_FILE
 from denseqa.negatives import RECORD_FILE as NEGATIVES_RECORD
 from denseqa.train import HELDOUT_FILE, RECORD_FILE
 from denseqa.versions import resolve_index
@@ -160,7 +161,8 @@ def mining_method(cfg: JobConfig) -> str:
     return "dense" if cfg.pipeline.negatives == "model" else "bm25"
 
 
-def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
+def summarize(run: RunFolder, ran: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the run made: each step ({"status": "ran" | "skipped", "seconds"}) and its outputs' key figures."""
     import pyarrow.parquet as pq
 
     model = storage.read_json(storage.join(run.output("train"), MARKERS["train"]))
@@ -176,7 +178,10 @@ def summarize(run: RunFolder, ran: dict[str, str]) -> dict[str, Any]:
         "negatives": {"path": run.output("mine"), "method": mined["method"], "per_pair": len(mined["columns"]),
                       "pairs": mined["counts"]["train_pairs"], "complete": mined["counts"]["with_all_negatives"]}
         if mined else None,
+        "teacher": (storage.read_json(storage.join(run.output("teacher"), MARKERS["teacher"])) or {}).get("teacher")
+        if "teacher" in ran else None,
         "model": {"path": run.output("train"), "steps": model["training"]["steps"],
+                  "curves": storage.join(run.output("train"), CURVES_FILE),
                   "heldout_before": model["metrics"]["before"], "heldout_final": model["metrics"]["final"]},
         "reranker": {"path": run.output("reranker"), "steps": reranker["training"]["steps"],
                      "heldout_before": reranker["metrics"]["before"], "heldout_final": reranker["metrics"]["final"]}
@@ -196,25 +201,51 @@ def best_mode(report: dict[str, Any], metric: str = "mrr@10") -> str:
     return max(base, key=lambda mode: (base[mode], mode == "dense"))
 
 
+def step_figure(step: str, summary: dict[str, Any]) -> str:
+    """The one figure that says what a step made, for the pipeline's closing table."""
+    if step == "round1":
+        return "the model the negatives are mined with"
+    if step == "mine" and summary.get("negatives"):
+        n = summary["negatives"]
+        return f"{n['complete']} of {n['pairs']} pairs with {n['per_pair']} {n['method']} negative(s)"
+    if step == "teacher" and summary.get("teacher"):
+        t = summary["teacher"]
+        rate = f", {t['pairs_per_s_per_actor']} pairs/s per actor" if t.get("pairs_per_s_per_actor") else ""
+        return f"{t['pairs_scored']} pairs scored{rate}"
+    if step in ("train", "reranker") and summary.get("model" if step == "train" else "reranker"):
+        m = summary["model" if step == "train" else "reranker"]
+        before = f"{m['heldout_before']['mrr@10']:.3f} → " if m.get("heldout_before") else ""
+        return f"held-out MRR@10 {before}{m['heldout_final']['mrr@10']:.3f} ({m['steps']} steps)"
+    if step == "index":
+        return f"{summary['index']['count']} passages, {summary['index']['factory']}"
+    if step == "evaluate":
+        modes = {mode: m for mode, m in summary["eval"]["modes"].items() if "+" not in mode and mode != "zero-shot"}
+        best = max(modes, key=lambda mode: modes[mode]["mrr@10"])
+        return f"best {best} MRR@10 {modes[best]['mrr@10']:.3f}"
+    return ""
+
+
 def summary_text(summary: dict[str, Any]) -> str:
     m, i, e = summary["model"], summary["index"], summary["eval"]
-    steps = summary["steps"]
+    rows = [("step", "ran", "wall time", "result")]
+    for step, done in summary["steps"].items():
+        seconds = done.get("seconds")
+        rows.append((step, done["status"], f"{seconds:.0f} s" if seconds is not None else "-",
+                     step_figure(step, summary)))
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
     lines = [f"run folder {summary['run_dir']}"]
-    if "round1" in steps:
-        lines.append(f"  round1  {summary['run_dir'].rstrip('/')}/round1  ({steps['round1']}; mines the negatives)")
+    lines += ["  " + "  ".join(cell.ljust(widths[c]) if c < 3 else cell for c, cell in enumerate(row)).rstrip()
+              for row in rows]
+    lines.append(f"  model     {m['path']}  (training curves: {m['curves']}; model card: README.md)")
     if summary.get("negatives"):
-        n = summary["negatives"]
-        lines.append(f"  negatives  {n['path']}  ({steps['mine']}; {n['method']}, {n['per_pair']} per pair for "
-                     f"{n['complete']} of {n['pairs']} training pairs)")
-    lines.append(f"  model  {m['path']}  ({steps['train']}; {m['steps']} steps)")
+        lines.append(f"  negatives {summary['negatives']['path']}")
     if summary.get("reranker"):
-        r = summary["reranker"]
-        lines.append(f"  reranker  {r['path']}  ({steps['reranker']}; {r['steps']} steps, held-out re-ranking MRR@10 "
-                     f"{r['heldout_before']['mrr@10']:.3f} → {r['heldout_final']['mrr@10']:.3f})")
-    lines += [f"  index  {i['path']}  ({steps['index']}; {i['count']} passages, {i['factory']})",
-             f"  eval   {e['report']}  ({steps['evaluate']})"]
+        lines.append(f"  reranker  {summary['reranker']['path']}")
+    lines += [f"  index     {i['path']}", f"  eval      {e['report']}"]
     for mode, metrics in e["modes"].items():
-        lines.append(f"         {mode:14s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        lines.append(f"            {mode:14s}" + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+    if summary.get("mlflow"):
+        lines.append(f"  MLflow    {summary['mlflow']}")
     if "url" in summary:
         url, example = summary["url"], summary["example"]
         body = json.dumps({"query": example["query"], "k": 3, **({"rerank": True} if example["rerank"] else {})},

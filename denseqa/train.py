@@ -87,6 +87,9 @@ class TrainState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed: the data position
     attempts: list[dict[str, int]] = field(default_factory=list)  # one per (re)start: start_step, steps_run
     evals: list[dict[str, Any]] = field(default_factory=list)  # {"step": s, "metrics": {...}}
+    # Every log_every_steps: {"step", "epoch", "loss", "learning_rate", "pairs_per_s"}, rank 0's (the training
+    # curves, the model card's training logs and the MLflow metrics are drawn from it).
+    log: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0  # wall time of the training steps (data included, evaluation excluded)
     peak_memory_mb: list[dict[str, float]] = field(default_factory=list)  # per rank, at the last checkpoint
     torch_threads: list[int] = field(default_factory=list)  # per rank, in the last attempt
@@ -448,10 +451,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if state.step % t.log_every_steps == 0 or state.step == plan.total_steps:
                 pairs_per_s = attempt["steps_run"] * world * t.batch_size / max(seconds_timed, 1e-9)
                 eta = (plan.total_steps - state.step) * seconds_timed / attempt["steps_run"]
+                learning_rate = scheduler.get_last_lr()[0]
+                state.log.append({"step": state.step, "epoch": round(state.epoch + state.batch_in_epoch
+                                                                     / plan.steps_per_epoch, 4),
+                                  "loss": mean_loss, "learning_rate": learning_rate, "pairs_per_s": pairs_per_s})
                 if is_rank_zero:
                     logger.info("step %d/%d | epoch %d | loss %.4f | %.1f pairs/s | lr %.2e | eta %s",
                                 state.step, plan.total_steps, state.epoch + 1, mean_loss, pairs_per_s,
-                                scheduler.get_last_lr()[0], _fmt_seconds(eta))
+                                learning_rate, _fmt_seconds(eta))
                 ray.train.report({"step": state.step, "epoch": state.epoch, "loss": mean_loss,
                                   "pairs_per_s": pairs_per_s})
             if state.step % plan.eval_every_steps == 0 or state.step == plan.total_steps:

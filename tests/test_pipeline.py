@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -199,6 +200,36 @@ def _steps(run: Path) -> dict:
     return json.loads((run / "pipeline.json").read_text())["steps"]
 
 
+def _assert_tracked_on_mlflow(run: Path, report: dict) -> None:
+    """Each of the four submissions so far is one MLflow run in the run folder's store, the steps it ran nested
+    under it, read back with MLflow's own client."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow/mlflow.db")
+    experiment = client.get_experiment_by_name("denseqa")
+    runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    # The first was killed (SIGKILL) after its index step: its run was never ended.
+    assert [p.info.status for p in parents] == ["RUNNING", "FINISHED", "FINISHED", "FINISHED"]
+    children = {p.info.run_id: sorted(r.info.run_name for r in runs
+                                      if r.data.tags.get("mlflow.parentRunId") == p.info.run_id) for p in parents}
+    assert list(children.values()) == [["build-index", "train"], ["evaluate"], ["build-index", "evaluate"], []]
+    train = next(r for r in runs if r.info.run_name == "train")
+    assert train.data.params["train.max_steps"] == "3" and train.data.params["train.num_workers"] == "2"
+    # rank 0's loss, learning rate and pairs/s at the logged step; the held-out metrics before and after
+    for name in ("loss", "learning_rate", "pairs_per_s"):
+        assert [m.step for m in client.get_metric_history(train.info.run_id, name)] == [3]
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "heldout/mrr_at_10")] == [0, 3]
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert {"denseqa.json", "training-curves.png", "README.md"} <= artifacts
+    evaluation = [r for r in runs if r.info.run_name == "evaluate"][-1]
+    assert evaluation.data.metrics["hybrid/mrr_at_10"] == pytest.approx(report["modes"]["hybrid"]["mrr@10"])
+    assert {"eval.md", "eval.json", "recall.png"} <= {a.path for a in client.list_artifacts(evaluation.info.run_id)}
+    from denseqa.run_folder import best_mode
+
+    assert parents[-1].data.tags["denseqa.default_mode"] == best_mode(report)
+
+
 @pytest.mark.slow
 def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoint(cluster, tmp_path):
     # One run folder through five submissions of the pipeline job (one training run: the slow part on 2 CPUs)
@@ -303,6 +334,17 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     # the example query in the job's output is a held-out question, shown with the endpoint's top hit
     top = requests.post(f"{url}/search", json={"query": questions[0], "k": 3}, headers=auth, timeout=60).json()
     assert f"{questions[0]!r} →" in log and top["results"][0]["hits"][0]["id"] in log
+    # (issue 20: the run ends with a table of its steps, points at the training curves, and the model folder has
+    # them and a model card of this training)
+    assert re.search(r"step +ran +wall time +result\n +train +skipped +- +held-out MRR@10 \d\.\d{3} → \d\.\d{3} "
+                     r"\(3 steps\)\n +index +skipped +- +\d+ passages, \S+\n +evaluate +skipped +- +best \w+ "
+                     r"MRR@10 \d\.\d{3}", log), log[-3000:]
+    assert f"training curves: file://{run}/model/training-curves.png" in log
+    assert (run / "model" / "training-curves.png").stat().st_size > 10_000
+    card = (run / "model" / "README.md").read_text()
+    assert "library_name: sentence-transformers" in card and "## How denseqa trained this model" in card
+    assert "| after 3 steps |" in card and re.search(r"\d+ training pairs, 40 held out", card)
+    _assert_tracked_on_mlflow(run, report)
 
     # And with the service holding 1.25 of this 2-CPU cluster's CPUs, a run that must rebuild says so at once
     # (Ray would otherwise wait forever for the CPUs), and loses nothing

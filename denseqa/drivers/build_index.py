@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from denseqa import storage
+from denseqa import storage, tracking
 from denseqa.config import IndexConfig, JobConfig
 from denseqa.errors import InputError
 from denseqa.index import (
@@ -104,6 +104,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     icfg = cfg.index
+    tracking.check_store(cfg.mlflow)
     if icfg.upsert or icfg.delete:
         raise InputError("--upsert and --delete change an existing index: pass it with --update INDEX")
     output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
@@ -171,6 +172,12 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
                 f"{tuning['queries']}") if tuning["param"] else "exact search"
     logger.info("index written to %s: %d vectors, %s, %s, %.1f s", output, n, manifest["index"]["factory"],
                 searched, time.time() - started)
+    tracking.log_job(cfg.mlflow, "build-index", started, cfg.to_dict(),
+                     metrics={"passages": n, "seconds": round(time.time() - started, 2),
+                              "passages_per_s": embedding.get("passages_per_s") or 0.0,
+                              **({f"search_recall_at_{RECALL_AT}": tuning["recall"]} if tuning["param"] else {})},
+                     artifacts=[storage.join(output, MANIFEST_FILE)],
+                     tags={"denseqa.output": output, "denseqa.factory": manifest["index"]["factory"]})
     return manifest
 
 

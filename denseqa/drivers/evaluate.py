@@ -13,7 +13,7 @@ import os
 import time
 from typing import Any
 
-from denseqa import storage
+from denseqa import storage, tracking
 from denseqa.config import ModelConfig
 from denseqa.errors import InputError
 from denseqa.eval import (
@@ -43,7 +43,9 @@ ZERO_SHOT_MAX_PASSAGES = 200_000
 
 def run_evaluation(cfg) -> dict[str, Any]:
     """Search the held-out questions with every mode the index supports; write eval.json, eval.md, recall.png."""
+    job_started = time.time()
     e = cfg.eval
+    tracking.check_store(cfg.mlflow)
     if not e.index:
         raise InputError("no index given: pass --index FOLDER (written by build-index)")
     if not e.queries:
@@ -114,6 +116,11 @@ def run_evaluation(cfg) -> dict[str, Any]:
         with open(os.path.join(staging, REPORT_JSON), "w") as f:
             json.dump(report, f, indent=2)
     report["output"] = output
+    tracking.log_job(cfg.mlflow, "evaluate", job_started, cfg.to_dict(),
+                     metrics={f"{mode}/{k}": v for mode, values in results.items() for k, v in values.items()
+                              if k != "recall_curve"},
+                     artifacts=[storage.join(output, name) for name in (REPORT_MD, REPORT_JSON, REPORT_PNG)],
+                     tags={"denseqa.output": output, "denseqa.index": e.index})
     return report
 
 

@@ -13,10 +13,11 @@ from typing import Any
 
 import pyarrow as pa
 
-from denseqa import storage
+from denseqa import storage, tracking
 from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig
 from denseqa.data import ANSWER, QUESTION, resolve_parquet_files
 from denseqa.errors import InputError
+from denseqa.logs import configure_ray_data
 from denseqa.negatives import (
     COMPLETE_COLUMN,
     PAIRS_DIR,
@@ -100,10 +101,12 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     m = cfg.mine
+    tracking.check_store(cfg.mlflow)
     _check_teacher(m.teacher)
     mined = storage.read_json(storage.join(cfg.data.path, RECORD_FILE))
     output = storage.output_folder(m.output, m.overwrite, "the pairs with their teacher scores")
     fs, files = resolve_parquet_files(storage.join(cfg.data.path, PAIRS_DIR))
+    configure_ray_data()
     pairs = ray.data.read_parquet(files, filesystem=fs)  # starts or joins Ray, as every Ray Data job does
     pool = model_actors("teacher", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
     scored = pairs.map_batches(
@@ -124,6 +127,10 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
         record = {**mined, "teacher": teacher, "scored_from": cfg.data.path, "output": output,
                   "seconds": round(mined["seconds"] + time.time() - started, 1), "created": utc_now()}
         storage.write_json(storage.join(staging, RECORD_FILE), record)
+    tracking.log_job(cfg.mlflow, "teacher-scores", started, cfg.to_dict(),
+                     metrics={"pairs_scored": teacher["pairs_scored"], "pairs_per_s_per_actor":
+                              teacher.get("pairs_per_s_per_actor") or 0.0},
+                     artifacts=[storage.join(output, RECORD_FILE)], tags={"denseqa.output": output})
     return record
 
 
@@ -139,6 +146,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
 
     started = time.time()
     m = cfg.mine
+    tracking.check_store(cfg.mlflow)
     output = storage.output_folder(m.output, m.overwrite, "the pairs with their hard negatives")
     if m.method == "dense":
         check_model_source(cfg.model.model)
@@ -216,4 +224,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     logger.info("hard negatives written to %s: %d of %d training pairs have all %d (%d candidates rejected by the "
                 "margin), %.1f s", output, complete, data.counts["train"], m.num_negatives,
                 counts["skipped_by_margin"], record["seconds"])
+    tracking.log_job(cfg.mlflow, "mine-negatives", started, cfg.to_dict(),
+                     metrics={k: v for k, v in counts.items()} | {"seconds": record["seconds"]},
+                     artifacts=[storage.join(output, RECORD_FILE)], tags={"denseqa.output": output})
     return record

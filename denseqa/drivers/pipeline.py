@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from denseqa import faults, storage
+from denseqa import faults, storage, tracking
 from denseqa.auth import bearer_header
 from denseqa.config import COMMAND_SECTIONS, EvalConfig, JobConfig, OutputConfig, TrainConfig
 from denseqa.errors import InputError
@@ -212,8 +212,40 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     check_reachable_by_every_node(run.root, "run folder", p.shared_filesystem)
 
     storage.write_bytes(run / CONFIG_FILE, yaml.safe_dump(resolved_config(cfg), sort_keys=False).encode())
-    state = storage.read_json(run / STATE_FILE) or {"steps": {}}
     logger.info("run folder %s (resolved config in %s)", run.root, CONFIG_FILE)
+    with tracking.pipeline_run(cfg.mlflow, run.root, os.path.basename(run.root.rstrip("/"))) as tracked:
+        if tracked is not None:
+            tracked.params(cfg.to_dict())
+        ran = run_steps(cfg, run)
+        summary = summarize(run, ran)
+        if tracked is not None:
+            tracked.metrics({f"{mode}/{k}": v for mode, m in summary["eval"]["modes"].items() for k, v in m.items()})
+            tracked.artifacts([run / CONFIG_FILE, run / STATE_FILE])
+            summary["mlflow"] = f"run {tracked.run_id}, experiment {cfg.mlflow.experiment!r} in " \
+                                f"{tracking.tracking_uri(cfg.mlflow, tracking.local_store(run.root))}"
+        if p.deploy:
+            summary["default_mode"] = deploy_mode(cfg, run)
+            url = run_serve_step(cfg, run, summary["default_mode"])
+            query = p.example_query or summary["example_query"]
+            from denseqa.drivers.serve import api_key_for
+
+            key, key_source = api_key_for(cfg)
+            summary.update(url=url, api_key=key_source, example={"query": query, "rerank": p.reranker, "hits":
+                                                                 query_endpoint(url, query, 3, p.reranker, key)})
+            if tracked is not None:
+                tracked.tags({"denseqa.endpoint": url, "denseqa.default_mode": summary["default_mode"]})
+    print(summary_text(summary), flush=True)
+    if p.deploy and started_here:
+        from denseqa.drivers.serve import serve_until_interrupted
+
+        serve_until_interrupted()
+    return summary
+
+
+def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
+    """Every step of the run in order, each run or skipped (up to date); returns {step: {"status", "seconds"}}."""
+    p = cfg.pipeline
+    state = storage.read_json(run / STATE_FILE) or {"steps": {}}
     made, ran = {}, {}
     for step in p.steps:
         inputs = step_inputs(cfg, step, made)
@@ -223,7 +255,7 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
         if why is None:
             logger.info("%s: up to date, skipped (%s made from the same inputs on %s)", step, run.output(step),
                         record["finished"])
-            ran[step] = "skipped"
+            ran[step] = {"status": "skipped", "seconds": None}
         else:
             logger.info("%s: running (%s)", step, why)
             if step in ("round1", "train", "reranker"):
@@ -246,27 +278,11 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
                 "seconds": round(time.time() - started, 1), "why": why,
             }
             storage.write_json(run / STATE_FILE, state)
-            ran[step] = f"ran in {state['steps'][step]['seconds']:.0f} s"
+            ran[step] = {"status": "ran", "seconds": state["steps"][step]["seconds"]}
         made[step] = state["steps"][step]["fingerprint"]
         if faults.planned("pipeline.kill_after_step") == step:
             faults.kill_self(f"killing the pipeline after {step}")
-
-    summary = summarize(run, ran)
-    if p.deploy:
-        summary["default_mode"] = deploy_mode(cfg, run)
-        url = run_serve_step(cfg, run, summary["default_mode"])
-        query = p.example_query or summary["example_query"]
-        from denseqa.drivers.serve import api_key_for
-
-        key, key_source = api_key_for(cfg)
-        summary.update(url=url, api_key=key_source, example={"query": query, "rerank": p.reranker, "hits":
-                                                             query_endpoint(url, query, 3, p.reranker, key)})
-    print(summary_text(summary), flush=True)
-    if p.deploy and started_here:
-        from denseqa.drivers.serve import serve_until_interrupted
-
-        serve_until_interrupted()
-    return summary
+    return ran
 
 
 def query_endpoint(url: str, query: str, k: int, rerank: bool = False, key: str | None = None) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ import shutil
 import time
 from typing import Any
 
-from denseqa import storage
+from denseqa import storage, tracking
 from denseqa.config import JobConfig
 from denseqa.errors import InputError, TrainingError
 from denseqa.logs import logger
@@ -52,6 +52,7 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
 
     started = time.time()
     task.check_config(cfg)
+    tracking.check_store(cfg.mlflow)
     output, run_dir = _resolve_output(cfg)
     source = check_model_source(cfg.model.model)
     # validates, then starts or joins Ray through Ray Data
@@ -107,7 +108,28 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
         record = _make_record(cfg, task, data, plan, state, run_dir, output, time.time() - started)
         publish_model(os.path.join(checkpoint_dir, "model"), output, record, data.heldout)
     logger.info("%s written to %s (held-out %s)", task.kind, output, format_metrics(record["metrics"]["final"]))
+    track_training(cfg, record, started)
     return record
+
+
+def track_training(cfg: JobConfig, record: dict[str, Any], started: float) -> None:
+    """The training as an MLflow run: the config, rank 0's loss, learning rate and pairs/s at every logged step,
+    the held-out metrics at every evaluation, and the record, curves and model card."""
+    from denseqa.model_card import CARD_FILE, CURVES_FILE
+
+    metrics = record["metrics"]
+    series = [{k: v for k, v in row.items() if k != "epoch"} for row in metrics.get("log") or []]
+    series += [{"step": e["step"], **{f"heldout/{k}": v for k, v in e["metrics"].items()}}
+               for e in metrics.get("history") or []]
+    output = record["output"]
+    tracking.log_job(cfg.mlflow, "train-reranker" if task_is_reranker(record) else "train", started, cfg.to_dict(),
+                     series=series, artifacts=[storage.join(output, name) for name in (RECORD_FILE, CURVES_FILE,
+                                                                                        CARD_FILE)],
+                     tags={"denseqa.output": output, "denseqa.base_model": record.get("base_model") or "bundled"})
+
+
+def task_is_reranker(record: dict[str, Any]) -> bool:
+    return record["kind"] == "reranker"
 
 
 def _root_cause(error: Exception) -> str:
@@ -162,7 +184,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
         "metrics": {
             "before": state.evals[0]["metrics"] if state.evals and state.evals[0]["step"] == 0 else None,
             "final": state.evals[-1]["metrics"] if state.evals else None,
-            "best": best, "ranked_by": metric, "history": state.evals,
+            "best": best, "ranked_by": metric, "history": state.evals, "log": state.log,
         },
         "config": cfg.to_dict(),
         "versions": package_versions(),
@@ -181,13 +203,18 @@ def _portable_model_name(name: str | None) -> str | None:
 
 def publish_model(model_dir: str, output: str, record: dict, heldout: list[tuple[str, str]]) -> None:
     """Write the model folder, its held-out pairs (``heldout.parquet``, for the evaluation job: questions this
-    model never trained on) and its record ``denseqa.json``, atomically (see :func:`denseqa.storage.publish_folder`).
+    model never trained on), its training curves and model card (README.md), and its record ``denseqa.json``,
+    atomically (see :func:`denseqa.storage.publish_folder`).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from denseqa.model_card import CURVES_FILE, plot_training_curves, write_model_card
+
     with storage.staged_output(output, marker=RECORD_FILE) as staging:
         shutil.copytree(model_dir, staging, dirs_exist_ok=True)
+        plot_training_curves(record, os.path.join(staging, CURVES_FILE))
+        write_model_card(staging, record)
         pq.write_table(pa.table({"question": [q for q, _ in heldout], "answer": [a for _, a in heldout]}),
                        os.path.join(staging, HELDOUT_FILE))
         with open(os.path.join(staging, RECORD_FILE), "w") as f:
