@@ -108,7 +108,10 @@ def tracking_uri(cfg: MlflowConfig, default: str | None) -> str | None:
 
 
 def _quiet_mlflow() -> None:
-    # MLflow and its database migrations log at INFO on every store opened: not the job's business.
+    # MLflow and its database migrations log at INFO on every store opened: not the job's business. (After the
+    # import: importing mlflow sets its loggers' levels.)
+    import mlflow  # noqa: F401
+
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
 

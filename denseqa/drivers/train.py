@@ -122,14 +122,11 @@ def track_training(cfg: JobConfig, record: dict[str, Any], started: float) -> No
     series += [{"step": e["step"], **{f"heldout/{k}": v for k, v in e["metrics"].items()}}
                for e in metrics.get("history") or []]
     output = record["output"]
-    tracking.log_job(cfg.mlflow, "train-reranker" if task_is_reranker(record) else "train", started, cfg.to_dict(),
+    job = "train-reranker" if record["kind"] == "reranker" else "train"
+    tracking.log_job(cfg.mlflow, job, started, cfg.to_dict(),
                      series=series, artifacts=[storage.join(output, name) for name in (RECORD_FILE, CURVES_FILE,
                                                                                         CARD_FILE)],
                      tags={"denseqa.output": output, "denseqa.base_model": record.get("base_model") or "bundled"})
-
-
-def task_is_reranker(record: dict[str, Any]) -> bool:
-    return record["kind"] == "reranker"
 
 
 def _root_cause(error: Exception) -> str:
