@@ -37,10 +37,11 @@ for hit in json.loads(sys.argv[1])["results"][0]["hits"]:
     print(f"  {hit['score']:.3f}  {hit['id']}  {hit['text'][:90]!r}")
 PY
 echo
-echo "evaluation report: out/run/eval/eval.md (eval.json, recall.png beside it); model: out/run/model"
+echo "evaluation report: out/run/eval/eval.md (eval.json, recall.png beside it); model: out/run/model (its" \
+     "training-curves.png and model card README.md); MLflow runs: out/run/mlflow/mlflow.db"
 if [ -n "${STOP_CLUSTER:-}" ]; then
   echo "STOP_CLUSTER=1: the service stops with the cluster"
 else
-  echo "the search service keeps running at http://127.0.0.1:$PORT (docs: /docs, with the key); stop it and the" \
-       "cluster: ray stop"
+  echo "the search service keeps running at http://127.0.0.1:$PORT (search page: /, API docs: /docs, with the" \
+       "key); stop it and the cluster: ray stop"
 fi
