@@ -1,0 +1,39 @@
+"""A job's log holds denseqa's own lines: Ray Data's execution plans and progress bars, and the libraries' progress
+bars, only with --verbose."""
+
+from __future__ import annotations
+
+import logging
+
+from denseqa.cli import build_parser
+from denseqa.logs import VERBOSE_ENV, configure_ray_data, setup_logging
+
+
+def test_ray_datas_plans_and_progress_bars_are_off_unless_verbose(monkeypatch):
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    configure_ray_data()
+    assert (context.enable_progress_bars, context.enable_operator_progress_bars,
+            context.print_on_execution_start) == (False, False, False)
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    configure_ray_data()
+    assert (context.enable_progress_bars, context.enable_operator_progress_bars,
+            context.print_on_execution_start) == (True, True, True)
+    monkeypatch.delenv(VERBOSE_ENV)
+    configure_ray_data()
+
+
+def test_libraries_that_repeat_denseqas_lines_are_quiet(monkeypatch):
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    setup_logging()
+    import os
+
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    for name in ("sentence_transformers", "ray.train", "mlflow"):
+        assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
+    # every command takes --verbose
+    for command in ("run", "train", "build-index", "evaluate", "mine-negatives", "train-reranker", "serve"):
+        assert build_parser().parse_args([command, "--verbose"]).verbose
