@@ -13,6 +13,7 @@ re-run of an interrupted build with the same model and corpus reuses the shards 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -26,6 +27,50 @@ logger = logging.getLogger(__name__)
 
 VECTOR = "vector"
 DONE_FILE = "embeddings.json"
+PROGRESS_EVERY_S = 30.0  # how often the embedding's progress line is logged
+
+
+class ShardProgress:
+    """The embedding's one progress line, every :data:`PROGRESS_EVERY_S` while the shards are written (Ray Data's
+    own progress bars are off unless --verbose): passages in finished shards of the rows read, the rate and the
+    time left. Counted from the shards' parquet footers, so it says what is on storage, not what is in flight; a
+    shard still being written is counted at the next line."""
+
+    def __init__(self, out_dir: str, total: int, started: float) -> None:
+        self.out_dir, self.total, self.started = out_dir, total, started
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedding-progress", daemon=True)
+
+    def __enter__(self) -> ShardProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        import pyarrow.fs as pafs
+        import pyarrow.parquet as pq
+
+        fs, path = storage.filesystem(self.out_dir)
+        counted: dict[str, int] = {}  # finished shards' rows, each footer read once
+        while not self._stop.wait(PROGRESS_EVERY_S):
+            try:
+                infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+            except Exception:  # a listing that fails now (remote storage) is tried again at the next line
+                continue
+            for shard in (i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet")):
+                if shard not in counted:
+                    try:
+                        counted[shard] = pq.ParquetFile(shard, filesystem=fs).metadata.num_rows
+                    except Exception:  # still being written: no footer yet
+                        continue
+            done = sum(counted.values())
+            elapsed = time.time() - self.started
+            rate = done / max(elapsed, 1e-9)
+            left = f", about {(self.total - done) / rate / 60:.0f} min left" if rate > 0 and done < self.total else ""
+            logger.info("embedding: %d of %d passages (%.1f passages/s%s)", done, self.total, rate, left)
 
 
 class PassageEmbedder:
@@ -92,7 +137,8 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
         num_gpus=1 if use_gpu else None,
     )
     fs, path = storage.filesystem(out_dir)
-    embedded.write_parquet(path, filesystem=fs)
+    with ShardProgress(out_dir, corpus.rows, started):
+        embedded.write_parquet(path, filesystem=fs)
     seconds = time.time() - started
     rows = sum(count for _, count in shard_files(out_dir))
     if rows == 0:

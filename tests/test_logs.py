@@ -37,3 +37,38 @@ def test_libraries_that_repeat_denseqas_lines_are_quiet(monkeypatch):
     # every command takes --verbose
     for command in ("run", "train", "build-index", "evaluate", "mine-negatives", "train-reranker", "serve"):
         assert build_parser().parse_args([command, "--verbose"]).verbose
+
+
+def test_the_embedding_shows_one_progress_line_counted_from_its_finished_shards(tmp_path, monkeypatch):
+    """Ray Data's bars being off, a long embedding still says how far it is: the passages in finished shards."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseqa import embed
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("denseqa").addHandler(handler)
+    monkeypatch.setattr(embed, "PROGRESS_EVERY_S", 0.05)
+    try:
+        with embed.ShardProgress(str(tmp_path), total=300, started=time.time()):
+            pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "0.parquet")
+            (tmp_path / "1.parquet").write_bytes(b"PAR1 being written")  # no footer yet: skipped, not an error
+            deadline = time.time() + 10
+            while not any(line.startswith("embedding: 100 of 300 passages") for line in lines):
+                assert time.time() < deadline, lines
+                time.sleep(0.02)
+            pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "1.parquet")
+            while not any(line.startswith("embedding: 200 of 300 passages") for line in lines):
+                assert time.time() < deadline, lines
+                time.sleep(0.02)
+    finally:
+        logging.getLogger("denseqa").removeHandler(handler)
+    assert "min left" in lines[-1]
