@@ -27,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 VECTOR = "vector"
 DONE_FILE = "embeddings.json"
-PROGRESS_EVERY_S = 30.0  # how often the embedding's progress line is logged
+PROGRESS_EVERY_S = 30.0  # how often the embedding's progress is looked at (a line when it moved)
+QUIET_PROGRESS_S = 300.0  # a line at least this often, moved or not
 
 
 class ShardProgress:
@@ -55,6 +56,7 @@ class ShardProgress:
 
         fs, path = storage.filesystem(self.out_dir)
         counted: dict[str, int] = {}  # finished shards' rows, each footer read once
+        last_done, last_line = 0, time.time()
         while not self._stop.wait(PROGRESS_EVERY_S):
             try:
                 infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
@@ -67,10 +69,15 @@ class ShardProgress:
                     except Exception:  # still being written: no footer yet
                         continue
             done = sum(counted.values())
-            elapsed = time.time() - self.started
-            rate = done / max(elapsed, 1e-9)
+            now = time.time()
+            # A line when shards were finished since the last one; else one every QUIET_PROGRESS_S (a corpus read
+            # as few large blocks finishes its shards late), so the log does not repeat itself every 30 s.
+            if done == last_done and now - last_line < QUIET_PROGRESS_S:
+                continue
+            rate = done / max(now - self.started, 1e-9)
             left = f", about {(self.total - done) / rate / 60:.0f} min left" if rate > 0 and done < self.total else ""
-            logger.info("embedding: %d of %d passages (%.1f passages/s%s)", done, self.total, rate, left)
+            logger.info("embedding: %d of %d passages written (%.1f passages/s%s)", done, self.total, rate, left)
+            last_done, last_line = done, now
 
 
 class PassageEmbedder:

@@ -62,11 +62,13 @@ def test_the_embedding_shows_one_progress_line_counted_from_its_finished_shards(
             pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "0.parquet")
             (tmp_path / "1.parquet").write_bytes(b"PAR1 being written")  # no footer yet: skipped, not an error
             deadline = time.time() + 10
-            while not any(line.startswith("embedding: 100 of 300 passages") for line in lines):
+            while not any(line.startswith("embedding: 100 of 300 passages written") for line in lines):
                 assert time.time() < deadline, lines
                 time.sleep(0.02)
+            time.sleep(0.3)  # six looks at the shards, nothing new: no new line
+            assert sum(line.startswith("embedding: 100 of 300") for line in lines) == 1, lines
             pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "1.parquet")
-            while not any(line.startswith("embedding: 200 of 300 passages") for line in lines):
+            while not any(line.startswith("embedding: 200 of 300 passages written") for line in lines):
                 assert time.time() < deadline, lines
                 time.sleep(0.02)
     finally:
