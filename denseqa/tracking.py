@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import os
 import re
@@ -31,14 +32,25 @@ PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under 
 _MAX_PARAM_CHARS = 6000  # MLflow refuses longer parameter values
 
 
+def _warns(method):
+    """A TrackedRun method that logs a warning instead of raising: the job's outputs are written already."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return _safely(lambda: method(self, *args, **kwargs), f"write {method.__name__} to run {self.run_id}")
+
+    return wrapper
+
+
 @dataclass
 class TrackedRun:
-    """An MLflow run being written: the client and the run's id."""
+    """An MLflow run being written: the client and the run's id. Its writes warn rather than raise."""
 
     client: Any
     run_id: str
     experiment_id: str
 
+    @_warns
     def params(self, config: dict[str, Any]) -> None:
         """A config ({section: {key: value}}) as parameters ``section.key``."""
         from mlflow.entities import Param
@@ -51,6 +63,7 @@ class TrackedRun:
     def metrics(self, values: dict[str, float], step: int = 0, prefix: str = "") -> None:
         self.series([{"step": step, **values}], prefix=prefix)
 
+    @_warns
     def series(self, rows: Sequence[dict[str, Any]], prefix: str = "") -> None:
         """Rows ``{"step": s, name: value, ...}`` as metrics at their steps (non-numbers left out)."""
         from mlflow.entities import Metric
@@ -62,6 +75,7 @@ class TrackedRun:
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit for metrics
             self.client.log_batch(self.run_id, metrics=metrics[start:start + 1000])
 
+    @_warns
     def artifacts(self, paths: Sequence[str]) -> None:
         """Files (local paths or URIs; the ones that exist) as the run's artifacts."""
         import tempfile
@@ -78,6 +92,7 @@ class TrackedRun:
                 if os.path.isfile(path):
                     self.client.log_artifact(self.run_id, path)
 
+    @_warns
     def tags(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
             self.client.set_tag(self.run_id, key, str(value))
