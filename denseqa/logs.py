@@ -17,10 +17,9 @@ logger = logging.getLogger("denseqa")
 
 VERBOSE_ENV = "DENSEQA_VERBOSE"  # "1": the libraries' progress bars and Ray Data's execution plans stay on
 # Libraries whose INFO lines repeat what denseqa's own lines say ("Moving model to device", evaluator banners).
-_CHATTY_LOGGERS = ("sentence_transformers", "transformers", "huggingface_hub", "mlflow", "alembic",
-                   # Ray Train's workers: a "Reporting training result" and "Checkpoint successfully created" line
-                   # per report and rank, repeating denseqa's step and held-out lines
-                   "ray.train")
+# (Ray Train's per-report worker lines are not among them: setting the ray.train logger's level in the workers
+# did not stop them.)
+_CHATTY_LOGGERS = ("sentence_transformers", "transformers", "huggingface_hub", "mlflow", "alembic")
 
 
 def verbose() -> bool:

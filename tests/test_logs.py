@@ -32,7 +32,7 @@ def test_libraries_that_repeat_denseqas_lines_are_quiet(monkeypatch):
     import os
 
     assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
-    for name in ("sentence_transformers", "ray.train", "mlflow"):
+    for name in ("sentence_transformers", "mlflow"):
         assert logging.getLogger(name).getEffectiveLevel() == logging.WARNING, name
     # every command takes --verbose
     for command in ("run", "train", "build-index", "evaluate", "mine-negatives", "train-reranker", "serve"):
