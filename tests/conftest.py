@@ -183,3 +183,20 @@ def submit_job(cluster, job: str, *args: str, timeout: int = 900, faults: str | 
          "python", f"jobs/{job}.py", *args],
         env=cluster["env"], capture_output=True, text=True, timeout=timeout,
     )
+
+
+@pytest.fixture
+def denseqa_lines():
+    """The messages the ``denseqa`` logger emits during a test (it does not propagate, so caplog misses them)."""
+    import logging
+
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            lines.append(record.getMessage())
+
+    handler = Keep()
+    logging.getLogger("denseqa").addHandler(handler)
+    yield lines
+    logging.getLogger("denseqa").removeHandler(handler)

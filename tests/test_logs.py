@@ -39,7 +39,7 @@ def test_libraries_that_repeat_denseqas_lines_are_quiet(monkeypatch):
         assert build_parser().parse_args([command, "--verbose"]).verbose
 
 
-def test_the_embedding_shows_one_progress_line_counted_from_its_finished_shards(tmp_path, monkeypatch):
+def test_the_embedding_shows_one_progress_line_counted_from_its_finished_shards(tmp_path, monkeypatch, denseqa_lines):
     """Ray Data's bars being off, a long embedding still says how far it is: the passages in finished shards."""
     import time
 
@@ -48,29 +48,19 @@ def test_the_embedding_shows_one_progress_line_counted_from_its_finished_shards(
 
     from denseqa import embed
 
-    lines: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            lines.append(record.getMessage())
-
-    handler = Keep()
-    logging.getLogger("denseqa").addHandler(handler)
+    lines = denseqa_lines
     monkeypatch.setattr(embed, "PROGRESS_EVERY_S", 0.05)
-    try:
-        with embed.ShardProgress(str(tmp_path), total=300, started=time.time()):
-            pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "0.parquet")
-            (tmp_path / "1.parquet").write_bytes(b"PAR1 being written")  # no footer yet: skipped, not an error
-            deadline = time.time() + 10
-            while not any(line.startswith("embedding: 100 of 300 passages written") for line in lines):
-                assert time.time() < deadline, lines
-                time.sleep(0.02)
-            time.sleep(0.3)  # six looks at the shards, nothing new: no new line
-            assert sum(line.startswith("embedding: 100 of 300") for line in lines) == 1, lines
-            pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "1.parquet")
-            while not any(line.startswith("embedding: 200 of 300 passages written") for line in lines):
-                assert time.time() < deadline, lines
-                time.sleep(0.02)
-    finally:
-        logging.getLogger("denseqa").removeHandler(handler)
+    with embed.ShardProgress(str(tmp_path), total=300, started=time.time()):
+        pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "0.parquet")
+        (tmp_path / "1.parquet").write_bytes(b"PAR1 being written")  # no footer yet: skipped, not an error
+        deadline = time.time() + 10
+        while not any(line.startswith("embedding: 100 of 300 passages written") for line in lines):
+            assert time.time() < deadline, lines
+            time.sleep(0.02)
+        time.sleep(0.3)  # six looks at the shards, nothing new: no new line
+        assert sum(line.startswith("embedding: 100 of 300") for line in lines) == 1, lines
+        pq.write_table(pa.table({"id": list(map(str, range(100)))}), tmp_path / "1.parquet")
+        while not any(line.startswith("embedding: 200 of 300 passages written") for line in lines):
+            assert time.time() < deadline, lines
+            time.sleep(0.02)
     assert "min left" in lines[-1]
