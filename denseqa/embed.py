@@ -131,7 +131,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     pool = model_actors("embedding", cfg.use_gpu, cfg.actors, cfg.cpus_per_actor, cfg.torch_threads)
     actors, use_gpu = pool.actors, pool.use_gpu
     logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, pool.cpus,
-                " + 1 GPU" if use_gpu else f", {pool.torch_threads} torch threads", cfg.batch_size)
+                " + 1 GPU" if use_gpu else f", {pool.torch_threads or 'as many'} torch threads", cfg.batch_size)
     started = time.time()
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,

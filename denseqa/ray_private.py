@@ -3,8 +3,12 @@
 
 Why each one is private rather than public (Ray 2.60):
 
-- the autoscaler's node limits: Ray has no public call for the cluster config the launcher and KubeRay report to
-  the GCS; Ray Data's own autoscaler reads it the same way.
+- the autoscaler's node types and limits: Ray has no public call for them. Where a platform reports its cluster
+  config to the GCS, Ray Data's own autoscaler reads it, and so does denseqa. Ray's own autoscaler (the cluster
+  launcher's, KubeRay's) does not report it: it writes only a status (what ``ray status`` prints) to the GCS, and
+  reads its node types from the file its monitor process was started with, on the head node. So denseqa reads
+  that status to tell an autoscaling cluster from a fixed-size one (whose monitor mirrors each node as an
+  anonymous type), and that file, when it runs on the head, for the node types.
 - deploying a Serve config file: ``serve.run`` takes built applications, not a config, and would not keep the
   declarative semantics of ``serve deploy`` (a redeploy that changes only a ``user_config`` reconfigures the
   running replicas instead of restarting them: that is how an index is hot-swapped). ``serve deploy`` itself goes
@@ -21,6 +25,9 @@ from typing import Any
 # (module, attribute path) of every private symbol used below; the test imports each one.
 SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray._private.state", "state.get_cluster_config"),
+    ("ray._private.ray_constants", "DEBUG_AUTOSCALING_STATUS"),
+    ("ray.experimental.internal_kv", "_internal_kv_get"),
+    ("ray.autoscaler._private.util", "format_readonly_node_type"),
     ("ray.serve._private.api", "serve_start"),
     ("ray.serve.context", "_get_global_client"),
     ("ray.serve._private.client", "ServeControllerClient.deploy_apps"),
@@ -48,6 +55,43 @@ def autoscaler_cluster_config():
     import ray._private.state
 
     return ray._private.state.state.get_cluster_config()
+
+
+def autoscaler_status() -> dict | None:
+    """What the autoscaler's monitor last reported to the GCS (the JSON ``ray status`` prints from); None if none."""
+    import json
+
+    from ray._private.ray_constants import DEBUG_AUTOSCALING_STATUS
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
+    return json.loads(raw) if raw else None
+
+
+def mirrors_fixed_nodes(status: dict) -> bool:
+    """Whether a monitor's status is that of a cluster without an autoscaler: a monitor started without an
+    autoscaling config mirrors every node as an anonymous node type of its own (``node_<id>``)."""
+    from ray.autoscaler._private.util import format_readonly_node_type
+
+    mapping = (status.get("autoscaler_report") or {}).get("node_type_mapping") or {}
+    return all(node_type == format_readonly_node_type(node_id) for node_id, node_type in mapping.items())
+
+
+def monitor_config_path(gcs_address: str) -> str | None:
+    """The autoscaling config file the monitor of the cluster at ``gcs_address`` was started with, if that
+    monitor runs on this machine (the head node, where ``ray job submit`` runs a job's driver); else None."""
+    import psutil  # a dependency of Ray's
+
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if not any(arg.endswith("autoscaler/_private/monitor.py") for arg in cmdline[:3]):
+            continue
+        if f"--gcs-address={gcs_address}" not in cmdline:
+            continue
+        for arg in cmdline:
+            if arg.startswith("--autoscaling-config="):
+                return arg.split("=", 1)[1]
+    return None
 
 
 def serve_controller(http_options: dict, proxy_location: Any, grpc_options: Any):

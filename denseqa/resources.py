@@ -14,22 +14,30 @@ from dataclasses import dataclass
 
 
 def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
-    """1 CPU per GPU worker; on CPU, share all but one of the cluster's CPUs among the workers.
+    """1 CPU per GPU worker; on CPU, all but one CPU of a node for each worker.
 
     Workers (training workers, embedding actors) that hold every CPU leave none for the tasks that read the data
-    they consume, and the job waits forever. 2 workers on a 2-core machine get 0.5 CPU each. On a cluster that
-    cannot add nodes, what is shared is what is free now: CPUs held by running actors (a deployed search
-    service) would otherwise be counted twice.
+    they consume, and the job waits forever. On a cluster that cannot add nodes, its CPUs are shared among the
+    workers, one kept back: 2 workers on a 2-core machine get 0.5 CPU each. What is shared is what is free now:
+    CPUs held by running actors (a deployed search service) would otherwise be counted twice. On an autoscaling
+    cluster each worker asks for a node of the largest CPU node type less one CPU, so it runs alone on a node the
+    autoscaler starts for it, and the reads run beside it (or, on 1-CPU nodes, on a node of their own); 1 CPU
+    when the node types cannot be read.
     """
     import ray
 
-    from denseqa.cluster import free_resources, span
+    from denseqa.cluster import autoscaler, free_resources
 
     if use_gpu:
         return 1.0
+    scaler = autoscaler()
+    if scaler is not None:
+        cpu_types = [t for t in scaler.node_types or () if not t.head and not t.resources.get("GPU")] or \
+            [t for t in scaler.node_types or () if not t.head]
+        largest = max((t.resources.get("CPU", 0.0) for t in cpu_types), default=0.0)
+        return float(max(1, math.floor(largest) - 1)) if largest >= 1 else 1.0
     total = ray.cluster_resources().get("CPU", 1.0)
-    if span()[1] == 0:
-        total = min(total, free_resources(until={"CPU": total}).get("CPU", 0.0))
+    total = min(total, free_resources(until={"CPU": total}).get("CPU", 0.0))
     return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))
 
 
@@ -54,10 +62,18 @@ def torch_threads_default(processes_on_node: int) -> int:
 
 
 def embeds_on_gpu(use_gpu: bool | None) -> bool:
-    """Whether a model actor pool runs on GPUs: as configured, else when the connected cluster has GPUs."""
+    """Whether a model actor pool runs on GPUs: as configured, else when the connected cluster has GPUs now or
+    its autoscaler has a node type with GPUs (it starts one for the pool)."""
     import ray
 
-    return int(ray.cluster_resources().get("GPU", 0)) > 0 if use_gpu is None else use_gpu
+    from denseqa.cluster import autoscaler
+
+    if use_gpu is not None:
+        return use_gpu
+    if int(ray.cluster_resources().get("GPU", 0)) > 0:
+        return True
+    scaler = autoscaler()
+    return scaler is not None and any(t.resources.get("GPU", 0) >= 1 for t in scaler.node_types or ())
 
 
 @dataclass(frozen=True)
@@ -67,7 +83,7 @@ class ModelActors:
     actors: int
     use_gpu: bool
     cpus: float  # logical CPUs each actor asks for
-    torch_threads: int | None  # each actor's, on CPU; None on GPU (torch's default)
+    torch_threads: int | None  # each actor's, on CPU; None: torch's default (on GPU, or on an autoscaler's nodes)
 
 
 def model_actors(what: str, use_gpu: bool | None, actors: int | None = None, cpus_per_actor: float | None = None,
@@ -75,17 +91,19 @@ def model_actors(what: str, use_gpu: bool | None, actors: int | None = None, cpu
     """Resolve a model actor pool's defaults on the connected cluster, and fail now if it cannot be scheduled.
 
     GPUs when the cluster has them (``use_gpu`` None), one actor per GPU, else one actor; CPUs per actor from
-    :func:`cpus_per_worker_default`; on CPU the machine's cores are shared among the actors' torch threads.
+    :func:`cpus_per_worker_default`; on CPU the machine's cores are shared among the actors' torch threads. On an
+    autoscaling cluster the actors run on nodes the autoscaler starts, not on this one, so their threads are left
+    to torch there (``torch_threads`` None): as many as the CPUs each asks for (Ray sets OMP_NUM_THREADS).
     ``what`` names the work in the error of a cluster that lacks the resources.
     """
     import ray
 
-    from denseqa.cluster import check_can_schedule
+    from denseqa.cluster import autoscaler, check_can_schedule
 
     cluster_gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = embeds_on_gpu(use_gpu)
     actors = actors or (max(1, cluster_gpus) if use_gpu else 1)
     cpus = cpus_per_actor or cpus_per_worker_default(actors, use_gpu)
-    threads = torch_threads or (None if use_gpu else torch_threads_default(actors))
-    check_can_schedule(what, 1 + actors * cpus, actors if use_gpu else 0)  # the actors and one read task
+    threads = torch_threads or (None if use_gpu or autoscaler() is not None else torch_threads_default(actors))
+    check_can_schedule(what, actors, cpus, 1 if use_gpu else 0)
     return ModelActors(actors, use_gpu, cpus, threads)

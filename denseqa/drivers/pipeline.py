@@ -53,13 +53,14 @@ def _embed_config(cfg: JobConfig):
 
 def check_training_fits(cfg: JobConfig) -> None:
     """Training's workers with the CPUs (or GPUs) run_training will ask for, plus one CPU for Ray Data's reads, must
-    fit a cluster that cannot grow. Checked before training reads its data, which needs the CPUs too."""
+    fit the cluster (free now, or within its autoscaler's node types). Checked before training reads its data,
+    which needs the CPUs too."""
     from denseqa.cluster import check_can_schedule
     from denseqa.resources import cpus_per_worker_default
 
     t = cfg.train
     per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
-    check_can_schedule("training", 1 + t.num_workers * per_worker, t.num_workers if t.use_gpu else 0)
+    check_can_schedule("training", t.num_workers, per_worker, 1 if t.use_gpu else 0)
 
 
 def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train") -> None:
