@@ -353,8 +353,10 @@ def test_key_rotation_under_load_fails_no_request(service, indexes, tmp_path):
 class Load:
     """Clients that post real questions in a loop and keep every outcome (status, index that answered)."""
 
-    def __init__(self, url: str, questions: list[str], clients: int = 16, requests_each: int | None = None):
+    def __init__(self, url: str, questions: list[str], clients: int = 16, requests_each: int | None = None,
+                 queries_per_request: int = 1):
         self.url, self.questions, self.requests_each = url, questions, requests_each
+        self.queries_per_request = queries_per_request
         # (sent at, answered at, 200 or 0, index that answered)
         self.outcomes: list[tuple[float, float, int, str | None]] = []
         self.answers: list[tuple[str, str, list[str]]] = []  # (question, mode, hit ids) of each 200
@@ -372,10 +374,11 @@ class Load:
                 question = self.questions[(i * 7919 + n) % len(self.questions)]
                 mode = ("dense", "hybrid", "bm25", "dense")[n % 4]
                 sent = time.monotonic()
+                body = {"query": question, "k": 5, "mode": mode} if self.queries_per_request == 1 else \
+                    {"queries": [question] * self.queries_per_request, "k": 5, "mode": mode}
                 try:
-                    r = session.post(f"{self.url}/search", json={"query": question, "k": 5, "mode": mode},
-                                     headers=dict(self.headers), timeout=120)
-                    ok = r.status_code == 200 and len(r.json()["results"][0]["hits"]) >= 1
+                    r = session.post(f"{self.url}/search", json=body, headers=dict(self.headers), timeout=120)
+                    ok = r.status_code == 200 and all(len(result["hits"]) >= 1 for result in r.json()["results"])
                     index = r.json().get("index") if r.status_code == 200 else None
                     if ok:
                         with self.lock:
@@ -441,6 +444,82 @@ def test_concurrent_load_has_no_errors(service, indexes):
     # Concurrent queries were encoded together: more than one query per forward pass on average
     info = get(f"{service['url']}/info", timeout=30).json()
     assert info["model"]["mean_batch_size"] > 1.5, info["model"]
+
+
+class ReplicaCounts(threading.Thread):
+    """A deployment's RUNNING replicas twice a second, from the Serve controller: (seconds since start, count,
+    replicas starting)."""
+
+    def __init__(self, deployment: str):
+        super().__init__(daemon=True)
+        self.deployment, self.started, self.seen, self.done = deployment, time.monotonic(), [], threading.Event()
+
+    def run(self):
+        from denseqa.serve import replica_counts
+
+        while not self.done.is_set():
+            states = replica_counts().get(self.deployment, {})
+            self.seen.append((round(time.monotonic() - self.started, 1), states.get("RUNNING", 0),
+                              states.get("STARTING", 0)))
+            self.done.wait(0.5)
+
+    def now(self) -> tuple[int, int]:
+        return self.seen[-1][1:] if self.seen else (0, 0)
+
+    def wait_for(self, test, timeout_s: float) -> bool:
+        """Until test(running, starting) holds."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and not test(*self.now()):
+            time.sleep(0.5)
+        return test(*self.now())
+
+    def changes(self) -> list[tuple[float, int, int]]:
+        return [seen for i, seen in enumerate(self.seen) if i == 0 or self.seen[i - 1][1:] != seen[1:]]
+
+
+def test_the_query_encoder_scales_out_under_load_and_back_without_failing_a_request(service, indexes):
+    """Serve's autoscaler on the QueryEncoder of configs/serve-cluster.yaml, with 0.25 CPU per replica so 3 fit
+    beside the searcher and the ingress on 2 CPUs, and a target of 1 query in flight per replica (the shipped
+    target is for GPU replicas, which 2 cores cannot load). 16 clients sending 8 queries a request make it add
+    replicas; 1 client afterwards lets it remove them while requests still flow. Every request is answered."""
+    from denseqa.drivers import serve as deploying
+
+    config = _test_config(indexes["A"], service["port"], separate_encoder=True)
+    shipped = deploying.deployment(deploying.load_serve_config(
+        str(deploying.DEFAULT_SERVE_CONFIG.with_name("serve-cluster.yaml"))), "QueryEncoder")["autoscaling_config"]
+    encoder = deploying.deployment(config, "QueryEncoder")
+    encoder["ray_actor_options"]["num_cpus"] = 0.25
+    # Load reported every second, not every 10 s (a deprecated option, the one that still sets it for one
+    # deployment), and short delays, so the test takes a minute and not the shipped minutes
+    encoder["autoscaling_config"] = {**shipped, "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                                     "metrics_interval_s": 1, "look_back_period_s": 3, "upscale_delay_s": 2,
+                                     "downscale_delay_s": 8}
+    replicas = ReplicaCounts("QueryEncoder")
+    try:
+        deploying.deploy(config)
+        replicas.start()
+        assert replicas.wait_for(lambda running, starting: running == 1 and not starting, 60), replicas.changes()
+        heavy = Load(service["url"], indexes["questions"], clients=16, queries_per_request=8)
+        try:
+            scaled_out = replicas.wait_for(lambda running, starting: running >= 2, 90)
+            time.sleep(10)  # the load goes on a while with the replicas added
+        finally:
+            heavy.finish()
+        loaded_until = round(time.monotonic() - replicas.started, 1)
+        light = Load(service["url"], indexes["questions"], clients=1)
+        try:
+            scaled_in = replicas.wait_for(lambda running, starting: running == 1 and not starting, 90)
+        finally:
+            light.finish()
+    finally:
+        replicas.done.set()
+        deploying.deploy(_test_config(indexes["A"], service["port"]))
+    print(f"QueryEncoder replicas (s, RUNNING, STARTING): {replicas.changes()}; {len(heavy.outcomes)} requests "
+          f"under load until {loaded_until} s, {len(light.outcomes)} after")
+    assert scaled_out and scaled_in, replicas.changes()
+    assert max(n for t, n, _ in replicas.seen if t <= loaded_until) >= 2 and replicas.seen[-1][1:] == (1, 0)
+    assert not heavy.errors and not light.errors, (heavy.errors + light.errors)[:5]
+    assert len(light.outcomes) > 10
 
 
 def _replica_pid(deployment: str) -> int:
