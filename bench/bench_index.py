@@ -6,7 +6,9 @@
 2. ann: for 100k and 1M synthetic 384-dimension vectors, each index the chooser picks (default budget, and a
    0.5 GB budget at 1M): build time, peak memory of the process, index size, tuned recall@10 against exact
    search, queries/s one query at a time and in batches of 1,000. Each case runs in a fresh process so its
-   peak memory is its own.
+   peak memory is its own. The vectors are isotropic clusters (a hard case), the real Debian answer vectors
+   (``debian:55805:4``), or vectors drawn like them at any size (``debian-like:1000000:4``); the last two are
+   queried by real question vectors.
 3. quality: 2,000 held-out Debian English questions against 10,000 answers that contain theirs: BM25, dense
    zero-shot (bundled all-MiniLM-L6-v2), dense fine-tuned (this repo's training job, same data minus the
    held-out questions), and their hybrids; plus how well HNSW's recall tuned on corpus vectors holds for real
@@ -95,15 +97,14 @@ def throughput(work: Path, rows: int, threads: int) -> dict:
 
 
 QUERIES_FILE = "queries.npy"  # beside the shards: held-out query vectors, drawn like the corpus but not in it
+ANN_DATA = ("isotropic", "debian", "debian-like")
+BENCH_CACHE = Path(os.environ.get("DENSEQA_BENCH_CACHE", Path.home() / ".cache" / "denseqa-bench"))
 
 
-def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: int = 100_000,
-                           queries: int = 2000, texts: list[str] | None = None) -> None:
-    """Clustered unit vectors (as sentence embeddings are), written as the embedding job writes them: n / 50
-    Gaussian clusters with standard deviation 1 around standard normal centres, normalised. ``queries`` more
-    points drawn the same way, off the corpus, go to ``queries.npy``: the tuning and the measures use them, since a
-    corpus vector searched for finds itself, which flatters an approximate index. ``texts``: cycled as the
-    passages' texts (each id otherwise), where their length matters (BM25)."""
+def isotropic_clusters(d: int, n: int, seed: int):
+    """A sampler of clustered unit vectors: n / 50 Gaussian clusters with standard deviation 1 around standard
+    normal centres, normalised. A hard case: the centres are random directions, equally far from each other, so a
+    graph or an inverted file has no structure to follow between them."""
     rng = np.random.default_rng(seed)
     clusters = max(1000, n // 50)
     centres = rng.standard_normal((clusters, d)).astype(np.float32)
@@ -112,15 +113,120 @@ def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: i
         x = centres[rng.integers(0, clusters, m)] + rng.standard_normal((m, d)).astype(np.float32)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
+    return draw
+
+
+def debian_vectors() -> tuple[np.ndarray, np.ndarray]:
+    """The English Debian data's distinct answers and distinct questions, embedded by the bundled all-MiniLM-L6-v2
+    at its defaults (torch, max_seq_length 256, normalised). Cached in ``BENCH_CACHE``: the answers take about 20
+    minutes on 2 cores."""
+    path = BENCH_CACHE / "debian-en-all-MiniLM-L6-v2.npz"
+    if path.exists():
+        cached = np.load(path)
+        return cached["answers"], cached["questions"]
+    from sentence_transformers import SentenceTransformer
+
+    from denseqa.model import bundled_model_path
+
+    table = pq.read_table(DATA, columns=["question", "answer"])
+    model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+    vectors = {column: model.encode(list(dict.fromkeys(table.column(column).to_pylist())), batch_size=64,
+                                    normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+               for column in ("question", "answer")}
+    BENCH_CACHE.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    np.savez(partial, answers=vectors["answer"], questions=vectors["question"])
+    partial.replace(path)
+    return vectors["answer"], vectors["question"]
+
+
+def debian_like(answers: np.ndarray, seed: int):
+    """A sampler of vectors spread as the real Debian answer embeddings are, for corpora larger than the 55,805
+    answers there are: spherical k-means cuts the answers into clusters of about 50; a vector is drawn from a
+    cluster (as likely as its size) as its centre plus Gaussian noise along the answers' own residual principal
+    axes, with the residual spread of its cluster (shrunk towards the mean spread where the cluster is small), then
+    normalised. Real embeddings vary along few directions and their topics nest, unlike ``isotropic_clusters``;
+    ``calibration`` compares the two with the real answers at the real size. Written here because no library
+    samples such a model (scikit-learn's GaussianMixture would fit 1,100 full 384 x 384 covariances to 50 points
+    each)."""
+    import faiss
+
+    n, d = answers.shape
+    k = max(1, n // 50)
+    kmeans = faiss.Kmeans(d, k, niter=25, seed=seed, spherical=True, verbose=False)
+    kmeans.train(answers)
+    _, assigned = kmeans.index.search(answers, 1)
+    assigned = assigned[:, 0]
+    centres = kmeans.centroids
+    residual = answers - centres[assigned]
+    spread, axes = np.linalg.eigh(residual.T.astype(np.float64) @ residual / n)
+    spread = np.sqrt(np.clip(spread, 0, None)).astype(np.float32)
+    sizes = np.bincount(assigned, minlength=k)
+    squared = np.bincount(assigned, weights=(residual ** 2).sum(1), minlength=k)
+    shrink = 5  # pseudo-points at the mean spread: a cluster of one answer has no spread of its own
+    scale = np.sqrt((squared + shrink * squared.sum() / n) / (sizes + shrink) / (squared.sum() / n)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    weights = sizes / sizes.sum()
+    axes = axes.astype(np.float32)
+
+    def draw(m: int) -> np.ndarray:
+        c = rng.choice(k, size=m, p=weights)
+        noise = (rng.standard_normal((m, d)).astype(np.float32) * spread) @ axes.T
+        x = centres[c] + scale[c, None] * noise
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    return draw
+
+
+def write_vector_shards(folder: Path, vectors, n: int, queries: np.ndarray, chunk: int = 100_000,
+                        texts: list[str] | None = None) -> None:
+    """``n`` corpus vectors (``vectors(m)`` draws m more) written as the embedding job writes them, and the query
+    vectors beside them in ``queries.npy``: the tuning and the measures use them, off the corpus, since a corpus
+    vector searched for finds itself, which flatters an approximate index. ``texts``: cycled as the passages'
+    texts (each id otherwise), where their length matters (BM25)."""
     folder.mkdir(parents=True)
-    np.save(folder.parent / f"{folder.name}-{QUERIES_FILE}", draw(queries))
+    np.save(folder.parent / f"{folder.name}-{QUERIES_FILE}", queries.astype(np.float32))
     for i, start in enumerate(range(0, n, chunk)):
         m = min(chunk, n - start)
-        x = draw(m)
+        x = vectors(m)
+        d = x.shape[1]
         ids = [str(j) for j in range(start, start + m)]
         text = [texts[j % len(texts)] for j in range(start, start + m)] if texts else ids
         pq.write_table(pa.table({"id": ids, "text": text, "vector": pa.FixedSizeListArray.from_arrays(
             pa.array(x.reshape(-1)), d)}), folder / f"part-{i:04d}.parquet")
+
+
+def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: int = 100_000,
+                           queries: int = 2000, texts: list[str] | None = None) -> None:
+    """``isotropic_clusters`` vectors, with ``queries`` more drawn the same way as the queries."""
+    draw = isotropic_clusters(d, n, seed)
+    held_out = draw(queries)
+    write_vector_shards(folder, draw, n, held_out, chunk, texts)
+
+
+def write_ann_data(folder: Path, data: str, n: int, seed: int = 0, queries: int = 2000) -> None:
+    """The corpus and queries of one ann case. ``isotropic``: ``write_synthetic_shards``. ``debian``: the first n
+    real answer vectors (shuffled), ``debian-like``: n drawn by ``debian_like``; both queried by real question
+    vectors, which are not in the corpus."""
+    if data == "isotropic":
+        write_synthetic_shards(folder, n, 384, seed=seed, queries=queries)
+        return
+    answers, questions = debian_vectors()
+    rng = np.random.default_rng(seed)
+    picked_questions = questions[rng.choice(len(questions), size=min(queries, len(questions)), replace=False)]
+    if data == "debian":
+        if n > len(answers):
+            raise SystemExit(f"--ann-cases: debian has {len(answers)} answer vectors, not {n}")
+        real = answers[rng.permutation(len(answers))[:n]]
+        offset = [0]
+
+        def take(m: int) -> np.ndarray:
+            offset[0] += m
+            return real[offset[0] - m:offset[0]]
+
+        write_vector_shards(folder, take, n, picked_questions)
+    else:
+        write_vector_shards(folder, debian_like(answers, seed), n, picked_questions)
 
 
 def ann_case(shards: str, budget_gb: float) -> dict:
@@ -176,6 +282,7 @@ def ann_case(shards: str, budget_gb: float) -> dict:
             "kind": choice.kind, "reason": choice.reason, "build_s": round(build_s, 1), "tune_s": round(tune_s, 1),
             "index_mb": round(index_bytes / 2**20, 1), "peak_rss_mb": peak_build, "rss_before_mb": rss_start,
             "search_param": tuning["param"], "search_value": tuning["value"], "recall@10": tuning["recall"],
+            "tuning_tried": tuning.get("tried", []),
             "target_reached": tuning["target_reached"], "tuned_on": tuning["queries"],
             "recall@10_other_queries": round(measured_recall, 4), "queries_per_s_batched": round(batched_qps, 1),
             "queries_per_s_per_core_batched": round(batched_qps / os.cpu_count(), 1),
@@ -184,22 +291,34 @@ def ann_case(shards: str, budget_gb: float) -> dict:
             "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 3)}
 
 
-def ann(work: Path, cases: list[tuple[int, float]]) -> list[dict]:
+def ann(work: Path, cases: list[tuple[str, int, float]]) -> list[dict]:
     results = []
-    for n in dict.fromkeys(n for n, _ in cases):
-        shards = work / f"synthetic-{n}"
-        write_synthetic_shards(shards, n, 384)
-        for budget in [b for m, b in cases if m == n]:
+    for data, n in dict.fromkeys((data, n) for data, n, _ in cases):
+        shards = work / f"{data}-{n}"
+        write_ann_data(shards, data, n)
+        for budget in [b for dd, m, b in cases if (dd, m) == (data, n)]:
             out = subprocess.run([sys.executable, __file__, "--ann-case", str(shards), str(budget)],
                                  capture_output=True, text=True, check=False)
             if out.returncode != 0:
                 raise RuntimeError(out.stderr[-3000:])
-            case = json.loads(out.stdout.strip().splitlines()[-1])
+            case = {"data": data, **json.loads(out.stdout.strip().splitlines()[-1])}
             print(json.dumps(case), flush=True)
             results.append(case)
         shutil.rmtree(shards)
         (shards.parent / f"{shards.name}-{QUERIES_FILE}").unlink()
     return results
+
+
+def parse_ann_cases(spec: str) -> list[tuple[str, int, float]]:
+    """``[data:]vectors:budget`` entries, comma-separated; data is one of ``ANN_DATA`` (default isotropic)."""
+    cases = []
+    for entry in spec.split(","):
+        fields = entry.split(":")
+        data = fields.pop(0) if len(fields) == 3 else "isotropic"
+        if data not in ANN_DATA or len(fields) != 2:
+            raise SystemExit(f"--ann-cases: {entry!r} is not [{'|'.join(ANN_DATA)}:]vectors:budget")
+        cases.append((data, int(fields[0]), float(fields[1])))
+    return cases
 
 
 # ------------------------------------------------------------------------------------------ 3. quality
@@ -288,7 +407,9 @@ def main() -> None:
     p.add_argument("--parts", default="throughput,ann,quality")
     p.add_argument("--rows", type=int, default=10_000, help="passages for the throughput part")
     p.add_argument("--ann-cases", default="100000:4,1000000:4,1000000:0.5",
-                   help="vectors:memory budget in GB of each ann case; each replaces the same case of a former run")
+                   help="[data:]vectors:memory budget in GB of each ann case, data one of isotropic (the default), "
+                   "debian (real answer vectors), debian-like (drawn like them); each replaces the same case of a "
+                   "former run")
     p.add_argument("--quality-steps", type=int, default=100)
     p.add_argument("--heldout", type=int, default=2000)
     p.add_argument("--corpus", type=int, default=10_000)
@@ -304,11 +425,12 @@ def main() -> None:
         if "throughput" in parts:
             save("throughput", throughput(work, a.rows, os.cpu_count() or 1))
         if "ann" in parts:
-            cases = [(int(n), float(b)) for n, b in (c.split(":") for c in a.ann_cases.split(","))]
+            cases = parse_ann_cases(a.ann_cases)
             measured = ann(work, cases)
             kept = [c for c in results.get("ann", [])
-                    if (c["vectors"], c["memory_budget_gb"]) not in set(cases)]
-            save("ann", sorted(kept + measured, key=lambda c: (c["vectors"], -c["memory_budget_gb"])))
+                    if (c.get("data", "isotropic"), c["vectors"], c["memory_budget_gb"]) not in set(cases)]
+            save("ann", sorted(kept + measured, key=lambda c: (ANN_DATA.index(c.get("data", "isotropic")),
+                                                               c["vectors"], -c["memory_budget_gb"])))
         if "quality" in parts:
             save("quality", quality(work, a.quality_steps, a.heldout, a.corpus))
     finally:
