@@ -178,7 +178,9 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
             if {"query_to_query", "doc_to_query"} & set(self.directions):
                 all_queries = all_gather_with_grad(queries)
             if hashes is not None:
-                hashes = [all_gather(h.to(queries.device)) for h in hashes]
+                # NCCL gathers only contiguous tensors (gloo copies), and each column of the labels is a strided
+                # view: found on the first GPU run, where this raised "Tensors must be contiguous".
+                hashes = [all_gather(h.to(queries.device).contiguous()) for h in hashes]
             # This worker's questions sit at rows [rank * B, (rank + 1) * B) of the global batch.
             offset = get_rank() * batch_size
         global_batch = docs[0].size(0)

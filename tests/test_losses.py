@@ -259,3 +259,25 @@ def test_distillation_without_teacher_scores_or_negatives_is_an_error():
         loss_fn.compute_loss_from_embeddings([q, a], LossLabels(hashes[:, :2], torch.zeros(4, 1)))
     with pytest.raises(ValueError, match=r"teacher scores must be \(4, 2\)"):
         loss_fn.compute_loss_from_embeddings([q, a, n], LossLabels(hashes, torch.zeros(4, 3)))
+
+
+def test_the_gathered_hashes_are_contiguous_as_nccl_requires(monkeypatch):
+    # Given a 2-column label matrix, whose columns are strided views, and a gather that checks what NCCL checks
+    import denseqa.losses as losses
+
+    seen = []
+
+    def nccl_like_all_gather(tensor):
+        seen.append(tensor.is_contiguous())
+        if not tensor.is_contiguous():
+            raise ValueError("Tensors must be contiguous")
+        return tensor
+
+    monkeypatch.setattr(losses, "all_gather", nccl_like_all_gather)
+    q, a = _embeddings(4, seed=3)
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0, gather_across_devices=True)
+    # When the loss gathers the hashes
+    loss = loss_fn.compute_loss_from_embeddings([q, a], duplicate_labels([f"q{i}" for i in range(4)],
+                                                                         [f"a{i}" for i in range(4)]))
+    # Then every gathered hash column was contiguous
+    assert seen and all(seen) and torch.isfinite(loss)
