@@ -118,8 +118,8 @@ def isotropic_clusters(d: int, n: int, seed: int):
 
 def debian_vectors() -> tuple[np.ndarray, np.ndarray]:
     """The English Debian data's distinct answers and distinct questions, embedded by the bundled all-MiniLM-L6-v2
-    at its defaults (torch, max_seq_length 256, normalised). Cached in ``BENCH_CACHE``: the answers take about 20
-    minutes on 2 cores."""
+    at its defaults (torch, max_seq_length 256, normalised). Cached in ``BENCH_CACHE``: embedding them took 41
+    minutes on 2 cores shared with a test run."""
     path = BENCH_CACHE / "debian-en-all-MiniLM-L6-v2.npz"
     if path.exists():
         cached = np.load(path)
@@ -146,9 +146,9 @@ def debian_like(answers: np.ndarray, seed: int):
     cluster (as likely as its size) as its centre plus Gaussian noise along the answers' own residual principal
     axes, with the residual spread of its cluster (shrunk towards the mean spread where the cluster is small), then
     normalised. Real embeddings vary along few directions and their topics nest, unlike ``isotropic_clusters``;
-    ``calibration`` compares the two with the real answers at the real size. Written here because no library
-    samples such a model (scikit-learn's GaussianMixture would fit 1,100 full 384 x 384 covariances to 50 points
-    each)."""
+    the ann cases ``debian:55805:4`` and ``debian-like:55805:4`` compare the drawn and the real at the real
+    size. Written here because no library samples such a model (scikit-learn's GaussianMixture would fit 1,100
+    full 384 x 384 covariances to 50 points each)."""
     import faiss
 
     n, d = answers.shape

@@ -24,14 +24,16 @@ from denseqa.losses import (
     duplicate_labels,
 )
 
+if not {"MODEL", "PAIRS_JSON"} <= set(os.environ):
+    sys.exit('set MODEL (a SentenceTransformer folder) and PAIRS_JSON (a file of {"q": [...], "a": [...]})')
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511")
 DEV = os.environ.get("DEV", "cuda")
 dist.init_process_group("nccl" if DEV == "cuda" else "gloo", rank=0, world_size=1)
 print("torch", torch.__version__, torch.cuda.get_device_name() if DEV == "cuda" else "cpu")
-pairs = json.load(open(os.environ.get("PAIRS_JSON", "gpucheck/pairs.json")))
+pairs = json.load(open(os.environ["PAIRS_JSON"]))
 n = int(os.environ.get("PAIRS", 64))
 qs, ans = pairs["q"][:n], pairs["a"][:n]
-model = SentenceTransformer(os.environ.get("MODEL", "gpucheck/model"), device=DEV).float()
+model = SentenceTransformer(os.environ["MODEL"], device=DEV).float()
 model.max_seq_length = 128
 for p in model[0].auto_model.pooler.parameters() if getattr(model[0].auto_model, "pooler", None) else []:
     p.requires_grad_(False)
