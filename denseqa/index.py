@@ -111,13 +111,22 @@ def ivf_factory(nlist: int) -> str:
 
 
 def choose_index(n: int, d: int, cfg: IndexConfig) -> IndexChoice:
-    """Pick an index for ``n`` vectors of dimension ``d`` by what fits ``cfg.memory_budget_gb``.
+    """The index the rule prefers for ``n`` vectors of dimension ``d`` within ``cfg.memory_budget_gb``: the first
+    of :func:`index_contenders`."""
+    return index_contenders(n, d, cfg)[0]
 
-    Exact search while the corpus is small; then the fastest index whose estimated size fits the budget, with the
-    least lossy vectors: an HNSW graph over full, half or 8-bit vectors (unsharded builds: a graph does not merge);
-    else an inverted file (an HNSW coarse quantiser when the lists are many) over full or 8-bit vectors; else
-    product quantisation (OPQ + IVF-PQ), as many bytes per vector as fit. The estimates are the memory model in
-    BENCHMARKS.md.
+
+def index_contenders(n: int, d: int, cfg: IndexConfig) -> list[IndexChoice]:
+    """The indexes worth building for ``n`` vectors of dimension ``d`` within ``cfg.memory_budget_gb``, the rule's
+    preference first.
+
+    Exact search while the corpus is small; otherwise the least lossy HNSW graph that fits (full, half or 8-bit
+    vectors; unsharded builds only: a graph does not merge) and the least lossy inverted file that fits (an HNSW
+    coarse quantiser when the lists are many; full or 8-bit vectors, else product quantisation, OPQ + IVF-PQ, as
+    many bytes per vector as fit). Which of the two searches faster at the target recall depends on the data, not
+    only its size: on the real Debian embeddings the graph wins at 56k vectors and the inverted file by 29x at 1M
+    (BENCHMARKS.md), so :func:`build_fastest` builds and measures both unless ``cfg.measure_contenders`` is off.
+    The size estimates are the memory model in BENCHMARKS.md.
     """
     budget = cfg.memory_budget_gb * 2**30
     flat_bytes = n * d * 4
@@ -127,41 +136,48 @@ def choose_index(n: int, d: int, cfg: IndexConfig) -> IndexChoice:
         if cfg.shards > 1 and kind not in ("flat", "ivf", "ivfpq"):
             raise InputError(f"index.factory {cfg.factory!r}: a sharded build (--shards {cfg.shards}) needs a flat or "
                              "IVF index, whose shards merge; build it with --shards 1")
-        return IndexChoice(cfg.factory, kind, "given by --factory", flat_bytes, _nlist_of(cfg.factory))
+        return [IndexChoice(cfg.factory, kind, "given by --factory", flat_bytes, _nlist_of(cfg.factory))]
     if n <= cfg.exact_max_vectors:
         if flat_bytes > budget:
             raise InputError(f"{n} vectors of dimension {d} need {flat_bytes / 2**30:.2f} GiB for exact search, more "
                              f"than --memory-budget-gb {cfg.memory_budget_gb}; raise it or lower --exact-max-vectors")
-        return IndexChoice("Flat", "flat", f"{n} <= exact_max_vectors {cfg.exact_max_vectors}: exact search",
-                           flat_bytes)
+        return [IndexChoice("Flat", "flat", f"{n} <= exact_max_vectors {cfg.exact_max_vectors}: exact search",
+                            flat_bytes)]
     fits = f"fits --memory-budget-gb {cfg.memory_budget_gb}"
-    graph_ok = cfg.shards == 1 and n <= cfg.hnsw_max_vectors
-    if graph_ok:
+    contenders = []
+    if cfg.shards == 1 and n <= cfg.hnsw_max_vectors:
         for encoding, per_dim in VECTOR_ENCODINGS:
             size = int(n * d * per_dim) + hnsw_graph_bytes(n)
             if size <= budget:
-                return IndexChoice(f"HNSW{HNSW_M},{encoding}", "hnsw", f"graph search over {encoding} vectors "
-                                   f"({size / 2**30:.2f} GiB) {fits}", size)
+                contenders.append(IndexChoice(f"HNSW{HNSW_M},{encoding}", "hnsw", f"graph search over {encoding} "
+                                              f"vectors ({size / 2**30:.2f} GiB) {fits}", size))
+                break
     why = f"sharded build (--shards {cfg.shards})" if cfg.shards > 1 else \
         f"{n} > hnsw_max_vectors {cfg.hnsw_max_vectors}" if n > cfg.hnsw_max_vectors else \
-        "no HNSW graph fits the budget"
+        "no HNSW graph fits the budget" if not contenders else ""
     quantiser = ivf_factory(nlist)
     centroids = nlist * d * 4 + (hnsw_graph_bytes(nlist) if "HNSW" in quantiser else 0)
     for encoding, per_dim in (VECTOR_ENCODINGS[0], VECTOR_ENCODINGS[2]):  # IVF-SQfp16 is rarely worth its own row
         size = int(n * (d * per_dim + IVF_ID_BYTES)) + centroids
         if size <= budget:
-            return IndexChoice(f"{quantiser},{encoding}", "ivf", f"{why}; inverted lists of {encoding} vectors "
-                               f"({size / 2**30:.2f} GiB) {fits}", size, nlist)
-    for m in PQ_SUBQUANTIZERS:
-        size = n * (m + IVF_ID_BYTES) + centroids + d * d * 4
-        if d % m == 0 and size <= budget:
-            return IndexChoice(f"OPQ{m},{quantiser},PQ{m}", "ivfpq",
-                               f"{why}; even 8-bit vectors ({n * (d + IVF_ID_BYTES) / 2**30:.2f} GiB) exceed the "
-                               f"budget: product quantisation, {m} bytes per vector, candidates re-ranked with the "
-                               f"full vectors memory-mapped from disk ({flat_bytes / 2**30:.2f} GiB of disk)",
-                               size, nlist, refine=True)
-    raise InputError(f"{n} vectors of dimension {d} do not fit --memory-budget-gb {cfg.memory_budget_gb} even "
-                     "with product quantisation; raise the budget")
+            contenders.append(IndexChoice(f"{quantiser},{encoding}", "ivf", f"{why}; " * bool(why) + "inverted lists "
+                                          f"of {encoding} vectors ({size / 2**30:.2f} GiB) {fits}", size, nlist))
+            break
+    else:
+        for m in PQ_SUBQUANTIZERS:
+            size = n * (m + IVF_ID_BYTES) + centroids + d * d * 4
+            if d % m == 0 and size <= budget:
+                contenders.append(IndexChoice(
+                    f"OPQ{m},{quantiser},PQ{m}", "ivfpq",
+                    f"{why}; " * bool(why) + f"even 8-bit vectors ({n * (d + IVF_ID_BYTES) / 2**30:.2f} GiB) "
+                    f"exceed the budget: product quantisation, {m} bytes per vector, candidates re-ranked with "
+                    f"the full vectors memory-mapped from disk ({flat_bytes / 2**30:.2f} GiB of disk)",
+                    size, nlist, refine=True))
+                break
+    if not contenders:
+        raise InputError(f"{n} vectors of dimension {d} do not fit --memory-budget-gb {cfg.memory_budget_gb} even "
+                         "with product quantisation; raise the budget")
+    return contenders if cfg.measure_contenders else contenders[:1]
 
 
 def check_factory(cfg: IndexConfig, d: int) -> None:
@@ -412,11 +428,28 @@ def merge_shard(index, shard) -> None:
         index.merge_from(shard)
 
 
+def hnsw_graphs(index) -> list:
+    """The HNSW graphs inside ``index``: itself, under a pre-transform (OPQ, PCA), or an inverted file's quantiser.
+    They belong to ``index``, which must outlive them."""
+    import faiss
+
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        index = faiss.downcast_index(index.index)
+    if isinstance(index, faiss.IndexHNSW):
+        return [index]
+    ivf = faiss.try_extract_index_ivf(index)
+    quantizer = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    return [quantizer] if isinstance(quantizer, faiss.IndexHNSW) else []
+
+
 def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexConfig):
     """Train on a sample and add every vector; in ``cfg.shards`` parallel Ray tasks when asked (same result)."""
     import faiss
 
     index = faiss.index_factory(d, choice.factory, faiss.METRIC_INNER_PRODUCT)
+    for graph in hnsw_graphs(index):
+        graph.hnsw.efConstruction = cfg.hnsw_ef_construction
     n = layout.count
     if not index.is_trained:
         wanted = cfg.train_size or max(50_000, 40 * (choice.nlist or 1))
@@ -525,14 +558,50 @@ def recall_at_k(index, queries: np.ndarray, own: np.ndarray, truth: list[set[int
     return float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found_sets, truth, strict=True)]))
 
 
+@dataclass
+class TuningQueries:
+    """The queries that tune and measure an index, with their exact top-10 (other than themselves)."""
+
+    queries: np.ndarray
+    own: np.ndarray  # each query's own corpus position, or -1 for a question
+    truth: list[set[int]]
+    source: str  # "questions" | "corpus vectors"
+
+
+def tuning_queries(layout: Layout, cfg: IndexConfig, questions: np.ndarray | None = None) -> TuningQueries:
+    """``questions`` (query vectors) when given, else a sample of corpus vectors, each one's own row left out.
+    Questions are the better measure: they are not passages and lie elsewhere in the space, so a graph or inverted
+    file tuned on passages overestimates their recall (0.989 against 0.955 for HNSW on the Debian data,
+    BENCHMARKS.md)."""
+    if questions is not None and len(questions):
+        source, queries = "questions", np.ascontiguousarray(questions, dtype=np.float32)
+        own = np.full(len(queries), -1)  # no query is a corpus row
+    else:
+        source = "corpus vectors"
+        own = np.sort(np.random.default_rng(cfg.seed + 1).choice(layout.count, size=min(layout.count,
+                                                                                        cfg.tune_queries),
+                                                                 replace=False))
+        queries = gather_rows(layout, own, cfg.add_batch_size)
+    truth = _without_self(exact_neighbours(layout, queries, RECALL_AT + 1, cfg.add_batch_size), own, RECALL_AT)
+    return TuningQueries(queries, own, truth, source)
+
+
+def queries_per_s(index, queries: np.ndarray) -> float:
+    """Batched queries/s of ``index`` on ``queries``: the best of up to 3 runs, as many as fit in about a second,
+    since one short run on a busy machine says little."""
+    runs: list[float] = []
+    while len(runs) < 3 and sum(runs) < 1.0:
+        started = time.perf_counter()
+        index.search(queries, RECALL_AT)
+        runs.append(max(time.perf_counter() - started, 1e-9))
+    return len(queries) / min(runs)
+
+
 def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
-                questions: np.ndarray | None = None) -> dict[str, Any]:
+                questions: np.ndarray | None = None, probe: TuningQueries | None = None) -> dict[str, Any]:
     """Smallest nprobe / efSearch reaching the target recall@10 against exact search; queries/s at that value.
 
-    Measured on ``questions`` (query vectors) when given, else on a sample of corpus vectors (each one's own row
-    left out). Questions are the better measure: they are not passages and lie elsewhere in the space, so a
-    graph or inverted file tuned on passages overestimates their recall (0.989 against 0.955 for HNSW on the
-    Debian data, BENCHMARKS.md).
+    Measured on ``probe`` when given, else on :func:`tuning_queries` of ``questions``.
     """
     n = layout.count
     result: dict[str, Any] = {"target_recall": cfg.target_recall, "recall_at": RECALL_AT}
@@ -540,14 +609,7 @@ def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
     if n <= RECALL_AT + 1 or (name is None and choice.kind == "flat"):  # exact search: nothing to tune
         return {**result, "param": None, "value": None, "recall": 1.0, "target_reached": True, "tuned_on": 0,
                 "queries": "exact search"}
-    if questions is not None and len(questions):
-        source, queries = "questions", np.ascontiguousarray(questions, dtype=np.float32)
-        own = np.full(len(queries), -1)  # no query is a corpus row
-    else:
-        source = "corpus vectors"
-        own = np.sort(np.random.default_rng(cfg.seed + 1).choice(n, size=min(n, cfg.tune_queries), replace=False))
-        queries = gather_rows(layout, own, cfg.add_batch_size)
-    truth = _without_self(exact_neighbours(layout, queries, RECALL_AT + 1, cfg.add_batch_size), own, RECALL_AT)
+    probe = probe or tuning_queries(layout, cfg, questions)
     if name is None:
         values: list[int | None] = [None]
     elif name == "efSearch":
@@ -558,9 +620,9 @@ def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
     tried = []
     for value in values:
         set_search_parameter(index, choice.kind, value)
-        recall = recall_at_k(index, queries, own, truth, RECALL_AT)
+        recall = recall_at_k(index, probe.queries, probe.own, probe.truth, RECALL_AT)
         tried.append({"value": value, "recall": round(recall, 4)})
-        logger.info("tuning: %s=%s recall@%d %.4f", name, value, RECALL_AT, recall)
+        logger.info("tuning %s: %s=%s recall@%d %.4f", choice.factory, name, value, RECALL_AT, recall)
         if recall >= cfg.target_recall:
             break
     best = tried[-1]
@@ -569,16 +631,90 @@ def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
         # since beyond it more probes cost time and buy no recall.
         top = max(t["recall"] for t in tried)
         best = next(t for t in tried if t["recall"] >= top - RECALL_PLATEAU)
-        logger.warning("recall@%d stays below the target %.2f for every %s tried (at most %.4f): the vectors are "
-                       "compressed too much for it; using %s=%s (%.4f). Raise --memory-budget-gb or pass --factory",
-                       RECALL_AT, cfg.target_recall, name, top, name, best["value"], best["recall"])
+        logger.warning("%s: recall@%d stays below the target %.2f for every %s tried (at most %.4f): the vectors "
+                       "are compressed too much for it; using %s=%s (%.4f). Raise --memory-budget-gb or pass "
+                       "--factory", choice.factory, RECALL_AT, cfg.target_recall, name, top, name, best["value"],
+                       best["recall"])
     set_search_parameter(index, choice.kind, best["value"])
-    started = time.perf_counter()
-    index.search(queries, RECALL_AT)
-    qps = len(queries) / max(time.perf_counter() - started, 1e-9)
+    qps = queries_per_s(index, probe.queries)
     return {**result, "param": name, "value": best["value"], "recall": best["recall"],
-            "target_reached": best["recall"] >= cfg.target_recall, "tuned_on": len(queries), "queries": source,
-            "tried": tried, "queries_per_s_batched": round(qps, 1)}
+            "target_reached": best["recall"] >= cfg.target_recall, "tuned_on": len(probe.queries),
+            "queries": probe.source, "tried": tried, "queries_per_s_batched": round(qps, 1)}
+
+
+@dataclass
+class BuiltIndex:
+    """What :func:`build_fastest` kept: the index in ``folder/INDEX_FILE``, searched as ``tuning`` says."""
+
+    choice: IndexChoice
+    tuning: dict[str, Any]
+    contenders: list[dict[str, Any]]  # every index built and measured, the kept one included
+    file_bytes: int
+    vectors_bytes: int | None  # ``folder/VECTORS_FILE``, the full vectors, kept when the codes are lossy
+
+
+def fastest_at_target(tunings: list[dict[str, Any]]) -> int:
+    """Which tuning to keep: the most queries/s among those reaching the target recall; when none does, the best
+    recall (then the most queries/s)."""
+    reached = [i for i, t in enumerate(tunings) if t["target_reached"]]
+    if reached:
+        return max(reached, key=lambda i: tunings[i].get("queries_per_s_batched", math.inf))
+    return max(range(len(tunings)), key=lambda i: (tunings[i]["recall"], tunings[i].get("queries_per_s_batched", 0)))
+
+
+def build_fastest(folder: str, layout: Layout, d: int, cfg: IndexConfig,
+                  questions: np.ndarray | None = None) -> BuiltIndex:
+    """Build, tune and measure each of :func:`index_contenders` on the same tuning queries, and keep the fastest
+    at the target recall (:func:`fastest_at_target`) as ``folder/INDEX_FILE``.
+
+    Contenders are built one after the other, each written to disk before the next is built, so memory holds one
+    at a time. Written by hand because FAISS's own auto-tuning (``OperatingPoints``) explores one index's
+    parameters, not which index to build.
+    """
+    import faiss
+
+    contenders = index_contenders(layout.count, d, cfg)
+    vectors_path = os.path.join(folder, VECTORS_FILE)
+    vectors_bytes = None
+    if not all(codes_are_exact(c.factory) for c in contenders):
+        # Lossy codes (8-bit, PQ): the full vectors go beside them, for PQ's re-ranking and for an update's
+        # compaction, which rebuilds from the exact vectors (disk only: they are memory-mapped when read).
+        vectors_bytes = write_refine_vectors(vectors_path, layout, d, cfg.add_batch_size)
+    probe = tuning_queries(layout, cfg, questions) if len(contenders) > 1 else None
+    measured, files = [], []
+    for i, choice in enumerate(contenders):
+        logger.info("%d passages: %s — %s", layout.count, choice.factory, choice.reason)
+        started = time.perf_counter()
+        index = base = build_faiss_index(layout, d, choice, cfg)
+        if choice.refine:
+            index = with_refine(base, vectors_path, REFINE_K_FACTOR)  # tuned as it will be searched
+        build_s = time.perf_counter() - started
+        started = time.perf_counter()
+        tuning = tune_search(index, choice, layout, cfg, questions, probe)
+        files.append(os.path.join(folder, INDEX_FILE if len(contenders) == 1 else f"{INDEX_FILE}.contender-{i}"))
+        faiss.write_index(base, files[-1])
+        del index, base
+        measured.append({"factory": choice.factory, "build_s": round(build_s, 2),
+                         "tune_s": round(time.perf_counter() - started, 2), **{
+                             k: tuning.get(k) for k in ("param", "value", "recall", "target_reached",
+                                                        "queries_per_s_batched")}, "tuning": tuning})
+    kept = fastest_at_target([m["tuning"] for m in measured])
+    choice = contenders[kept]
+    if len(contenders) > 1:
+        os.replace(files[kept], os.path.join(folder, INDEX_FILE))
+        for i, path in enumerate(files):
+            if i != kept:
+                os.remove(path)
+        figures = ", ".join(f"{m['factory']} {m['queries_per_s_batched']:,.0f} q/s at recall@{RECALL_AT} "
+                            f"{m['recall']:.3f}" for m in measured)
+        choice.reason += f"; measured the fastest at the target recall {cfg.target_recall} ({figures})"
+        logger.info("kept %s: %s", choice.factory, figures)
+    if vectors_bytes is not None and codes_are_exact(choice.factory):
+        os.remove(vectors_path)
+        vectors_bytes = None
+    return BuiltIndex(choice, measured[kept]["tuning"], [{k: v for k, v in m.items() if k != "tuning"}
+                                                         for m in measured],
+                      os.path.getsize(os.path.join(folder, INDEX_FILE)), vectors_bytes)
 
 
 def faiss_nlist(index) -> int:

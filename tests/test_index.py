@@ -13,7 +13,15 @@ import pytest
 
 from denseqa.config import IndexConfig
 from denseqa.errors import InputError
-from denseqa.index import assemble_docstore, build_faiss_index, choose_index, tune_search
+from denseqa.index import (
+    assemble_docstore,
+    build_faiss_index,
+    choose_index,
+    fastest_at_target,
+    hnsw_graphs,
+    index_contenders,
+    tune_search,
+)
 
 
 def clustered_vectors(n: int, d: int, seed: int = 0, clusters: int = 1000, noise: float = 0.8) -> np.ndarray:
@@ -155,7 +163,9 @@ def test_tuning_on_question_vectors_meets_the_target_for_those_questions(tmp_pat
     _, found = index.search(questions, 10)
     truth = exact_top_k(vectors, questions, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
-    assert recall >= 0.95 and recall == pytest.approx(tuning["recall"], abs=1e-4)
+    # (within a query or two's single hit: the tuning searches 11 deep, to drop a corpus row's match with itself,
+    # and an HNSW search's stopping rule depends on how deep it goes)
+    assert recall >= 0.95 and recall == pytest.approx(tuning["recall"], abs=2e-3)
 
 
 def test_refine_vectors_are_written_as_faiss_writes_an_inner_product_flat_index(tmp_path):
@@ -254,3 +264,82 @@ def test_an_index_in_partitions_searches_as_the_whole_one(tmp_path, files):
         assert all(len(hits) == 5 for hits in found)
         if mode == "bm25":  # each number is in one passage only, in each of the partitions
             assert [hits[0].id for hits in found] == ["d15", "d1500", "d2999"]
+
+
+@pytest.mark.parametrize(
+    "n, budget_gb, measure, factories",
+    [
+        (5_000, 4.0, True, ["Flat"]),
+        (1_000_000, 4.0, True, ["HNSW32,Flat", "IVF4096_HNSW32,Flat"]),
+        (1_000_000, 4.0, False, ["HNSW32,Flat"]),  # by rule: the graph
+        (1_000_000, 0.75, True, ["HNSW32,SQ8", "IVF4096_HNSW32,SQ8"]),
+        (1_000_000, 0.5, True, ["IVF4096_HNSW32,SQ8"]),  # no graph fits
+        (10_000_000, 0.5, True, ["OPQ32,IVF16384_HNSW32,PQ32"]),
+    ],
+)
+def test_contenders_are_the_least_lossy_graph_and_inverted_file_that_fit(n, budget_gb, measure, factories):
+    cfg = IndexConfig(memory_budget_gb=budget_gb, measure_contenders=measure)
+    contenders = index_contenders(n, 384, cfg)
+    assert [c.factory for c in contenders] == factories
+    assert all(c.estimated_bytes <= budget_gb * 2**30 for c in contenders)
+
+
+def test_the_fastest_at_target_recall_is_kept_else_the_best_recall():
+    def tuning(recall, qps, target=0.95):
+        return {"recall": recall, "target_reached": recall >= target, "queries_per_s_batched": qps}
+
+    assert fastest_at_target([tuning(0.96, 200.0), tuning(0.95, 5000.0)]) == 1
+    assert fastest_at_target([tuning(0.97, 900.0), tuning(0.95, 500.0)]) == 0
+    assert fastest_at_target([tuning(0.80, 9000.0), tuning(0.96, 100.0)]) == 1  # below target: never faster
+    assert fastest_at_target([tuning(0.90, 100.0), tuning(0.93, 50.0)]) == 1  # none reaches: the best recall
+
+
+@pytest.mark.parametrize("factory", ["HNSW32,Flat", "IVF64_HNSW32,Flat", "OPQ8,IVF64_HNSW32,PQ8"])
+def test_hnsw_graphs_are_built_with_the_configured_ef_construction(tmp_path, factory):
+    import faiss
+
+    n, d = 3_000, 32
+    layout = layout_of(tmp_path, clustered_vectors(n, d, seed=10, clusters=50))
+    cfg = IndexConfig(factory=factory, hnsw_ef_construction=77, train_size=3_000)
+    index = build_faiss_index(layout, d, choose_index(n, d, cfg), cfg)
+    graphs = hnsw_graphs(index)
+    assert len(graphs) == 1 and graphs[0].hnsw.efConstruction == 77
+    assert graphs[0].ntotal == (n if factory.startswith("HNSW") else 64)
+    assert hnsw_graphs(faiss.index_factory(d, "IVF64,Flat")) == []
+
+
+def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_path):
+    """A budget that fits an 8-bit graph and an inverted file of full vectors (d=64: 345 against 264 bytes per
+    vector): both are built and tuned on the same questions, the faster at the target recall is the folder's
+    index, and the full vectors stay beside it only if its codes are lossy."""
+    import faiss
+
+    from denseqa.index import INDEX_FILE, VECTORS_FILE, build_fastest, set_search_parameter
+
+    n, d = 30_000, 64
+    vectors = clustered_vectors(n, d, seed=11, clusters=300, noise=0.5)
+    layout = layout_of(tmp_path, vectors)
+    rng = np.random.default_rng(12)
+    questions = vectors[rng.choice(n, 300)] + vectors[rng.choice(n, 300)]
+    questions /= np.linalg.norm(questions, axis=1, keepdims=True)
+    cfg = IndexConfig(memory_budget_gb=11e6 / 2**30, exact_max_vectors=1_000)
+    folder = tmp_path / "index"
+    folder.mkdir()
+    built = build_fastest(str(folder), layout, d, cfg, questions)
+    # Then both contenders were measured on the same 300 questions, and the kept one is the fastest at the target
+    assert [c["factory"] for c in built.contenders] == ["HNSW32,SQ8", "IVF512,Flat"]
+    assert all(c["target_reached"] and c["queries_per_s_batched"] > 0 for c in built.contenders), built.contenders
+    fastest = max(built.contenders, key=lambda c: c["queries_per_s_batched"])
+    assert built.choice.factory == fastest["factory"] and "measured the fastest" in built.choice.reason
+    assert built.tuning["tuned_on"] == 300 and built.tuning["queries"] == "questions"
+    # and the folder holds that index alone, which reaches the recall the tuning measured
+    lossy = built.choice.factory == "HNSW32,SQ8"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE] + [VECTORS_FILE] * lossy)
+    assert (built.vectors_bytes is not None) == lossy
+    index = faiss.read_index(str(folder / INDEX_FILE))
+    assert index.ntotal == n and built.file_bytes == (folder / INDEX_FILE).stat().st_size
+    set_search_parameter(index, built.choice.kind, built.tuning["value"])
+    _, found = index.search(questions, 10)
+    truth = exact_top_k(vectors, questions, 10)
+    recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
+    assert recall >= 0.95 and recall == pytest.approx(built.tuning["recall"], abs=2e-3)

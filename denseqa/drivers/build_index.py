@@ -21,7 +21,6 @@ from denseqa.index import (
     BM25_DIR,
     DOCSTORE_FILE,
     FORMAT_VERSION,
-    INDEX_FILE,
     MANIFEST_FILE,
     PARTITIONS_DIR,
     RECALL_AT,
@@ -29,15 +28,10 @@ from denseqa.index import (
     VECTORS_FILE,
     Layout,
     assemble_docstore,
-    build_faiss_index,
+    build_fastest,
     check_factory,
-    choose_index,
-    codes_are_exact,
     shard_ranges,
-    tune_search,
-    with_refine,
     write_docstore,
-    write_refine_vectors,
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
 from denseqa.texts import non_blank
@@ -227,34 +221,24 @@ def write_index_folder(staging: str, layout: Layout, d: int, icfg: IndexConfig,
     BM25. Returns the manifest's ``count``, ``index`` and ``bm25`` entries and the seconds taken. A fresh build, each
     partition of one and an update's compaction all come through here, so a compacted index is a fresh build of
     its live passages."""
-    import faiss
-
     started = time.time()
     n = layout.count
-    choice = choose_index(n, d, icfg)
-    logger.info("%d passages: %s — %s", n, choice.factory, choice.reason)
-    index = build_faiss_index(layout, d, choice, icfg)
-    faiss.write_index(index, os.path.join(staging, INDEX_FILE))
-    index_bytes = os.path.getsize(os.path.join(staging, INDEX_FILE))
+    built = build_fastest(staging, layout, d, icfg, question_vectors)
+    choice = built.choice
     vectors = refine = None
-    if not codes_are_exact(choice.factory):
-        # Lossy codes (8-bit, PQ): the full vectors go beside them, for PQ's re-ranking and for an update's
-        # compaction, which rebuilds from the exact vectors (disk only: they are memory-mapped when read).
-        path = os.path.join(staging, VECTORS_FILE)
-        vectors = {"file": VECTORS_FILE, "file_bytes": write_refine_vectors(path, layout, d, icfg.add_batch_size)}
+    if built.vectors_bytes is not None:
+        vectors = {"file": VECTORS_FILE, "file_bytes": built.vectors_bytes}
         if choice.refine:
             refine = {"file": VECTORS_FILE, "k_factor": REFINE_K_FACTOR, "memory_mapped": True,
-                      "file_bytes": vectors["file_bytes"]}
-            index = with_refine(index, path, REFINE_K_FACTOR)  # tuned as it will be searched
-    tuning = tune_search(index, choice, layout, icfg, question_vectors)
-    del index
+                      "file_bytes": built.vectors_bytes}
     bm25_info = _build_bm25(staging, icfg) if icfg.bm25 else None
     return {
         "count": n,
         "index": {"factory": choice.factory, "kind": choice.kind, "chosen_because": choice.reason,
                   "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
-                  "file_bytes": index_bytes, "ntotal": n, "deleted": 0, "vectors": vectors, "refine": refine,
-                  "shards": len(shard_ranges(n, icfg.shards)), "search": tuning},
+                  "file_bytes": built.file_bytes, "ntotal": n, "deleted": 0, "vectors": vectors, "refine": refine,
+                  "shards": len(shard_ranges(n, icfg.shards)), "search": built.tuning,
+                  "contenders": built.contenders},
         "bm25": bm25_info,
         "seconds": round(time.time() - started, 2),
     }

@@ -30,7 +30,8 @@ logger = logging.getLogger(__name__)
 # What an index *is* (its choice and tuning): a compaction rebuilds with the settings the index was built with,
 # unless this command sets them.
 RECORDED_INDEX_KEYS = ("factory", "memory_budget_gb", "exact_max_vectors", "hnsw_max_vectors", "target_recall",
-                       "tune_queries", "train_size", "bm25", "bm25_stopwords", "bm25_tokenizer", "seed")
+                       "measure_contenders", "hnsw_ef_construction", "tune_queries", "train_size", "bm25",
+                       "bm25_stopwords", "bm25_tokenizer", "seed")
 
 
 def run_update_index(cfg: JobConfig) -> dict[str, Any]:
