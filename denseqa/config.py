@@ -408,7 +408,7 @@ class IndexConfig(Section):
     hnsw_ef_construction: int = _f(
         120, "Candidates an HNSW graph weighs for each vector's links as it is built (FAISS's default is 40). A "
         "better graph needs a smaller efSearch for the same recall: on the real Debian embeddings, 120 instead of "
-        "40 built in 1.9x the time and searched 1.7x faster at recall@10 0.95 (BENCHMARKS.md).", ge=1
+        "40 built in 2.0x the time and searched 1.5x faster at recall@10 0.95 (BENCHMARKS.md).", ge=1
     )
     target_recall: float = _f(
         0.95, "Tune nprobe / efSearch to the smallest value whose recall@10 against exact search reaches this.",
