@@ -310,11 +310,13 @@ def test_hnsw_graphs_are_built_with_the_configured_ef_construction(tmp_path, fac
 
 def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_path):
     """A budget that fits an 8-bit graph and an inverted file of full vectors (d=64: 345 against 264 bytes per
-    vector): both are built and tuned on the same questions, the faster at the target recall is the folder's
-    index, and the full vectors stay beside it only if its codes are lossy."""
+    vector): the build-index job's folder writer builds and tunes both on the same questions, keeps the faster at
+    the target recall as the folder's index, records both in the manifest's entry, and keeps the full vectors
+    beside the index only if its codes are lossy."""
     import faiss
 
-    from denseqa.index import INDEX_FILE, VECTORS_FILE, build_fastest, set_search_parameter
+    from denseqa.drivers.build_index import write_index_folder
+    from denseqa.index import INDEX_FILE, VECTORS_FILE, set_search_parameter
 
     n, d = 30_000, 64
     vectors = clustered_vectors(n, d, seed=11, clusters=300, noise=0.5)
@@ -322,24 +324,27 @@ def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_
     rng = np.random.default_rng(12)
     questions = vectors[rng.choice(n, 300)] + vectors[rng.choice(n, 300)]
     questions /= np.linalg.norm(questions, axis=1, keepdims=True)
-    cfg = IndexConfig(memory_budget_gb=11e6 / 2**30, exact_max_vectors=1_000)
+    cfg = IndexConfig(memory_budget_gb=11e6 / 2**30, exact_max_vectors=1_000, bm25=False)
     folder = tmp_path / "index"
     folder.mkdir()
-    built = build_fastest(str(folder), layout, d, cfg, questions)
+    entry = write_index_folder(str(folder), layout, d, cfg, questions)["index"]
     # Then both contenders were measured on the same 300 questions, and the kept one is the fastest at the target
-    assert [c["factory"] for c in built.contenders] == ["HNSW32,SQ8", "IVF512,Flat"]
-    assert all(c["target_reached"] and c["queries_per_s_batched"] > 0 for c in built.contenders), built.contenders
-    fastest = max(built.contenders, key=lambda c: c["queries_per_s_batched"])
-    assert built.choice.factory == fastest["factory"] and "measured the fastest" in built.choice.reason
-    assert built.tuning["tuned_on"] == 300 and built.tuning["queries"] == "questions"
+    contenders = entry["contenders"]
+    assert [c["factory"] for c in contenders] == ["HNSW32,SQ8", "IVF512,Flat"]
+    assert all(c["target_reached"] and c["queries_per_s_batched"] > 0 and c["build_s"] > 0
+               for c in contenders), contenders
+    fastest = max(contenders, key=lambda c: c["queries_per_s_batched"])
+    assert entry["factory"] == fastest["factory"] and "measured the fastest" in entry["chosen_because"]
+    assert entry["search"]["tuned_on"] == 300 and entry["search"]["queries"] == "questions"
+    assert entry["search"]["value"] == fastest["value"]
     # and the folder holds that index alone, which reaches the recall the tuning measured
-    lossy = built.choice.factory == "HNSW32,SQ8"
+    lossy = entry["factory"] == "HNSW32,SQ8"
     assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE] + [VECTORS_FILE] * lossy)
-    assert (built.vectors_bytes is not None) == lossy
+    assert (entry["vectors"] is not None) == lossy and entry["refine"] is None
     index = faiss.read_index(str(folder / INDEX_FILE))
-    assert index.ntotal == n and built.file_bytes == (folder / INDEX_FILE).stat().st_size
-    set_search_parameter(index, built.choice.kind, built.tuning["value"])
+    assert index.ntotal == n and entry["file_bytes"] == (folder / INDEX_FILE).stat().st_size
+    set_search_parameter(index, entry["kind"], entry["search"]["value"])
     _, found = index.search(questions, 10)
     truth = exact_top_k(vectors, questions, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
-    assert recall >= 0.95 and recall == pytest.approx(built.tuning["recall"], abs=2e-3)
+    assert recall >= 0.95 and recall == pytest.approx(entry["search"]["recall"], abs=2e-3)

@@ -157,6 +157,8 @@ def test_a_compressed_index_is_searched_with_its_memory_mapped_full_vectors(clus
     assert built.returncode == 0, (built.stdout + built.stderr)[-5000:]
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["index"]["kind"] == "ivfpq" and manifest["index"]["refine"]["file"] == "vectors.faiss"
+    # (no graph fits such a budget: the only contender, measured all the same)
+    assert [c["factory"] for c in manifest["index"]["contenders"]] == [manifest["index"]["factory"]]
     assert manifest["index"]["refine"]["file_bytes"] == (index / "vectors.faiss").stat().st_size
     full = faiss.rev_swig_ptr(faiss.read_index(str(index / "vectors.faiss")).get_xb(),
                               manifest["count"] * manifest["dimension"])
