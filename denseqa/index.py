@@ -4,17 +4,19 @@ The build-index driver (:mod:`denseqa.drivers.build_index`) embeds the corpus (:
 this module to assemble the docstore, choose the index, train it on a sample, add the vectors (in parallel Ray
 tasks when sharded) and tune its search parameters against exact search.
 
-The choice follows autofaiss (Criteo) in spirit, by the memory budget rather than fixed counts: exact search while
-the corpus is small; then the fastest index that fits the budget with the least lossy vectors: a graph (HNSW,
-Malkov & Yashunin, 2018) over full, half-float or 8-bit vectors; else an inverted file (IVF-Flat, IVF-SQ8; with an
+The choice follows autofaiss (Criteo) in spirit, by the memory budget rather than fixed counts, and then by
+measurement: exact search while the corpus is small; then the fastest of the indexes that fit the budget with the
+least lossy vectors, built and measured on held-out questions (:func:`build_fastest`): a graph (HNSW,
+Malkov & Yashunin, 2018) over full, half-float or 8-bit vectors, and an inverted file (IVF-Flat, IVF-SQ8; with an
 HNSW coarse quantiser once the lists are many, Baranchuk et al., 2018); product quantisation with a learned
 rotation (OPQ + IVF-PQ, Jégou et al., 2011; Ge et al., 2013) only when not even 8-bit vectors fit. Any FAISS
 ``index_factory`` string overrides it. nprobe / efSearch are then set to the smallest value whose recall@10
 against exact search, measured on query vectors (questions) where there are some, reaches the target.
 
 The folder: ``index.faiss`` (vector i is docstore row i), ``docstore.parquet`` (id, text), ``bm25/``,
-``vectors.faiss`` (the exact vectors, when the codes are lossy) and ``manifest.json`` (model, dimension,
-normalisation, count, index type and parameters, measured recall, build time, versions); after a live update
+``vectors.faiss`` (the exact vectors, when the codes are lossy), ``tuning-questions.npy`` (the question vectors
+it was tuned on, when there were some) and ``manifest.json`` (model, dimension, normalisation, count, index type,
+the contenders measured, parameters, measured recall, build time, versions); after a live update
 (:mod:`denseqa.updates`) also ``deleted.npy``, the positions no search returns. Updates write new versions of the
 folder inside it (:mod:`denseqa.versions`). It is assembled in ``<output>.building/`` and renamed into place
 when complete; ``manifest.json`` is what readers check, so an interrupted build never leaves a folder that loads.
@@ -42,6 +44,7 @@ INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.faiss"  # full vectors beside lossy codes, memory-mapped: PQ re-ranks, updates compact
 REFINE_K_FACTOR = 8  # candidates fetched per hit wanted, then re-ranked by their full vectors
 DOCSTORE_FILE = "docstore.parquet"
+TUNING_QUESTIONS_FILE = "tuning-questions.npy"  # the query vectors the index was tuned on: a compaction tunes again
 DELETED_FILE = "deleted.npy"  # positions deleted or replaced by a live update, never returned again (int64, sorted)
 MANIFEST_FILE = "manifest.json"
 BM25_DIR = "bm25"
@@ -640,6 +643,21 @@ def tune_search(index, choice: IndexChoice, layout: Layout, cfg: IndexConfig,
     return {**result, "param": name, "value": best["value"], "recall": best["recall"],
             "target_reached": best["recall"] >= cfg.target_recall, "tuned_on": len(probe.queries),
             "queries": probe.source, "tried": tried, "queries_per_s_batched": round(qps, 1)}
+
+
+def save_tuning_questions(folder: str, questions: np.ndarray | None) -> dict[str, Any] | None:
+    """Keep the question vectors an index was tuned on beside it (float32, 1,000 x 384 is 1.5 MB), so that an
+    update's compaction, which rebuilds and retunes the index, measures recall on the same queries instead of
+    corpus vectors, whose recall is optimistic. Returns the manifest's entry for them."""
+    if questions is None or not len(questions):
+        return None
+    np.save(os.path.join(folder, TUNING_QUESTIONS_FILE), np.ascontiguousarray(questions, dtype=np.float32))
+    return {"file": TUNING_QUESTIONS_FILE, "count": len(questions)}
+
+
+def load_tuning_questions(folder: str, entry: dict[str, Any] | None) -> np.ndarray | None:
+    """The question vectors :func:`save_tuning_questions` kept in ``folder``, if the manifest's entry names any."""
+    return np.load(os.path.join(folder, entry["file"])) if entry else None
 
 
 @dataclass

@@ -316,7 +316,7 @@ def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_
     import faiss
 
     from denseqa.drivers.build_index import write_index_folder
-    from denseqa.index import INDEX_FILE, VECTORS_FILE, set_search_parameter
+    from denseqa.index import INDEX_FILE, TUNING_QUESTIONS_FILE, VECTORS_FILE, set_search_parameter
 
     n, d = 30_000, 64
     vectors = clustered_vectors(n, d, seed=11, clusters=300, noise=0.5)
@@ -339,7 +339,10 @@ def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_
     assert entry["search"]["value"] == fastest["value"]
     # and the folder holds that index alone, which reaches the recall the tuning measured
     lossy = entry["factory"] == "HNSW32,SQ8"
-    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE] + [VECTORS_FILE] * lossy)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([INDEX_FILE, TUNING_QUESTIONS_FILE]
+                                                               + [VECTORS_FILE] * lossy)
+    assert entry["tuning_questions"] == {"file": TUNING_QUESTIONS_FILE, "count": 300}
+    np.testing.assert_array_equal(np.load(folder / TUNING_QUESTIONS_FILE), questions.astype(np.float32))
     assert (entry["vectors"] is not None) == lossy and entry["refine"] is None
     index = faiss.read_index(str(folder / INDEX_FILE))
     assert index.ntotal == n and entry["file_bytes"] == (folder / INDEX_FILE).stat().st_size

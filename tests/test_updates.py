@@ -225,14 +225,20 @@ def test_a_graph_over_8_bit_vectors_is_updated_and_compacted(corpus, tiny_model_
 
     tmp, texts, ids = corpus["tmp"], corpus["texts"], corpus["ids"]
     index = str(tmp / "hnsw")
+    questions = tmp / "h-questions.parquet"
+    pq.write_table(pa.table({"question": corpus["questions"]}), questions)
     _cli("build-index", "--corpus", _write(tmp / "h1.parquet", ids[:120], texts[:120]), "--output", index,
-         "--model", tiny_model_dir, "--factory", "HNSW16,SQ8", "--no-bm25")
+         "--model", tiny_model_dir, "--factory", "HNSW16,SQ8", "--no-bm25", "--tune-questions", str(questions))
     assert (tmp / "hnsw" / "vectors.faiss").exists()
+    tuned = np.load(tmp / "hnsw" / "tuning-questions.npy")  # kept for a compaction to tune on again
+    assert tuned.shape == (40, 32) and Searcher(index).manifest["index"]["search"]["queries"] == "questions"
     deletes = ids[:20]  # 20 tombstones of 140 vectors: under the default compaction threshold, 0.2
     _cli("build-index", "--update", index, "--upsert", _write(tmp / "h-up.parquet", ids[120:140], texts[120:140]),
          "--delete", str(_write_ids(tmp / "h-del.parquet", deletes)))
     searcher = Searcher(index)
     assert len(searcher) == 120 and searcher.manifest["update"]["compacted"] is False
+    assert searcher.manifest["index"]["tuning_questions"] == {"file": "tuning-questions.npy", "count": 40}
+    np.testing.assert_array_equal(np.load(tmp / "hnsw" / "versions" / "000002" / "tuning-questions.npy"), tuned)
     every = searcher.search(corpus["questions"] + texts[:20], k=120)
     assert not {h.id for hits in every for h in hits} & set(deletes)
     own = searcher.search(texts[120:140], k=1)
@@ -243,6 +249,10 @@ def test_a_graph_over_8_bit_vectors_is_updated_and_compacted(corpus, tiny_model_
     assert compacted.manifest["update"]["compacted"] is True
     assert compacted.manifest["index"]["factory"] == "HNSW16,SQ8"  # as built, not the chooser's pick for 105
     assert len(compacted) == compacted.index.ntotal == 105 and len(compacted.deleted) == 0
+    # retuned on the questions the index was built with, not on corpus vectors
+    assert (compacted.manifest["index"]["search"]["queries"], compacted.manifest["index"]["search"]["tuned_on"]) \
+        == ("questions", 40)
+    np.testing.assert_array_equal(np.load(tmp / "hnsw" / "versions" / "000003" / "tuning-questions.npy"), tuned)
     assert [hits[0].id for hits in compacted.search(texts[120:140], k=1)] == ids[120:140]
 
 

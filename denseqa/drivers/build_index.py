@@ -30,6 +30,7 @@ from denseqa.index import (
     assemble_docstore,
     build_fastest,
     check_factory,
+    save_tuning_questions,
     shard_ranges,
     write_docstore,
 )
@@ -238,7 +239,8 @@ def write_index_folder(staging: str, layout: Layout, d: int, icfg: IndexConfig,
                   "memory_budget_gb": icfg.memory_budget_gb, "estimated_bytes": choice.estimated_bytes,
                   "file_bytes": built.file_bytes, "ntotal": n, "deleted": 0, "vectors": vectors, "refine": refine,
                   "shards": len(shard_ranges(n, icfg.shards)), "search": built.tuning,
-                  "contenders": built.contenders},
+                  "contenders": built.contenders,
+                  "tuning_questions": save_tuning_questions(staging, question_vectors)},
         "bm25": bm25_info,
         "seconds": round(time.time() - started, 2),
     }

@@ -21,7 +21,16 @@ import numpy as np
 from denseqa import storage
 from denseqa.config import CorpusConfig, IndexConfig, JobConfig
 from denseqa.errors import InputError
-from denseqa.index import BM25_DIR, DELETED_FILE, DOCSTORE_FILE, INDEX_FILE, MANIFEST_FILE, VECTORS_FILE
+from denseqa.index import (
+    BM25_DIR,
+    DELETED_FILE,
+    DOCSTORE_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    VECTORS_FILE,
+    load_tuning_questions,
+    save_tuning_questions,
+)
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
 from denseqa.versions import next_version, publish_version, resolve_index
 
@@ -205,6 +214,7 @@ def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows,
 
     icfg = cfg.index
     recorded = manifest["index"]
+    questions = load_tuning_questions(local, recorded.get("tuning_questions"))
     vectors_file = os.path.join(local, VECTORS_FILE) if recorded.get("vectors") or recorded.get("refine") else None
     index = append_vectors(os.path.join(local, INDEX_FILE), vectors_file, new_vectors, staging, recorded["factory"],
                            icfg.add_batch_size)
@@ -217,8 +227,9 @@ def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows,
         live = np.ones(ntotal, dtype=bool)
         live[deleted] = False
         chunks = full_vectors(index, staging, live, icfg.add_batch_size)
-        return _compacted(staging, manifest, rows.filter(pa.array(live)), chunks, cfg, work)
+        return _compacted(staging, manifest, rows.filter(pa.array(live)), chunks, questions, cfg, work)
     del index
+    save_tuning_questions(staging, questions)  # each version folder is complete
     pq.write_table(rows, os.path.join(staging, DOCSTORE_FILE))
     np.save(os.path.join(staging, DELETED_FILE), deleted)
     bm25 = manifest.get("bm25")
@@ -236,9 +247,11 @@ def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows,
             "index": {**recorded, "ntotal": ntotal, "deleted": len(deleted), "file_bytes": file_bytes}}
 
 
-def _compacted(staging: str, manifest: dict, live_rows, chunks, cfg: JobConfig, work: str) -> dict[str, Any]:
+def _compacted(staging: str, manifest: dict, live_rows, chunks, questions: np.ndarray | None, cfg: JobConfig,
+               work: str) -> dict[str, Any]:
     """A fresh build of the live passages (:func:`denseqa.drivers.build_index.write_index_folder`), from their
-    exact vectors: no passage is embedded again."""
+    exact vectors: no passage is embedded again. Tuned on the questions the index was built with, when it kept
+    them (``questions``)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -265,5 +278,5 @@ def _compacted(staging: str, manifest: dict, live_rows, chunks, cfg: JobConfig, 
         settings["bm25_tokenizer"] = manifest["bm25"]["tokenizer"]
     icfg = IndexConfig.model_validate({**settings, "add_batch_size": cfg.index.add_batch_size})
     layout = assemble_docstore(shards_dir, os.path.join(staging, DOCSTORE_FILE), False, icfg.add_batch_size)
-    built = write_index_folder(staging, layout, manifest["dimension"], icfg, None)
+    built = write_index_folder(staging, layout, manifest["dimension"], icfg, questions)
     return {**manifest, "count": built["count"], "index": built["index"], "bm25": built["bm25"], "compacted": True}
