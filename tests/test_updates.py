@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -303,6 +304,16 @@ def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, t
           "not a complete index")
     error(update(), "--update needs --upsert")
     assert _snapshot(index) == before
+    # An index of lossy codes without the exact vectors beside them (as an older denseqa wrote it) is refused
+    # before anything is embedded
+    older = tmp / "older"
+    shutil.copytree(index, older)
+    manifest = json.loads((older / "manifest.json").read_text())
+    manifest["index"].update({"factory": "HNSW16,SQ8", "kind": "hnsw", "vectors": None})
+    (older / "manifest.json").write_text(json.dumps(manifest))
+    older_before = _snapshot(older)
+    error(run("--update", str(older), "--upsert", fine), str(older), "keeps no exact vectors", "rebuild it once")
+    assert _snapshot(older) == older_before and not (tmp / "older.updating").exists()
     assert not (tmp / "untouched.updating").exists()
 
 

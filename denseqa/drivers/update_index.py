@@ -28,6 +28,7 @@ from denseqa.index import (
     INDEX_FILE,
     MANIFEST_FILE,
     VECTORS_FILE,
+    codes_are_exact,
     load_tuning_questions,
     save_tuning_questions,
 )
@@ -64,6 +65,11 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     if manifest["index"]["kind"] == "partitioned" or manifest.get("partition"):
         raise InputError(f"{root}: a partitioned index (--partitions), or one of its partitions, is not updated "
                          "live yet; build it again")
+    recorded = manifest["index"]
+    if not codes_are_exact(recorded["factory"]) and not (recorded.get("vectors") or recorded.get("refine")):
+        # checked before anything is embedded: a compaction or an append needs the exact vectors of lossy codes
+        raise InputError(f"{root}: {recorded['factory']} keeps no exact vectors and the index has no {VECTORS_FILE} "
+                         "beside it (built by an older denseqa); rebuild it once to update it")
     derived_ids = bool(manifest["corpus"].get("derived_ids"))
     upsert_cfg = cfg.corpus.model_copy(update={"path": icfg.upsert, "from_answers": derived_ids})
     checked = check_corpus(upsert_cfg) if icfg.upsert else None  # columns, types, duplicate ids
