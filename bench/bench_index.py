@@ -356,6 +356,57 @@ def parse_ann_cases(spec: str) -> list[tuple[str, int, float]]:
     return cases
 
 
+BANDWIDTHS = (0.25, 0.5, 0.75, 1.0)
+
+
+def calibration() -> list[dict]:
+    """What ``debian-resampled`` at the real size (55,805) needs for recall@10 0.95 at each of ``BANDWIDTHS``,
+    against the real answers: efSearch of HNSW32,Flat (efConstruction 120, the default) and nprobe of IVF1024,Flat,
+    on 1,000 real questions. ``RESAMPLE_BANDWIDTH`` is the largest bandwidth that needs what the real vectors
+    need."""
+    import faiss
+
+    from denseqa.index import EF_SEARCH_VALUES, HNSW_M
+
+    answers, questions = debian_vectors()
+    rng = np.random.default_rng(0)
+    tune = questions[rng.choice(len(questions), 1000, replace=False)]
+
+    def needs(x: np.ndarray) -> dict:
+        flat = faiss.IndexFlatIP(x.shape[1])
+        flat.add(x)
+        truth = flat.search(tune, 10)[1]
+
+        def recall(index) -> float:
+            found = index.search(tune, 10)[1]
+            return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
+
+        graph = faiss.index_factory(x.shape[1], f"HNSW{HNSW_M},Flat", faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efConstruction = 120
+        graph.add(x)
+        for ef in EF_SEARCH_VALUES:
+            graph.hnsw.efSearch = ef
+            if (graph_recall := recall(graph)) >= 0.95:
+                break
+        lists = faiss.index_factory(x.shape[1], "IVF1024,Flat", faiss.METRIC_INNER_PRODUCT)
+        lists.train(x)
+        lists.add(x)
+        for nprobe in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+            lists.nprobe = nprobe
+            if (lists_recall := recall(lists)) >= 0.95:
+                break
+        return {"ef_search": ef, "ef_search_recall@10": round(graph_recall, 4), "nprobe": nprobe,
+                "nprobe_recall@10": round(lists_recall, 4)}
+
+    results = [{"data": "debian", **needs(answers)}]
+    print(json.dumps(results[-1]), flush=True)
+    for bandwidth in BANDWIDTHS:
+        results.append({"data": "debian-resampled", "bandwidth": bandwidth,
+                        **needs(debian_resampled(answers, 0, bandwidth)(len(answers)))})
+        print(json.dumps(results[-1]), flush=True)
+    return results
+
+
 EF_CONSTRUCTION_VALUES = (40, 80, 120)
 
 
@@ -489,7 +540,8 @@ def main() -> None:
         print(json.dumps(ann_case(sys.argv[2], float(sys.argv[3]))))
         return
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="throughput,ann,quality", help="of throughput, ann, ef_construction, quality")
+    p.add_argument("--parts", default="throughput,ann,quality", help="of throughput, ann, calibration, "
+                   "ef_construction, quality")
     p.add_argument("--rows", type=int, default=10_000, help="passages for the throughput part")
     p.add_argument("--ann-cases", default="100000:4,1000000:4,1000000:0.5",
                    help="[data:]vectors:memory budget in GB of each ann case, data one of isotropic (the default), "
@@ -516,6 +568,8 @@ def main() -> None:
                     if (c.get("data", "isotropic"), c["vectors"], c["memory_budget_gb"]) not in set(cases)]
             save("ann", sorted(kept + measured, key=lambda c: (ANN_DATA.index(c.get("data", "isotropic")),
                                                                c["vectors"], -c["memory_budget_gb"])))
+        if "calibration" in parts:
+            save("calibration", calibration())
         if "ef_construction" in parts:
             save("ef_construction", ef_construction())
         if "quality" in parts:

@@ -6,7 +6,7 @@ tasks when sharded) and tune its search parameters against exact search.
 
 The choice follows autofaiss (Criteo) in spirit, by the memory budget rather than fixed counts, and then by
 measurement: exact search while the corpus is small; then the fastest of the indexes that fit the budget with the
-least lossy vectors, built and measured on held-out questions (:func:`build_fastest`): a graph (HNSW,
+least lossy vectors, built and measured on the tuning questions (:func:`build_fastest`): a graph (HNSW,
 Malkov & Yashunin, 2018) over full, half-float or 8-bit vectors, and an inverted file (IVF-Flat, IVF-SQ8; with an
 HNSW coarse quantiser once the lists are many, Baranchuk et al., 2018); product quantisation with a learned
 rotation (OPQ + IVF-PQ, Jégou et al., 2011; Ge et al., 2013) only when not even 8-bit vectors fit. Any FAISS
@@ -127,8 +127,9 @@ def index_contenders(n: int, d: int, cfg: IndexConfig) -> list[IndexChoice]:
     vectors; unsharded builds only: a graph does not merge) and the least lossy inverted file that fits (an HNSW
     coarse quantiser when the lists are many; full or 8-bit vectors, else product quantisation, OPQ + IVF-PQ, as
     many bytes per vector as fit). Which of the two searches faster at the target recall depends on the data, not
-    only its size: on the real Debian embeddings the graph wins at 56k vectors and the inverted file by 29x at 1M
-    (BENCHMARKS.md), so :func:`build_fastest` builds and measures both unless ``cfg.measure_contenders`` is off.
+    only its size: on the real Debian embeddings (56k) and vectors drawn like them (1M) the graph, by 3.3x and
+    5.5x; on well-separated clusters the inverted file (BENCHMARKS.md). So :func:`build_fastest` builds and
+    measures both unless ``cfg.measure_contenders`` is off.
     The size estimates are the memory model in BENCHMARKS.md.
     """
     budget = cfg.memory_budget_gb * 2**30
@@ -556,7 +557,9 @@ def _without_self(ids: np.ndarray, own: np.ndarray, k: int) -> list[set[int]]:
 
 
 def recall_at_k(index, queries: np.ndarray, own: np.ndarray, truth: list[set[int]], k: int) -> float:
-    _, found = index.search(queries, k + 1)
+    # One deeper for corpus rows, to drop each one's match with itself; questions are searched k deep, as the
+    # searcher will (an HNSW search's stopping rule depends on how deep it goes).
+    _, found = index.search(queries, k + 1 if (own >= 0).any() else k)
     found_sets = _without_self(found, own, k)
     return float(np.mean([len(f & t) / max(len(t), 1) for f, t in zip(found_sets, truth, strict=True)]))
 
@@ -656,8 +659,16 @@ def save_tuning_questions(folder: str, questions: np.ndarray | None) -> dict[str
 
 
 def load_tuning_questions(folder: str, entry: dict[str, Any] | None) -> np.ndarray | None:
-    """The question vectors :func:`save_tuning_questions` kept in ``folder``, if the manifest's entry names any."""
-    return np.load(os.path.join(folder, entry["file"])) if entry else None
+    """The question vectors :func:`save_tuning_questions` kept in ``folder``, if the manifest's entry names any;
+    None, with a warning, if their file is gone (a retune then measures on corpus vectors)."""
+    if not entry:
+        return None
+    path = os.path.join(folder, entry["file"])
+    if not os.path.exists(path):
+        logger.warning("%s: the manifest names the tuning questions, but the file is gone; a compaction will tune on "
+                       "corpus vectors", path)
+        return None
+    return np.load(path)
 
 
 @dataclass
@@ -671,13 +682,20 @@ class BuiltIndex:
     vectors_bytes: int | None  # ``folder/VECTORS_FILE``, the full vectors, kept when the codes are lossy
 
 
+MEASURED_MARGIN = 1.2  # another contender replaces the rule's first choice only when this much faster
+
+
 def fastest_at_target(tunings: list[dict[str, Any]]) -> int:
-    """Which tuning to keep: the most queries/s among those reaching the target recall; when none does, the best
-    recall (then the most queries/s)."""
+    """Which tuning to keep, the rule's first choice at 0: the most queries/s among those reaching the target
+    recall, but the first choice unless another is ``MEASURED_MARGIN`` times as fast (a second or so of timing on a
+    busy machine is noisy, and a rebuild should not flip between kinds that are about as fast); when none reaches
+    the target, the best recall (then the most queries/s)."""
+    qps = [t.get("queries_per_s_batched") or 0.0 for t in tunings]
     reached = [i for i, t in enumerate(tunings) if t["target_reached"]]
     if reached:
-        return max(reached, key=lambda i: tunings[i].get("queries_per_s_batched", math.inf))
-    return max(range(len(tunings)), key=lambda i: (tunings[i]["recall"], tunings[i].get("queries_per_s_batched", 0)))
+        fastest = max(reached, key=lambda i: qps[i])
+        return 0 if 0 in reached and qps[fastest] < MEASURED_MARGIN * qps[0] else fastest
+    return max(range(len(tunings)), key=lambda i: (tunings[i]["recall"], qps[i]))
 
 
 def build_fastest(folder: str, layout: Layout, d: int, cfg: IndexConfig,
@@ -694,9 +712,7 @@ def build_fastest(folder: str, layout: Layout, d: int, cfg: IndexConfig,
     contenders = index_contenders(layout.count, d, cfg)
     vectors_path = os.path.join(folder, VECTORS_FILE)
     vectors_bytes = None
-    if not all(codes_are_exact(c.factory) for c in contenders):
-        # Lossy codes (8-bit, PQ): the full vectors go beside them, for PQ's re-ranking and for an update's
-        # compaction, which rebuilds from the exact vectors (disk only: they are memory-mapped when read).
+    if any(c.refine for c in contenders):  # PQ re-ranks from the full vectors, from its tuning on
         vectors_bytes = write_refine_vectors(vectors_path, layout, d, cfg.add_batch_size)
     probe = tuning_queries(layout, cfg, questions) if len(contenders) > 1 else None
     measured, files = [], []
@@ -709,13 +725,13 @@ def build_fastest(folder: str, layout: Layout, d: int, cfg: IndexConfig,
         build_s = time.perf_counter() - started
         started = time.perf_counter()
         tuning = tune_search(index, choice, layout, cfg, questions, probe)
+        tune_s = time.perf_counter() - started
         files.append(os.path.join(folder, INDEX_FILE if len(contenders) == 1 else f"{INDEX_FILE}.contender-{i}"))
         faiss.write_index(base, files[-1])
         del index, base
-        measured.append({"factory": choice.factory, "build_s": round(build_s, 2),
-                         "tune_s": round(time.perf_counter() - started, 2), **{
-                             k: tuning.get(k) for k in ("param", "value", "recall", "target_reached",
-                                                        "queries_per_s_batched")}, "tuning": tuning})
+        measured.append({"factory": choice.factory, "build_s": round(build_s, 2), "tune_s": round(tune_s, 2),
+                         **{k: tuning.get(k) for k in ("param", "value", "recall", "target_reached",
+                                                       "queries_per_s_batched")}, "tuning": tuning})
     kept = fastest_at_target([m["tuning"] for m in measured])
     choice = contenders[kept]
     if len(contenders) > 1:
@@ -725,11 +741,13 @@ def build_fastest(folder: str, layout: Layout, d: int, cfg: IndexConfig,
                 os.remove(path)
         figures = ", ".join(f"{m['factory']} {m['queries_per_s_batched']:,.0f} q/s at recall@{RECALL_AT} "
                             f"{m['recall']:.3f}" for m in measured)
-        choice.reason += f"; measured the fastest at the target recall {cfg.target_recall} ({figures})"
+        verdict = "measured the fastest" if kept else f"measured, kept unless another is {MEASURED_MARGIN}x as fast"
+        choice.reason += f"; {verdict} at the target recall {cfg.target_recall} ({figures})"
         logger.info("kept %s: %s", choice.factory, figures)
-    if vectors_bytes is not None and codes_are_exact(choice.factory):
-        os.remove(vectors_path)
-        vectors_bytes = None
+    if not codes_are_exact(choice.factory) and vectors_bytes is None:
+        # Lossy codes (8-bit): the full vectors go beside them for an update's compaction, which rebuilds from the
+        # exact vectors (disk only: they are memory-mapped when read)
+        vectors_bytes = write_refine_vectors(vectors_path, layout, d, cfg.add_batch_size)
     return BuiltIndex(choice, measured[kept]["tuning"], [{k: v for k, v in m.items() if k != "tuning"}
                                                          for m in measured],
                       os.path.getsize(os.path.join(folder, INDEX_FILE)), vectors_bytes)

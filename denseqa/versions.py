@@ -16,7 +16,15 @@ from __future__ import annotations
 import logging
 
 from denseqa import storage
-from denseqa.index import BM25_DIR, DELETED_FILE, DOCSTORE_FILE, INDEX_FILE, MANIFEST_FILE, VECTORS_FILE
+from denseqa.index import (
+    BM25_DIR,
+    DELETED_FILE,
+    DOCSTORE_FILE,
+    INDEX_FILE,
+    MANIFEST_FILE,
+    TUNING_QUESTIONS_FILE,
+    VECTORS_FILE,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +32,8 @@ CURRENT_FILE = "CURRENT.json"
 VERSIONS_DIR = "versions"
 KEEP_VERSIONS = 2  # the current one and its predecessor
 # The files of version 1, which sits in the root folder itself (its manifest last: it marks the folder complete).
-ROOT_VERSION_FILES = (INDEX_FILE, VECTORS_FILE, DELETED_FILE, DOCSTORE_FILE, BM25_DIR, MANIFEST_FILE)
+ROOT_VERSION_FILES = (INDEX_FILE, VECTORS_FILE, TUNING_QUESTIONS_FILE, DELETED_FILE, DOCSTORE_FILE, BM25_DIR,
+                      MANIFEST_FILE)
 
 
 def current_pointer(root: str) -> dict | None:

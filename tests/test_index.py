@@ -163,9 +163,9 @@ def test_tuning_on_question_vectors_meets_the_target_for_those_questions(tmp_pat
     _, found = index.search(questions, 10)
     truth = exact_top_k(vectors, questions, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
-    # (within a query or two's single hit: the tuning searches 11 deep, to drop a corpus row's match with itself,
-    # and an HNSW search's stopping rule depends on how deep it goes)
-    assert recall >= 0.95 and recall == pytest.approx(tuning["recall"], abs=2e-3)
+    # (within a hit or two of 3,000: the tuner's exact top 10 comes from FAISS's inner products, this one from
+    # numpy's, and float rounding can swap a near tie at rank 10)
+    assert recall >= 0.95 and recall == pytest.approx(tuning["recall"], abs=1e-3)
 
 
 def test_refine_vectors_are_written_as_faiss_writes_an_inner_product_flat_index(tmp_path):
@@ -290,6 +290,8 @@ def test_the_fastest_at_target_recall_is_kept_else_the_best_recall():
 
     assert fastest_at_target([tuning(0.96, 200.0), tuning(0.95, 5000.0)]) == 1
     assert fastest_at_target([tuning(0.97, 900.0), tuning(0.95, 500.0)]) == 0
+    assert fastest_at_target([tuning(0.97, 900.0), tuning(0.95, 1000.0)]) == 0  # within the margin: the rule's
+    assert fastest_at_target([tuning(0.90, 900.0), tuning(0.95, 1000.0)]) == 1  # unless it misses the target
     assert fastest_at_target([tuning(0.80, 9000.0), tuning(0.96, 100.0)]) == 1  # below target: never faster
     assert fastest_at_target([tuning(0.90, 100.0), tuning(0.93, 50.0)]) == 1  # none reaches: the best recall
 
@@ -308,15 +310,24 @@ def test_hnsw_graphs_are_built_with_the_configured_ef_construction(tmp_path, fac
     assert hnsw_graphs(faiss.index_factory(d, "IVF64,Flat")) == []
 
 
-def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_path):
+@pytest.mark.parametrize("faster", ["HNSW32,SQ8", "IVF512,Flat"])
+def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_path, monkeypatch, faster):
     """A budget that fits an 8-bit graph and an inverted file of full vectors (d=64: 345 against 264 bytes per
     vector): the build-index job's folder writer builds and tunes both on the same questions, keeps the faster at
     the target recall as the folder's index, records both in the manifest's entry, and keeps the full vectors
-    beside the index only if its codes are lossy."""
+    beside the index only if its codes are lossy. Which one is faster is set here (the timing is replaced), so
+    that each way is taken."""
     import faiss
 
+    import denseqa.index
     from denseqa.drivers.build_index import write_index_folder
     from denseqa.index import INDEX_FILE, TUNING_QUESTIONS_FILE, VECTORS_FILE, set_search_parameter
+
+    def timed(index, queries):
+        ivf = faiss.try_extract_index_ivf(index) is not None
+        return 5000.0 if ivf == faster.startswith("IVF") else 1000.0
+
+    monkeypatch.setattr(denseqa.index, "queries_per_s", timed)
 
     n, d = 30_000, 64
     vectors = clustered_vectors(n, d, seed=11, clusters=300, noise=0.5)
@@ -334,7 +345,7 @@ def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_
     assert all(c["target_reached"] and c["queries_per_s_batched"] > 0 and c["build_s"] > 0
                for c in contenders), contenders
     fastest = max(contenders, key=lambda c: c["queries_per_s_batched"])
-    assert entry["factory"] == fastest["factory"] and "measured the fastest" in entry["chosen_because"]
+    assert entry["factory"] == fastest["factory"] == faster and "measured" in entry["chosen_because"]
     assert entry["search"]["tuned_on"] == 300 and entry["search"]["queries"] == "questions"
     assert entry["search"]["value"] == fastest["value"]
     # and the folder holds that index alone, which reaches the recall the tuning measured
@@ -350,4 +361,20 @@ def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_
     _, found = index.search(questions, 10)
     truth = exact_top_k(vectors, questions, 10)
     recall = np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)])
-    assert recall >= 0.95 and recall == pytest.approx(entry["search"]["recall"], abs=2e-3)
+    assert recall >= 0.95 and recall == pytest.approx(entry["search"]["recall"], abs=1e-3)  # as above
+
+
+def test_partitions_take_the_kind_the_first_partition_measured(tmp_path):
+    """Past exact search, the first partition measures both contenders; the others are built as the kind it kept
+    (each tuned on its own), so the root manifest's factory and search entry are true of every partition."""
+    from denseqa.drivers.build_index import write_partitions
+
+    d, n = 32, 9_000
+    layout = layout_of(tmp_path, clustered_vectors(n, d, seed=13, clusters=90), files=3)
+    cfg = IndexConfig(partitions=3, exact_max_vectors=1_000, bm25=False)
+    built = write_partitions(str(tmp_path / "parts"), layout, d, cfg, None, {})
+    entries = [p["index"] for p in built["partitions"]]
+    assert [len(e["contenders"]) for e in entries] == [2, 1, 1]
+    assert len({e["factory"] for e in entries}) == 1 and built["index"]["factory"] == entries[0]["factory"]
+    assert all(e["chosen_because"].startswith("as partition 0 chose: ") for e in entries[1:])
+    assert all(e["search"]["target_reached"] for e in entries)

@@ -254,6 +254,7 @@ def test_a_graph_over_8_bit_vectors_is_updated_and_compacted(corpus, tiny_model_
     assert (compacted.manifest["index"]["search"]["queries"], compacted.manifest["index"]["search"]["tuned_on"]) \
         == ("questions", 40)
     np.testing.assert_array_equal(np.load(tmp / "hnsw" / "versions" / "000003" / "tuning-questions.npy"), tuned)
+    assert not (tmp / "hnsw" / "tuning-questions.npy").exists()  # version 1's, with its other root files
     assert [hits[0].id for hits in compacted.search(texts[120:140], k=1)] == ids[120:140]
 
 

@@ -182,7 +182,7 @@ def write_partitions(staging: str, layout: Layout, d: int, icfg: IndexConfig, qu
     ``partitions/part-<i>/`` (its FAISS index chosen for the budget of one replica, docstore, BM25), for as many
     searcher deployments; the returned ``index`` entry lists them for the root manifest."""
     started = time.time()
-    parts = []
+    parts, chosen_because = [], None
     ranges = shard_ranges(layout.count, icfg.partitions)
     for i, (start, stop) in enumerate(ranges):
         folder = f"{PARTITIONS_DIR}/part-{i:03d}"
@@ -191,6 +191,13 @@ def write_partitions(staging: str, layout: Layout, d: int, icfg: IndexConfig, qu
         part = layout.slice(start, stop)
         write_docstore(part, os.path.join(path, DOCSTORE_FILE), icfg.add_batch_size)
         built = write_index_folder(path, part, d, icfg, question_vectors)
+        if i == 0 and not icfg.factory:
+            # The first partition's measured pick serves for all: partitions of one corpus are alike, and one kind
+            # keeps the root manifest's search entry true of every partition (each is still tuned on its own)
+            icfg, chosen_because = icfg.model_copy(update={"factory": built["index"]["factory"]}), \
+                f"as partition 0 chose: {built['index']['chosen_because']}"
+        elif i > 0 and chosen_because:
+            built["index"]["chosen_because"] = chosen_because
         logger.info("partition %d/%d: passages %d to %d, %s", i + 1, len(ranges), start, stop - 1,
                     built["index"]["factory"])
         parts.append({"folder": folder, "number": i, "of": len(ranges), "positions": [start, stop],

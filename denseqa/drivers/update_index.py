@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # What an index *is* (its choice and tuning): a compaction rebuilds with the settings the index was built with,
 # unless this command sets them.
+# Settings added since an index could be built without them: an older index is compacted as it was built.
+LEGACY_INDEX_SETTINGS = {"measure_contenders": False, "hnsw_ef_construction": 40}
 RECORDED_INDEX_KEYS = ("factory", "memory_budget_gb", "exact_max_vectors", "hnsw_max_vectors", "target_recall",
                        "measure_contenders", "hnsw_ef_construction", "tune_queries", "train_size", "bm25",
                        "bm25_stopwords", "bm25_tokenizer", "seed")
@@ -233,6 +235,7 @@ def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows,
         live = np.ones(ntotal, dtype=bool)
         live[deleted] = False
         chunks = full_vectors(index, staging, live, icfg.add_batch_size)
+        del index  # the chunks hold it until they are read, then the rebuild has the memory to itself
         return _compacted(staging, manifest, rows.filter(pa.array(live)), chunks, questions, cfg, work)
     del index
     save_tuning_questions(staging, questions)  # each version folder is complete
@@ -279,6 +282,8 @@ def _compacted(staging: str, manifest: dict, live_rows, chunks, questions: np.nd
         shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     recorded = (manifest.get("config") or {}).get("index") or {}
     settings = {k: recorded[k] for k in RECORDED_INDEX_KEYS if k in recorded}
+    if recorded:
+        settings = {**{k: v for k, v in LEGACY_INDEX_SETTINGS.items() if k not in recorded}, **settings}
     settings.update({k: getattr(cfg.index, k) for k in cfg.index.model_fields_set if k in RECORDED_INDEX_KEYS})
     if (manifest.get("bm25") or {}).get("tokenizer"):  # the terms the index was cut into, not "auto" again
         settings["bm25_tokenizer"] = manifest["bm25"]["tokenizer"]
