@@ -3,18 +3,21 @@
 1. throughput: passages/s of the Ray Data embedding job (``denseqa.embed.embed_corpus``: actor pool, reading and
    parquet writing included, actor start-up and model load included) against a bare
    ``SentenceTransformer.encode`` over the same passages with the same torch threads (model load excluded).
-2. ann: for 100k and 1M synthetic 384-dimension vectors, each index the chooser picks (default budget, and a
-   0.5 GB budget at 1M): build time, peak memory of the process, index size, tuned recall@10 against exact
-   search, queries/s one query at a time and in batches of 1,000. Each case runs in a fresh process so its
-   peak memory is its own. The vectors are isotropic clusters (a hard case), the real Debian answer vectors
-   (``debian:55805:4``), or vectors drawn like them at any size (``debian-like:1000000:4``); the last two are
-   queried by real question vectors.
+2. ann: for 100k and 1M synthetic 384-dimension vectors, the index the chooser keeps of the contenders it builds
+   and measures (default budget, and a 0.5 GB budget at 1M): build time, peak memory of the process, index size,
+   tuned recall@10 against exact search, queries/s one query at a time and in batches of 1,000. Each case runs
+   in a fresh process so its peak memory is its own. The vectors are isotropic clusters (a hard case), the real
+   Debian answer vectors (``debian:55805:4``), or vectors drawn like them at any size: blobs around their
+   cluster centres (``debian-like:1000000:4``) or a smoothed bootstrap (``debian-resampled:1000000:4``); the
+   last three are queried by real question vectors. ``calibration`` chooses the smoothed bootstrap's bandwidth;
+   ``ef_construction`` measures what a better graph buys.
 3. quality: 2,000 held-out Debian English questions against 10,000 answers that contain theirs: BM25, dense
    zero-shot (bundled all-MiniLM-L6-v2), dense fine-tuned (this repo's training job, same data minus the
    held-out questions), and their hybrids; plus how well HNSW's recall tuned on corpus vectors holds for real
    question vectors.
 
     python bench/bench_index.py --parts throughput,ann,quality
+    python bench/bench_index.py --parts ann --ann-cases debian-resampled:1000000:4,debian-resampled:1000000:0.5
 
 Needs ../shared/data. Results go to bench/results/index.json after each part.
 """
@@ -239,8 +242,8 @@ def write_synthetic_shards(folder: Path, n: int, d: int, seed: int = 0, chunk: i
 
 def write_ann_data(folder: Path, data: str, n: int, seed: int = 0, queries: int = 2000) -> None:
     """The corpus and queries of one ann case. ``isotropic``: ``write_synthetic_shards``. ``debian``: the first n
-    real answer vectors (shuffled), ``debian-like``: n drawn by ``debian_like``; both queried by real question
-    vectors, which are not in the corpus."""
+    real answer vectors (shuffled), ``debian-like`` / ``debian-resampled``: n drawn by ``debian_like`` /
+    ``debian_resampled``; these three are queried by real question vectors, which are not in the corpus."""
     if data == "isotropic":
         write_synthetic_shards(folder, n, 384, seed=seed, queries=queries)
         return
@@ -545,8 +548,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=10_000, help="passages for the throughput part")
     p.add_argument("--ann-cases", default="100000:4,1000000:4,1000000:0.5",
                    help="[data:]vectors:memory budget in GB of each ann case, data one of isotropic (the default), "
-                   "debian (real answer vectors), debian-like (drawn like them); each replaces the same case of a "
-                   "former run")
+                   "debian (real answer vectors), debian-like (blobs around their cluster centres), "
+                   "debian-resampled (a smoothed bootstrap of them); each replaces the same case of a former run")
     p.add_argument("--quality-steps", type=int, default=100)
     p.add_argument("--heldout", type=int, default=2000)
     p.add_argument("--corpus", type=int, default=10_000)
