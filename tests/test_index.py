@@ -31,6 +31,13 @@ def clustered_vectors(n: int, d: int, seed: int = 0, clusters: int = 1000, noise
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+def between_passages(vectors: np.ndarray, m: int, seed: int) -> np.ndarray:
+    """Questions that are not passages: m normalised sums of two random passages, off the clusters."""
+    rng = np.random.default_rng(seed)
+    questions = vectors[rng.choice(len(vectors), m)] + vectors[rng.choice(len(vectors), m)]
+    return questions / np.linalg.norm(questions, axis=1, keepdims=True)
+
+
 def write_shards(folder, vectors: np.ndarray, files: int) -> str:
     """Embedding shards as the Ray Data job writes them: (id, text, vector) parquet files."""
     folder.mkdir(parents=True)
@@ -150,9 +157,7 @@ def test_tuning_on_question_vectors_meets_the_target_for_those_questions(tmp_pat
     n, d = 20_000, 64
     vectors = clustered_vectors(n, d, seed=5, clusters=100, noise=0.5)
     layout = layout_of(tmp_path, vectors)
-    rng = np.random.default_rng(6)
-    questions = vectors[rng.choice(n, 300)] + vectors[rng.choice(n, 300)]
-    questions /= np.linalg.norm(questions, axis=1, keepdims=True)
+    questions = between_passages(vectors, 300, seed=6)
     cfg = IndexConfig(factory="HNSW32,Flat")
     choice = choose_index(n, d, cfg)
     index = build_faiss_index(layout, d, choice, cfg)
@@ -332,9 +337,7 @@ def test_both_contenders_are_built_and_measured_and_only_the_kept_one_stays(tmp_
     n, d = 30_000, 64
     vectors = clustered_vectors(n, d, seed=11, clusters=300, noise=0.5)
     layout = layout_of(tmp_path, vectors)
-    rng = np.random.default_rng(12)
-    questions = vectors[rng.choice(n, 300)] + vectors[rng.choice(n, 300)]
-    questions /= np.linalg.norm(questions, axis=1, keepdims=True)
+    questions = between_passages(vectors, 300, seed=12)
     cfg = IndexConfig(memory_budget_gb=11e6 / 2**30, exact_max_vectors=1_000, bm25=False)
     folder = tmp_path / "index"
     folder.mkdir()
