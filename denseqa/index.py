@@ -103,9 +103,14 @@ IVF_ID_BYTES = 8  # an IVF list stores each vector's id beside its code
 HNSW_QUANTIZER_MIN_NLIST = 4096  # from this many lists, finding the nearest lists by brute force costs too much
 
 
-def hnsw_graph_bytes(n: int) -> int:
-    """The graph of HNSW{M}: 2M neighbour ids (int32) per vector at level 0, ~1/M of that again above."""
-    return int(n * HNSW_M * 2 * 4 * 1.1)
+HNSW_SMALL_M = 16  # a sparser graph, for when no graph of HNSW_M links fits the budget
+
+
+def hnsw_graph_bytes(n: int, m: int = HNSW_M) -> int:
+    """The graph of HNSW{m}: 2m neighbour ids (int32) per vector at level 0, m per level above (a vector reaches
+    1 / (m - 1) levels above on average), and a level (int32) and an offset (int64) per vector; FAISS's serialised
+    graphs match it to the byte per vector at m = 16 and 32."""
+    return int(n * (4 * (2 * m + m / (m - 1)) + 12))
 
 
 def ivf_factory(nlist: int) -> str:
@@ -124,12 +129,12 @@ def index_contenders(n: int, d: int, cfg: IndexConfig) -> list[IndexChoice]:
     preference first.
 
     Exact search while the corpus is small; otherwise the least lossy HNSW graph that fits (full, half or 8-bit
-    vectors; unsharded builds only: a graph does not merge) and the least lossy inverted file that fits (an HNSW
-    coarse quantiser when the lists are many; full or 8-bit vectors, else product quantisation, OPQ + IVF-PQ, as
-    many bytes per vector as fit). Which of the two searches faster at the target recall depends on the data, not
-    only its size: on the real Debian embeddings (56k) and vectors drawn like them (1M) the graph, by 3.3x and
-    5.5x; on well-separated clusters the inverted file (BENCHMARKS.md). So :func:`build_fastest` builds and
-    measures both unless ``cfg.measure_contenders`` is off.
+    vectors, 32 links per vector, else 16; unsharded builds only: a graph does not merge) and the least lossy
+    inverted file that fits (an HNSW coarse quantiser when the lists are many; full or 8-bit vectors, else product
+    quantisation, OPQ + IVF-PQ, as many bytes per vector as fit). Which of the two searches faster at the target
+    recall depends on the data, not only its size: on the real Debian embeddings (56k) and vectors drawn like them
+    (1M) the graph, by 3.3x and 5.5x; on well-separated clusters the inverted file (BENCHMARKS.md). So
+    :func:`build_fastest` builds and measures both unless ``cfg.measure_contenders`` is off.
     The size estimates are the memory model in BENCHMARKS.md.
     """
     budget = cfg.memory_budget_gb * 2**30
@@ -150,12 +155,14 @@ def index_contenders(n: int, d: int, cfg: IndexConfig) -> list[IndexChoice]:
     fits = f"fits --memory-budget-gb {cfg.memory_budget_gb}"
     contenders = []
     if cfg.shards == 1 and n <= cfg.hnsw_max_vectors:
-        for encoding, per_dim in VECTOR_ENCODINGS:
-            size = int(n * d * per_dim) + hnsw_graph_bytes(n)
-            if size <= budget:
-                contenders.append(IndexChoice(f"HNSW{HNSW_M},{encoding}", "hnsw", f"graph search over {encoding} "
-                                              f"vectors ({size / 2**30:.2f} GiB) {fits}", size))
-                break
+        # the densest graph first (HNSW_M links), over the least lossy vectors that fit; a sparser one only when
+        # none of those fits
+        sizes = ((m, encoding, int(n * d * per_dim) + hnsw_graph_bytes(n, m))
+                 for m in (HNSW_M, HNSW_SMALL_M) for encoding, per_dim in VECTOR_ENCODINGS)
+        m, encoding, size = next(((m, e, size) for m, e, size in sizes if size <= budget), (None, None, None))
+        if m is not None:
+            contenders.append(IndexChoice(f"HNSW{m},{encoding}", "hnsw", f"graph search over {encoding} vectors "
+                                          f"({size / 2**30:.2f} GiB) {fits}", size))
     why = f"sharded build (--shards {cfg.shards})" if cfg.shards > 1 else \
         f"{n} > hnsw_max_vectors {cfg.hnsw_max_vectors}" if n > cfg.hnsw_max_vectors else \
         "no HNSW graph fits the budget" if not contenders else ""

@@ -93,7 +93,8 @@ def test_chosen_approximate_index_reaches_target_recall_on_100k_vectors(tmp_path
         (1_000_000, 1.5, 1, "hnsw", "HNSW32,SQfp16"),  # half floats: 0.98 GiB
         (1_000_000, 0.75, 1, "hnsw", "HNSW32,SQ8"),  # 8 bits: 0.62 GiB
         (1_000_000, 4.0, 2, "ivf", "IVF4096_HNSW32,Flat"),  # sharded: no graph; many lists: an HNSW quantiser
-        (1_000_000, 0.5, 1, "ivf", "IVF4096_HNSW32,SQ8"),  # SQ8 before PQ: 0.37 GB
+        (1_000_000, 0.5, 1, "hnsw", "HNSW16,SQ8"),  # a sparser graph over 8 bits: 0.49 GiB
+        (1_000_000, 0.4, 1, "ivf", "IVF4096_HNSW32,SQ8"),  # no graph: SQ8 before PQ, 0.37 GiB
         (10_000_000, 4.0, 1, "ivf", "IVF16384_HNSW32,SQ8"),  # past hnsw_max_vectors
         (10_000_000, 0.5, 1, "ivfpq", "OPQ32,IVF16384_HNSW32,PQ32"),  # even 8 bits (3.7 GB) do not fit
     ],
@@ -278,7 +279,8 @@ def test_an_index_in_partitions_searches_as_the_whole_one(tmp_path, files):
         (1_000_000, 4.0, True, ["HNSW32,Flat", "IVF4096_HNSW32,Flat"]),
         (1_000_000, 4.0, False, ["HNSW32,Flat"]),  # by rule: the graph
         (1_000_000, 0.75, True, ["HNSW32,SQ8", "IVF4096_HNSW32,SQ8"]),
-        (1_000_000, 0.5, True, ["IVF4096_HNSW32,SQ8"]),  # no graph fits
+        (1_000_000, 0.5, True, ["HNSW16,SQ8", "IVF4096_HNSW32,SQ8"]),  # only a sparser graph fits
+        (1_000_000, 0.4, True, ["IVF4096_HNSW32,SQ8"]),  # no graph fits
         (10_000_000, 0.5, True, ["OPQ32,IVF16384_HNSW32,PQ32"]),
     ],
 )
