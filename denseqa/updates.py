@@ -86,10 +86,20 @@ def plan_update(docstore: pa.Table, deleted: np.ndarray, upserts: pa.Table | Non
     return UpdatePlan(append, tombstones, counts, unknown.slice(0, UNKNOWN_SHOWN).to_pylist())
 
 
-def append_vectors(index_path: str, vectors_path: str | None, new: np.ndarray, staging: str, factory: str,
-                   batch_size: int):
+def check_exact_vectors(root: str, entry: dict) -> bool:
+    """Whether the index (its manifest's ``index`` entry) keeps a full-vectors file beside its codes. Lossy codes
+    without one cannot be appended to or compacted: refused in one line, before anything is embedded."""
+    has_file = bool(entry.get("vectors") or entry.get("refine"))
+    if not has_file and not codes_are_exact(entry["factory"]):
+        raise InputError(f"{root}: {entry['factory']} keeps no exact vectors and the index has no {VECTORS_FILE} "
+                         "beside it (built by an older denseqa); rebuild it once to update it")
+    return has_file
+
+
+def append_vectors(index_path: str, vectors_path: str | None, new: np.ndarray, staging: str, batch_size: int):
     """The current FAISS index with ``new`` appended, written to ``staging`` (and the full-vectors file with them
-    when the codes are lossy). Returns the index, in memory, for a compaction to read back."""
+    when the codes are lossy: ``vectors_path``, see :func:`check_exact_vectors`). Returns the index, in memory,
+    for a compaction to read back."""
     import faiss
 
     index = faiss.read_index(index_path)
@@ -99,9 +109,6 @@ def append_vectors(index_path: str, vectors_path: str | None, new: np.ndarray, s
     if vectors_path is not None:
         old = read_vectors_file(vectors_path, batch_size)
         write_vectors_file(os.path.join(staging, VECTORS_FILE), index.d, index.ntotal, _chain(old, [new]))
-    elif not codes_are_exact(factory):
-        raise InputError(f"{index_path}: {factory} keeps no exact vectors and the index has no {VECTORS_FILE} "
-                         "beside it (built by an older denseqa); rebuild it once to update it")
     return index
 
 

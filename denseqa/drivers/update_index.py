@@ -28,7 +28,6 @@ from denseqa.index import (
     INDEX_FILE,
     MANIFEST_FILE,
     VECTORS_FILE,
-    codes_are_exact,
     load_tuning_questions,
     save_tuning_questions,
 )
@@ -53,7 +52,7 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
 
     from denseqa.corpus import check_corpus, read_corpus_table
     from denseqa.search import read_manifest
-    from denseqa.updates import plan_update
+    from denseqa.updates import check_exact_vectors, plan_update
 
     started = time.time()
     icfg = cfg.index
@@ -67,11 +66,7 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     if manifest["index"]["kind"] == "partitioned" or manifest.get("partition"):
         raise InputError(f"{root}: a partitioned index (--partitions), or one of its partitions, is not updated "
                          "live yet; build it again")
-    recorded = manifest["index"]
-    if not codes_are_exact(recorded["factory"]) and not (recorded.get("vectors") or recorded.get("refine")):
-        # checked before anything is embedded: a compaction or an append needs the exact vectors of lossy codes
-        raise InputError(f"{root}: {recorded['factory']} keeps no exact vectors and the index has no {VECTORS_FILE} "
-                         "beside it (built by an older denseqa); rebuild it once to update it")
+    check_exact_vectors(root, manifest["index"])
     derived_ids = bool(manifest["corpus"].get("derived_ids"))
     upsert_cfg = cfg.corpus.model_copy(update={"path": icfg.upsert, "from_answers": derived_ids})
     checked = check_corpus(upsert_cfg) if icfg.upsert else None  # columns, types, duplicate ids
@@ -218,14 +213,13 @@ def _write_version(local: str, staging: str, manifest: dict, docstore, new_rows,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from denseqa.updates import append_vectors, full_vectors, live_positions
+    from denseqa.updates import append_vectors, check_exact_vectors, full_vectors, live_positions
 
     icfg = cfg.index
     recorded = manifest["index"]
     questions = load_tuning_questions(local, recorded.get("tuning_questions"))
-    vectors_file = os.path.join(local, VECTORS_FILE) if recorded.get("vectors") or recorded.get("refine") else None
-    index = append_vectors(os.path.join(local, INDEX_FILE), vectors_file, new_vectors, staging, recorded["factory"],
-                           icfg.add_batch_size)
+    vectors_file = os.path.join(local, VECTORS_FILE) if check_exact_vectors(local, recorded) else None
+    index = append_vectors(os.path.join(local, INDEX_FILE), vectors_file, new_vectors, staging, icfg.add_batch_size)
     ntotal = index.ntotal
     rows = pa.concat_tables([docstore, new_rows.cast(docstore.schema)]) if new_rows.num_rows else docstore
     share = len(deleted) / max(ntotal, 1)
