@@ -94,12 +94,12 @@ def monitor_config_path(gcs_address: str) -> str | None:
     return None
 
 
-def serve_controller(http_options: dict, proxy_location: Any, grpc_options: Any):
+def serve_controller(http_options: dict, proxy_location: Any, grpc_options: Any, controller_options: Any = None):
     """Serve's controller client on the connected cluster, starting Serve with these options if it is not up."""
     from ray.serve._private import api as serve_api
 
     return serve_api.serve_start(http_options=http_options, proxy_location=proxy_location,
-                                 grpc_options=grpc_options)
+                                 grpc_options=grpc_options, controller_options=controller_options)
 
 
 def deploy_apps(controller, schema) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -272,6 +273,14 @@ def test_serve_bad_index_config_and_values(tmp_path):
     bad_yaml.write_text("applications: [unclosed\n")
     assert_one_line_error(serve("--index", str(half), "--serve-config", str(bad_yaml)), str(bad_yaml),
                           "not valid YAML", command="serve")
+    # HAProxy ingress asked of the controller but not of the replicas: HAProxy would have nothing to forward to
+    half_haproxy = tmp_path / "half-haproxy.yaml"
+    shipped = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
+    del shipped["applications"][0]["runtime_env"]
+    half_haproxy.write_text(yaml.safe_dump(shipped))
+    assert_one_line_error(serve("--index", str(half), "--serve-config", str(half_haproxy)), str(half_haproxy),
+                          "RAY_SERVE_ENABLE_HA_PROXY is '1' in controller_options", "'0' in application 'denseqa'",
+                          command="serve")
     assert_one_line_error(serve("--index", str(half), "--port", "70000"), "serve.port must be in 1..65535",
                           command="serve")
     assert_one_line_error(serve("--index", str(half), "--max-batch-size", "0"), "serve.max_batch_size must be >= 1",

@@ -37,6 +37,7 @@ def load_serve_config(path: str | None = None) -> dict:
     config = load_yaml(path)  # one-line errors for a missing file or invalid YAML
     if not config.get("applications"):
         raise InputError(f"{path}: a Serve config needs an `applications` list; pass --serve-config")
+    check_ingress_mode(config, path)
     return config
 
 
@@ -84,6 +85,8 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
 
     # A Serve config is declarative: applications missing from it are deleted. Keep the ones already running.
     running = running_config()
+    if not running:  # Serve starts with this config's controller_options (a running controller keeps its own)
+        check_ingress_mode(config)
     if running:
         ours = {app["name"] for app in config["applications"]}
         config = {**config, "applications": [*config["applications"],
@@ -97,12 +100,32 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
     # the running replicas instead of restarting them (that is how an index is hot-swapped).
     controller = ray_private.serve_controller(http_options=schema.http_options.model_dump(),
                                               proxy_location=schema.proxy_location,
-                                              grpc_options=gRPCOptions(**schema.grpc_options.model_dump()))
+                                              grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                                              controller_options=schema.controller_options)
     ray_private.deploy_apps(controller, schema)
     wait_until_running([app.name for app in schema.applications], timeout_s)
     host = schema.http_options.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{host}:{schema.http_options.port}"
+
+
+# Ray Serve reads this in each of its processes: the controller starts HAProxy in place of its proxy actors, and
+# an ingress replica serves HTTP itself. One without the other leaves HAProxy with nothing to forward to.
+HA_PROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+
+
+def check_ingress_mode(config: dict, source: str = "Serve config") -> None:
+    """Refuse a Serve config whose controller and applications disagree on Serve's HAProxy ingress."""
+    def env_value(section: dict | None) -> str:
+        return str((((section or {}).get("runtime_env") or {}).get("env_vars") or {}).get(HA_PROXY_ENV, "0"))
+
+    controller = env_value(config.get("controller_options"))
+    for app in config.get("applications", []):
+        if env_value(app) != controller:
+            raise InputError(
+                f"{source}: {HA_PROXY_ENV} is {controller!r} in controller_options.runtime_env.env_vars but "
+                f"{env_value(app)!r} in application {app.get('name')!r}'s runtime_env.env_vars; set it the same "
+                "in both (the controller runs HAProxy, the replicas the HTTP servers it forwards to)")
 
 
 def running_config() -> dict | None:
