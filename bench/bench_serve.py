@@ -17,7 +17,8 @@ system and client count: requests/s, p50/p99 latency, errors; and the serve/base
 
 A third part (``floor``) measures what Ray Serve itself costs here: one client against an app that does no work,
 answered by the ingress replica alone and after one handle call to a second replica (the hop the default
-topology has between SearchAPI and IndexSearcher).
+topology has between SearchAPI and IndexSearcher), behind Serve's Python proxy and behind its HAProxy ingress
+(configs/serve.yaml's default).
 
 A second part measures the bare encoder (no HTTP, no Ray) by torch threads and batch size: what batching can
 buy on this machine.
@@ -119,10 +120,11 @@ def baseline_app(index: str):
     def search(request: SearchRequest):  # a plain def: FastAPI runs it in its thread pool
         started = time.perf_counter()
         queries = checked_queries(request, limits)
-        hits = searcher.search(queries, request.k, request.mode)
+        mode = request.mode or "dense"  # a request naming no mode gets the service's default, dense as shipped
+        hits = searcher.search(queries, request.k, mode)
         results = [{"query": q, "hits": [{"id": h.id, "score": h.score, "text": h.text} for h in row]}
                    for q, row in zip(queries, hits, strict=True)]
-        return SearchResponse(results=results, mode=request.mode, k=request.k, index=index,
+        return SearchResponse(results=results, mode=mode, k=request.k, index=index,
                               took_ms=(time.perf_counter() - started) * 1000)
 
     @app.get("/healthz")
@@ -282,20 +284,27 @@ def encoder_alone(questions: list[str], threads: tuple[int, ...] = (1, 2), batch
     return rows
 
 
-def serve_floor(ray_cpus: int, requests: int = 1000, warmup: int = 100) -> list[dict]:
-    """Latency at 1 client of a Serve app that does no work: the ingress alone, and one handle call further."""
+def serve_floor(ray_cpus: int, ingress: str, requests: int = 1000, warmup: int = 100) -> list[dict]:
+    """Latency at 1 client of a Serve app that does no work: the ingress alone, and one handle call further.
+
+    ``ingress``: ``proxy`` (Serve's proxy actor) or ``haproxy`` (RAY_SERVE_ENABLE_HA_PROXY in the controller and
+    the replicas, as configs/serve.yaml sets it).
+    """
     import ray
     from fastapi import FastAPI
     from ray import serve
 
+    from denseqa.drivers.serve import HA_PROXY_ENV
+
+    runtime_env = {"env_vars": {HA_PROXY_ENV: "1" if ingress == "haproxy" else "0"}}
     echo = FastAPI()
 
-    @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0.5})
+    @serve.deployment(name="Echo", ray_actor_options={"num_cpus": 0.5, "runtime_env": runtime_env})
     class Echo:
         async def echo(self, body: dict) -> dict:
             return body
 
-    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25})
+    @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0.25, "runtime_env": runtime_env})
     @serve.ingress(echo)
     class Ingress:
         def __init__(self, leaf) -> None:
@@ -311,7 +320,7 @@ def serve_floor(ray_cpus: int, requests: int = 1000, warmup: int = 100) -> list[
 
     ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, controller_options={"runtime_env": runtime_env})
     serve.run(Ingress.bind(Echo.bind()), name="floor",
               logging_config={"log_level": "WARNING", "enable_access_log": False})
     rows = []
@@ -327,7 +336,8 @@ def serve_floor(ray_cpus: int, requests: int = 1000, warmup: int = 100) -> list[
             assert response.status == 200, response.status
             if i >= warmup:
                 latencies.append((time.perf_counter() - sent) * 1000)
-        rows.append({"path": path, "requests": requests, "p50_ms": round(float(np.percentile(latencies, 50)), 1),
+        rows.append({"ingress": ingress, "path": path, "requests": requests,
+                     "p50_ms": round(float(np.percentile(latencies, 50)), 1),
                      "p99_ms": round(float(np.percentile(latencies, 99)), 1)})
         print("floor", rows[-1], flush=True)
     serve.shutdown()
@@ -411,7 +421,8 @@ def main() -> None:
     if "encoder" in parts:
         result["encoder_alone"] = encoder_alone(questions)
     if "floor" in parts:
-        result["serve_floor"] = serve_floor(args.ray_cpus)
+        result["serve_floor"] = [row for ingress in ("proxy", "haproxy")
+                                 for row in serve_floor(args.ray_cpus, ingress)]
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n")
 
