@@ -187,7 +187,11 @@ class TrainConfig(Section):
         "activations, so the global batch is bounded by time, not memory. Same gradients as without it.",
     )
     mini_batch_size: int = _f(32, "With cached_loss: texts per forward pass (what bounds a worker's memory).", ge=1)
-    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "Autocast precision on GPU (CPU runs fp32).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
+        "auto", "Autocast precision of the model's forward pass (the loss stays fp32). auto: bf16 where every "
+        "worker's device computes it natively (a CUDA GPU with bf16; a CPU with AMX, Intel Xeon 4th generation and "
+        "later), else fp32. fp16 needs --use-gpu."
+    )
     seed: int = _f(42, "Seed of the model initialisation and the per-epoch shuffle.")
     # -- evaluation, logging, checkpoints
     log_every_steps: int = _f(10, "Log and report the training loss every N steps.", ge=1, operational=True)
@@ -231,9 +235,9 @@ class TrainConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _precision_needs_a_gpu(self):
-        if not self.use_gpu and self.precision != "fp32":
-            raise _broken("precision", "fp32 without --use-gpu", self.precision)
+    def _fp16_needs_a_gpu(self):
+        if not self.use_gpu and self.precision == "fp16":
+            raise _broken("precision", "auto, fp32 or bf16 without --use-gpu", self.precision)
         return self
 
 

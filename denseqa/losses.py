@@ -150,6 +150,12 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         ``labels`` = their texts' hashes, int64 (B, len(embeddings)) (:func:`duplicate_labels`), or with
         ``distill`` a :class:`LossLabels` that adds the teacher's scores."""
         hashes, teacher_scores = _split_labels(labels)
+        # Under bf16 autocast (train.precision) the encoder runs in bf16, but the scores stay fp32: a bf16 score
+        # times scale 20 is rounded to steps of 1/16 to 1/8, coarse for a softmax over near-duplicate answers.
+        with torch.autocast(embeddings[0].device.type, enabled=False):
+            return self._fp32_loss([e.float() for e in embeddings], hashes, teacher_scores)
+
+    def _fp32_loss(self, embeddings: list[Tensor], hashes: Tensor | None, teacher_scores: Tensor | None) -> Tensor:
         loss = -self.log_likelihoods(embeddings, hashes).mean()
         if self.distillation is None:
             return loss

@@ -61,6 +61,19 @@ def torch_threads_default(processes_on_node: int) -> int:
     return max(1, node_cores() // max(1, processes_on_node))
 
 
+def native_bf16(device) -> bool:
+    """Whether ``device`` (a torch.device) multiplies bf16 matrices in hardware: a CUDA GPU with bf16 (Ampere and
+    later), or a CPU with AMX tiles (Intel Xeon 4th generation and later), where oneDNN runs bf16 matrix products
+    at several times fp32's rate. Elsewhere bf16 autocast is emulated, slower than fp32."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # torch's own CPU feature check (private, but the one its oneDNN kernels dispatch on); absent: assume none.
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return device.type == "cpu" and bool(check and check())
+
+
 def embeds_on_gpu(use_gpu: bool | None) -> bool:
     """Whether a model actor pool runs on GPUs: as configured, else when the connected cluster has GPUs now or
     its autoscaler has a node type with GPUs (it starts one for the pool)."""

@@ -32,7 +32,7 @@ from denseqa.config import JobConfig
 from denseqa.errors import InputError
 from denseqa.logs import logger, setup_logging
 from denseqa.provenance import peak_memory_mb
-from denseqa.resources import torch_threads_default
+from denseqa.resources import native_bf16, torch_threads_default
 
 RECORD_FILE = "denseqa.json"
 HELDOUT_FILE = "heldout.parquet"
@@ -93,6 +93,7 @@ class TrainState:
     train_seconds: float = 0.0  # wall time of the training steps (data included, evaluation excluded)
     peak_memory_mb: list[dict[str, float]] = field(default_factory=list)  # per rank, at the last checkpoint
     torch_threads: list[int] = field(default_factory=list)  # per rank, in the last attempt
+    precision: str = ""  # the autocast precision the last attempt ran (train.precision resolved)
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -340,6 +341,15 @@ def train_step(task: TrainingTask, batch: dict[str, Any], model, opt: Optimizati
     return mean_loss
 
 
+def resolve_precision(configured: str, device: torch.device) -> str:
+    """``train.precision`` as this run will use it. ``auto`` is bf16 when every rank's device computes it natively
+    (:func:`denseqa.resources.native_bf16`), else fp32: all ranks must agree, since the gathered embeddings and the
+    collectives of the step must match across them. Called on every rank (it is a collective)."""
+    if configured != "auto":
+        return configured
+    return "bf16" if all(distributed.all_gather_objects(native_bf16(device))) else "fp32"
+
+
 # ---------------------------------------------------------------------------------------------- the worker
 
 
@@ -370,8 +380,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     model, frozen = task.load()
     optimizer = build_optimizer(model, t)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(t.warmup_ratio * plan.total_steps), plan.total_steps)
-    opt = Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=t.precision == "fp16"),
-                       {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision), device)
+    precision = resolve_precision(t.precision, device)
+    opt = Optimization(optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+                       {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), device)
 
     # Resume: after a worker failure Ray Train hands back the latest checkpoint of this run.
     state = TrainState()
@@ -382,6 +393,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.attempts.append({"start_step": state.step, "steps_run": 0})
     state.torch_threads = distributed.all_gather_objects(torch.get_num_threads())
+    state.precision = precision
     attempt = state.attempts[-1]
 
     forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=distributed.ddp_kwargs())
@@ -412,8 +424,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if is_rank_zero:
         logger.info("training the %s: %s; %d steps (%d per epoch), eval every %d; torch threads per worker %s; "
-                    "frozen without gradient: %s", task.kind, task.describe(world), plan.total_steps,
-                    plan.steps_per_epoch, plan.eval_every_steps, ",".join(map(str, state.torch_threads)),
+                    "precision %s; frozen without gradient: %s", task.kind, task.describe(world), plan.total_steps,
+                    plan.steps_per_epoch, plan.eval_every_steps, ",".join(map(str, state.torch_threads)), precision,
                     ", ".join(frozen) or "none")
     if state.step == 0:
         baseline = run_eval()

@@ -35,7 +35,7 @@ def test_unknown_key_is_an_error_that_names_it():
     [
         ({"train": {"scale": -1}}, r"x.yaml: train.scale must be > 0, got -1"),
         ({"train": {"batch_size": "8"}}, r"train.batch_size must be a int, got '8'"),
-        ({"train": {"precision": "bf16"}}, r"train.precision must be fp32 without --use-gpu"),
+        ({"train": {"precision": "fp16"}}, r"train.precision must be auto, fp32 or bf16 without --use-gpu"),
         ({"train": {"checkpoint_metric": "map"}}, r"checkpoint_metric must be one of"),
         ({"data": {"heldout_fraction": 1.5}}, r"data.heldout_fraction must be in \(0, 1\)"),
         ({"model": {"pooling": "max"}}, r"model.pooling must be one of mean, cls, got 'max'"),

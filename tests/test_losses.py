@@ -34,6 +34,22 @@ def test_world_size_one_equals_sentence_transformers_mnrl():
     torch.testing.assert_close(mine, ref)
 
 
+def test_under_bf16_autocast_the_scores_and_the_loss_stay_fp32():
+    # Given embeddings and a loss computed inside bf16 autocast, as train.precision bf16 runs the step
+    q, a = _embeddings(32, d=64)
+    questions, answers = [f"q{i}" for i in range(32)], [f"a{i}" for i in range(32)]
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0)
+    labels = duplicate_labels(questions, answers)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss_fn.compute_loss_from_embeddings([q, a], labels)
+        # (what autocast would have made of the scores: bf16 matrix products)
+        rounded = MultipleNegativesRankingLoss(None, scale=20.0).compute_loss_from_embeddings([q, a], labels=None)
+    # Then it is the fp32 loss, not the bf16-rounded one
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, loss_fn.compute_loss_from_embeddings([q, a], labels))
+    assert abs(float(rounded) - float(under_autocast)) > 1e-4
+
+
 def _masked_reference(q, a, questions, answers, scale=20.0):
     """Cross-entropy over cos-sim logits where equal answers (or answers of equal questions) are removed."""
     sim = torch.nn.functional.normalize(q, dim=-1) @ torch.nn.functional.normalize(a, dim=-1).T * scale

@@ -23,6 +23,19 @@ def submit(cluster, *args: str, faults: str | None = None):
     return submit_job(cluster, "train", *args, faults=faults)
 
 
+def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    import torch
+
+    from denseqa import train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "native_bf16", lambda device: False)
+    assert train.resolve_precision("auto", cpu) == "fp32"
+    assert train.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated, but given
+    monkeypatch.setattr(train, "native_bf16", lambda device: True)
+    assert train.resolve_precision("auto", cpu) == "bf16" and train.resolve_precision("fp32", cpu) == "fp32"
+
+
 @pytest.fixture(scope="module")
 def sample(cluster) -> str:
     path = cluster["tmp"] / "debian-en-400.parquet"
@@ -56,6 +69,13 @@ def test_job_trains_the_default_model_and_writes_a_loadable_model_with_its_recor
     assert record["data"]["rows"] == {"read": 400, "dropped": 0, "heldout": 50, "train": 350}
     assert record["training"]["steps"] == 4 and record["training"]["global_batch_size"] == 16
     assert record["training"]["negatives_per_question"] == 15
+    # train.precision auto: bf16 on a CPU with AMX (this machine's kind), else fp32, named in the log and record
+    import torch
+
+    from denseqa.resources import native_bf16
+
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert record["training"]["precision"] == precision and f"precision {precision}" in log
     for key in ("before", "final"):
         assert set(record["metrics"][key]) == {"recall@1", "recall@10", "mrr@10", "ndcg@10"}
         assert all(0 <= v <= 1 for v in record["metrics"][key].values())

@@ -175,6 +175,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
             "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
             "peak_memory_mb_per_worker": state.peak_memory_mb,
             "torch_threads_per_worker": state.torch_threads,
+            "precision": state.precision,
             "pairs_per_s": round(sum(a["steps_run"] for a in state.attempts) * plan.world_size
                                  * cfg.train.batch_size / max(state.train_seconds, 1e-9), 2),
         },
