@@ -83,7 +83,8 @@ class ShardProgress:
 class PassageEmbedder:
     """A Ray Data actor: holds the encoder, turns batches of ``(id, text)`` into ``(id, text, vector)``."""
 
-    def __init__(self, model: dict, encode_batch_size: int, torch_threads: int | None, use_gpu: bool) -> None:
+    def __init__(self, model: dict, encode_batch_size: int, torch_threads: int | None, use_gpu: bool,
+                 precision: str = "fp32") -> None:
         import torch
 
         from denseqa.logs import setup_logging
@@ -92,13 +93,41 @@ class PassageEmbedder:
         setup_logging()
         if torch_threads:
             torch.set_num_threads(torch_threads)
-        self.encoder = Encoder.load(ModelConfig(**model), device="cuda" if use_gpu else "cpu")
+        model_cfg = ModelConfig(**model)
+        if precision == "bf16":  # bf16 passages run on torch, whatever encodes the queries (resolve_precision)
+            model_cfg = model_cfg.model_copy(update={"backend": "torch"})
+        self.encoder = Encoder.load(model_cfg, device="cuda" if use_gpu else "cpu")
+        self.encoder.passage_precision = precision
         self.encode_batch_size = encode_batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = self.encoder.encode_passages(batch.column("text").to_pylist(), self.encode_batch_size)
         column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         return batch.append_column(VECTOR, column)
+
+
+def check_precision(configured: str, backend: str | None) -> None:
+    """InputError for an ``embed.precision`` that cannot go with ``model.backend`` (as configured: before any work)."""
+    if configured == "bf16" and backend == "onnx-int8":
+        raise InputError("embed.precision bf16 cannot be combined with model.backend onnx-int8: an int8 index "
+                         "embeds its passages with the int8 model its queries use; use --embed.precision fp32")
+
+
+def resolve_precision(configured: str, backend: str, use_gpu: bool) -> str:
+    """``embed.precision`` as the actors will run it: fp32 or bf16 (resolved here, in the driver, so that the index
+    records what ran). ``auto`` is bf16 on GPU actors and on CPU actors where this machine's CPU has AMX
+    (:func:`denseqa.resources.native_bf16`; a cluster's CPU nodes are taken to be alike), unless the queries run
+    int8, whose passages must be int8 too. ``backend`` is model.backend resolved."""
+    import torch
+
+    from denseqa.resources import native_bf16
+
+    check_precision(configured, backend)
+    if backend == "onnx-int8":
+        return "fp32"
+    if configured != "auto":
+        return configured
+    return "bf16" if use_gpu or native_bf16(torch.device("cpu")) else "fp32"
 
 
 def embedding_identity(encoder_description: dict, corpus) -> dict:
@@ -108,15 +137,17 @@ def embedding_identity(encoder_description: dict, corpus) -> dict:
     infos = corpus.filesystem.get_file_info(corpus.files)
     return {
         "model": {k: encoder_description.get(k) for k in ("weights_sha256", "passage_prompt", "max_seq_length",
-                                                            "backend")},
+                                                            "backend", "passage_precision")},
         "files": [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns}
                   for i in infos if i.type == pafs.FileType.File],
         "derived_ids": corpus.derived_ids,
     }
 
 
-def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict) -> dict[str, Any]:
+def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict,
+                 precision: str = "fp32") -> dict[str, Any]:
     """Embed ``corpus`` into parquet shards under ``out_dir``; reuse them if a finished run left the same ones.
+    ``precision``: the passages' (:func:`resolve_precision`).
 
     Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
     """
@@ -130,13 +161,14 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
 
     pool = model_actors("embedding", cfg.use_gpu, cfg.actors, cfg.cpus_per_actor, cfg.torch_threads)
     actors, use_gpu = pool.actors, pool.use_gpu
-    logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages", actors, pool.cpus,
-                " + 1 GPU" if use_gpu else f", {pool.torch_threads or 'as many'} torch threads", cfg.batch_size)
+    logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages, %s", actors, pool.cpus,
+                " + 1 GPU" if use_gpu else f", {pool.torch_threads or 'as many'} torch threads", cfg.batch_size,
+                "bf16 autocast (torch)" if precision == "bf16" else f"fp32 ({model_cfg.backend})")
     started = time.time()
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,
         fn_constructor_kwargs={"model": model_cfg.model_dump(), "encode_batch_size": cfg.encode_batch_size,
-                               "torch_threads": pool.torch_threads, "use_gpu": use_gpu},
+                               "torch_threads": pool.torch_threads, "use_gpu": use_gpu, "precision": precision},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         concurrency=actors,
@@ -151,7 +183,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     if rows == 0:
         raise InputError(f"{corpus.path}: no rows left after dropping {corpus.rows} rows with a null or empty text "
                          "(or a null id)")
-    stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors, "gpu": use_gpu,
+    stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors, "gpu": use_gpu, "precision": precision,
              "passages_per_s": round(rows / max(seconds, 1e-9), 2)}
     storage.write_json(storage.join(out_dir, DONE_FILE), {"identity": identity, "stats": stats})
     logger.info("embedded %d passages in %.1f s (%.1f passages/s)", rows, seconds, stats["passages_per_s"])

@@ -230,6 +230,8 @@ class Encoder:
         self.dimension = int(model.get_embedding_dimension())
         self._fingerprint: str | None = None
         self.backend = {"name": "torch", "sha256": None}  # what runs the forward pass (denseqa.onnx_backend)
+        # Passages only (embed.precision): "bf16" runs them under bf16 autocast, on the torch backend.
+        self.passage_precision = "fp32"
 
     @classmethod
     def load(cls, cfg: ModelConfig, device: str | None = None) -> Encoder:
@@ -264,7 +266,14 @@ class Encoder:
         return self._encode(texts, self.query_prompt, batch_size)
 
     def encode_passages(self, texts: list[str], batch_size: int = 64):
-        return self._encode(texts, self.passage_prompt, batch_size)
+        if self.passage_precision == "fp32":
+            return self._encode(texts, self.passage_prompt, batch_size)
+        if self.backend["name"] != "torch":
+            raise ValueError(f"passage precision {self.passage_precision} runs on torch, not {self.backend['name']}")
+        # One autocast around the whole call: its cache casts each weight to bf16 once, not once per forward pass.
+        # The vectors come back fp32 (normalised in fp32 by encode()).
+        with torch.autocast(self.model.device.type, dtype=torch.bfloat16):
+            return self._encode(texts, self.passage_prompt, batch_size)
 
     def _encode(self, texts: list[str], prompt: str, batch_size: int):
         import numpy as np

@@ -343,6 +343,9 @@ def test_index_bad_backend_and_a_model_that_cannot_be_exported(tmp_path, qa_parq
     path = qa_parquet(id=["a"], text=["x"])
     assert_index_error(build_index("--corpus", path, "--output", index_out, "--model.backend", "tensorrt"),
                        "model.backend must be one of torch, onnx, onnx-int8, got 'tensorrt'")
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--model.backend", "onnx-int8",
+                                   "--embed.precision", "bf16"),
+                       "embed.precision bf16 cannot be combined with model.backend onnx-int8")
     # A real sentence-transformers model with no transformer in it (static embeddings): nothing to export
     static = tmp_path / "static"
     tokenizer = Tokenizer.from_file(str(bundled_model_path() / "tokenizer.json"))

@@ -21,7 +21,7 @@ from .conftest import real_pairs
 pytestmark = pytest.mark.slow
 
 
-def _embed(tmp_path, corpus_cfg: CorpusConfig, model_cfg: ModelConfig, name: str):
+def _embed(tmp_path, corpus_cfg: CorpusConfig, model_cfg: ModelConfig, name: str, precision: str = "fp32"):
     from denseqa.model import Encoder
 
     corpus = load_corpus(corpus_cfg)
@@ -29,7 +29,7 @@ def _embed(tmp_path, corpus_cfg: CorpusConfig, model_cfg: ModelConfig, name: str
     out = str(tmp_path / name)
     # Small Ray Data batches, so several batches (and shard files) go through the actor
     stats = embed_corpus(corpus, model_cfg, EmbedConfig(batch_size=16, encode_batch_size=8), out,
-                         embedding_identity(description, corpus))
+                         embedding_identity(description, corpus), precision)
     ids, texts, vectors = [], [], []
     for batch in iter_shards([f for f, _ in shard_files(out)], out, ["id", "text", "vector"], 1000):
         ids += batch.column("id").to_pylist()
@@ -65,6 +65,17 @@ def test_ray_data_embeddings_equal_sentence_transformers_encode(ray_local, tmp_p
     assert vectors.shape == (58, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(vectors, reference, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    # And with embed.precision bf16 (the default where the CPU has AMX) each vector is the same one rounded: unit
+    # length, cosine above 0.999 with encode()'s, but not equal to it (bf16 ran)
+    _, stats, _, bf16_ids, _, bf16_vectors = _embed(
+        tmp_path, CorpusConfig(path=str(path), id_column="pid", text_column="body"), model_cfg, "emb-bf16", "bf16")
+    assert stats["precision"] == "bf16" and bf16_vectors.dtype == np.float32
+    by_id = dict(zip(bf16_ids, bf16_vectors, strict=True))
+    bf16_vectors = np.stack([by_id[i] for i in ids])
+    np.testing.assert_allclose(np.linalg.norm(bf16_vectors, axis=1), 1.0, atol=1e-5)
+    cosines = np.einsum("nd,nd->n", bf16_vectors, reference)
+    assert cosines.min() > 0.999 and np.abs(bf16_vectors - reference).max() > 2e-5
 
 
 def test_answers_of_a_qa_parquet_become_distinct_passages_with_stable_ids(ray_local, tmp_path, tiny_model_dir):

@@ -57,8 +57,10 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
     pq.write_table(pairs.slice(0, 120), queries)
     # When the index job embeds the sample's answers with the bundled model, and the evaluation job searches
     # 120 of its questions
+    # (passages in fp32, hand-set: the figures are compared with an fp32 computation to 1e-6; bf16 passages, the
+    # default on an AMX CPU, differ by rounding: tests/test_embed.py and BENCHMARKS.md)
     built = submit_job(cluster, "build_index", "--corpus", str(sample), "--from-answers", "--output", str(index),
-                       "--batch-size", "64")
+                       "--batch-size", "64", "--embed.precision", "fp32")
     assert built.returncode == 0, (built.stdout + built.stderr)[-5000:]
     evaluated = submit_job(cluster, "evaluate", "--index", str(index), "--queries", str(queries), "--output",
                            str(report))
@@ -73,6 +75,7 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["index"]["factory"] == "Flat" and manifest["count"] == len(set(pairs.column("answer")))
     assert manifest["model"]["backend"]["name"] == "onnx"  # the CPU default: its figures must equal torch's below
+    assert manifest["model"]["passage_precision"] == manifest["build"]["embedding"]["precision"] == "fp32"
     Searcher(str(index))  # the folder loads
 
     # And its figures equal a direct computation: distinct answers as the corpus, exact cosine search with the
@@ -157,6 +160,15 @@ def test_a_compressed_index_is_searched_with_its_memory_mapped_full_vectors(clus
     assert built.returncode == 0, (built.stdout + built.stderr)[-5000:]
     manifest = json.loads((index / "manifest.json").read_text())
     assert manifest["index"]["kind"] == "ivfpq" and manifest["index"]["refine"]["file"] == "vectors.faiss"
+    # embed.precision auto: bf16 passages on a CPU with AMX (this machine's kind), recorded beside the queries'
+    # backend (onnx, fp32)
+    import torch
+
+    from denseqa.resources import native_bf16
+
+    precision = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    assert manifest["model"]["passage_precision"] == manifest["build"]["embedding"]["precision"] == precision
+    assert manifest["model"]["backend"]["name"] == "onnx"
     # (no graph fits such a budget: the only contender, measured all the same)
     assert [c["factory"] for c in manifest["index"]["contenders"]] == [manifest["index"]["factory"]]
     assert manifest["index"]["refine"]["file_bytes"] == (index / "vectors.faiss").stat().st_size

@@ -176,6 +176,7 @@ def test_upserts_deletes_and_compaction_equal_a_fresh_build(corpus):
     assert sorted(manifest["update"]["unknown_delete_ids"]) == ["neither-this", "no-such-id"]
     assert manifest["update"]["embedding"]["rows"] == 25  # only new and changed texts were embedded
     assert manifest["update"]["embedding"]["where"] == "ray data"
+    assert manifest["update"]["embedding"]["precision"] == manifest["model"]["passage_precision"]
     assert manifest["count"] == len(current) and manifest["index"]["deleted"] == 15
 
     # Update 2: a deleted id comes back, more deletes
@@ -189,6 +190,8 @@ def test_upserts_deletes_and_compaction_equal_a_fresh_build(corpus):
     assert json.loads((tmp / "index" / "CURRENT.json").read_text())["version"] == 3
     manifest = json.loads((tmp / "index" / "versions" / "000003" / "manifest.json").read_text())
     assert manifest["update"]["embedding"]["where"] == "driver"  # a small update: no actor pool to start
+    # embedded here as the build's actors embedded the rest (bf16 where the CPU computes it natively)
+    assert manifest["update"]["embedding"]["precision"] == manifest["model"]["passage_precision"]
     assert not (tmp / "index" / "manifest.json").exists()  # version 1 (the root's files) is gone: 2 versions kept
 
     # Then search equals a fresh build of the final corpus: dense, BM25 and hybrid, ids and scores

@@ -92,7 +92,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
 
     from denseqa.corpus import check_corpus, load_corpus, sample_texts
-    from denseqa.embed import embed_corpus, embedding_identity
+    from denseqa.embed import check_precision, embed_corpus, embedding_identity, resolve_precision
     from denseqa.model import Encoder, check_model_source
     from denseqa.onnx_backend import resolve_backend
     from denseqa.resources import embeds_on_gpu
@@ -104,6 +104,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         raise InputError("--upsert and --delete change an existing index: pass it with --update INDEX")
     output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
     check_model_source(cfg.model.model)
+    check_precision(cfg.embed.precision, cfg.model.backend)
     checked = check_corpus(cfg.corpus)  # cheap checks first: footers and ids, no model, no Ray
     icfg = resolve_bm25_tokenizer(icfg, sample_texts(cfg.corpus, checked), cfg.model)
     # For the manifest (weights hash, dimension, prompts, backend) and the checks that need the model.
@@ -118,14 +119,18 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         cfg.model.backend, "cuda" if embeds_on_gpu(cfg.embed.use_gpu) else "cpu")})
     if model_cfg.backend != encoder.backend["name"]:
         encoder.run_on_onnx_runtime(model_cfg.backend, cfg.model)
-    model_info = encoder.describe()
+    precision = resolve_precision(cfg.embed.precision, model_cfg.backend, embeds_on_gpu(cfg.embed.use_gpu))
+    # The passages' precision beside the queries' backend: bf16 passages are embedded by torch, the queries by
+    # model.backend in fp32.
+    model_info = {**encoder.describe(), "passage_precision": precision}
     questions = tuning_questions(cfg)
     question_vectors = encoder.encode_queries(questions) if questions else None
     del encoder
 
     building = output.rstrip("/") + ".building"
     shards_dir = storage.join(building, "embeddings")
-    embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus))
+    embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus),
+                             precision)
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
         d = model_info["dimension"]

@@ -97,10 +97,13 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     work = root.rstrip("/") + ".updating"  # on the index's storage: Ray Data's workers write the embeddings there
     storage.remove(work)
     try:
+        # New passages are embedded as the index's were (bf16 ones by torch), here or by Ray Data's actors: an
+        # updated index then ranks as a fresh build of the same corpus would.
+        precision = manifest["model"].get("passage_precision", "fp32")
         if plan.append.num_rows <= icfg.update_local_max:
-            new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, cfg)
+            new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, model_cfg, cfg, precision)
         else:
-            new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg)
+            new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg, precision)
         del encoder
         with storage.staged_output(version_dir, marker=MANIFEST_FILE) as staging:
             updated = _write_version(local, staging, manifest, docstore, new_rows, new_vectors, all_deleted, cfg,
@@ -168,18 +171,24 @@ def _deleted(folder: str) -> np.ndarray:
     return np.load(path) if os.path.exists(path) else np.zeros(0, dtype=np.int64)
 
 
-def _embed_here(rows, encoder, cfg: JobConfig):
-    """Embed ``rows`` (id, text) in this process: (vectors, rows, stats)."""
+def _embed_here(rows, encoder, model_cfg, cfg: JobConfig, precision: str):
+    """Embed ``rows`` (id, text) in this process at the index's passage ``precision``: (vectors, rows, stats).
+    ``encoder`` is the checked one; bf16 passages need the torch model, which it may have swapped for ONNX Runtime."""
+    from denseqa.model import Encoder
+
     if not rows.num_rows:
         return np.zeros((0, 0), dtype=np.float32), rows, None
     started = time.time()
+    if precision != "fp32" and encoder.backend["name"] != "torch":
+        encoder = Encoder.load(model_cfg.model_copy(update={"backend": "torch"}), device="cpu")
+    encoder.passage_precision = precision
     vectors = encoder.encode_passages(rows.column("text").to_pylist(), cfg.embed.encode_batch_size)
     seconds = time.time() - started
     return vectors, rows, {"rows": rows.num_rows, "seconds": round(seconds, 2), "where": "driver",
-                           "passages_per_s": round(rows.num_rows / max(seconds, 1e-9), 2)}
+                           "precision": precision, "passages_per_s": round(rows.num_rows / max(seconds, 1e-9), 2)}
 
 
-def _embed(rows, work: str, model_cfg, cfg: JobConfig):
+def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str):
     """Embed ``rows`` (id, text; more than --update-local-max) with the build's Ray Data pipeline: (vectors, rows in
     the order embedded, stats)."""
     import pyarrow as pa
@@ -198,7 +207,7 @@ def _embed(rows, work: str, model_cfg, cfg: JobConfig):
     model_cfg = model_cfg.model_copy(update={"backend": resolve_backend(
         model_cfg.backend, "cuda" if embeds_on_gpu(cfg.embed.use_gpu) else "cpu")})
     shards_dir = storage.join(work, "embeddings")
-    stats = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, identity)
+    stats = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, identity, precision)
     files = [f for f, _ in shard_files(shards_dir)]
     batches = list(iter_shards(files, shards_dir, ["id", "text", "vector"], cfg.index.add_batch_size))
     vectors = np.concatenate([vectors_of(b) for b in batches])
