@@ -56,8 +56,9 @@ def throughput(work: Path, rows: int, threads: int) -> dict:
 
     from denseqa.config import CorpusConfig, EmbedConfig, ModelConfig
     from denseqa.corpus import load_corpus
-    from denseqa.embed import embed_corpus
+    from denseqa.embed import embed_corpus, resolve_precision
     from denseqa.model import bundled_model_path
+    from denseqa.onnx_backend import resolve_backend
 
     answers = list(dict.fromkeys(pq.read_table(DATA, columns=["answer"]).column("answer").to_pylist()))[:rows]
     path = work / "passages.parquet"
@@ -75,20 +76,23 @@ def throughput(work: Path, rows: int, threads: int) -> dict:
     small = work / "passages-small.parquet"
     pq.write_table(pq.read_table(path).slice(0, len(answers) // 5), small)
     runs = {}
+    # The job's defaults as build-index resolves them: the queries' backend, and the passages' precision
+    backend = resolve_backend(None, "cpu")
+    precision = resolve_precision(EmbedConfig().precision, backend, use_gpu=False)
     ray.init(address="local", num_cpus=threads, include_dashboard=False)
     try:
         for name, source in (("small", small), ("full", path)):
             corpus = load_corpus(CorpusConfig(path=str(source)))
-            runs[name] = embed_corpus(corpus, ModelConfig(), EmbedConfig(),
-                                      str(work / f"embeddings-{name}"), identity={"bench": time.time()})
+            runs[name] = embed_corpus(corpus, ModelConfig(backend=backend), EmbedConfig(),
+                                      str(work / f"embeddings-{name}"), identity={"bench": time.time()},
+                                      precision=precision)
     finally:
         ray.shutdown()
     full, part = runs["full"], runs["small"]
     steady = (full["rows"] - part["rows"]) / (full["seconds"] - part["seconds"])
     fixed = full["seconds"] - full["rows"] / steady
-    from denseqa.onnx_backend import resolve_backend
 
-    return {"passages": len(answers), "torch_threads": threads, "job_backend": resolve_backend(None, "cpu"),
+    return {"passages": len(answers), "torch_threads": threads, "job_backend": backend, "job_precision": precision,
             "bare_encode_passages_per_s": round(bare, 2),
             "ray_data_job_passages_per_s": full["passages_per_s"], "ray_data_job_seconds": full["seconds"],
             "ratio": round(full["passages_per_s"] / bare, 3),

@@ -40,7 +40,7 @@ def denseqa_run(data: str, out: str, *args: str) -> dict:
 
 
 def sentence_transformers_run(data: str, steps: int, batch_size: int, max_seq_length: int | None = None,
-                              threads: int | None = None) -> dict:
+                              threads: int | None = None, bf16: bool = False) -> dict:
     """pairs/s and peak RSS of ``SentenceTransformerTrainer`` + ``MultipleNegativesRankingLoss`` on the same pairs,
     in a fresh process (so its memory is its own). ``None``: the library's default (the model's max_seq_length,
     torch's threads)."""
@@ -48,7 +48,7 @@ def sentence_transformers_run(data: str, steps: int, batch_size: int, max_seq_le
     import sys
 
     args = json.dumps({"data": data, "steps": steps, "batch_size": batch_size, "max_seq_length": max_seq_length,
-                       "threads": threads})
+                       "threads": threads, "bf16": bf16})
     out = subprocess.run([sys.executable, __file__, "--sentence-transformers-baseline", args], check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -76,7 +76,7 @@ def _sentence_transformers_baseline(args: dict) -> None:
         training_args = SentenceTransformerTrainingArguments(
             output_dir=tmp, max_steps=args["steps"], per_device_train_batch_size=args["batch_size"],
             learning_rate=2e-5, warmup_ratio=0.1, logging_steps=10_000, save_strategy="no", report_to=[],
-            dataloader_drop_last=True, use_cpu=True, seed=42,
+            dataloader_drop_last=True, use_cpu=True, seed=42, bf16=args.get("bf16", False),
         )
         trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                              loss=MultipleNegativesRankingLoss(model))
@@ -187,11 +187,23 @@ def main() -> None:
             "denseqa": {"pairs_per_s": one["training"]["pairs_per_s"],
                         "peak_rss_mb_per_worker": [m["rss"] for m in one["training"]["peak_memory_mb_per_worker"]],
                         "torch_threads_per_worker": one["training"]["torch_threads_per_worker"],
-                        "workers": one["training"]["workers"], "wall_time_s": one["wall_time_s"]},
+                        "workers": one["training"]["workers"], "wall_time_s": one["wall_time_s"],
+                        "precision": one["training"]["precision"]},
             "ratio": round(one["training"]["pairs_per_s"] / st["pairs_per_s"], 3),
         })
 
-    # 1a. the same job with the torch threads of the old default (a worker's logical CPUs: 1 here), hand-set
+    # 1a. each side in the other's precision, hand-set: the trainer with bf16 autocast (its `bf16=True`), denseqa
+    #     with fp32 (its default before train.precision auto)
+    if "precision" in parts:
+        st = sentence_transformers_run(str(sample), a.steps, a.batch_size, bf16=True)
+        fp32 = denseqa_run(str(sample), str(work / "fp32"), "--max-steps", str(a.steps), "--precision", "fp32")
+        save("precision", {"sentence_transformers_trainer_bf16": {**st, "flags": "bf16=True"},
+                           "denseqa_fp32": {"flags": "--precision fp32",
+                                            "pairs_per_s": fp32["training"]["pairs_per_s"],
+                                            "peak_rss_mb_per_worker": [m["rss"] for m in
+                                                                       fp32["training"]["peak_memory_mb_per_worker"]]}})
+
+    # 1b. the same job with the torch threads of the old default (a worker's logical CPUs: 1 here), hand-set
     if "one_thread" in parts:
         one = denseqa_run(str(sample), str(work / "one-thread"), "--max-steps", str(a.steps),
                           "--torch-threads", "1")
@@ -199,7 +211,7 @@ def main() -> None:
         save("one_thread", {"flags": "--torch-threads 1", "pairs_per_s": one["training"]["pairs_per_s"],
                             "peak_rss_mb_per_worker": peaks})
 
-    # 1b. the same step in one plain process: is a gap in the library or in what runs around it?
+    # 1c. the same step in one plain process: is a gap in the library or in what runs around it?
     if "step" in parts:
         save("step", {"steps": 8, "batch_size": a.batch_size, **step_times(str(sample), 8, a.batch_size)})
 
@@ -214,16 +226,19 @@ def main() -> None:
                                   "gather_cost": round(1 - two["gather"] / two["no-gather"], 3)})
 
     # 3. quality before/after a short training on the whole English data set (held-out pairs excluded)
-    if "quality" in parts and a.quality_steps:
+    for part, flags in (("quality", ()), ("quality_fp32", ("--precision", "fp32"))):
+        if part not in parts or not a.quality_steps:
+            continue
         r = denseqa_run(str(DATA), str(work / "quality"), "--batch-size", str(a.batch_size), "--max-seq-length",
                         str(a.max_seq_length), "--max-steps", str(a.quality_steps), "--eval-every-steps",
                         str(a.quality_steps), "--heldout-size", str(a.heldout), "--heldout-max", str(a.heldout),
                         "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(threads),
-                        "--learning-rate", "3e-5", "--log-every-steps", "25")
-        save("quality", {"data": str(DATA.name), "rows": r["data"]["rows"], "steps": r["training"]["steps"],
-                         "global_batch_size": r["training"]["global_batch_size"],
-                         "before": r["metrics"]["before"], "after": r["metrics"]["final"],
-                         "wall_time_s": r["wall_time_s"]})
+                        "--learning-rate", "3e-5", "--log-every-steps", "25", *flags)
+        save(part, {"data": str(DATA.name), "rows": r["data"]["rows"], "steps": r["training"]["steps"],
+                    "precision": r["training"]["precision"], "flags": " ".join(flags),
+                    "global_batch_size": r["training"]["global_batch_size"],
+                    "before": r["metrics"]["before"], "after": r["metrics"]["final"],
+                    "wall_time_s": r["wall_time_s"], "train_seconds": r["training"]["train_seconds"]})
 
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {a.out}")
