@@ -150,7 +150,7 @@ def start_baseline(index: str) -> tuple[subprocess.Popen, str]:
 
 
 def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughput_optimized: bool,
-                separate_encoder: bool = False) -> str:
+                separate_encoder: bool = False, haproxy: bool = False) -> str:
     import ray
 
     from denseqa.drivers import serve as deploying
@@ -170,6 +170,9 @@ def start_serve(index: str, encoder_cpus: float | None, ray_cpus: int, throughpu
             k: v for k, v in searcher["user_config"].items() if k != "index"}, "ray_actor_options": {"num_cpus": 1}})
         searcher["user_config"] = {"index": None}
         searcher["ray_actor_options"]["num_cpus"] = 0.5
+    if haproxy:  # the opt-in HAProxy ingress, as README says to set it: the controller and the application
+        config["controller_options"] = {"runtime_env": {"env_vars": {deploying.HA_PROXY_ENV: "1"}}}
+        app["runtime_env"] = {"env_vars": {deploying.HA_PROXY_ENV: "1"}}
     if encoder_cpus is not None:
         entry = deploying.deployment(config, encoding_deployment(app["args"]))
         entry["ray_actor_options"]["num_cpus"] = encoder_cpus
@@ -363,7 +366,7 @@ def http_part(args, index: str, questions: list[str], clients: list[int]) -> dic
 
     for variant in args.variants.split(","):
         url = start_serve(index, args.encoder_cpus, args.ray_cpus, variant == "throughput-optimized",
-                          variant == "separate-encoder")
+                          variant == "separate-encoder", variant == "haproxy")
         runs = [serve_load(url, questions, c, args.duration, args.warmup) for c in clients]
         for run in runs:
             print(variant, run, flush=True)
@@ -392,8 +395,9 @@ def main() -> None:
     parser.add_argument("--encoder-cpus", type=float, default=None,
                         help="CPUs (= torch threads) of the encoder replica; default: configs/serve.yaml's")
     parser.add_argument("--variants", default="default,separate-encoder",
-                        help="Serve runs: default, separate-encoder (a QueryEncoder deployment, as on GPU clusters) "
-                        "and/or throughput-optimized (RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
+                        help="Serve runs: default, separate-encoder (a QueryEncoder deployment, as on GPU clusters), "
+                        "haproxy (the opt-in HAProxy ingress) and/or throughput-optimized "
+                        "(RAY_SERVE_THROUGHPUT_OPTIMIZED=1)")
     parser.add_argument("--ray-cpus", type=int, default=os.cpu_count())
     parser.add_argument("--work", default=str(REPO / "bench" / ".work"))
     parser.add_argument("--output", default=str(REPO / "bench" / "results" / "serve.json"))

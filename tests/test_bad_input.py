@@ -276,7 +276,7 @@ def test_serve_bad_index_config_and_values(tmp_path):
     # HAProxy ingress asked of the controller but not of the replicas: HAProxy would have nothing to forward to
     half_haproxy = tmp_path / "half-haproxy.yaml"
     shipped = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
-    del shipped["applications"][0]["runtime_env"]
+    shipped["controller_options"] = {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}
     half_haproxy.write_text(yaml.safe_dump(shipped))
     assert_one_line_error(serve("--index", str(half), "--serve-config", str(half_haproxy)), str(half_haproxy),
                           "RAY_SERVE_ENABLE_HA_PROXY is '1' in controller_options", "'0' in application 'denseqa'",
