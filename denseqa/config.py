@@ -189,8 +189,8 @@ class TrainConfig(Section):
     mini_batch_size: int = _f(32, "With cached_loss: texts per forward pass (what bounds a worker's memory).", ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = _f(
         "auto", "Autocast precision of the model's forward pass (the loss stays fp32). auto: bf16 where every "
-        "worker's device computes it natively (a CUDA GPU with bf16; a CPU with AMX, Intel Xeon 4th generation and "
-        "later), else fp32. fp16 needs --use-gpu."
+        "worker's device computes it natively (a CUDA GPU with bf16; a CPU with AMX or AVX-512 BF16: Intel Xeon 4th "
+        "generation, AMD Zen 4 and later), else fp32. fp16 needs --use-gpu."
     )
     seed: int = _f(42, "Seed of the model initialisation and the per-epoch shuffle.")
     # -- evaluation, logging, checkpoints
@@ -388,8 +388,8 @@ class EmbedConfig(Section):
     precision: Literal["auto", "fp32", "bf16"] = _f(
         "auto", "Precision of the passages' forward pass. bf16: torch under bf16 autocast (the queries are still "
         "encoded in fp32 by model.backend; rankings measured equal within 0.001 MRR@10, BENCHMARKS.md). auto: bf16 "
-        "where the actors' device multiplies bf16 natively (a GPU; a CPU with AMX, as this driver's CPU is checked) "
-        "and model.backend is not onnx-int8, else fp32 by model.backend. The index records which ran."
+        "where the actors' device multiplies bf16 natively (a GPU; a CPU with AMX or AVX-512 BF16, as this driver's "
+        "CPU is checked) and model.backend is not onnx-int8, else fp32 by model.backend. The index records which ran."
     )
 
 

@@ -115,9 +115,9 @@ def check_precision(configured: str, backend: str | None) -> None:
 
 def resolve_precision(configured: str, backend: str, use_gpu: bool) -> str:
     """``embed.precision`` as the actors will run it: fp32 or bf16 (resolved here, in the driver, so that the index
-    records what ran). ``auto`` is bf16 on GPU actors and on CPU actors where this machine's CPU has AMX
-    (:func:`denseqa.resources.native_bf16`; a cluster's CPU nodes are taken to be alike), unless the queries run
-    int8, whose passages must be int8 too. ``backend`` is model.backend resolved."""
+    records what ran). ``auto`` is bf16 on GPU actors and on CPU actors where this machine's CPU has AMX or
+    AVX-512 BF16 (:func:`denseqa.resources.native_bf16`; a cluster's CPU nodes are taken to be alike), unless the
+    queries run int8, whose passages must be int8 too. ``backend`` is model.backend resolved."""
     import torch
 
     from denseqa.resources import native_bf16

@@ -63,15 +63,18 @@ def torch_threads_default(processes_on_node: int) -> int:
 
 def native_bf16(device) -> bool:
     """Whether ``device`` (a torch.device) multiplies bf16 matrices in hardware: a CUDA GPU with bf16 (Ampere and
-    later), or a CPU with AMX tiles (Intel Xeon 4th generation and later), where oneDNN runs bf16 matrix products
-    at several times fp32's rate. Elsewhere bf16 autocast is emulated, slower than fp32."""
+    later), or a CPU with AMX tiles (Intel Xeon 4th generation and later) or AVX-512 BF16 (AMD Zen 4 and later,
+    Intel Cooper Lake), where oneDNN runs bf16 matrix products at several times fp32's rate (2.5 x on a Zen 5 EPYC's
+    AVX-512 BF16, BENCHMARKS.md). Elsewhere bf16 autocast is emulated, slower than fp32."""
     import torch
 
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    # torch's own CPU feature check (private, but the one its oneDNN kernels dispatch on); absent: assume none.
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return device.type == "cpu" and bool(check and check())
+    if device.type != "cpu":
+        return False
+    # torch's own CPU feature checks (private, but the ones its oneDNN kernels dispatch on); absent: assume none.
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(check and check() for check in checks)
 
 
 def embeds_on_gpu(use_gpu: bool | None) -> bool:
