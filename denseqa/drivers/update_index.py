@@ -98,7 +98,8 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     storage.remove(work)
     try:
         # New passages are embedded as the index's were (bf16 ones by torch), here or by Ray Data's actors: an
-        # updated index then ranks as a fresh build of the same corpus would.
+        # updated index then ranks as a fresh build of the same corpus would (in bf16, up to rounding that depends
+        # on the batch a passage was padded in).
         precision = manifest["model"].get("passage_precision", "fp32")
         if plan.append.num_rows <= icfg.update_local_max:
             new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, model_cfg, cfg, precision)
