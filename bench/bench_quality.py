@@ -71,8 +71,9 @@ class Ablation:
         self.work, self.results, self.args = work, results, args
         self.data = str(subset(work, args.train_pairs))
         self.split = ["--heldout-size", str(HELDOUT), "--heldout-max", str(HELDOUT)]
-        self.train_args = ["--max-steps", str(args.steps), "--eval-every-steps", str(args.steps), "--batch-size",
-                           str(args.batch_size), "--max-seq-length", "128", "--learning-rate", "3e-5",
+        self.train_args = ["--max-steps", str(args.steps),
+                           "--eval-every-steps", str(args.eval_every_steps or args.steps),
+                           "--batch-size", str(args.batch_size), "--max-seq-length", "128", "--learning-rate", "3e-5",
                            "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(os.cpu_count()),
                            "--log-every-steps", "20"]
 
@@ -91,7 +92,15 @@ class Ablation:
             shutil.rmtree(str(out) + ".run", ignore_errors=True)
             denseqa("train", "--data", data, "--output", str(out), "--overwrite", *self.split, *self.train_args,
                     *extra)
-        return self.timed(name, make, out / "denseqa.json")
+        self.timed(name, make, out / "denseqa.json")
+        # The held-out metrics at each of training's evaluations (the 2,000 held-out questions among their own
+        # answers, not the 10,000 of the table): with --eval-every-steps, the learning curve.
+        record = json.loads((out / "denseqa.json").read_text())
+        self.results.save(f"curve/{name}", {
+            "precision": record["training"]["precision"], "pairs_per_s": record["training"]["pairs_per_s"],
+            "heldout": [{"step": e["step"], **{k: round(e["metrics"][k], 4) for k in ("mrr@10", "recall@10")
+                                               if k in e["metrics"]}} for e in record["metrics"]["history"]]})
+        return out
 
     def mine(self) -> str:
         out = self.work / "mined"
@@ -217,6 +226,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default="/tmp/bench/quality")
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--eval-every-steps", type=int, default=None,
+                        help="held-out evaluation inside training every this many steps (default: at the end only); "
+                        "its log is the learning curve")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--train-pairs", type=int, default=8000)
     parser.add_argument("--corpus", type=int, default=10_000)
