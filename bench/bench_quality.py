@@ -71,7 +71,10 @@ class Ablation:
         self.work, self.results, self.args = work, results, args
         self.data = str(subset(work, args.train_pairs))
         self.split = ["--heldout-size", str(HELDOUT), "--heldout-max", str(HELDOUT)]
-        self.train_args = ["--max-steps", str(args.steps),
+        # Every row trains exactly --steps: as many epochs as that takes, since mining keeps only the pairs that got
+        # all their negatives, and one epoch of them can be shorter than --steps.
+        epochs = -(-args.steps * args.batch_size // args.train_pairs) + 1
+        self.train_args = ["--max-steps", str(args.steps), "--epochs", str(epochs),
                            "--eval-every-steps", str(args.eval_every_steps or args.steps),
                            "--batch-size", str(args.batch_size), "--max-seq-length", "128", "--learning-rate", "3e-5",
                            "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(os.cpu_count()),
