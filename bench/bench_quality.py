@@ -101,8 +101,8 @@ class Ablation:
         record = json.loads((out / "denseqa.json").read_text())
         self.results.save(f"curve/{name}", {
             "precision": record["training"]["precision"], "pairs_per_s": record["training"]["pairs_per_s"],
-            "heldout": [{"step": e["step"], **{k: round(e["metrics"][k], 4) for k in ("mrr@10", "recall@10")
-                                               if k in e["metrics"]}} for e in record["metrics"]["history"]]})
+            "heldout": [{"step": e["step"], **{k: round(e["metrics"][k], 4) for k in ("mrr@10", "recall@10")}}
+                        for e in record["metrics"]["history"]]})
         return out
 
     def mine(self) -> str:
