@@ -5,7 +5,7 @@ searched among 10,000 answers. To keep a 2-core machine's day for it, training u
 ``--train-pairs`` (8,000) others of the data: the held-out split is the same (it takes the pairs with the
 smallest split keys, and those are all in the subset), and 100 steps of 32 see 3,200 pairs anyway. Each
 bi-encoder trains ``--steps`` (100) steps of ``--batch-size`` (32) from the bundled all-MiniLM-L6-v2, learning
-rate 3e-5, 128 tokens, 1 worker with 2 torch threads. The rows:
+rate ``--learning-rate`` (3e-5), 128 tokens, 1 worker with 2 torch threads. The rows:
 
 1. zero-shot: the bundled model, untrained;
 2. in-batch negatives;
@@ -76,9 +76,13 @@ class Ablation:
         epochs = -(-args.steps * args.batch_size // args.train_pairs) + 1
         self.train_args = ["--max-steps", str(args.steps), "--epochs", str(epochs),
                            "--eval-every-steps", str(args.eval_every_steps or args.steps),
-                           "--batch-size", str(args.batch_size), "--max-seq-length", "128", "--learning-rate", "3e-5",
+                           "--batch-size", str(args.batch_size), "--max-seq-length", "128",
+                           "--learning-rate", str(args.learning_rate),
                            "--num-workers", "1", "--cpus-per-worker", "1", "--torch-threads", str(os.cpu_count()),
                            "--log-every-steps", "20"]
+        if args.cached_loss:
+            # GradCache (Gao et al. 2021): a large batch in 32-text slices, so its memory stays that of one slice.
+            self.train_args += ["--cached-loss", "--mini-batch-size", "32"]
 
     def timed(self, key: str, make, done: Path) -> Path:
         """Run ``make()`` unless ``done`` exists; the part's wall time is kept in the results."""
@@ -156,7 +160,8 @@ class Ablation:
             model.max_seq_length = 128
             arguments = SentenceTransformerTrainingArguments(
                 output_dir=str(self.work / "st-trainer.run"), max_steps=self.args.steps,
-                per_device_train_batch_size=self.args.batch_size, learning_rate=3e-5, warmup_ratio=0.1,
+                per_device_train_batch_size=self.args.batch_size, learning_rate=self.args.learning_rate,
+                warmup_ratio=0.1,
                 batch_sampler="no_duplicates", save_strategy="no", report_to=[], seed=42, logging_steps=20)
             SentenceTransformerTrainer(model=model, args=arguments, train_dataset=Dataset.from_list(rows),
                                        loss=MultipleNegativesRankingLoss(model)).train()
@@ -233,6 +238,9 @@ def main() -> None:
                         help="held-out evaluation inside training every this many steps (default: at the end only); "
                         "its log is the learning curve")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--learning-rate", type=float, default=3e-5)
+    parser.add_argument("--cached-loss", action="store_true",
+                        help="train the bi-encoders with the cached loss (GradCache), for batches above 32")
     parser.add_argument("--train-pairs", type=int, default=8000)
     parser.add_argument("--corpus", type=int, default=10_000)
     parser.add_argument("--reranker-steps", type=int, default=200)
@@ -294,6 +302,7 @@ def main() -> None:
                                                      reciprocal_ranks(reports["in-batch"], "dense"))})
     results.save("ablation", {"questions": reports["zero-shot"]["judgements"]["evaluated"], "corpus": args.corpus,
                               "steps": args.steps, "batch_size": args.batch_size, "train_pairs": args.train_pairs,
+                              "learning_rate": args.learning_rate, "cached_loss": args.cached_loss,
                               "table": table})
 
 
