@@ -228,6 +228,11 @@ def trec(report: dict, mode: str) -> tuple[list[str], dict[str, str], dict[str, 
     return sorted(questions, key=lambda q: int(q[1:])), questions, relevant, ranked
 
 
+def table_row(label: str, mode: str, metrics: dict) -> dict:
+    """One row of the ablation table: an evaluation mode's MRR@10 and Recall@1/10, rounded."""
+    return {"row": label, "mode": mode, **{k: round(metrics[k], 4) for k in ("mrr@10", "recall@1", "recall@10")}}
+
+
 def reciprocal_ranks(report: dict, mode: str) -> np.ndarray:
     """Per-question MRR@10 from the report's TREC run, in the report's question order."""
     from denseqa.eval import reciprocal_ranks as per_question
@@ -289,8 +294,7 @@ def main() -> None:
     for label, report, mode in rows:
         metrics = reports[report]["modes"][mode]
         per_question = reciprocal_ranks(reports[report], mode)
-        row = {"row": label, "mode": mode, "mrr@10": round(metrics["mrr@10"], 4),
-               "recall@1": round(metrics["recall@1"], 4), "recall@10": round(metrics["recall@10"], 4)}
+        row = table_row(label, mode, metrics)
         if previous is not None:
             row["vs_previous"] = paired_interval(per_question, previous)
         previous = per_question
@@ -304,9 +308,7 @@ def main() -> None:
         reports["st-trainer"] = ablation.evaluate("st-trainer", ablation.sentence_transformers_trainer(heldout),
                                                   heldout)
         metrics = reports["st-trainer"]["modes"]["dense"]
-        table.append({"row": "SentenceTransformerTrainer, in-batch (compare: in-batch)", "mode": "dense",
-                      "mrr@10": round(metrics["mrr@10"], 4), "recall@1": round(metrics["recall@1"], 4),
-                      "recall@10": round(metrics["recall@10"], 4),
+        table.append(table_row("SentenceTransformerTrainer, in-batch (compare: in-batch)", "dense", metrics) | {
                       "vs_in_batch": paired_interval(reciprocal_ranks(reports["st-trainer"], "dense"),
                                                      reciprocal_ranks(reports["in-batch"], "dense"))})
     if args.index_max_seq_length:
@@ -317,9 +319,7 @@ def main() -> None:
             name = f"{report}-{longer}"
             reports[name] = ablation.evaluate(name, work / report, heldout, longer)
             metrics = reports[name]["modes"]["dense"]
-            table.append({"row": f"{label}, indexed at {longer} tokens (compare: {label})", "mode": "dense",
-                          "mrr@10": round(metrics["mrr@10"], 4), "recall@1": round(metrics["recall@1"], 4),
-                          "recall@10": round(metrics["recall@10"], 4),
+            table.append(table_row(f"{label}, indexed at {longer} tokens (compare: {label})", "dense", metrics) | {
                           "vs_128_tokens": paired_interval(reciprocal_ranks(reports[name], "dense"),
                                                            reciprocal_ranks(reports[report], "dense"))})
     results.save("ablation", {"questions": reports["zero-shot"]["judgements"]["evaluated"], "corpus": args.corpus,
