@@ -58,17 +58,16 @@ def main() -> None:
     qids, questions, relevant, ranked = trec(report, args.mode)
     bag = {doc: words(text) for doc, text in texts.items()}
 
-    def near_copies(gold: set[str]) -> set[str]:
-        return {doc for doc in bag if any(jaccard(bag[doc], bag[g]) >= NEAR_COPY for g in gold)}
-
     misses, gold_rank, similarity = [], {"2-10": 0, "beyond 10": 0}, []
     lenient_relevant = []
     for q in qids:
         gold, hits = relevant.get(q, set()), ranked[q]
-        copies = near_copies(gold) if hits and hits[0] not in gold else gold
-        lenient_relevant.append(gold | copies)
         if not hits or hits[0] in gold:
+            lenient_relevant.append(gold)
             continue
+        # Only the first 10 hits count towards MRR@10, so only they need comparing with the answer.
+        lenient_relevant.append(gold | {doc for doc in hits[:10]
+                                        if any(jaccard(bag[doc], bag[g]) >= NEAR_COPY for g in gold)})
         rank = next((i + 1 for i, doc in enumerate(hits) if doc in gold), None)
         gold_rank["2-10" if rank is not None and rank <= 10 else "beyond 10"] += 1
         closest = max(jaccard(bag[hits[0]], bag[g]) for g in gold)
