@@ -18,6 +18,13 @@ rate ``--learning-rate`` (3e-5), 128 tokens, 1 worker with 2 torch threads. The 
 7. against: sentence-transformers' own ``SentenceTransformerTrainer`` with ``MultipleNegativesRankingLoss`` at
    the same steps and batch (in-batch negatives: compare with row 2).
 
+With ``--second-round-steps N``, row 3's model mines one negative per pair from its own rankings (``mine-negatives
+--mine.method dense``) and trains N more steps from where it stopped on them: the second round of ANCE (Xiong et al.
+2021) and Tevatron's recipes, aimed at the near-siblings the first round still confuses. Its row follows row 3.
+
+With ``--bm25-variant NAME "ARGS"`` (repeatable), row 3 trains again from the bundled model on the same mined pairs
+with ``ARGS`` added to its training command (a loss option, say), and gets a row of its own compared with row 3.
+
 With ``--index-max-seq-length N``, every trained dense row is indexed again at N tokens (training stays at 128) and
 gets a row of its own beside it. ``--batch-size`` above 32 wants ``--cached-loss`` (GradCache), whose memory stays
 that of a 32-text slice.
@@ -113,10 +120,10 @@ class Ablation:
                         for e in record["metrics"]["history"]]})
         return out
 
-    def mine(self) -> str:
-        out = self.work / "mined"
-        self.timed("mine", lambda: denseqa("mine-negatives", "--data", self.data, *self.split, "--mine.output",
-                                           str(out), "--mine.overwrite", "--mine.num-negatives", "1"),
+    def mine(self, name: str = "mined", *extra: str) -> str:
+        out = self.work / name
+        self.timed(name, lambda: denseqa("mine-negatives", "--data", self.data, *self.split, "--mine.output",
+                                         str(out), "--mine.overwrite", "--mine.num-negatives", "1", *extra),
                    out / "negatives.json")
         return str(out)
 
@@ -261,6 +268,11 @@ def main() -> None:
     parser.add_argument("--index-max-seq-length", type=int, default=None,
                         help="also index each trained row's model at this many tokens (training stays at 128) and "
                         "add a row for it")
+    parser.add_argument("--second-round-steps", type=int, default=0,
+                        help="after the BM25-negatives row: mine a negative per pair with its model and train this "
+                        "many more steps from it (0: no such row)")
+    parser.add_argument("--bm25-variant", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
+                        help="train the BM25-negatives row again with these training arguments added (repeatable)")
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "quality.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -281,6 +293,20 @@ def main() -> None:
         mined = ablation.mine()
         reports["bm25"] = ablation.evaluate("bm25", ablation.train("bm25", mined), heldout)
         rows.append(("+ BM25 negatives", "bm25", "dense"))
+        if args.second_round_steps:
+            first = work / "bm25"
+            mined_again = ablation.mine("mined-round2", "--mine.method", "dense", "--model", str(first))
+            second = ablation.train("round2", mined_again, "--model", str(first),
+                                    "--max-steps", str(args.second_round_steps),
+                                    "--eval-every-steps", str(args.second_round_steps))
+            reports["round2"] = ablation.evaluate("round2", second, heldout)
+            rows.append((f"+ round 2: its own mined negatives, {args.second_round_steps} more steps", "round2",
+                         "dense"))
+    variants = []
+    for name, extra in args.bm25_variant if "bm25" in wanted else []:
+        reports[f"bm25-{name}"] = ablation.evaluate(f"bm25-{name}", ablation.train(f"bm25-{name}", mined,
+                                                                                    *extra.split()), heldout)
+        variants.append((f"+ BM25 negatives, {name} ({extra})", f"bm25-{name}", "dense"))
     if "distill" in wanted:
         reranker = ablation.reranker(mined)
         taught = ablation.teacher(mined, reranker)
@@ -311,11 +337,16 @@ def main() -> None:
         table.append(table_row("SentenceTransformerTrainer, in-batch (compare: in-batch)", "dense", metrics) | {
                       "vs_in_batch": paired_interval(reciprocal_ranks(reports["st-trainer"], "dense"),
                                                      reciprocal_ranks(reports["in-batch"], "dense"))})
+    for label, report, mode in variants:
+        table.append(table_row(f"{label} (compare: + BM25 negatives)", mode, reports[report]["modes"][mode]) | {
+                     "vs_bm25": paired_interval(reciprocal_ranks(reports[report], mode),
+                                                reciprocal_ranks(reports["bm25"], mode))})
     if args.index_max_seq_length:
         # The same models, their passages truncated later: 15 % of the corpus's answers are longer than 128 tokens,
         # and a wrong first hit's answer is twice as often one of them (bench/quality_errors.py).
         longer = args.index_max_seq_length
-        for label, report, _mode in [row for row in rows if row[2] == "dense" and row[1] != "zero-shot"]:
+        for label, report, _mode in [row for row in rows + variants
+                                     if row[2] == "dense" and row[1] != "zero-shot"]:
             name = f"{report}-{longer}"
             reports[name] = ablation.evaluate(name, work / report, heldout, longer)
             metrics = reports[name]["modes"]["dense"]
@@ -325,6 +356,8 @@ def main() -> None:
     results.save("ablation", {"questions": reports["zero-shot"]["judgements"]["evaluated"], "corpus": args.corpus,
                               "steps": args.steps, "batch_size": args.batch_size, "train_pairs": args.train_pairs,
                               "learning_rate": args.learning_rate, "cached_loss": args.cached_loss,
+                              "second_round_steps": args.second_round_steps,
+                              "bm25_variants": dict(args.bm25_variant),
                               "table": table})
 
 
