@@ -350,9 +350,14 @@ def main() -> None:
             name = f"{report}-{longer}"
             reports[name] = ablation.evaluate(name, work / report, heldout, longer)
             metrics = reports[name]["modes"]["dense"]
-            table.append(table_row(f"{label}, indexed at {longer} tokens (compare: {label})", "dense", metrics) | {
-                          "vs_128_tokens": paired_interval(reciprocal_ranks(reports[name], "dense"),
-                                                           reciprocal_ranks(reports[report], "dense"))})
+            row = table_row(f"{label}, indexed at {longer} tokens (compare: {label})", "dense", metrics) | {
+                "vs_128_tokens": paired_interval(reciprocal_ranks(reports[name], "dense"),
+                                                 reciprocal_ranks(reports[report], "dense"))}
+            if report.startswith(("round2", "bm25-")):
+                # What builds on the BM25-negatives row is judged against it at the same passage length too.
+                row["vs_bm25_same_tokens"] = paired_interval(reciprocal_ranks(reports[name], "dense"),
+                                                             reciprocal_ranks(reports[f"bm25-{longer}"], "dense"))
+            table.append(row)
     results.save("ablation", {"questions": reports["zero-shot"]["judgements"]["evaluated"], "corpus": args.corpus,
                               "steps": args.steps, "batch_size": args.batch_size, "train_pairs": args.train_pairs,
                               "learning_rate": args.learning_rate, "cached_loss": args.cached_loss,
