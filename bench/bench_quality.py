@@ -291,10 +291,10 @@ def main() -> None:
     reports["in-batch"] = ablation.evaluate("in-batch", in_batch, heldout)
     if "bm25" in wanted:
         mined = ablation.mine()
-        reports["bm25"] = ablation.evaluate("bm25", ablation.train("bm25", mined), heldout)
+        first = ablation.train("bm25", mined)
+        reports["bm25"] = ablation.evaluate("bm25", first, heldout)
         rows.append(("+ BM25 negatives", "bm25", "dense"))
         if args.second_round_steps:
-            first = work / "bm25"
             mined_again = ablation.mine("mined-round2", "--mine.method", "dense", "--model", str(first))
             second = ablation.train("round2", mined_again, "--model", str(first),
                                     "--max-steps", str(args.second_round_steps),
@@ -345,6 +345,7 @@ def main() -> None:
         # The same models, their passages truncated later: 15 % of the corpus's answers are longer than 128 tokens,
         # and a wrong first hit's answer is twice as often one of them (bench/quality_errors.py).
         longer = args.index_max_seq_length
+        built_on_bm25 = {"round2", *(report for _label, report, _mode in variants)}
         for label, report, _mode in [row for row in rows + variants
                                      if row[2] == "dense" and row[1] != "zero-shot"]:
             name = f"{report}-{longer}"
@@ -353,7 +354,7 @@ def main() -> None:
             row = table_row(f"{label}, indexed at {longer} tokens (compare: {label})", "dense", metrics) | {
                 "vs_128_tokens": paired_interval(reciprocal_ranks(reports[name], "dense"),
                                                  reciprocal_ranks(reports[report], "dense"))}
-            if report.startswith(("round2", "bm25-")):
+            if report in built_on_bm25:
                 # What builds on the BM25-negatives row is judged against it at the same passage length too.
                 row["vs_bm25_same_tokens"] = paired_interval(reciprocal_ranks(reports[name], "dense"),
                                                              reciprocal_ranks(reports[f"bm25-{longer}"], "dense"))
