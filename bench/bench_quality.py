@@ -272,7 +272,9 @@ def main() -> None:
                         help="after the BM25-negatives row: mine a negative per pair with its model and train this "
                         "many more steps from it (0: no such row)")
     parser.add_argument("--bm25-variant", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
-                        help="train the BM25-negatives row again with these training arguments added (repeatable)")
+                        help="train the BM25-negatives row again with these training arguments added (repeatable); "
+                        "{bm25} in ARGS stands for that row's model folder, e.g. \"--model {bm25} --max-steps 200\" "
+                        "trains on from it")
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "quality.json"))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -304,8 +306,8 @@ def main() -> None:
                          "dense"))
     variants = []
     for name, extra in args.bm25_variant if "bm25" in wanted else []:
-        reports[f"bm25-{name}"] = ablation.evaluate(f"bm25-{name}", ablation.train(f"bm25-{name}", mined,
-                                                                                    *extra.split()), heldout)
+        trained = ablation.train(f"bm25-{name}", mined, *extra.replace("{bm25}", str(first)).split())
+        reports[f"bm25-{name}"] = ablation.evaluate(f"bm25-{name}", trained, heldout)
         variants.append((f"+ BM25 negatives, {name} ({extra})", f"bm25-{name}", "dense"))
     if "distill" in wanted:
         reranker = ablation.reranker(mined)
