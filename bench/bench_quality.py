@@ -24,10 +24,12 @@ With ``--second-round-steps N``, row 3's model mines one negative per pair from 
 
 With ``--bm25-variant NAME "ARGS"`` (repeatable), row 3 trains again from the bundled model on the same mined pairs
 with ``ARGS`` added to its training command (a loss option, say), and gets a row of its own compared with row 3.
+``{bm25}`` in ``ARGS`` is row 3's model folder: ``"--model {bm25} --max-steps 200 --max-seq-length 256"`` trains on
+from it instead.
 
-With ``--index-max-seq-length N``, every trained dense row is indexed again at N tokens (training stays at 128) and
-gets a row of its own beside it. ``--batch-size`` above 32 wants ``--cached-loss`` (GradCache), whose memory stays
-that of a 32-text slice.
+With ``--index-max-seq-length N``, every trained dense row is indexed again at N tokens (training stays at 128
+unless a variant's ``ARGS`` say otherwise) and gets a row of its own beside it. ``--batch-size`` above 32 wants
+``--cached-loss`` (GradCache), whose memory stays that of a 32-text slice.
 
 Each row: MRR@10, Recall@1/10 and the difference from the row above with its 95% paired bootstrap interval (from
 the TREC runs the evaluations write, per question), and the wall time of each part. Every finished part is kept in
