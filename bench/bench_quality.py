@@ -354,13 +354,12 @@ def main() -> None:
                                      if row[2] == "dense" and row[1] != "zero-shot"]:
             name = f"{report}-{longer}"
             reports[name] = ablation.evaluate(name, work / report, heldout, longer)
-            metrics = reports[name]["modes"]["dense"]
+            metrics, at_longer = reports[name]["modes"]["dense"], reciprocal_ranks(reports[name], "dense")
             row = table_row(f"{label}, indexed at {longer} tokens (compare: {label})", "dense", metrics) | {
-                "vs_128_tokens": paired_interval(reciprocal_ranks(reports[name], "dense"),
-                                                 reciprocal_ranks(reports[report], "dense"))}
+                "vs_128_tokens": paired_interval(at_longer, reciprocal_ranks(reports[report], "dense"))}
             if report in built_on_bm25:
                 # What builds on the BM25-negatives row is judged against it at the same passage length too.
-                row["vs_bm25_same_tokens"] = paired_interval(reciprocal_ranks(reports[name], "dense"),
+                row["vs_bm25_same_tokens"] = paired_interval(at_longer,
                                                              reciprocal_ranks(reports[f"bm25-{longer}"], "dense"))
             table.append(row)
     results.save("ablation", {"questions": reports["zero-shot"]["judgements"]["evaluated"], "corpus": args.corpus,
