@@ -89,22 +89,6 @@ def test_job_trains_the_default_model_and_writes_a_loadable_model_with_its_recor
     assert {"ray", "torch", "sentence-transformers"} <= set(record["versions"])
 
 
-def test_a_worker_that_dies_is_restarted_and_resumes_from_the_last_checkpoint(cluster, sample, tiny_model_dir):
-    out = cluster["tmp"] / "faulty" / "model"
-    # Given checkpoints at steps 3, 6, 8 and the last worker dying at the start of step 5 (test-only setting)
-    result = submit(cluster, "--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers",
-                    "2", "--batch-size", "8", "--max-steps", "8", "--eval-every-steps", "3", "--heldout-size", "40",
-                    "--max-seq-length", "32", "--max-failures", "1", faults="train.fail_at_step=5")
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    assert "exits at step 5" in log and "resumed from checkpoint at step 3" in log
-    record = json.loads((out / "denseqa.json").read_text())
-    # Then the run finished all 8 steps; the second attempt started at the checkpoint and ran each later step once
-    assert record["training"]["steps"] == 8
-    assert record["training"]["attempts"] == [{"start_step": 0, "steps_run": 3}, {"start_step": 3, "steps_run": 5}]
-    assert [e["step"] for e in record["metrics"]["history"]] == [0, 3, 6, 8]
-
-
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cluster, sample,
                                                                                       tiny_model_dir):
     out = cluster["tmp"] / "nan" / "model"
@@ -118,7 +102,8 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
     assert (Path(str(out) + ".run") / "checkpoint_step0000002" / "model" / "model.safetensors").exists()
 
 
-def test_a_stopped_run_continues_on_request_from_its_run_folder(cluster, sample, tiny_model_dir):
+def test_a_stopped_run_continues_on_request_and_a_worker_that_dies_resumes_from_the_last_checkpoint(
+        cluster, sample, tiny_model_dir):
     # Given the run the NaN test stopped at step 3 (last good checkpoint: step 2), in its run folder
     out = cluster["tmp"] / "nan" / "model"
     run_dir = Path(str(out) + ".run")
@@ -129,13 +114,18 @@ def test_a_stopped_run_continues_on_request_from_its_run_folder(cluster, sample,
     # When it is submitted again without --resume, Then it refuses to mix a new run into the old folder
     refused = submit(cluster, *args)
     assert refused.returncode != 0 and "pass --resume" in refused.stdout + refused.stderr
-    # When it is submitted with --resume (and without the NaN), Then it continues from step 2 and finishes
-    result = submit(cluster, *args, "--resume")
+    # When it is submitted with --resume (and without the NaN), one restart allowed, and the last worker dies at
+    # the start of step 5 (test-only setting; checkpoints at steps 2, 4, 6)
+    result = submit(cluster, *args, "--resume", "--max-failures", "1", faults="train.fail_at_step=5")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
+    assert "exits at step 5" in log and "resumed from checkpoint at step 4" in log
+    # Then it continued from step 2, was restarted from the checkpoint at step 4, and finished: each step ran once
     record = json.loads((out / "denseqa.json").read_text())
     assert record["training"]["steps"] == 6
-    assert record["training"]["attempts"] == [{"start_step": 0, "steps_run": 2}, {"start_step": 2, "steps_run": 4}]
+    assert record["training"]["attempts"] == [{"start_step": 0, "steps_run": 2}, {"start_step": 2, "steps_run": 2},
+                                              {"start_step": 4, "steps_run": 2}]
+    assert [e["step"] for e in record["metrics"]["history"]] == [0, 2, 4, 6]
     assert not (run_dir / "stopped.json").exists()
 
 
