@@ -139,16 +139,20 @@ def _is_string(t: pa.DataType) -> bool:
 
 def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str],
                  hint: str = "name the right one with --question-column / --answer-column",
-                 integer_ok: tuple[str, ...] = ()) -> None:
-    """Read each file's footer (not its data) and check that the columns exist and hold strings.
+                 integer_ok: tuple[str, ...] = ()) -> int:
+    """Read each file's footer (not its data), check that the columns exist and hold strings, and return the
+    files' total row count (from the same footers: Ray Data's ``count()`` would run a read over every file).
 
     Columns in ``integer_ok`` may hold integers too (passage ids). ``hint`` says which flags name the columns.
     """
+    rows = 0
     for f in files:
         try:
-            schema = pq.read_schema(f, filesystem=fs)
+            metadata = pq.read_metadata(f, filesystem=fs)
+            schema = metadata.schema.to_arrow_schema()
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"{f}: not a readable parquet file ({e})") from None
+        rows += metadata.num_rows
         for col in columns:
             if col not in schema.names:
                 raise InputError(f"{f}: column {col!r} missing (columns: {', '.join(schema.names)}); {hint}")
@@ -156,6 +160,7 @@ def check_schema(fs: pafs.FileSystem, files: list[str], columns: list[str],
             if not (_is_string(t) or (col in integer_ok and pa.types.is_integer(t))):
                 kind = "string or integer" if col in integer_ok else "string"
                 raise InputError(f"{f}: column {col!r} must be {kind}, found {t}")
+    return rows
 
 
 def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed: int,
@@ -219,7 +224,9 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
         raise InputError("no data given: pass --data PATH (a parquet file, a directory or a glob)")
     fs, files = resolve_parquet_files(cfg.path)
     negatives = negative_columns(fs, files, cfg.num_negatives)
-    check_schema(fs, files, [cfg.question_column, cfg.answer_column, *negatives])
+    n_read = check_schema(fs, files, [cfg.question_column, cfg.answer_column, *negatives])
+    if n_read == 0:
+        raise InputError(f"{cfg.path}: no rows")
     teachers = teacher_columns(fs, files, negatives, cfg.path) if with_teacher_scores else []
 
     # Keep block order stable, so a resumed run that skips the batches it already trained on skips the same ones.
@@ -227,9 +234,6 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
     configure_ray_data()
     raw = ray.data.read_parquet(files, filesystem=fs,
                                 columns=[cfg.question_column, cfg.answer_column, *negatives, *teachers])
-    n_read = raw.count()
-    if n_read == 0:
-        raise InputError(f"{cfg.path}: no rows")
     cleaned = raw.map_batches(
         _clean_batch,
         batch_format="pyarrow",
