@@ -84,7 +84,7 @@ def fake_cluster(tmp_path_factory):
         yield {"env": env, "address": address, "gcs_port": gcs_port, "tmp": tmp,
                "headers": {"Authorization": f"Bearer {token.read_text()}"}}
     finally:
-        _stop_process_group(head, grace_s=30)
+        _stop_process_group(head)  # SIGKILL after 5 s: the nodes the autoscaler added are in its group
         log.close()
         _forget_address(gcs_port)
 
