@@ -159,11 +159,14 @@ def check_reachable_by_every_node(path: str, what: str, shared_filesystem: bool 
 def free_resources(until: dict[str, float] | None = None, timeout_s: float = 20.0) -> dict[str, float]:
     """``ray.available_resources()`` once it has settled: the actors of a Ray Data job that just finished give
     their CPUs back a moment later, so a reading taken right after it would count them as held. Returns once
-    ``until`` is met, or the reading has not grown for 3 s, or after ``timeout_s``."""
+    ``until`` is met, or its resources (CPU and GPU without it) have not grown for 3 s, or after ``timeout_s``.
+    Only those count as growing: the object store's free memory moves all the time and would hold the reading off
+    until ``timeout_s``."""
     import time
 
     import ray
 
+    watched = tuple(until) if until else ("CPU", "GPU")
     deadline = time.monotonic() + timeout_s
     free, stable_since = ray.available_resources(), time.monotonic()
     while time.monotonic() < deadline:
@@ -173,7 +176,7 @@ def free_resources(until: dict[str, float] | None = None, timeout_s: float = 20.
             break
         time.sleep(0.25)
         now = ray.available_resources()
-        if any(now.get(k, 0.0) > free.get(k, 0.0) + 1e-6 for k in now):
+        if any(now.get(k, 0.0) > free.get(k, 0.0) + 1e-6 for k in watched):
             stable_since = time.monotonic()
         free = now
     return free

@@ -60,6 +60,27 @@ def test_a_request_no_node_type_can_hold_fails_in_one_line(monkeypatch):
     assert NodeType("cpu_worker", {"CPU": 8.0}, 8).holds({"CPU": 3.0}) == 2
 
 
+def test_free_cpus_are_read_once_they_stop_growing_while_the_object_store_moves(monkeypatch):
+    """The actors of a Ray Data job that just ended give their CPUs back a moment later: the reading waits while
+    the free CPUs grow and 3 s more, not for the object store's free memory, which moves all the time."""
+    import ray
+
+    from denseqa import cluster
+
+    clock = {"now": 0.0}
+
+    def available():  # 0.5 CPU free, 0.75 from 1 s on (a service holds the rest); the store's memory always moves
+        return {"CPU": 0.5 if clock["now"] < 1 else 0.75, "object_store_memory": 1e9 + 1e6 * clock["now"]}
+
+    monkeypatch.setattr(time, "monotonic", lambda: clock["now"])
+    monkeypatch.setattr(time, "sleep", lambda s: clock.update(now=clock["now"] + s))
+    monkeypatch.setattr(ray, "available_resources", available)
+    free = cluster.free_resources(until={"CPU": 1.1})
+    assert free["CPU"] == 0.75 and clock["now"] == pytest.approx(4.0)  # 3 s after the last growth, not 20 s
+    clock["now"] = 10.0
+    assert cluster.free_resources(until={"CPU": 0.7})["CPU"] == 0.75 and clock["now"] == 10.0  # met: at once
+
+
 # ------------------------------------------------------------------------ Ray's real autoscaler, on one machine
 
 
