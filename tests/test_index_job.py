@@ -172,9 +172,9 @@ def test_a_compressed_index_is_searched_with_its_memory_mapped_full_vectors(clus
     # (no graph fits such a budget: the only contender, measured all the same)
     assert [c["factory"] for c in manifest["index"]["contenders"]] == [manifest["index"]["factory"]]
     assert manifest["index"]["refine"]["file_bytes"] == (index / "vectors.faiss").stat().st_size
-    full = faiss.rev_swig_ptr(faiss.read_index(str(index / "vectors.faiss")).get_xb(),
-                              manifest["count"] * manifest["dimension"])
-    full = np.array(full, copy=True).reshape(manifest["count"], manifest["dimension"])
+    # (a copy: a view of get_xb() would outlive the index read here, freed at once, and read freed memory)
+    full = faiss.read_index(str(index / "vectors.faiss")).reconstruct_n(0, manifest["count"])
+    assert full.shape == (manifest["count"], manifest["dimension"]) and np.isfinite(full).all()
     searcher = Searcher(str(index), load_encoder=False)
     queries = full[:20] + 0.01
     scores, positions = searcher.dense_positions(queries, 5)
