@@ -145,9 +145,10 @@ def embedding_identity(encoder_description: dict, corpus) -> dict:
 
 
 def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict,
-                 precision: str = "fp32") -> dict[str, Any]:
+                 precision: str = "fp32", pool: Any = None) -> dict[str, Any]:
     """Embed ``corpus`` into parquet shards under ``out_dir``; reuse them if a finished run left the same ones.
-    ``precision``: the passages' (:func:`resolve_precision`).
+    ``precision``: the passages' (:func:`resolve_precision`). ``pool``: the actor pool the caller resolved (and
+    checked the cluster for) already, else resolved here.
 
     Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
     """
@@ -159,7 +160,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
         return {**done["stats"], "reused": True}
     storage.remove(out_dir)  # a partial or stale set of shards must not mix with the new ones
 
-    pool = model_actors("embedding", cfg.use_gpu, cfg.actors, cfg.cpus_per_actor, cfg.torch_threads)
+    pool = pool or model_actors("embedding", cfg.use_gpu, cfg.actors, cfg.cpus_per_actor, cfg.torch_threads)
     actors, use_gpu = pool.actors, pool.use_gpu
     logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages, %s", actors, pool.cpus,
                 " + 1 GPU" if use_gpu else f", {pool.torch_threads or 'as many'} torch threads", cfg.batch_size,

@@ -92,10 +92,10 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
 
     from denseqa.corpus import check_corpus, load_corpus, sample_texts
-    from denseqa.embed import check_precision, embed_corpus, embedding_identity, resolve_precision
+    from denseqa.embed import DONE_FILE, check_precision, embed_corpus, embedding_identity, resolve_precision
     from denseqa.model import Encoder, check_model_source
     from denseqa.onnx_backend import resolve_backend
-    from denseqa.resources import embeds_on_gpu
+    from denseqa.resources import embeds_on_gpu, model_actors
 
     started = time.time()
     icfg = cfg.index
@@ -113,6 +113,14 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     if cfg.model.backend not in (None, "torch"):  # given: an unexportable model fails before Ray starts
         encoder.run_on_onnx_runtime(cfg.model.backend, cfg.model)
     corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
+    building = output.rstrip("/") + ".building"
+    shards_dir = storage.join(building, "embeddings")
+    # Without finished embeddings to reuse the actors will be needed: a cluster that cannot hold them is told so
+    # now, not after the model's export and the tuning questions' encoding (a rebuild beside a deployed service).
+    pool = None
+    if not storage.exists(storage.join(shards_dir, DONE_FILE)):
+        e = cfg.embed
+        pool = model_actors("embedding", e.use_gpu, e.actors, e.cpus_per_actor, e.torch_threads)
     # The backend the actors run (as given, else torch on GPU and the CPU default on CPU), fixed here: the driver's
     # encoder exports it once, into the cache the actors read, and the manifest describes it.
     model_cfg = cfg.model.model_copy(update={"backend": resolve_backend(
@@ -127,10 +135,8 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     question_vectors = encoder.encode_queries(questions) if questions else None
     del encoder
 
-    building = output.rstrip("/") + ".building"
-    shards_dir = storage.join(building, "embeddings")
     embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus),
-                             precision)
+                             precision, pool)
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
         d = model_info["dimension"]
