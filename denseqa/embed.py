@@ -22,6 +22,7 @@ import pyarrow as pa
 from denseqa import storage
 from denseqa.config import EmbedConfig, ModelConfig
 from denseqa.errors import InputError
+from denseqa.resources import ModelActors, model_actors, native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +121,6 @@ def resolve_precision(configured: str, backend: str, use_gpu: bool) -> str:
     queries run int8, whose passages must be int8 too. ``backend`` is model.backend resolved."""
     import torch
 
-    from denseqa.resources import native_bf16
-
     check_precision(configured, backend)
     if backend == "onnx-int8":
         return "fp32"
@@ -145,15 +144,13 @@ def embedding_identity(encoder_description: dict, corpus) -> dict:
 
 
 def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict,
-                 precision: str = "fp32", pool: Any = None) -> dict[str, Any]:
+                 precision: str = "fp32", pool: ModelActors | None = None) -> dict[str, Any]:
     """Embed ``corpus`` into parquet shards under ``out_dir``; reuse them if a finished run left the same ones.
     ``precision``: the passages' (:func:`resolve_precision`). ``pool``: the actor pool the caller resolved (and
     checked the cluster for) already, else resolved here.
 
     Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
     """
-    from denseqa.resources import model_actors
-
     done = storage.read_json(storage.join(out_dir, DONE_FILE))
     if done and done.get("identity") == identity:
         logger.info("embeddings of this corpus with this model are already in %s: reusing them", out_dir)
