@@ -157,6 +157,8 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
         return {**done["stats"], "reused": True}
     storage.remove(out_dir)  # a partial or stale set of shards must not mix with the new ones
 
+    from ray.data import ActorPoolStrategy  # here, like the corpus's Dataset: importing this module needs no Ray
+
     pool = pool or model_actors("embedding", cfg.use_gpu, cfg.actors, cfg.cpus_per_actor, cfg.torch_threads)
     actors, use_gpu = pool.actors, pool.use_gpu
     logger.info("embedding with %d actor(s), %s CPU%s each, batches of %d passages, %s", actors, pool.cpus,
@@ -169,7 +171,7 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
                                "torch_threads": pool.torch_threads, "use_gpu": use_gpu, "precision": precision},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ActorPoolStrategy(size=actors),
         num_cpus=pool.cpus,
         num_gpus=1 if use_gpu else None,
     )

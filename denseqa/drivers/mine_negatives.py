@@ -115,8 +115,8 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
                                "device": "cuda" if pool.use_gpu else "cpu",
                                "question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column,
                                "negative_columns": mined["columns"], "torch_threads": pool.torch_threads},
-        batch_size=m.batch_size, batch_format="pyarrow", concurrency=pool.actors, num_cpus=pool.cpus,
-        num_gpus=1 if pool.use_gpu else None,
+        batch_size=m.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus, num_gpus=1 if pool.use_gpu else None,
     ).materialize()
     columns = teacher_column_names(len(mined["columns"]))
     teacher = _teacher_record(m.teacher, scored, mined["counts"]["with_all_negatives"] * (1 + len(mined["columns"])),
@@ -181,8 +181,8 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             NegativeMiner,
             fn_constructor_kwargs={"cfg": m.model_dump(), "texts": ray.put(texts), "retriever": retriever,
                                    "other_answers": ray.put(other_answers), "torch_threads": pool.torch_threads},
-            batch_size=m.batch_size, batch_format="pyarrow", concurrency=pool.actors, num_cpus=pool.cpus,
-            num_gpus=1 if pool.use_gpu else None,
+            batch_size=m.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            num_cpus=pool.cpus, num_gpus=1 if pool.use_gpu else None,
         ).materialize()
         columns = negative_column_names(m.num_negatives)
         scores = teacher_column_names(m.num_negatives) if m.teacher else []
