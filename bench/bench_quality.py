@@ -21,6 +21,7 @@ rate ``--learning-rate`` (3e-5), 128 tokens, 1 worker with 2 torch threads. The 
 With ``--second-round-steps N``, row 3's model mines one negative per pair from its own rankings (``mine-negatives
 --mine.method dense``) and trains N more steps from where it stopped on them: the second round of ANCE (Xiong et al.
 2021) and Tevatron's recipes, aimed at the near-siblings the first round still confuses. Its row follows row 3.
+``--second-round-negatives 1,3`` gives a round-2 row for each count of mined negatives per pair (default 1).
 
 With ``--bm25-variant NAME "ARGS"`` (repeatable), row 3 trains again from the bundled model on the same mined pairs
 with ``ARGS`` added to its training command (a loss option, say), and gets a row of its own compared with row 3.
@@ -122,10 +123,11 @@ class Ablation:
                         for e in record["metrics"]["history"]]})
         return out
 
-    def mine(self, name: str = "mined", *extra: str) -> str:
+    def mine(self, name: str = "mined", *extra: str, negatives: int = 1) -> str:
         out = self.work / name
         self.timed(name, lambda: denseqa("mine-negatives", "--data", self.data, *self.split, "--mine.output",
-                                         str(out), "--mine.overwrite", "--mine.num-negatives", "1", *extra),
+                                         str(out), "--mine.overwrite", "--mine.num-negatives", str(negatives),
+                                         *extra),
                    out / "negatives.json")
         return str(out)
 
@@ -273,6 +275,9 @@ def main() -> None:
     parser.add_argument("--second-round-steps", type=int, default=0,
                         help="after the BM25-negatives row: mine a negative per pair with its model and train this "
                         "many more steps from it (0: no such row)")
+    parser.add_argument("--second-round-negatives", default=[1], type=lambda text: [int(n) for n in text.split(",")],
+                        help="negatives mined per pair for round 2, comma-separated: a round-2 row for each "
+                        "(default 1)")
     parser.add_argument("--bm25-variant", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
                         help="train the BM25-negatives row again with these training arguments added (repeatable); "
                         "{bm25} in ARGS stands for that row's model folder, e.g. \"--model {bm25} --max-steps 200\" "
@@ -298,14 +303,18 @@ def main() -> None:
         first = ablation.train("bm25", mined)
         reports["bm25"] = ablation.evaluate("bm25", first, heldout)
         rows.append(("+ BM25 negatives", "bm25", "dense"))
-        if args.second_round_steps:
-            mined_again = ablation.mine("mined-round2", "--mine.method", "dense", "--model", str(first))
-            second = ablation.train("round2", mined_again, "--model", str(first),
+        for negatives in args.second_round_negatives if args.second_round_steps else []:
+            # One negative keeps the first round-2 run's folder names, so its finished parts are reused.
+            suffix = "" if negatives == 1 else f"-neg{negatives}"
+            mined_again = ablation.mine(f"mined-round2{suffix}", "--mine.method", "dense", "--model", str(first),
+                                        negatives=negatives)
+            second = ablation.train(f"round2{suffix}", mined_again, "--model", str(first),
                                     "--max-steps", str(args.second_round_steps),
                                     "--eval-every-steps", str(args.second_round_steps))
-            reports["round2"] = ablation.evaluate("round2", second, heldout)
-            rows.append((f"+ round 2: its own mined negatives, {args.second_round_steps} more steps", "round2",
-                         "dense"))
+            reports[f"round2{suffix}"] = ablation.evaluate(f"round2{suffix}", second, heldout)
+            each = "" if negatives == 1 else f" ({negatives} per pair)"
+            rows.append((f"+ round 2: its own mined negatives{each}, {args.second_round_steps} more steps",
+                         f"round2{suffix}", "dense"))
     variants = []
     for name, extra in args.bm25_variant if "bm25" in wanted else []:
         trained = ablation.train(f"bm25-{name}", mined, *extra.replace("{bm25}", str(first)).split())
@@ -349,7 +358,8 @@ def main() -> None:
         # The same models, their passages truncated later: 15 % of the corpus's answers are longer than 128 tokens,
         # and a wrong first hit's answer is twice as often one of them (bench/quality_errors.py).
         longer = args.index_max_seq_length
-        built_on_bm25 = {"round2", *(report for _label, report, _mode in variants)}
+        built_on_bm25 = {report for _label, report, _mode in rows + variants if report.startswith("round2")}
+        built_on_bm25 |= {report for _label, report, _mode in variants}
         for label, report, _mode in [row for row in rows + variants
                                      if row[2] == "dense" and row[1] != "zero-shot"]:
             name = f"{report}-{longer}"
@@ -366,6 +376,7 @@ def main() -> None:
                               "steps": args.steps, "batch_size": args.batch_size, "train_pairs": args.train_pairs,
                               "learning_rate": args.learning_rate, "cached_loss": args.cached_loss,
                               "second_round_steps": args.second_round_steps,
+                              "second_round_negatives": args.second_round_negatives,
                               "bm25_variants": dict(args.bm25_variant),
                               "table": table})
 
