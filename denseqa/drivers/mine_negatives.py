@@ -42,12 +42,15 @@ def _rename(batch: pa.Table, question_column: str, answer_column: str) -> pa.Tab
 
 def _repeated_questions(train) -> dict[str, list[str]]:
     """question -> its distinct answers, for the questions that have more than one (all of them are positives)."""
-    counts = train.groupby(QUESTION).count().filter(lambda row: row["count()"] > 1).take_all()
-    repeated = {row[QUESTION] for row in counts}
+    from ray.data.expressions import col
+
+    # Expressions, not Python lambdas: Ray Data evaluates them on whole Arrow batches.
+    counts = train.groupby(QUESTION).count().filter(expr=col("count()") > 1).take_all()
+    repeated = sorted({row[QUESTION] for row in counts})
     if not repeated:
         return {}
     answers: dict[str, set[str]] = {}
-    for row in train.filter(lambda r: r[QUESTION] in repeated).take_all():
+    for row in train.filter(expr=col(QUESTION).is_in(repeated)).take_all():
         answers.setdefault(row[QUESTION], set()).add(row[ANSWER])
     return {q: sorted(a) for q, a in answers.items()}
 
