@@ -553,9 +553,12 @@ class SearchAPI:
     # Requests that arrive together share one encoder call and one searcher call per (mode, k): every handle
     # call costs a few milliseconds of CPU in each replica it passes, more than FAISS spends on a query. A batch
     # takes the requests already queued and does not wait for more (under load they queue up on their own while
-    # the loop is busy). Many batches may be in flight: Serve forms a batch before it waits for a free slot, so a
-    # low limit would queue small batches here instead of letting the encoder merge them into full ones.
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0, max_concurrent_batches=64)
+    # the loop is busy). Several batches may be in flight: Serve forms a batch before it waits for a free slot, so a
+    # low limit would queue small batches here instead of letting the encoder merge them into full ones. 32 x 8 is
+    # the ingress's max_ongoing_requests (256 in configs/serve*.yaml): Serve warns when a replica's batches could
+    # hold more requests than it is sent. The encoder's batch is 32, so a larger batch here would only be split
+    # (BENCHMARKS.md: 64 x 64 measured no better at 1, 8 or 32 clients).
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0, max_concurrent_batches=8)
     async def _answer(self, requests: list[tuple[list[str], int, str]]) -> list[dict | Exception]:
         dense = [q for queries, _, mode in requests if mode != "bm25" for q in queries]
         try:
