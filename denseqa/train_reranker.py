@@ -61,7 +61,9 @@ def cross_encoder_loss(model, forward, in_batch_negatives: int, scale: float):
     class DistributedCrossEncoderLoss(MultipleNegativesRankingLoss):
         def call_model_with_pairs(self, pairs, prompt=None, task=None):
             features = batch_to_device(self.model.preprocess(pairs, prompt=prompt, task=task), self.model.device)
-            return forward(features)["scores"].squeeze(1)
+            # The loss in fp32, as the bi-encoder's: under bf16 autocast the scores come out bf16, where the
+            # sigmoid of a logit above ~6 rounds to 1.0 (no gradient) and close logits tie.
+            return forward(features)["scores"].squeeze(1).float()
 
         def get_in_batch_negatives(self, anchors, candidates):
             if self.num_negatives == 0:  # hard negatives only
