@@ -200,7 +200,7 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         sims["query_to_doc"] = self.similarity_fct(queries, docs_all)
         masks["query_to_doc"] = same_pair = None
         if hashes is not None:
-            masks["query_to_doc"] = self._duplicate_mask(hashes, positive_cols, global_batch)
+            masks["query_to_doc"] = self._duplicate_mask(hashes, positive_cols)
             same_pair = self._same_pair_mask(hashes, positive_cols)  # (B, N)
         own_pair = torch.zeros(batch_size, global_batch, dtype=torch.bool, device=queries.device)
         own_pair[rows, positive_cols] = True
@@ -268,15 +268,17 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         return mask
 
     @staticmethod
-    def _duplicate_mask(hashes: list[Tensor], positive_cols: Tensor, global_batch: int) -> Tensor:
+    def _duplicate_mask(hashes: list[Tensor], positive_cols: Tensor) -> Tensor:
         """(B, N * (1 + num_negatives)) True where a candidate must not count as a negative."""
-        question_hashes, doc_hashes = hashes[0], torch.cat(hashes[1:])  # (N,), (N * (1 + nn),)
-        own_question = question_hashes[positive_cols]  # (B,)
-        own_answer = hashes[1][positive_cols]  # (B,)
-        # Same text as the right answer, in any candidate column.
-        mask = doc_hashes.unsqueeze(0) == own_answer.unsqueeze(1)
-        # The answer of another pair with the same question is a right answer too (positive column only).
-        mask[:, :global_batch] |= question_hashes.unsqueeze(0) == own_question.unsqueeze(1)
+        question_hashes, answer_hashes = hashes[0], hashes[1]  # (N,) each
+        doc_hashes = torch.cat(hashes[1:])  # (N * (1 + nn),)
+        # The right answers of a pair are the answers of every pair with its question (its own among them), and
+        # a candidate is one of them when its text is, in whichever column it stands: a repeated question's second
+        # answer may also be another pair's answer or hard negative.
+        same_question = question_hashes.unsqueeze(0) == question_hashes[positive_cols].unsqueeze(1)  # (B, N)
+        is_answer_text = answer_hashes.unsqueeze(1) == doc_hashes.unsqueeze(0)  # (N, N * (1 + nn))
+        # "Any j with both" as a product of 0/1 matrices: (B, N, N * (1 + nn)) booleans would not fit large batches.
+        mask = (same_question.to(torch.float32) @ is_answer_text.to(torch.float32)) > 0
         # The pair's own answer stays: it is the target.
         mask[torch.arange(len(positive_cols), device=mask.device), positive_cols] = False
         return mask
