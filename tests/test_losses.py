@@ -84,10 +84,23 @@ def test_hard_negative_equal_to_the_answer_is_masked():
     questions, answers = [f"q{i}" for i in range(4)], [f"a{i}" for i in range(4)]
     negatives = ["n0", "a1", "n2", "n3"]  # row 1's hard negative is its own answer text
     loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0)
-    mask = loss_fn._duplicate_mask([text_hashes(x) for x in (questions, answers, negatives)],
-                                   torch.arange(4), global_batch=4)
+    mask = loss_fn._duplicate_mask([text_hashes(x) for x in (questions, answers, negatives)], torch.arange(4))
     assert mask.shape == (4, 8)
     assert mask[1, 4 + 1] and mask.sum() == 1
+
+
+def test_a_second_right_answer_is_masked_in_whichever_column_its_text_stands():
+    # Given q1 asked twice (answers B and C), where C is also q9's answer and row 3's hard negative
+    questions, answers, negatives = ["q1", "q1", "q9", "q7"], ["B", "C", "C", "D"], ["x", "y", "z", "C"]
+    loss_fn = DuplicateMaskedMultipleNegativesRankingLoss(None, scale=20.0)
+    # When the candidates that are no negatives are marked
+    mask = loss_fn._duplicate_mask([text_hashes(x) for x in (questions, answers, negatives)], torch.arange(4))
+    # Then for either q1 row every C is masked (answer columns 1 and 2, row 3's negative), and the other row's B
+    assert mask[0].nonzero().flatten().tolist() == [1, 2, 4 + 3]
+    assert mask[1].nonzero().flatten().tolist() == [0, 2, 4 + 3]
+    # And q9's own C stays its target while q1's C (the same text) and row 3's negative C are masked
+    assert mask[2].nonzero().flatten().tolist() == [1, 4 + 3]
+    assert not mask[3].any()
 
 
 def test_masking_without_the_text_hashes_as_labels_is_an_error_not_a_silent_unmasked_loss():
@@ -297,3 +310,20 @@ def test_the_gathered_hashes_are_contiguous_as_nccl_requires(monkeypatch):
                                                                          [f"a{i}" for i in range(4)]))
     # Then every gathered hash column was contiguous
     assert seen and all(seen) and torch.isfinite(loss)
+
+
+def test_the_rerankers_loss_is_computed_in_fp32_under_bf16_autocast(tiny_cross_encoder_dir):
+    # Given the reranker's loss over a real (tiny) cross-encoder whose forward pass runs under bf16 autocast
+    from sentence_transformers import CrossEncoder
+
+    from denseqa.train_reranker import cross_encoder_loss
+
+    model = CrossEncoder(tiny_cross_encoder_dir, device="cpu")
+    loss_fn = cross_encoder_loss(model, model, in_batch_negatives=1, scale=10.0)
+    pairs = [("how do I list files", "ls lists a folder"), ("what edits text", "nano is a text editor")]
+    # When the scores the loss works on are computed under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        scores = loss_fn.call_model_with_pairs(pairs)
+        loss = loss_fn([[q for q, _ in pairs], [p for _, p in pairs]], None)
+    # Then they and the loss are fp32 (in bf16 a sigmoid above ~0.996 is 1.0, and its gradient 0)
+    assert scores.dtype == torch.float32 and loss.dtype == torch.float32
