@@ -198,7 +198,7 @@ class TrainConfig(Section):
     eval_every_steps: int | None = _f(
         None, "Evaluate on the held-out pairs every N steps and save a checkpoint (default: once per epoch).", ge=1
     )
-    eval_batch_size: int = _f(64, "Batch size of the encoding in evaluation.", operational=True)
+    eval_batch_size: int = _f(64, "Batch size of the encoding in evaluation.", operational=True, ge=1)
     keep_checkpoints: int = _f(2, "Keep the best K checkpoints by checkpoint_metric (the latest is kept too).", ge=1)
     checkpoint_metric: Literal["recall@1", "recall@10", "mrr@10", "ndcg@10"] = _f(
         "mrr@10", "Held-out metric that ranks checkpoints: recall@1, recall@10, mrr@10 or ndcg@10."
@@ -229,6 +229,9 @@ class TrainConfig(Section):
         if self.distill is None and loose:
             raise _broken(loose[0], "left at its default without train.distill (there is no distillation term to "
                           "weigh)", getattr(self, loose[0]))
+        if not self.cached_loss and self.mini_batch_size != type(self).model_fields["mini_batch_size"].default:
+            raise _broken("mini_batch_size", "left at its default without train.cached_loss (only the cached loss "
+                          "embeds in mini-batches)", self.mini_batch_size)
         if (self.hardness_mode is None) != (self.hardness_strength == 0):
             raise _broken("hardness_strength", "> 0 exactly when hardness_mode is set (one without the other does "
                           f"nothing; hardness_mode is {self.hardness_mode})", self.hardness_strength)

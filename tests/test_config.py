@@ -49,6 +49,9 @@ def test_unknown_key_is_an_error_that_names_it():
         ({"train": {"hardness_strength": 5.0}}, r"train.hardness_strength must be > 0 exactly when .*got 5.0"),
         ({"train": {"distill_weight": 0.5}}, r"train.distill_weight must be left at its default without "
                                              r"train.distill .*got 0.5"),
+        ({"train": {"mini_batch_size": 8}}, r"train.mini_batch_size must be left at its default without "
+                                            r"train.cached_loss .*got 8"),
+        ({"train": {"eval_batch_size": 0}}, r"train.eval_batch_size must be >= 1, got 0"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):
@@ -100,7 +103,7 @@ def test_a_command_refuses_a_section_it_does_not_read():
 
 
 @pytest.mark.parametrize("key, value", [("scale", 10.0), ("gather", False), ("mask_duplicates", False),
-                                        ("mini_batch_size", 8), ("directions", ["query_to_doc", "doc_to_query"])])
+                                        ("distill", "kl"), ("directions", ["query_to_doc", "doc_to_query"])])
 def test_the_reranker_refuses_a_bi_encoder_loss_option_instead_of_ignoring_it(key, value):
     from denseqa.config import COMMAND_SECTIONS
     from denseqa.train_reranker import RerankerTask
