@@ -265,9 +265,17 @@ def search_parameters(index, kind: str, value: int | None, excluded: np.ndarray)
     return refined
 
 
+# Components that may stand before the final "Flat" without changing the vectors it stores: coarse quantizers and
+# graphs over them. Anything else there (PCA, OPQ, ITQ, RR, L2norm, Pad) is a pre-transform: Flat then holds the
+# transformed vectors, and reconstruct() gives back only an approximation of the originals.
+_ROUTING = re.compile(r"(IVF|IMI|HNSW|NSG|IDMap)", re.IGNORECASE)
+
+
 def codes_are_exact(factory: str) -> bool:
-    """Whether the index stores the vectors themselves (``...,Flat``), so that they can be read back exactly."""
-    return factory.replace(" ", "").split(",")[-1] == "Flat"
+    """Whether the index stores the vectors themselves (``...,Flat`` with no pre-transform), so that they can be
+    read back exactly."""
+    *routing, codes = factory.replace(" ", "").split(",")
+    return codes == "Flat" and all(_ROUTING.match(part) for part in routing)
 
 
 # ------------------------------------------------------------------------------------------ the corpus on disk

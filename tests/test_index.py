@@ -383,3 +383,24 @@ def test_partitions_take_the_kind_the_first_partition_measured(tmp_path):
     assert len({e["factory"] for e in entries}) == 1 and built["index"]["factory"] == entries[0]["factory"]
     assert all(e["chosen_because"].startswith("as partition 0 chose: ") for e in entries[1:])
     assert all(e["search"]["target_reached"] for e in entries)
+
+
+@pytest.mark.parametrize("factory, exact", [
+    ("Flat", True), ("IVF256,Flat", True), ("HNSW32,Flat", True), ("IVF256_HNSW32,Flat", True),
+    ("IDMap,Flat", True), ("IVF256,SQ8", False), ("OPQ16,IVF256,PQ16", False), ("IVF256,PQ16x4fs,RFlat", False),
+    # A pre-transform before Flat: Flat holds the transformed vectors, not the originals (a rotation is
+    # invertible up to rounding, but counted as a transform all the same: the cost is only a vectors file)
+    ("PCA16,IVF32,Flat", False), ("PCAR16,Flat", False), ("RR64,Flat", False), ("L2norm,Flat", False),
+])
+def test_codes_are_exact_only_where_flat_stores_the_vectors_themselves(factory, exact):
+    import faiss
+
+    from denseqa.index import codes_are_exact
+
+    assert codes_are_exact(factory) is exact
+    if factory.startswith("PCA"):  # what the rule is for: the vectors read back are not the ones added
+        vectors = np.random.default_rng(0).standard_normal((500, 64)).astype(np.float32)
+        index = faiss.index_factory(64, factory, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.add(vectors)
+        assert np.abs(index.reconstruct_n(0, 500) - vectors).max() > 1e-3
