@@ -218,13 +218,38 @@ def publish_folder(staging: str, output: str, marker: str) -> None:
     os.rmdir(incoming)
     # A rename within one filesystem is atomic; a move from /tmp to another disk would be a copy.
     shutil.move(staging, incoming)
-    if os.path.exists(output):
-        retired = incoming.replace(".incoming-", ".old-")
-        os.rename(output, retired)
+    if not os.path.exists(output):
         os.rename(incoming, output)
-        shutil.rmtree(retired, ignore_errors=True)
+    elif _exchange(incoming, output):  # one step: a reader sees the old folder or the new one, never neither
+        shutil.rmtree(incoming, ignore_errors=True)  # now the old one
     else:
-        os.rename(incoming, output)
+        retired = incoming.replace(".incoming-", ".old-")
+        try:
+            os.rename(output, retired)
+            try:
+                os.rename(incoming, output)
+            except OSError:
+                os.rename(retired, output)  # the old folder back where it was: nothing already written is lost
+                raise
+        except OSError:
+            shutil.rmtree(incoming, ignore_errors=True)
+            raise
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux's renameat2 with RENAME_EXCHANGE); False where the system or the filesystem
+    cannot. By hand through ctypes: Python's os module has no renameat2, and no library we depend on wraps it."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):  # not glibc >= 2.28, or not Linux
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 @contextmanager

@@ -45,3 +45,35 @@ def test_writers_elsewhere_write_a_uri_in_place_and_the_marker_comes_last(tmp_pa
         assert not (out / "record.json").exists()
         storage.write_json(storage.join(staging, "record.json"), {})
     assert sorted(p.name for p in out.iterdir()) == ["pairs.json", "record.json"]
+
+
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+def test_replacing_a_published_folder_never_loses_it(tmp_path, monkeypatch, exchange):
+    out = tmp_path / "index"
+    with storage.staged_output(str(out), marker="done.json") as staging:
+        storage.write_json(storage.join(staging, "done.json"), {"v": 1})
+    if not exchange:  # a system without renameat2: two renames, the old folder put back if the second fails
+        monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
+    # Given a second output whose move into place fails (on the fallback: the rename that brings it in)
+    real_rename, renames = storage.os.rename, []
+
+    def failing_rename_into_place(a, b):
+        renames.append((a, b))
+        if ".incoming-" in str(a) and str(b) == str(out):
+            raise OSError("the disk went away")
+        real_rename(a, b)
+
+    if not exchange:
+        monkeypatch.setattr(storage.os, "rename", failing_rename_into_place)
+        with pytest.raises(OSError, match="went away"), storage.staged_output(str(out), "done.json") as staging:
+            storage.write_json(storage.join(staging, "done.json"), {"v": 2})
+        # Then the first output is still there, whole, and nothing is left beside it
+        assert json.loads((out / "done.json").read_text()) == {"v": 1}
+        monkeypatch.setattr(storage.os, "rename", real_rename)
+    else:
+        assert storage._exchange(str(out), str(out)), "renameat2 RENAME_EXCHANGE is not available here"
+    # And a replacement that succeeds is the only folder left
+    with storage.staged_output(str(out), marker="done.json") as staging:
+        storage.write_json(storage.join(staging, "done.json"), {"v": 3})
+    assert json.loads((out / "done.json").read_text()) == {"v": 3}
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
