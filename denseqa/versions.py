@@ -13,9 +13,14 @@ is the rollback); older ones are removed after a new one is published.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from denseqa import storage
+from denseqa.errors import InputError
 from denseqa.index import (
     BM25_DIR,
     DELETED_FILE,
@@ -69,3 +74,30 @@ def publish_version(root: str, n: int) -> None:
             storage.remove(storage.join(root, name))
     elif old > 1:
         storage.remove(storage.join(root, *version_folder(old).split("/")))
+
+
+@contextmanager
+def one_update_at_a_time(root: str) -> Iterator[None]:
+    """Hold ``root``'s update lock: a second update of the same index is refused while this one runs. Two at once
+    would both write version n + 1 (each removing the other's staging folder as a killed job's), and the one
+    published last would silently drop the other's changes.
+
+    A local folder only: an ``flock`` on the folder itself, released when this block ends or the process dies (a
+    killed update leaves nothing to clean up). An object store has no such lock: updates of a URI index must not
+    overlap, which the scheduler that runs them (one job at a time) has to ensure.
+    """
+    if storage.is_uri(root) or not os.path.isdir(root):  # a missing folder is refused, in one line, by the update
+        yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{root}: another update of this index is running; run this one once it has "
+                             "published its version") from None
+        except OSError as e:  # a file system without flock (some network mounts): say so, and go on
+            logger.warning("%s: cannot lock the folder (%s): make sure no other update of it runs meanwhile", root, e)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

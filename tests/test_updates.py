@@ -341,6 +341,11 @@ def test_bad_updates_are_one_line_exit_2_and_leave_the_index_untouched(corpus, t
     error(run("--update", str(not_index), "--upsert", fine), str(not_index),
           "not a complete index")
     error(update(), "--update needs --upsert")
+    # While another update of the same index runs (it holds the folder's lock), a second one is refused
+    from denseqa.versions import one_update_at_a_time
+
+    with one_update_at_a_time(str(index)):
+        error(update("--upsert", fine), str(index), "another update of this index is running")
     assert _snapshot(index) == before
     # An index of lossy codes without the exact vectors beside them (as an older denseqa wrote it) is refused
     # before anything is embedded

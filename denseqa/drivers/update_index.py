@@ -32,7 +32,7 @@ from denseqa.index import (
     save_tuning_questions,
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
-from denseqa.versions import next_version, publish_version, resolve_index
+from denseqa.versions import next_version, one_update_at_a_time, publish_version, resolve_index
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,13 @@ RECORDED_INDEX_KEYS = ("factory", "memory_budget_gb", "exact_max_vectors", "hnsw
 
 def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     """Apply ``--upsert`` / ``--delete`` to the index at ``--update`` as a new version. Returns its manifest (the
-    current one, unchanged, when the files change nothing)."""
+    current one, unchanged, when the files change nothing). One update of an index at a time: refused while
+    another runs."""
+    with one_update_at_a_time(storage.absolute(cfg.index.update)):
+        return _update_index(cfg)
+
+
+def _update_index(cfg: JobConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from denseqa.corpus import check_corpus, read_corpus_table
@@ -74,53 +80,56 @@ def run_update_index(cfg: JobConfig) -> dict[str, Any]:
     model_cfg, encoder = _checked_model(cfg, manifest, root)
 
     local = _local_copy(current)
-    docstore = pq.read_table(os.path.join(local, DOCSTORE_FILE), columns=["id", "text"])
-    deleted = _deleted(local)
-    upserts = read_corpus_table(upsert_cfg, checked) if checked else None
-    plan = plan_update(docstore, deleted, upserts, delete_ids, icfg.upsert or icfg.delete, sync=icfg.sync)
-    counts = plan.counts
-    logger.info("update of %s (version %d): %d new, %d changed, %d unchanged, %d deleted", root,
-                manifest.get("version", 1), counts["new"], counts["changed"], counts["unchanged"], counts["deleted"])
-    if plan.unknown_deletes:
-        logger.warning("%d id(s) to delete are not in the index (first: %s); nothing to delete for them",
-                       counts["unknown_deletes"], ", ".join(repr(i) for i in plan.unknown_deletes))
-    ntotal = docstore.num_rows + plan.append.num_rows
-    all_deleted = np.union1d(deleted, plan.tombstones).astype(np.int64)
-    if ntotal - len(all_deleted) == 0:
-        raise InputError(f"{icfg.delete or icfg.upsert}: the update would leave no passage in {root}; build a new "
-                         "index instead")
-    if not plan.append.num_rows and not len(plan.tombstones):
-        logger.info("nothing changes: %s stays at version %d", root, manifest.get("version", 1))
-        return {**manifest, "update": {**counts, "unknown_delete_ids": plan.unknown_deletes, "published": False}}
+    try:  # the local copy of a remote index goes on every way out: refused, nothing to change, or done
+        docstore = pq.read_table(os.path.join(local, DOCSTORE_FILE), columns=["id", "text"])
+        deleted = _deleted(local)
+        upserts = read_corpus_table(upsert_cfg, checked) if checked else None
+        plan = plan_update(docstore, deleted, upserts, delete_ids, icfg.upsert or icfg.delete, sync=icfg.sync)
+        counts = plan.counts
+        logger.info("update of %s (version %d): %d new, %d changed, %d unchanged, %d deleted", root,
+                    manifest.get("version", 1), counts["new"], counts["changed"], counts["unchanged"],
+                    counts["deleted"])
+        if plan.unknown_deletes:
+            logger.warning("%d id(s) to delete are not in the index (first: %s); nothing to delete for them",
+                           counts["unknown_deletes"], ", ".join(repr(i) for i in plan.unknown_deletes))
+        ntotal = docstore.num_rows + plan.append.num_rows
+        all_deleted = np.union1d(deleted, plan.tombstones).astype(np.int64)
+        if ntotal - len(all_deleted) == 0:
+            raise InputError(f"{icfg.delete or icfg.upsert}: the update would leave no passage in {root}; build a new "
+                             "index instead")
+        if not plan.append.num_rows and not len(plan.tombstones):
+            logger.info("nothing changes: %s stays at version %d", root, manifest.get("version", 1))
+            return {**manifest, "update": {**counts, "unknown_delete_ids": plan.unknown_deletes, "published": False}}
 
-    version, version_dir = next_version(root)
-    work = root.rstrip("/") + ".updating"  # on the index's storage: Ray Data's workers write the embeddings there
-    storage.remove(work)
-    try:
-        # New passages are embedded as the index's were (bf16 ones by torch), here or by Ray Data's actors: an
-        # updated index then ranks as a fresh build of the same corpus would (in bf16, up to rounding that depends
-        # on the batch a passage was padded in).
-        precision = manifest["model"].get("passage_precision", "fp32")
-        if plan.append.num_rows <= icfg.update_local_max:
-            new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, model_cfg, cfg, precision)
-        else:
-            new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg, precision)
-        del encoder
-        with storage.staged_output(version_dir, marker=MANIFEST_FILE) as staging:
-            updated = _write_version(local, staging, manifest, docstore, new_rows, new_vectors, all_deleted, cfg,
-                                     work)
-            updated.update({
-                "version": version, "parent": manifest.get("version", 1), "output": root,
-                "created": utc_now(), "versions": package_versions(),
-                "update": {**counts, "unknown_delete_ids": plan.unknown_deletes, "upsert": icfg.upsert,
-                           "delete": icfg.delete, "embedding": embedding, "compacted": updated.pop("compacted"),
-                           "seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
-                           "published": True},
-            })
-            storage.write_json(os.path.join(staging, MANIFEST_FILE), updated)
-        publish_version(root, version)
-    finally:
+        version, version_dir = next_version(root)
+        work = root.rstrip("/") + ".updating"  # on the index's storage: Ray Data's workers write the embeddings there
         storage.remove(work)
+        try:
+            # New passages are embedded as the index's were (bf16 ones by torch), here or by Ray Data's actors: an
+            # updated index then ranks as a fresh build of the same corpus would (in bf16, up to rounding that depends
+            # on the batch a passage was padded in).
+            precision = manifest["model"].get("passage_precision", "fp32")
+            if plan.append.num_rows <= icfg.update_local_max:
+                new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, model_cfg, cfg, precision)
+            else:
+                new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg, precision)
+            del encoder
+            with storage.staged_output(version_dir, marker=MANIFEST_FILE) as staging:
+                updated = _write_version(local, staging, manifest, docstore, new_rows, new_vectors, all_deleted, cfg,
+                                         work)
+                updated.update({
+                    "version": version, "parent": manifest.get("version", 1), "output": root,
+                    "created": utc_now(), "versions": package_versions(),
+                    "update": {**counts, "unknown_delete_ids": plan.unknown_deletes, "upsert": icfg.upsert,
+                               "delete": icfg.delete, "embedding": embedding, "compacted": updated.pop("compacted"),
+                               "seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
+                               "published": True},
+                })
+                storage.write_json(os.path.join(staging, MANIFEST_FILE), updated)
+            publish_version(root, version)
+        finally:
+            storage.remove(work)
+    finally:
         if local != current:
             shutil.rmtree(local, ignore_errors=True)
     logger.info("%s: version %d published in %.1f s (%d live passages, %d deleted kept as tombstones%s)", root,
