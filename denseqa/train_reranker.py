@@ -68,9 +68,34 @@ def cross_encoder_loss(model, forward, in_batch_negatives: int, scale: float):
         def get_in_batch_negatives(self, anchors, candidates):
             if self.num_negatives == 0:  # hard negatives only
                 return iter(())
-            return super().get_in_batch_negatives(anchors, candidates)
+            return in_batch_negative_draws(anchors, candidates, self.num_negatives)
 
     return DistributedCrossEncoderLoss(model, num_negatives=in_batch_negatives, scale=scale)
+
+
+def in_batch_negative_draws(anchors: list[str], candidates: list[list[str]], num_negatives: int | None):
+    """sentence-transformers' in-batch negatives for the cross-encoder (``num_negatives`` other candidates of the
+    batch per question, drawn at random; one list per draw), without the texts that answer the question: the answers
+    of every pair in the batch that asks it. sentence-transformers leaves out only the pair's own slot, so a
+    repeated question (or a repeated answer) would be taught that a right answer is wrong.
+
+    A question whose batch holds fewer other texts than ``num_negatives`` draws them with repeats; one whose every
+    other text answers it gets sentence-transformers' own draw (the batch has nothing else to offer)."""
+    import torch
+
+    batch_size, columns = len(anchors), len(candidates)
+    flat = [text for column in candidates for text in column]
+    others = ~torch.eye(batch_size, dtype=torch.bool).repeat(1, columns)  # sentence-transformers' mask
+    answers_of: dict[str, set[str]] = {}
+    for question, answer in zip(anchors, candidates[0], strict=True):
+        answers_of.setdefault(question, set()).add(answer)
+    right = torch.tensor([[text in answers_of[question] for text in flat] for question in anchors], dtype=torch.bool)
+    valid = others & ~right
+    valid[valid.sum(dim=1) == 0] = others[valid.sum(dim=1) == 0]
+    wanted = len(flat) - columns if num_negatives is None else min(num_negatives, len(flat) - columns)
+    rows = [torch.multinomial(row.float(), wanted, replacement=int(row.sum()) < wanted) for row in valid]
+    for draw in torch.stack(rows).T:
+        yield [flat[i] for i in draw.tolist()]
 
 
 def reranking_samples(cfg: JobConfig, data) -> list[dict[str, Any]]:

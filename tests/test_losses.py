@@ -327,3 +327,22 @@ def test_the_rerankers_loss_is_computed_in_fp32_under_bf16_autocast(tiny_cross_e
         loss = loss_fn([[q for q, _ in pairs], [p for _, p in pairs]], None)
     # Then they and the loss are fp32 (in bf16 a sigmoid above ~0.996 is 1.0, and its gradient 0)
     assert scores.dtype == torch.float32 and loss.dtype == torch.float32
+
+
+def test_the_rerankers_in_batch_negatives_are_never_an_answer_of_the_question():
+    from denseqa.train_reranker import in_batch_negative_draws
+
+    # Given a batch where q1 is asked twice (answers A and B) and row 3 repeats C, q2's answer, as its own
+    anchors, answers, hard = ["q1", "q1", "q2", "q3"], ["A", "B", "C", "C"], ["n0", "n1", "n2", "n3"]
+    torch.manual_seed(0)
+    for _ in range(200):
+        # When 3 in-batch negatives are drawn per question
+        draws = list(in_batch_negative_draws(anchors, [answers, hard], num_negatives=3))
+        assert len(draws) == 3 and all(len(d) == 4 for d in draws)
+        per_row = [{d[i] for d in draws} for i in range(4)]
+        # Then no question gets one of its own answers, nor its own hard negative (its slot)
+        assert not per_row[0] & {"A", "B", "n0"} and not per_row[1] & {"A", "B", "n1"}
+        assert not per_row[2] & {"C", "n2"} and not per_row[3] & {"C", "n3"}
+    # And drawing all of them gives each question every other text of the batch but its answers
+    every = list(in_batch_negative_draws(anchors, [answers, hard], num_negatives=None))
+    assert len(every) == 6 and {d[0] for d in every} == {"C", "n1", "n2", "n3"}  # with repeats: 4 texts in 6 draws
