@@ -179,7 +179,11 @@ def cached_copy(uri: str, what: str) -> str:
         return target
     os.makedirs(root, exist_ok=True)
     incoming = tempfile.mkdtemp(prefix=f".{key}.incoming-", dir=root)
-    pafs.copy_files(path, incoming, source_filesystem=fs)
+    try:
+        pafs.copy_files(path, incoming, source_filesystem=fs)
+    except BaseException:  # a copy cut short stays out of the cache
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
     try:
         os.rename(incoming, target)
     except OSError:  # another process finished the same copy first

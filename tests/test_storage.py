@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -77,3 +78,26 @@ def test_replacing_a_published_folder_never_loses_it(tmp_path, monkeypatch, exch
         storage.write_json(storage.join(staging, "done.json"), {"v": 3})
     assert json.loads((out / "done.json").read_text()) == {"v": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_a_copy_into_the_cache_cut_short_leaves_nothing_there(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    monkeypatch.setenv("DENSEQA_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    source.mkdir()
+    (source / "weights.bin").write_bytes(b"w" * 1000)
+    real_copy = pafs.copy_files
+
+    def cut_short(src, dst, **kwargs):  # writes part of the folder, then the connection drops
+        (Path(dst) / "partial").write_bytes(b"p")
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(pafs, "copy_files", cut_short)
+    with pytest.raises(OSError, match="connection reset"):
+        storage.cached_copy(f"file://{source}", "model")
+    assert list((tmp_path / "cache" / "folders").iterdir()) == []
+    # And the next try copies it whole
+    monkeypatch.setattr(pafs, "copy_files", real_copy)
+    copy = storage.cached_copy(f"file://{source}", "model")
+    assert (tmp_path / "cache" / "folders").exists() and open(f"{copy}/weights.bin", "rb").read() == b"w" * 1000
