@@ -202,13 +202,13 @@ def teacher_columns(fs: pafs.FileSystem, files: list[str], negatives: list[str],
         raise InputError(f"{path}: train.distill needs hard negatives with the teacher's scores, and these pairs "
                          "have no negative columns: mine them with mine-negatives --teacher CROSS_ENCODER")
     wanted = teacher_column_names(len(negatives))
-    names = pq.read_schema(files[0], filesystem=fs).names
-    missing = [c for c in wanted if c not in names]
-    if missing:
-        raise InputError(f"{path}: train.distill needs the teacher's scores and column {missing[0]!r} is missing "
-                         "(mine-negatives --teacher CROSS_ENCODER writes teacher_answer, teacher_negative_1..n)")
     for f in files:
         schema = pq.read_schema(f, filesystem=fs)
+        missing = [c for c in wanted if c not in schema.names]
+        if missing:
+            raise InputError(f"{f if len(files) > 1 else path}: train.distill needs the teacher's scores and column "
+                             f"{missing[0]!r} is missing (mine-negatives --teacher CROSS_ENCODER writes "
+                             "teacher_answer, teacher_negative_1..n)")
         for c in wanted:
             if not pa.types.is_floating(schema.field(c).type):
                 raise InputError(f"{f}: column {c!r} must hold teacher scores (floats), got {schema.field(c).type}")
@@ -219,6 +219,7 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
     """Validate, read, clean and split the Q/A pairs (with the teacher's scores of the answer and hard negatives,
     for distillation). Raises InputError with one line on bad input."""
     import ray.data
+    from ray.data.expressions import col
 
     if not cfg.path:
         raise InputError("no data given: pass --data PATH (a parquet file, a directory or a glob)")
@@ -256,6 +257,13 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
     n_heldout = heldout_count(n_kept, cfg)
     if n_kept - n_heldout < 2:
         raise InputError(f"{cfg.path}: only {n_kept} usable rows; too few to hold out {n_heldout} and train")
+    # The cut falls after a whole question: the rows of a repeated question share its key and so lie together,
+    # and the copies of the one at the cut would otherwise land on both sides (trained on and evaluated).
+    last_key = ordered.split_at_indices([n_heldout])[0].take_all()[-1][_SPLIT_KEY]
+    n_heldout = ordered.filter(expr=col(_SPLIT_KEY) <= last_key).count()
+    if n_kept - n_heldout < 2:
+        raise InputError(f"{cfg.path}: only {n_kept} usable rows, {n_heldout} of them held out with their "
+                         "question's repeats; too few to train")
     heldout_ds, train_ds = ordered.split_at_indices([n_heldout])
     heldout = [(r[QUESTION], r[ANSWER]) for r in heldout_ds.take_all()]
     train_ds = train_ds.select_columns([QUESTION, ANSWER, *negatives, *teachers])

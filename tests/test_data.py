@@ -11,11 +11,12 @@ def test_split_is_deterministic_grouped_by_question_and_counts_drops(ray_local, 
     questions = [f"question {i // 3}" for i in range(60)] + ["", None, "q"]
     answers = [f"answer {i}" for i in range(60)] + ["a", "b", "  "]
     path = qa_parquet(Q=questions, A=answers)
-    cfg = DataConfig(path=path, question_column="Q", answer_column="A", heldout_size=9, split_seed=3)
+    # (8 held out cuts through a question's three rows: the cut moves to the end of that question)
+    cfg = DataConfig(path=path, question_column="Q", answer_column="A", heldout_size=8, split_seed=3)
     # When it is loaded twice
     first, second = load_qa_data(cfg), load_qa_data(cfg)
-    # Then the drops are counted, the split has the asked size, is the same both times, and no held-out
-    # question appears in training (repeats of a question stay on one side)
+    # Then the drops are counted, the split has the asked size rounded up to whole questions, is the same both
+    # times, and no held-out question appears in training (repeats of a question stay on one side)
     assert first.counts == {"read": 63, "dropped": 3, "heldout": 9, "train": 51}
     assert first.heldout == second.heldout
     train_rows = first.train.take_all()
@@ -25,5 +26,25 @@ def test_split_is_deterministic_grouped_by_question_and_counts_drops(ray_local, 
     assert not heldout_questions & {r["question"] for r in train_rows}
     assert len({a for _, a in first.heldout} | {r["answer"] for r in train_rows}) == 60
     # And another seed gives another split
-    other = load_qa_data(DataConfig(path=path, question_column="Q", answer_column="A", heldout_size=9, split_seed=4))
+    other = load_qa_data(DataConfig(path=path, question_column="Q", answer_column="A", heldout_size=8, split_seed=4))
     assert {q for q, _ in other.heldout} != heldout_questions
+
+
+def test_distillation_names_the_file_of_a_folder_that_lacks_the_teacher_scores(tmp_path):
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    import pytest
+
+    from denseqa.data import teacher_columns
+    from denseqa.errors import InputError
+
+    # Given a folder of mined pairs where only the first file has the teacher's scores
+    pairs = {"question": ["q"], "answer": ["a"], "negative_1": ["n"]}
+    pq.write_table(pa.table({**pairs, "teacher_answer": [1.0], "teacher_negative_1": [0.5]}), tmp_path / "0.parquet")
+    pq.write_table(pa.table(pairs), tmp_path / "1.parquet")
+    files = [str(tmp_path / "0.parquet"), str(tmp_path / "1.parquet")]
+    # When distillation checks them, Then the second file is named, in one line, not a pyarrow KeyError
+    with pytest.raises(InputError, match=r"1\.parquet: train.distill needs the teacher's scores and column "
+                                         r"'teacher_answer' is missing"):
+        teacher_columns(pafs.LocalFileSystem(), files, ["negative_1"], str(tmp_path))
