@@ -54,12 +54,13 @@ class Hit:
     position: int  # row in the docstore and the FAISS index
 
 
-def read_manifest(index_dir: str) -> dict:
-    """The manifest of a complete index folder (its current version, :mod:`denseqa.versions`); one-line
-    InputError otherwise."""
+def read_manifest(index_dir: str, resolved: bool = False) -> dict:
+    """The manifest of a complete index folder (its current version, :mod:`denseqa.versions`; ``resolved``: the
+    folder is a version already resolved, read as it is); one-line InputError otherwise."""
     if not storage.exists(index_dir):
         raise InputError(f"{index_dir}: index folder not found")
-    manifest = storage.read_json(storage.join(resolve_index(index_dir), MANIFEST_FILE))
+    folder = index_dir if resolved else resolve_index(index_dir)
+    manifest = storage.read_json(storage.join(folder, MANIFEST_FILE))
     if manifest is None:
         raise InputError(f"{index_dir}: not a complete index (no {MANIFEST_FILE}): its build did not finish; "
                          "run build-index again")
@@ -122,7 +123,9 @@ class Searcher:
         self.root = index_dir
         index_dir = resolve_index(index_dir)
         self.index_dir = index_dir
-        self.manifest = read_manifest(index_dir)
+        # Resolved once: looked up again, the pointer could move between the two (an update publishing its first
+        # version), and this reader would take one version's manifest with another's files.
+        self.manifest = read_manifest(index_dir, resolved=True)
         self._download_dir = tempfile.mkdtemp(prefix="denseqa-index-") if storage.is_uri(index_dir) else None
         if self._download_dir:
             # The local copy of a remote index goes with this object (a hot-swapped Serve searcher drops the old

@@ -95,6 +95,31 @@ def test_a_folder_without_manifest_does_not_load(tiny_index, tmp_path):
     assert manifest["index"]["factory"] == "Flat" and manifest["model"]["normalize"] == "l2"
 
 
+def test_a_reader_resolves_the_version_once_while_an_update_publishes(tiny_index, tmp_path, monkeypatch):
+    import denseqa.search as search
+
+    # Given an index never updated, whose first update publishes version 2 just after a reader looked it up
+    root = tmp_path / "root"
+    shutil.copytree(tiny_index["path"], root)
+    version_2 = root / "versions" / "000002"
+    shutil.copytree(tiny_index["path"], version_2)
+    manifest = json.loads((version_2 / "manifest.json").read_text())
+    manifest["count"] += 1  # another version's files: one passage more
+    manifest["index"]["ntotal"] = manifest["index"].get("ntotal", manifest["count"] - 1) + 1
+    (version_2 / "manifest.json").write_text(json.dumps(manifest))
+    looked_up = search.resolve_index
+
+    def then_published(folder):
+        found = looked_up(folder)
+        (root / "CURRENT.json").write_text(json.dumps({"version": 2, "folder": "versions/000002"}))
+        return found
+
+    monkeypatch.setattr(search, "resolve_index", then_published)
+    # When a reader loads it, Then it reads version 1 whole: its manifest with its files
+    searcher = Searcher(str(root), load_encoder=False)
+    assert searcher.index_dir == str(root) and searcher.manifest["count"] == len(searcher) == manifest["count"] - 1
+
+
 def test_the_manifest_records_the_backend_and_queries_use_it(tiny_index, tiny_model_dir):
     from denseqa.config import ModelConfig
     from denseqa.model import Encoder, sha256_file
