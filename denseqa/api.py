@@ -134,6 +134,13 @@ def checked_queries(request: SearchRequest, limits: Limits) -> list[str]:
         name = field if field == "query" else f"queries[{i}]"
         if is_blank(query):
             raise BadRequest(name, "query is empty or only whitespace")
+        try:
+            # JSON may carry a lone surrogate ("\ud800") that no tokenizer can encode: refused here, it would
+            # fail the whole encoder batch, other clients' queries with it.
+            query.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise BadRequest(name, f"query is not valid Unicode text (a lone surrogate at character {e.start})") \
+                from None
         if len(query) > limits.max_query_chars:
             raise BadRequest(name, f"query has {len(query)} characters; at most {limits.max_query_chars}", 413)
     return queries
@@ -199,6 +206,55 @@ def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25
     return spec
 
 
+# A JSON string spends at most 12 bytes on one character (a surrogate pair escaped, "\\ud83d\\ude00"), so a request
+# within the limits is never larger than this; the rest of an object (keys, k, mode, rerank) fits in the margin.
+BODY_MARGIN_BYTES = 65_536
+
+
+def max_body_bytes(limits: Limits) -> int:
+    """The largest request body a request within ``limits`` can have."""
+    return limits.max_queries * (limits.max_query_chars * 12 + 4) + BODY_MARGIN_BYTES
+
+
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes()`` is answered 413 before it is read whole.
+
+    By hand because Starlette and FastAPI have no body limit (uvicorn has none either, and Serve's proxy passes
+    bodies on as they come): FastAPI would read and parse any body before the request's limits are checked, so one
+    client could fill a replica's memory. A declared Content-Length is refused at once; a chunked body, once its
+    bytes pass the limit.
+    """
+
+    def __init__(self, app, max_bytes) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        limit = self.max_bytes() if scope["type"] == "http" else None
+        if limit is None:
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            response = JSONResponse(error_body("body", _too_large(int(declared), limit)), status_code=413)
+            return await response(scope, receive, send)
+        received = 0
+
+        async def counted_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # answered 413 by the app's handler of Starlette's HTTPException
+                    raise StarletteHTTPException(413, _too_large(received, limit, so_far=True))
+            return message
+
+        await self.app(scope, counted_receive, send)
+
+
+def _too_large(size: int, limit: int, so_far: bool = False) -> str:
+    return f"request body of {'more than ' if so_far else ''}{size:,} bytes; at most {limit:,} (the service's " \
+           "max_queries x max_query_chars)"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Turn FastAPI's validation errors and :class:`BadRequest` into the one error body, naming the field."""
 
@@ -217,7 +273,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI's own refusals (a body that is not UTF-8 or JSON it cannot parse, an unknown path, a method the
         # path does not take) get the same body as every other error.
-        field = {400: "body", 404: "path", 405: "method"}.get(exc.status_code, "request")
+        field = {400: "body", 404: "path", 405: "method", 413: "body"}.get(exc.status_code, "request")
         return JSONResponse(error_body(field, str(exc.detail)), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
 
