@@ -54,6 +54,7 @@ from ray.serve.handle import DeploymentHandle
 from denseqa import auth
 from denseqa.api import (
     BadRequest,
+    BodyLimit,
     Limits,
     SearchRequest,
     SearchResponse,
@@ -62,6 +63,7 @@ from denseqa.api import (
     error_body,
     error_responses,
     install_error_handlers,
+    max_body_bytes,
     openapi_with_limits,
 )
 from denseqa.auth import KEY_ENV, KeyCheck, digest
@@ -122,7 +124,11 @@ class AuthSettings(BaseModel):
                                                                             for c in d)), None)
         if bad is not None:
             raise ValueError(f"api_key_sha256 {bad[:12]!r}...: not a SHA-256 hex digest (64 hex characters)")
-        if self.auth and not self.api_key_sha256 and not os.environ.get(KEY_ENV):
+        from_env = os.environ.get(KEY_ENV, "").strip()
+        if from_env and len(from_env) < auth.MIN_KEY_CHARS:  # the rule `denseqa serve` applies to its own keys
+            raise ValueError(f"${KEY_ENV} on this node: an API key needs at least {auth.MIN_KEY_CHARS} characters, "
+                             f"got {len(from_env)}")
+        if self.auth and not self.api_key_sha256 and not from_env:
             raise ValueError(f"auth is on and no API key is given: set api_key_sha256 in SearchAPI's user_config "
                              f"(`denseqa serve` does), or ${KEY_ENV} on the nodes, or auth: false to serve without")
         return self
@@ -319,8 +325,11 @@ class IndexSearcher:
         try:
             # Loaded beside the one serving, off the event loop: requests keep being answered meanwhile.
             searcher = await asyncio.to_thread(self._load, target)
-        except (DenseqaError, OSError) as e:
-            self._refuse(target, one_line(e))
+        except Exception as e:  # any: a truncated index.faiss is a RuntimeError, a damaged parquet a ValueError
+            # Any folder that does not load is refused here: raised, it would fail the update, and Serve would
+            # stop the replicas serving the index they have (and start new ones that fail the same way).
+            self._refuse(target, f"{type(e).__name__}: {one_line(e)}" if not isinstance(e, DenseqaError)
+                         else one_line(e))
             return
         previous, self.searcher = self.searcher, searcher
         self.last_change = {"index": target, "status": "serving", "at": time.time(),
@@ -406,6 +415,11 @@ bearer = Security(HTTPBearer(auto_error=False, description="The service's API ke
 OPEN_PATHS = ("/healthz", "/")
 
 
+# The largest body this process's SearchAPI replica reads (set from its limits); None until it is constructed.
+_max_body_bytes: int | None = None
+http.add_middleware(BodyLimit, max_bytes=lambda: _max_body_bytes)
+
+
 @http.middleware("http")
 async def require_api_key(request: Request, call_next):
     path = request.url.path[len(request.scope.get("root_path", "")):] or "/"
@@ -450,6 +464,7 @@ async def retried(call, what: str, deadline_s: float = RETRY_DEADLINE_S,
     working on.
     """
     from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
     deadline, pause, failures = time.monotonic() + deadline_s, 0.05, 0
     while True:
@@ -458,7 +473,9 @@ async def retried(call, what: str, deadline_s: float = RETRY_DEADLINE_S,
                 return await call()
             left = deadline - time.monotonic()
             return await asyncio.wait_for(_awaited(call()), timeout=max(0.1, min(attempt_timeout_s, left)))
-        except (RayActorError, asyncio.TimeoutError) as e:
+        except DeploymentUnavailableError as e:  # it failed to deploy: no retry will reach it (503, not a 500)
+            raise ReplicaUnavailable(f"{what}: {e.message}") from e
+        except (RayActorError, ReplicaUnavailableError, asyncio.TimeoutError) as e:
             failures += 1
             if time.monotonic() + pause >= deadline:
                 raise ReplicaUnavailable(f"{what}: no replica answered within {deadline_s:.0f} s "
@@ -495,6 +512,8 @@ class SearchAPI:
         self.searchers = searcher if isinstance(searcher, list) else [searcher]
         self.reranker = reranker
         self.limits = Limits.model_validate(limits)
+        global _max_body_bytes  # read by the app's BodyLimit middleware, like the key check by the auth one
+        _max_body_bytes = max_body_bytes(self.limits)
         self.default_mode = default_mode  # of a request that names no mode
         self.auth: AuthSettings | None = None  # set by reconfigure, which Serve calls right after __init__
 
@@ -512,7 +531,8 @@ class SearchAPI:
                    400, 401, 413, 422, 503,
                    s400="Invalid JSON, a mode the index cannot answer, or rerank without a reranker",
                    s401="No API key, or not one the service accepts",
-                   s413="Too many queries, a query too long, or too many candidates to re-rank",
+                   s413="Too many queries, a query too long, too many candidates to re-rank, or a body larger "
+                        "than those limits allow",
                    s422="A field is missing or invalid; the body names it",
                    s503="No index loaded yet, or no replica answered within the retry deadline"))
     async def search(self, request: SearchRequest):
