@@ -185,6 +185,8 @@ BAD_INPUTS = [
     ('{"queries": "not a list"}', 422, "queries"),
     ('{"queries": ["fine", 3]}', 422, "queries[1]"),
     ('{"queries": ["fine", " "]}', 422, "queries[1]"),
+    ('{"query": "\\ud800 lone surrogate"}', 422, "query"),  # valid JSON, not encodable text
+    ('{"queries": ["fine", "x\\udc00"]}', 422, "queries[1]"),
     ('{"query": "x", "k": 0}', 422, "k"),
     ('{"query": "x", "k": 1001}', 422, "k"),
     ('{"query": "x", "k": -3}', 422, "k"),
@@ -211,6 +213,9 @@ def test_every_bad_input_gets_a_4xx_naming_the_field(service, indexes):
         error = response.json()["error"]
         assert error["field"] == field, (raw[:80], error)
         assert error["message"]
+    # A body larger than any request within the limits can be: refused before it is read whole
+    huge = post(url, data='{"query": "' + "x" * 2_000_000 + '"}')
+    assert huge.status_code == 413 and huge.json()["error"]["field"] == "body", huge.text[:300]
     assert get(f"{url}/search", timeout=30).status_code == 405
     assert requests.post(f"{url}/nowhere", json={"query": "x"}, headers=AUTH, timeout=30).status_code == 404
     # The limits are inclusive, and the server still answers after all of that
@@ -626,6 +631,45 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     for result, hits in zip(body["results"], expected, strict=True):
         _assert_same_hits(result["hits"], hits)
     assert get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
+
+
+def test_a_swap_to_a_damaged_index_is_refused_and_the_config_goes_back(service, indexes, tmp_path):
+    """A folder whose manifest matches but whose index file is cut short (a copy that stopped half-way): the
+    replicas refuse it and keep serving, and the deployed config names the served folder again, so a replica
+    started later loads that one instead of failing on the damaged one."""
+    import shutil
+
+    from denseqa.drivers import serve as deploying
+    from denseqa.errors import InputError
+    from denseqa.index import INDEX_FILE
+
+    url = service["url"]
+    serving = get(f"{url}/info", timeout=30).json()["index"]["index"]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(serving, damaged)
+    index_file = damaged / INDEX_FILE
+    index_file.write_bytes(index_file.read_bytes()[:100])
+    # When it is swapped in, Then the replicas refuse it, naming faiss's error, and keep serving the same index
+    with pytest.raises(InputError, match=r"damaged: refused by the running searcher: RuntimeError"):
+        deploying.swap_index(str(damaged), timeout_s=120)
+    assert get(f"{url}/healthz", timeout=30).json()["index"] == serving
+    assert post(url, {"query": "a package", "k": 3}).status_code == 200
+    # And the running config names the served folder again
+    running = deploying.running_config()
+    assert deploying.deployment(running, "IndexSearcher")["user_config"]["index"] == serving
+
+
+def test_a_deploy_to_another_address_than_the_running_serve_is_refused(service, indexes):
+    from denseqa.drivers import serve as deploying
+    from denseqa.errors import InputError
+
+    # Serve keeps the address it started on and would ignore the new one: refused, naming both
+    port = service["port"]
+    with pytest.raises(InputError, match=rf"listening on 127\.0\.0\.1:{port}, and a running Serve cannot move "
+                                         rf"to 127\.0\.0\.1:{port + 1}"):
+        deploying.deploy(_test_config(indexes["A"], port + 1))
+    with pytest.raises(InputError, match=r"cannot move to 0\.0\.0\.0"):
+        deploying.deploy(deploying.with_overrides(_test_config(indexes["A"], port), host="0.0.0.0"))
 
 
 def test_an_update_published_under_load_is_swapped_in_and_its_deletes_vanish(service, indexes, tmp_path):

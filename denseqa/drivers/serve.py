@@ -95,6 +95,7 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
         schema = ServeDeploySchema.model_validate(config)
     except ValidationError as e:
         raise InputError(f"Serve config: {one_line(e)}") from None
+    check_http_options(schema.http_options.host, schema.http_options.port)
     # What `serve run CONFIG` does (Ray 2.60): the controller builds each application from its import path and
     # args and applies the per-deployment options, so a redeploy that only changes a user_config reconfigures
     # the running replicas instead of restarting them (that is how an index is hot-swapped).
@@ -107,6 +108,18 @@ def deploy(config: dict, timeout_s: float = 600) -> str:
     host = schema.http_options.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{host}:{schema.http_options.port}"
+
+
+def check_http_options(host: str, port: int) -> None:
+    """Refuse an address a running Serve does not listen on: Serve keeps the HTTP options it started with and
+    ignores a new config's (it only logs so), so the service would not be where the caller says it is, and a
+    narrow host asked for (127.0.0.1) could be served on every interface."""
+    details = ray_private.serve_details()
+    live = (details or {}).get("http_options") or {}
+    if live and (live.get("host"), live.get("port")) != (host, port):
+        raise InputError(f"Serve already runs on this cluster listening on {live.get('host')}:{live.get('port')}, "
+                         f"and a running Serve cannot move to {host}:{port}: deploy with --host "
+                         f"{live.get('host')} --port {live.get('port')}, or stop it first (`serve shutdown -y`)")
 
 
 # Ray Serve reads this in each of its processes: the controller starts HAProxy in place of its proxy actors, and
@@ -230,6 +243,8 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     # Each searcher (one per partition) gets its folder; Serve reconfigures them all from this one deploy.
     targets = {name: index if part is None else storage.join(index, *part["folder"].split("/"))
                for name, part in zip(names, partitions, strict=True)}
+    # What each searcher serves now: where the config goes back to if the new folder is not served.
+    served = {name: serve.get_deployment_handle(name, app_name).status.remote().result()["index"] for name in names}
     for name, target in targets.items():
         entry = deployment(running, name, app_name)
         entry["user_config"] = {**(entry.get("user_config") or {}), "index": target}
@@ -244,10 +259,17 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
             if status["index"] == target:
                 statuses[name] = status
                 break
-            if change.get("index") == target and change.get("status") == "refused":
-                raise InputError(f"{target}: refused by the running searcher: {change['reason']}")
-            if time.monotonic() > deadline:
-                raise DenseqaError(f"{target}: not served after {timeout_s:.0f} s; see the {name} logs")
+            refused = change.get("index") == target and change.get("status") == "refused"
+            if refused or time.monotonic() > deadline:
+                # The deployed config goes back to the folders being served: left naming the refused one, every
+                # replica started later (scale-up, a replacement) would load it, fail, and never serve.
+                for back, folder in served.items():
+                    deployment(running, back, app_name)["user_config"]["index"] = folder
+                deploy(running, timeout_s)
+                if refused:
+                    raise InputError(f"{target}: refused by the running searcher: {change['reason']}")
+                raise DenseqaError(f"{target}: not served after {timeout_s:.0f} s; see the {name} logs (the "
+                                   "running config is back on the index it had)")
             time.sleep(0.5)
     if len(statuses) == 1:
         return statuses[names[0]]
