@@ -114,6 +114,10 @@ def test_a_stopped_run_continues_on_request_and_a_worker_that_dies_resumes_from_
     # When it is submitted again without --resume, Then it refuses to mix a new run into the old folder
     refused = submit(cluster, *args)
     assert refused.returncode != 0 and "pass --resume" in refused.stdout + refused.stderr
+    # ... and to resume it with another batch size (its checkpoints' data position and schedule are in batches of 8)
+    other_batch = submit(cluster, *[a if a != "8" else "4" for a in args], "--resume")
+    assert other_batch.returncode != 0
+    assert "--resume with batch_size 4, but the run was made with 8" in other_batch.stdout + other_batch.stderr
     # When it is submitted with --resume (and without the NaN), one restart allowed, and the last worker dies at
     # the start of step 5 (test-only setting; checkpoints at steps 2, 4, 6)
     result = submit(cluster, *args, "--resume", "--max-failures", "1", faults="train.fail_at_step=5")

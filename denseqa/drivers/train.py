@@ -2,7 +2,8 @@
 
 What the workers run is the library's (:func:`denseqa.train.train_loop_per_worker`, one task: the bi-encoder's
 or :mod:`denseqa.train_reranker`'s); this driver decides everything the ranks must agree on before they start
-(the step plan), and publishes the best checkpoint once they are done.
+(the step plan), and publishes the final checkpoint once they are done (the record names the best one by the
+held-out metric; the best K are kept in the run folder).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
     task.check_config(cfg)
     tracking.check_store(cfg.mlflow)
     output, run_dir = _resolve_output(cfg)
+    t = cfg.train
+    # A resumed run takes its checkpoints' data position, schedule and optimizer state as they are: only with the
+    # settings they were made under (checked again with the data's counts once they are read).
+    check_resumed_plan(cfg, run_dir, {"num_workers": t.num_workers, "batch_size": t.batch_size,
+                                      "precision": t.precision})
     source = check_model_source(cfg.model.model)
     # validates, then starts or joins Ray through Ray Data
     data = load_qa_data(cfg.data, with_teacher_scores=cfg.train.distill is not None)
@@ -63,9 +69,13 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
         logger.warning("%s", mismatch)
     loop_inputs = task.loop_inputs(cfg, data)
 
-    t = cfg.train
     cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
     plan = make_plan(cfg, data.counts["train"], run_dir)
+    run_plan = {"num_workers": t.num_workers, "batch_size": t.batch_size, "precision": t.precision,
+                "train_pairs": data.counts["train"], "steps_per_epoch": plan.steps_per_epoch,
+                "total_steps": plan.total_steps}
+    check_resumed_plan(cfg, run_dir, run_plan)
+    storage.write_json(storage.join(run_dir, RUN_PLAN_FILE), run_plan)
     logger.info("%s from %s; %d workers, %.2f CPUs each%s; run folder %s", task.kind, describe_model(cfg.model),
                 t.num_workers, cpus_per_worker, " + 1 GPU each" if t.use_gpu else "", run_dir)
 
@@ -134,6 +144,26 @@ def _root_cause(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines()]
     causes = [line for line in lines if re.match(r"^[\w.]+(Error|Exception)\b.*:", line)]
     return causes[-1] if causes else next((line for line in lines if line), type(error).__name__)
+
+
+# What a run was planned with (the driver writes it when the run starts): a resumed run must match it.
+RUN_PLAN_FILE = "run_plan.json"
+
+
+def check_resumed_plan(cfg: JobConfig, run_dir: str, now: dict[str, Any]) -> None:
+    """With ``--resume``: refuse, in one line, settings that differ from those the run was planned with. A checkpoint
+    holds a data position in batches, a learning-rate schedule over the total steps and an optimizer (and fp16's
+    gradient scaler) state: under another batch size, number of workers, data or precision, the resumed run would
+    repeat or skip pairs and jump in its schedule (or fail in the workers). A run folder from before this file
+    existed is not checked."""
+    if not cfg.output.resume:
+        return
+    then = storage.read_json(storage.join(run_dir, RUN_PLAN_FILE)) or {}
+    for key, value in now.items():
+        if key in then and then[key] != value:
+            raise InputError(f"{run_dir}: --resume with {key} {value!r}, but the run was made with {then[key]!r}: "
+                             f"its checkpoints hold a data position, schedule and optimizer of that plan; resume with "
+                             "the same settings and data, or start a new run (another --run-dir)")
 
 
 def _resolve_output(cfg: JobConfig) -> tuple[str, str]:
