@@ -67,7 +67,8 @@ class DataConfig(Section):
     )
     heldout_fraction: float = _f(0.05, "Share of pairs held out of training for evaluation.", gt=0, lt=1)
     heldout_max: int = _f(2000, "Upper bound on the held-out pairs (evaluation runs on rank 0's schedule).", ge=1)
-    split_seed: int = _f(0, "Seed of the held-out split. The split is by question, so repeats stay together.")
+    split_seed: int = _f(0, "Seed of the held-out split. The split is by question, so repeats stay together (the "
+                            "held-out count is rounded up to the end of the last held-out question's rows).")
     num_negatives: int | None = _f(
         None,
         "Hard negatives per pair to train with, from the columns negative_1..negative_n (written by mine-negatives). "
