@@ -44,6 +44,7 @@ class Corpus:
     derived_ids: bool  # ids are hashes of the texts (Q/A answers): equal texts are one passage
     filesystem: Any = None  # pyarrow filesystem of ``files``
     counts: dict[str, int] = field(default_factory=dict)
+    columns: tuple[str | None, str] = (None, "text")  # (id column, None for derived ids; text column) read
 
 
 def _clean_batch(batch: pa.Table, id_column: str | None, text_column: str) -> pa.Table:
@@ -130,4 +131,4 @@ def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = 
         _clean_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
     )
     return Corpus(dataset=dataset, path=cfg.path, files=files, rows=rows, derived_ids=id_column is None,
-                  filesystem=fs)
+                  filesystem=fs, columns=(id_column, cfg.text))

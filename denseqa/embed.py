@@ -130,16 +130,18 @@ def resolve_precision(configured: str, backend: str, use_gpu: bool) -> str:
 
 
 def embedding_identity(encoder_description: dict, corpus) -> dict:
-    """What the shards depend on: the model (weights, prompts, length) and the input files (size, mtime)."""
+    """What the shards depend on: the model (weights, pooling, prompts, length), the input files (size, mtime) and
+    the columns read from them."""
     import pyarrow.fs as pafs
 
     infos = corpus.filesystem.get_file_info(corpus.files)
     return {
-        "model": {k: encoder_description.get(k) for k in ("weights_sha256", "passage_prompt", "max_seq_length",
-                                                            "backend", "passage_precision")},
+        "model": {k: encoder_description.get(k) for k in ("weights_sha256", "pooling", "passage_prompt",
+                                                            "max_seq_length", "backend", "passage_precision")},
         "files": [{"path": i.path, "size": i.size, "mtime_ns": i.mtime_ns}
                   for i in infos if i.type == pafs.FileType.File],
         "derived_ids": corpus.derived_ids,
+        "columns": list(corpus.columns),
     }
 
 

@@ -84,6 +84,7 @@ def _hub_has_modules_json(model_id: str) -> bool:
     """Whether a hub repository is a sentence-transformers model; one-line InputError when it can't be fetched."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
+        HFValidationError,
         LocalEntryNotFoundError,
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -92,6 +93,9 @@ def _hub_has_modules_json(model_id: str) -> bool:
     try:
         hf_hub_download(model_id, "modules.json")
         return True
+    except HFValidationError as e:
+        raise InputError(f"model {model_id!r}: neither a local path nor a valid Hugging Face Hub id "
+                         f"({' '.join(str(e).split())})") from None
     except LocalEntryNotFoundError:
         raise InputError(
             f"model {model_id!r}: not a local path, and the Hugging Face Hub is unreachable from here "
@@ -132,6 +136,10 @@ def load_model(cfg: ModelConfig, device: str | None = None):
         raise InputError(f"model {cfg.model!r}: a cross-encoder reranker (train-reranker), not a bi-encoder; it "
                          "re-ranks (--reranker), it cannot embed passages for an index")
     is_st = _is_sentence_transformers_folder(source) if is_local else _hub_has_modules_json(source)
+    if is_local and not is_st and not os.path.isfile(os.path.join(source, "config.json")):
+        raise InputError(f"model {cfg.model or source!r}: a folder without modules.json or config.json, so neither "
+                         "a sentence-transformers model nor a Hugging Face checkpoint (a run folder? its model is in "
+                         "a subfolder)")
     try:
         if is_st:
             model = SentenceTransformer(source, device=device)
@@ -139,8 +147,8 @@ def load_model(cfg: ModelConfig, device: str | None = None):
             transformer = models.Transformer(source)
             pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode=cfg.pooling)
             model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device=device)
-    except OSError as e:
-        raise InputError(f"model {cfg.model or source!r}: cannot be loaded ({e})") from None
+    except (OSError, ValueError) as e:  # ValueError: transformers' "Unrecognized model" of a broken config.json
+        raise InputError(f"model {cfg.model or source!r}: cannot be loaded ({' '.join(str(e).split())})") from None
     if cfg.max_seq_length is not None:
         model.max_seq_length = cfg.max_seq_length
     return model
@@ -294,6 +302,7 @@ class Encoder:
             "query_prompt": self.query_prompt,
             "passage_prompt": self.passage_prompt,
             "max_seq_length": int(self.model.max_seq_length) if self.model.max_seq_length else None,
+            "pooling": pooling_mode(self.model),
             "backend": dict(self.backend),
         }
 
@@ -302,10 +311,23 @@ class Encoder:
         check_model_matches(self.describe(), recorded, where)
 
 
-# What must agree between the model that embedded the passages and the one that encodes the queries.
+def pooling_mode(model) -> str | None:
+    """The pooling of a SentenceTransformer (its Pooling module's mode, e.g. ``mean`` or ``cls``); None without one.
+    Recorded apart from the weights: a plain checkpoint's pooling is a choice (model.pooling) with no weights."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    modes = [m.pooling_mode for m in model if isinstance(m, Pooling)]
+    if not modes:
+        return None
+    return modes[0] if isinstance(modes[0], str) else "+".join(modes[0])
+
+
+# What must agree between the model that embedded the passages and the one that encodes the queries (pooling: where
+# both sides record it; manifests written before it was recorded do not).
 MATCHED_FIELDS = (("dimension", "dimension"), ("normalize", "normalisation"),
-                  ("weights_sha256", "model weights (sha256)"), ("query_prompt", "query prompt"),
-                  ("passage_prompt", "passage prompt"), ("backend", "inference backend"))
+                  ("weights_sha256", "model weights (sha256)"), ("pooling", "pooling"),
+                  ("query_prompt", "query prompt"), ("passage_prompt", "passage prompt"),
+                  ("backend", "inference backend"))
 # Indexes built before model.backend existed were embedded by torch.
 TORCH_BACKEND = {"name": "torch", "sha256": None}
 
@@ -317,9 +339,11 @@ def recorded_backend(recorded: dict) -> dict:
 def query_model_config(recorded: dict, model: str | None = None) -> ModelConfig:
     """The model config that encodes queries for an index whose manifest records ``recorded`` (its ``model``):
     the same model (or ``model``, to be checked against it), length, prompts and backend as its passages."""
+    pooling = recorded.get("pooling")  # applies to a plain checkpoint; a sentence-transformers folder has its own
     return ModelConfig(model=model or recorded["path"], max_seq_length=recorded.get("max_seq_length"),
                        query_prompt=recorded["query_prompt"], passage_prompt=recorded["passage_prompt"],
-                       backend=recorded_backend(recorded)["name"])
+                       backend=recorded_backend(recorded)["name"],
+                       **({"pooling": pooling} if pooling in ("mean", "cls") else {}))
 
 
 def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
@@ -338,6 +362,8 @@ def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
                 f"{expected.get('path')!r} runs {_backend_text(runs)}; encode queries with --model.backend "
                 f"{built['name']} (the same export) or rebuild the index"
             )
+        if key == "pooling" and (recorded.get(key) is None or expected.get(key) is None):
+            continue
         if recorded.get(key) != expected.get(key):
             raise InputError(
                 f"{where}: index was built with {label} {recorded.get(key)!r} but the model "

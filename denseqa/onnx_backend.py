@@ -89,6 +89,9 @@ def _publish(target: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is its owner's only; an export is shared like the model
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -59,6 +60,35 @@ def test_unreachable_hub_id_says_how_to_pass_a_local_path():
 def test_missing_local_path_is_named():
     with pytest.raises(InputError, match=r"model '\./nowhere/model': local path not found"):
         load_model(ModelConfig(model="./nowhere/model"))
+
+
+def test_model_values_that_are_no_model_are_one_line_errors(tmp_path):
+    # A name the Hub could never hold, and a folder that is no model (a run folder given for its model subfolder)
+    for name in ("my model", "org/model..v2"):
+        with pytest.raises(InputError, match=rf"model '{re.escape(name)}': neither a local path nor a valid Hugging "):
+            load_model(ModelConfig(model=name))
+    (tmp_path / "denseqa.json").write_text("{}")
+    with pytest.raises(InputError, match=r"a folder without modules.json or config.json"):
+        load_model(ModelConfig(model=str(tmp_path)))
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')  # a config transformers cannot place
+    with pytest.raises(InputError, match=r"cannot be loaded \(Unrecognized model"):
+        load_model(ModelConfig(model=str(tmp_path)))
+
+
+def test_the_pooling_of_a_plain_checkpoint_is_recorded_and_queries_use_it(tiny_model_dir):
+    from denseqa.model import Encoder, query_model_config
+
+    # Given passages embedded by a plain checkpoint with CLS pooling (a choice that has no weights)
+    built = Encoder.load(ModelConfig(model=tiny_model_dir, pooling="cls", backend="torch")).describe()
+    assert built["pooling"] == "cls"
+    # When queries are encoded for that index, Then they are pooled the same way
+    assert Encoder.load(query_model_config(built)).describe()["pooling"] == "cls"
+    # And a query encoder that pools otherwise is refused, naming the pooling
+    mean = Encoder.load(ModelConfig(model=tiny_model_dir, backend="torch"))
+    with pytest.raises(InputError, match=r"index was built with pooling 'cls' but the model .* has 'mean'"):
+        mean.check_matches(built, "the index")
+    # An index recorded before the pooling was: not compared
+    mean.check_matches({k: v for k, v in built.items() if k != "pooling"} | {"pooling": None}, "an older index")
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])

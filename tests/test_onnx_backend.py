@@ -3,6 +3,7 @@ keyed by the weights, and one clear error for a model that cannot be exported.""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,10 @@ def test_the_export_is_cached_beside_the_model_and_keyed_by_its_weights(tiny_mod
     assert folder.parent.parent == Path(tiny_model_dir).parent and folder.name == first.fingerprint[:16]
     exported = folder / "model.onnx"
     stamp = exported.stat().st_mtime_ns
+    # Readable by whoever may read the model (the umask's mode, as any file written; not mkstemp's owner-only 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert exported.stat().st_mode & 0o777 == 0o666 & ~umask
     again = Encoder.load(ModelConfig(model=tiny_model_dir, backend="onnx"))
     assert exported.stat().st_mtime_ns == stamp and again.backend == first.backend  # reused, not re-exported
 
