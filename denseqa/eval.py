@@ -188,6 +188,8 @@ def paired_interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict[str, An
     difference = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if not difference.any():  # the same ranking: no spread to resample
         return {"difference": 0.0, "ci95": [0.0, 0.0]}
+    if len(difference) < 2:  # one question: nothing to resample, so no interval (not an error after all the work)
+        return {"difference": round(float(difference.mean()), 6), "ci95": None}
     result = bootstrap((difference,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=CONFIDENCE,
                        method="percentile", rng=np.random.default_rng(seed))
     low, high = result.confidence_interval
@@ -210,6 +212,7 @@ def compare_modes(per_query: dict[str, np.ndarray], zero_shot: str | None, metri
 TREC_QRELS = "qrels.txt"
 TREC_QUERIES = "queries.tsv"
 TREC_RUNS = "runs"
+NO_HIT = "NO_HIT"  # the one document of a question that had no hit, in a run file
 
 
 def _trec_id(value: str) -> str:
@@ -223,7 +226,10 @@ def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list
     each, tabs and newlines in them turned to spaces) and ``runs/<mode>.trec`` (``qid Q0 docid rank score <mode>``)
     for trec_eval, pytrec_eval or ranx. Question ``i`` is ``q<i>``, in the report's order. The score column is the
     ranking's own order (the first of k hits scores k): IR tools re-sort by score and break ties by document id,
-    and the searcher's scores do tie (BM25, fusion), so writing them would let a tool reorder what was measured."""
+    and the searcher's scores do tie (BM25, fusion), so writing them would let a tool reorder what was measured.
+    A question with no hit at all (BM25 over a question of stopwords only) gets one line of a document no qrel
+    names, ``NO_HIT``: without a line, trec_eval (without ``-c``) and pytrec_eval would leave the question out of
+    their means, where the report counts it as 0."""
     import os
 
     os.makedirs(os.path.join(folder, TREC_RUNS), exist_ok=True)
@@ -238,7 +244,7 @@ def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list
         with open(os.path.join(folder, name), "w") as f:
             for i, ranking in enumerate(ranked):
                 f.writelines(f"q{i} Q0 {_trec_id(doc)} {rank + 1} {len(ranking) - rank} {mode.replace(' ', '-')}\n"
-                             for rank, doc in enumerate(ranking))
+                             for rank, doc in enumerate(ranking or [NO_HIT]))
         runs[mode] = name
     return {"qrels": TREC_QRELS, "queries": TREC_QUERIES, "runs": runs}
 
@@ -271,6 +277,8 @@ def report_markdown(report: dict[str, Any]) -> str:
         if mode == comparison[against.replace("vs_", "")]:
             return "—"
         c = comparison[against][mode]
+        if c["ci95"] is None:
+            return f"{c['difference']:+.4f} (one question: no interval)"
         return f"{c['difference']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}]"
 
     for mode, metrics in report["modes"].items():

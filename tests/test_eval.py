@@ -82,6 +82,26 @@ def test_the_paired_interval_holds_the_difference_and_excludes_zero_only_for_a_r
     assert paired_interval(a, a) == {"difference": 0.0, "ci95": [0.0, 0.0]}
     # Seeded: the same report twice has the same intervals
     assert paired_interval(a, b) == real
+    # One question (--max-queries 1): its difference, and no interval rather than an error
+    assert compare_modes({"dense": np.array([1.0]), "bm25": np.array([0.5])}, None)["vs_best"]["bm25"] == \
+        {"difference": -0.5, "ci95": None}
+
+
+def test_a_question_without_any_hit_counts_in_the_trec_tools_means_as_in_the_report(tmp_path):
+    import pytrec_eval
+
+    # Given BM25 finding nothing for the second question (stopwords only)
+    ranked, relevant = [["a", "b"], []], [{"b"}, {"c"}]
+    written = write_trec(str(tmp_path), {"bm25": ranked}, relevant, ["first", "the of"])
+    qrels = {f"q{i}": {doc: 1 for doc in rel} for i, rel in enumerate(relevant)}
+    run: dict = {}
+    for line in (tmp_path / written["runs"]["bm25"]).read_text().splitlines():
+        qid, _, doc, _, score, _ = line.split()
+        run.setdefault(qid, {})[doc] = float(score)
+    # When pytrec_eval reads the run, Then both questions are in its mean, as in the report's (0.5 + 0) / 2
+    measured = pytrec_eval.RelevanceEvaluator(qrels, {"recip_rank"}).evaluate(run)
+    assert set(measured) == {"q0", "q1"} and measured["q1"]["recip_rank"] == 0.0
+    assert np.mean([m["recip_rank"] for m in measured.values()]) == retrieval_metrics(ranked, relevant)["mrr@10"]
 
 
 def test_every_mode_is_compared_with_the_best_and_with_the_starting_model():
