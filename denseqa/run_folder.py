@@ -103,7 +103,9 @@ def step_inputs(cfg: JobConfig, step: str, made: dict[str, str | None]) -> dict[
     """Everything a step's output depends on, flat (``section.key`` → value), with ``made`` the fingerprints of the
     outputs of the steps before it."""
     if step in ("round1", "train", "reranker"):
-        inputs = {**_section(cfg, "data"), **_section(cfg, "model"), **_section(cfg, "train"),
+        # model.backend is how a trained model is run afterwards (the index, the mining), not how it trains.
+        model = {k: v for k, v in _section(cfg, "model").items() if k != "model.backend"}
+        inputs = {**_section(cfg, "data"), **model, **_section(cfg, "train"),
                   "data files": files_fingerprint(cfg.data.path)}
         if step == "reranker":
             inputs.update(_section(cfg, "rerank"))
@@ -122,8 +124,10 @@ def step_inputs(cfg: JobConfig, step: str, made: dict[str, str | None]) -> dict[
         return inputs
     if step == "index":
         corpus = corpus_config(cfg)
-        return {**_section(cfg, "corpus", corpus), **_section(cfg, "index"), "corpus files": files_fingerprint(
-            corpus.path), "model": made["train"]}
+        # The passages' precision (embed) and the backend that embeds them change the vectors, as the model does.
+        return {**_section(cfg, "corpus", corpus), **_section(cfg, "index"), **_section(cfg, "embed"),
+                "model.backend": cfg.model.backend, "corpus files": files_fingerprint(corpus.path),
+                "model": made["train"]}
     if step == "evaluate":
         inputs = {**_section(cfg, "eval"), "index": made["index"]}
         if cfg.pipeline.reranker:

@@ -81,6 +81,11 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
     assert all(why(quiet, step) is None for step in inputs)
     assert why(_parse("--run-dir", "r", "--data", data, "--model.max-seq-length", "64"), "train").startswith(
         "changed model.max_seq_length: None → 64")
+    # how passages are embedded redoes the index, not training (the backend runs a trained model, it does not train)
+    fp32 = _parse("--run-dir", "r", "--data", data, "--embed.precision", "fp32")
+    assert why(fp32, "train") is None and why(fp32, "index") == "changed embed.precision: 'auto' → 'fp32'"
+    torch_backend = _parse("--run-dir", "r", "--data", data, "--model.backend", "torch")
+    assert why(torch_backend, "train") is None and why(torch_backend, "index").startswith("changed model.backend:")
     # the previous step's new output, a missing or replaced output, --force
     assert why(base, "evaluate", upstream="fp-new") == "changed index: 'fp-up' → 'fp-new'"
     sha = "0123456789" + "a" * 54
@@ -92,6 +97,38 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
     # the data file replaced in place (same path, new content) redoes training
     qa_parquet(question=["q1", "q2", "q3"], answer=["a1", "a2", "a3"])
     assert why(base, "train").startswith("changed data files:")
+
+
+def test_a_forced_training_starts_over_instead_of_resuming_its_finished_run(tmp_path, monkeypatch):
+    import denseqa.drivers.train as train_driver
+    from denseqa.drivers.pipeline import run_train_step
+    from denseqa.run_folder import RunFolder
+
+    # Given the checkpoints a finished training left (the same inputs name the same folder)
+    run, key = RunFolder(str(tmp_path)), "0123456789abcdef"
+    checkpoints = tmp_path / "train" / key[:12]
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "checkpoint_manager_snapshot.json").write_text("{}")
+    started = []
+    monkeypatch.setattr(train_driver, "run_training", lambda cfg, **_: started.append(cfg.output.resume))
+    cfg = _parse("--run-dir", str(tmp_path), "--data", "qa.parquet")
+    # When the step runs again unforced it resumes them; When it is forced, Then it trains from the start
+    run_train_step(cfg, run, key, "train")
+    run_train_step(cfg, run, key, "train", fresh=True)
+    assert started == [True, False] and not checkpoints.exists()
+
+
+def test_the_evaluation_step_gets_the_runs_eval_options(tmp_path, monkeypatch):
+    import denseqa.drivers.evaluate as evaluate_driver
+    from denseqa.drivers.pipeline import run_evaluate_step
+    from denseqa.run_folder import RunFolder
+
+    asked = []
+    monkeypatch.setattr(evaluate_driver, "run_evaluation", lambda cfg: asked.append(cfg.eval))
+    for flags, zero_shot in (((), True), (("--no-zero-shot",), False)):
+        run_evaluate_step(_parse("--run-dir", str(tmp_path), "--data", "qa.parquet", "--eval.max-queries", "7",
+                                 *flags), RunFolder(str(tmp_path)))
+        assert (asked[-1].zero_shot, asked[-1].max_queries) == (zero_shot, 7)
 
 
 def test_the_index_is_updated_live_only_when_the_corpus_alone_changed():

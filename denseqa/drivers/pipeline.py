@@ -63,15 +63,17 @@ def check_training_fits(cfg: JobConfig) -> None:
     check_can_schedule("training", t.num_workers, per_worker, 1 if t.use_gpu else 0)
 
 
-def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train") -> None:
+def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train", fresh: bool = False) -> None:
     """Training, or the first round of --negatives model (in-batch negatives only), or the reranker. The second
     round starts from the same model as the first, with the mined negatives: the same number of steps either way.
     The reranker starts from the same encoder too, and trains on the mined negatives with the train section's
-    settings."""
+    settings. ``fresh`` (--force): from the start, whatever checkpoints a run of the same inputs left."""
     from denseqa.drivers.train import run_training
     from denseqa.train_reranker import BI_ENCODER_ONLY, RerankerTask
 
     checkpoints = storage.join(run / ("train-reranker" if step == "reranker" else "train"), key[:12])
+    if fresh:  # the same inputs name the same folder: resumed, a finished run would only publish itself again
+        storage.remove(checkpoints)
     resume = storage.exists(storage.join(checkpoints, "checkpoint_manager_snapshot.json"))
     if resume:
         logger.info("%s: continuing the interrupted training in %s", step, checkpoints)
@@ -157,8 +159,8 @@ def run_evaluate_step(cfg: JobConfig, run: RunFolder) -> dict[str, Any]:
     evaluation = EvalConfig(index=run.output("index"), queries=storage.join(run.output("train"), HELDOUT_FILE),
                             max_queries=cfg.eval.max_queries, batch_size=cfg.eval.batch_size,
                             reranker=run.output("reranker") if cfg.pipeline.reranker else None,
-                            rerank_candidates=cfg.eval.rerank_candidates, output=run.output("evaluate"),
-                            overwrite=True)
+                            rerank_candidates=cfg.eval.rerank_candidates, zero_shot=cfg.eval.zero_shot,
+                            output=run.output("evaluate"), overwrite=True)
     return run_evaluation(JobConfig(eval=evaluation, used=COMMAND_SECTIONS["evaluate"]))
 
 
@@ -263,7 +265,7 @@ def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
                 check_training_fits(cfg)
             started = time.time()
             if step in ("round1", "train", "reranker"):
-                run_train_step(cfg, run, key, step)
+                run_train_step(cfg, run, key, step, fresh=step in p.forced)
             elif step == "mine":
                 run_mine_step(cfg, run)
             elif step == "teacher":
