@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from denseqa.errors import InputError
+from denseqa.redaction import masked_values
 
 
 def _f(default: Any, help: str, flag: str | None = None, owned: bool = False, operational: bool = False,
@@ -765,8 +766,13 @@ class JobConfig(BaseModel):
     used: tuple[str, ...] = tuple(SECTIONS)
 
     def to_dict(self) -> dict[str, Any]:
-        """The used sections, as saved with every output (model, index, report)."""
+        """The used sections, every value as it is (what a Ray Train worker rebuilds the config from)."""
         return {name: getattr(self, name).model_dump() for name in self.used}
+
+    def to_record(self) -> dict[str, Any]:
+        """:meth:`to_dict` as saved with every output (model, index, report) and given to MLflow: the passwords of
+        URIs in it masked (:mod:`denseqa.redaction`)."""
+        return masked_values(self.to_dict())
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config", sections: tuple[str, ...] | None = None,

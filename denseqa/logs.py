@@ -13,6 +13,8 @@ import logging
 import os
 import sys
 
+from denseqa.redaction import MaskingFilter
+
 logger = logging.getLogger("denseqa")
 
 VERBOSE_ENV = "DENSEQA_VERBOSE"  # "1": the libraries' progress bars and Ray Data's execution plans stay on
@@ -32,6 +34,7 @@ def setup_logging(level: int = logging.INFO) -> None:
     if not logger.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s denseqa %(levelname)s %(message)s", "%H:%M:%S"))
+        handler.addFilter(MaskingFilter())  # a URI's password never reaches a job's log
         logger.addHandler(handler)
         logger.setLevel(level)
         logger.propagate = False

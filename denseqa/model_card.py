@@ -12,6 +12,8 @@ import json
 import os
 from typing import Any
 
+from denseqa.redaction import masked
+
 CURVES_FILE = "training-curves.png"
 CARD_FILE = "README.md"
 # The loss's fully qualified name, which the card links to sentence-transformers' documentation.
@@ -119,7 +121,7 @@ def denseqa_section(record: dict[str, Any]) -> str:
         "## How denseqa trained this model",
         "",
         f"- **Started from:** {record.get('base_model') or 'the bundled all-MiniLM-L6-v2'}",
-        f"- **Data:** `{record['data']['path']}`: {rows.get('train', 0):,} training pairs, "
+        f"- **Data:** `{masked(record['data']['path'])}`: {rows.get('train', 0):,} training pairs, "
         f"{rows.get('heldout', 0):,} held out (split by question; the held-out pairs are in `heldout.parquet`)",
         f"- **Loss:** {loss.get('name', record['kind'])}"
         + (f" + {loss['distill']['term']} distillation (weight {loss['distill']['weight']})"

@@ -71,9 +71,10 @@ def corpus_config(cfg: JobConfig) -> CorpusConfig:
 
 
 def resolved_config(cfg: JobConfig) -> dict[str, Any]:
-    """Every key of the run with its value (defaults included), as a config file `run --config` accepts again."""
+    """Every key of the run with its value (defaults included), as a config file `run --config` accepts again
+    (with the password of a URI in it masked: give it through the tool's environment variable instead)."""
     return {name: {k: v for k, v in values.items() if f"{name}.{k}" not in PIPELINE_OWNED}
-            for name, values in cfg.to_dict().items()}
+            for name, values in cfg.to_record().items()}
 
 
 def files_fingerprint(path: str) -> str:

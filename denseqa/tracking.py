@@ -26,6 +26,7 @@ from denseqa import storage
 from denseqa.config import MlflowConfig
 from denseqa.errors import InputError
 from denseqa.logs import logger
+from denseqa.redaction import masked
 
 STORE_FOLDER = "mlflow"  # in a pipeline's run folder: mlflow.db and artifacts/
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under the run it names
@@ -55,7 +56,7 @@ class TrackedRun:
         """A config ({section: {key: value}}) as parameters ``section.key``."""
         from mlflow.entities import Param
 
-        params = [Param(f"{section}.{key}", str(value)[:_MAX_PARAM_CHARS])
+        params = [Param(f"{section}.{key}", masked(str(value))[:_MAX_PARAM_CHARS])
                   for section, values in config.items() for key, value in values.items()]
         for start in range(0, len(params), 100):  # MLflow's batch limit for parameters
             self.client.log_batch(self.run_id, params=params[start:start + 100])
@@ -95,7 +96,7 @@ class TrackedRun:
     @_warns
     def tags(self, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            self.client.set_tag(self.run_id, key, str(value))
+            self.client.set_tag(self.run_id, key, masked(str(value)))
 
 
 # The pipeline's parent run while its steps run (None outside `denseqa run`); False: the pipeline is not tracked,
@@ -149,7 +150,7 @@ def _open(cfg: MlflowConfig, uri: str):
             artifacts = "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
         return client, client.create_experiment(cfg.experiment, artifact_location=artifacts)
     except Exception as e:  # MLflow raises its own and the database driver's errors
-        raise InputError(f"mlflow.tracking_uri {uri}: cannot open the tracking store: "
+        raise InputError(f"mlflow.tracking_uri {masked(uri)}: cannot open the tracking store: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__} (or pass --no-mlflow)") from None
 
 

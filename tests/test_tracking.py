@@ -139,3 +139,29 @@ def test_a_store_failing_midway_costs_a_warning_not_the_job(tmp_path, denseqa_li
         parent.client.delete_run(parent.run_id)  # writes to a deleted run are refused by MLflow
         parent.metrics({"dense/mrr@10": 0.5})  # warns, does not raise
     assert any(line.startswith(f"MLflow: could not write series to run {parent.run_id}") for line in lines), lines
+
+
+def test_a_uris_password_is_masked_in_records_mlflow_and_the_log(tmp_path):
+    import logging
+
+    from denseqa.logs import logger, setup_logging
+    from denseqa.redaction import masked
+
+    secret_data = "s3://AKIAEXAMPLE:wJalrSECRET@bucket/qa.parquet"
+    assert masked(secret_data) == "s3://AKIAEXAMPLE:***@bucket/qa.parquet"
+    assert masked("postgresql://mlflow:S3cret@db:5432/mlflow") == "postgresql://mlflow:***@db:5432/mlflow"
+    assert masked("s3://bucket/path and https://user@host/x") == "s3://bucket/path and https://user@host/x"
+    # Given a config whose data path carries credentials, in a job tracked on a real store
+    cfg = JobConfig.from_dict({"data": {"path": secret_data}, "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/m.db"}},
+                              sections=("data", "mlflow"))
+    # When it is recorded, Then the record and the MLflow parameters have it masked (the workers' copy does not)
+    assert cfg.to_record()["data"]["path"] == "s3://AKIAEXAMPLE:***@bucket/qa.parquet"
+    assert cfg.to_dict()["data"]["path"] == secret_data
+    run_id = tracking.log_job(cfg.mlflow, "train", 0.0, cfg.to_dict(), tags={"denseqa.output": secret_data})
+    run = _client(f"sqlite:///{tmp_path}/m.db").get_run(run_id)
+    assert "wJalrSECRET" not in str(run.data.params) + str(run.data.tags)
+    # And a log line that names it masks it
+    setup_logging()
+    handler = logger.handlers[0]
+    record = logging.LogRecord("denseqa", logging.INFO, __file__, 1, "reading %s", (secret_data,), None)
+    assert handler.filter(record) and record.getMessage() == "reading s3://AKIAEXAMPLE:***@bucket/qa.parquet"

@@ -165,7 +165,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
             "build": {"embedding": embedding, "index_seconds": built["seconds"],
                       "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
                       "embeddings_kept": shards_dir if icfg.keep_embeddings else None},
-            "config": cfg.to_dict(),
+            "config": cfg.to_record(),
             "versions": package_versions(),
             "created": utc_now(),
         }
@@ -178,7 +178,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
                 f"{tuning['queries']}") if tuning["param"] else "exact search"
     logger.info("index written to %s: %d vectors, %s, %s, %.1f s", output, n, manifest["index"]["factory"],
                 searched, time.time() - started)
-    tracking.log_job(cfg.mlflow, "build-index", started, cfg.to_dict(),
+    tracking.log_job(cfg.mlflow, "build-index", started, cfg.to_record(),
                      metrics={"passages": n, "seconds": round(time.time() - started, 2),
                               "passages_per_s": embedding.get("passages_per_s") or 0.0,
                               **({f"search_recall_at_{RECALL_AT}": tuning["recall"]} if tuning["param"] else {})},

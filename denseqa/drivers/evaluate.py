@@ -104,7 +104,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "reranking": reranking,
         "zero_shot": zero_shot,
         "comparison": comparison,
-        "config": cfg.to_dict(),
+        "config": cfg.to_record(),
         "notes": None if searcher.bm25 is not None else "index built without BM25: bm25 and hybrid not evaluated",
     }
     with storage.staged_output(output, marker=REPORT_JSON) as staging:
@@ -116,7 +116,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         with open(os.path.join(staging, REPORT_JSON), "w") as f:
             json.dump(report, f, indent=2)
     report["output"] = output
-    tracking.log_job(cfg.mlflow, "evaluate", job_started, cfg.to_dict(),
+    tracking.log_job(cfg.mlflow, "evaluate", job_started, cfg.to_record(),
                      metrics={f"{mode}/{k}": v for mode, values in results.items() for k, v in values.items()
                               if k != "recall_curve"},
                      artifacts=[storage.join(output, name) for name in (REPORT_MD, REPORT_JSON, REPORT_PNG)],

@@ -130,7 +130,7 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
         record = {**mined, "teacher": teacher, "scored_from": cfg.data.path, "output": output,
                   "seconds": round(mined["seconds"] + time.time() - started, 1), "created": utc_now()}
         storage.write_json(storage.join(staging, RECORD_FILE), record)
-    tracking.log_job(cfg.mlflow, "teacher-scores", started, cfg.to_dict(),
+    tracking.log_job(cfg.mlflow, "teacher-scores", started, cfg.to_record(),
                      metrics={"pairs_scored": teacher["pairs_scored"], "pairs_per_s_per_actor":
                               teacher.get("pairs_per_s_per_actor") or 0.0},
                      artifacts=[storage.join(output, RECORD_FILE)], tags={"denseqa.output": output})
@@ -216,7 +216,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 "teacher": teacher,
                 "counts": counts,
                 "data": {"path": cfg.data.path, "rows": data.counts},
-                "config": cfg.to_dict(),
+                "config": cfg.to_record(),
                 "seconds": round(time.time() - started, 1),
                 "created": utc_now(),
                 "output": output,
@@ -227,7 +227,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     logger.info("hard negatives written to %s: %d of %d training pairs have all %d (%d candidates rejected by the "
                 "margin), %.1f s", output, complete, data.counts["train"], m.num_negatives,
                 counts["skipped_by_margin"], record["seconds"])
-    tracking.log_job(cfg.mlflow, "mine-negatives", started, cfg.to_dict(),
+    tracking.log_job(cfg.mlflow, "mine-negatives", started, cfg.to_record(),
                      metrics={k: v for k, v in counts.items()} | {"seconds": record["seconds"]},
                      artifacts=[storage.join(output, RECORD_FILE)], tags={"denseqa.output": output})
     return record

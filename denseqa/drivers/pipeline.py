@@ -22,6 +22,7 @@ from denseqa.auth import bearer_header
 from denseqa.config import COMMAND_SECTIONS, EvalConfig, JobConfig, OutputConfig, TrainConfig
 from denseqa.errors import InputError
 from denseqa.provenance import utc_now
+from denseqa.redaction import masked
 from denseqa.run_folder import (
     CONFIG_FILE,
     MARKERS,
@@ -218,14 +219,14 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
     logger.info("run folder %s (resolved config in %s)", run.root, CONFIG_FILE)
     with tracking.pipeline_run(cfg.mlflow, run.root, os.path.basename(run.root.rstrip("/"))) as tracked:
         if tracked is not None:
-            tracked.params(cfg.to_dict())
+            tracked.params(cfg.to_record())
         ran = run_steps(cfg, run)
         summary = summarize(run, ran)
         if tracked is not None:
             tracked.metrics({f"{mode}/{k}": v for mode, m in summary["eval"]["modes"].items() for k, v in m.items()})
             tracked.artifacts([run / CONFIG_FILE, run / STATE_FILE])
             summary["mlflow"] = f"run {tracked.run_id}, experiment {cfg.mlflow.experiment!r} in " \
-                                f"{tracking.tracking_uri(cfg.mlflow, tracking.local_store(run.root))}"
+                                f"{masked(tracking.tracking_uri(cfg.mlflow, tracking.local_store(run.root)))}"
         if p.deploy:
             summary["default_mode"] = deploy_mode(cfg, run)
             url = run_serve_step(cfg, run, summary["default_mode"])

@@ -133,7 +133,7 @@ def track_training(cfg: JobConfig, record: dict[str, Any], started: float) -> No
                for e in metrics.get("history") or []]
     output = record["output"]
     job = "train-reranker" if record["kind"] == "reranker" else "train"
-    tracking.log_job(cfg.mlflow, job, started, cfg.to_dict(),
+    tracking.log_job(cfg.mlflow, job, started, cfg.to_record(),
                      series=series, artifacts=[storage.join(output, name) for name in (RECORD_FILE, CURVES_FILE,
                                                                                         CARD_FILE)],
                      tags={"denseqa.output": output, "denseqa.base_model": record.get("base_model") or "bundled"})
@@ -214,7 +214,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
             "final": state.evals[-1]["metrics"] if state.evals else None,
             "best": best, "ranked_by": metric, "history": state.evals, "log": state.log,
         },
-        "config": cfg.to_dict(),
+        "config": cfg.to_record(),
         "versions": package_versions(),
         "wall_time_s": round(wall_s, 1),
         "output": output,
