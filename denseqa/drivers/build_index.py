@@ -35,6 +35,7 @@ from denseqa.index import (
     write_docstore,
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
+from denseqa.redaction import masked
 from denseqa.texts import non_blank
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
             "metric": "inner_product",
             "normalize": model_info["normalize"],
             "count": n,
-            "corpus": {"path": corpus.path, "files": len(corpus.files), "rows_read": corpus.rows,
+            "corpus": {"path": masked(corpus.path), "files": len(corpus.files), "rows_read": corpus.rows,
                        "dropped_empty": corpus.rows - embedding["rows"], "repeated_merged": embedding["rows"] - n,
                        "derived_ids": corpus.derived_ids},
             "index": built["index"],

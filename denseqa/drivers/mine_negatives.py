@@ -30,6 +30,7 @@ from denseqa.negatives import (
     teacher_column_names,
 )
 from denseqa.provenance import utc_now
+from denseqa.redaction import masked
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 "columns": columns,
                 "teacher": teacher,
                 "counts": counts,
-                "data": {"path": cfg.data.path, "rows": data.counts},
+                "data": {"path": masked(cfg.data.path), "rows": data.counts},
                 "config": cfg.to_record(),
                 "seconds": round(time.time() - started, 1),
                 "created": utc_now(),

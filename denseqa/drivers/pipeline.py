@@ -22,7 +22,7 @@ from denseqa.auth import bearer_header
 from denseqa.config import COMMAND_SECTIONS, EvalConfig, JobConfig, OutputConfig, TrainConfig
 from denseqa.errors import InputError
 from denseqa.provenance import utc_now
-from denseqa.redaction import masked
+from denseqa.redaction import masked, masked_values
 from denseqa.run_folder import (
     CONFIG_FILE,
     MARKERS,
@@ -252,7 +252,7 @@ def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
     state = storage.read_json(run / STATE_FILE) or {"steps": {}}
     made, ran = {}, {}
     for step in p.steps:
-        inputs = step_inputs(cfg, step, made)
+        inputs = masked_values(step_inputs(cfg, step, made))  # recorded in the state file
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
         record = state["steps"].get(step)
         why = decide(step, inputs, record, output_fingerprint(run, step), p.forced)

@@ -21,6 +21,7 @@ from denseqa.config import JobConfig
 from denseqa.errors import InputError, TrainingError
 from denseqa.logs import logger
 from denseqa.provenance import package_versions
+from denseqa.redaction import masked
 from denseqa.train import (
     HELDOUT_FILE,
     RECORD_FILE,
@@ -196,7 +197,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
         "base_model": _portable_model_name(cfg.model.model),
         "languages": model_languages(resolve_model_source(cfg.model.model)),
         **top,
-        "data": {"path": cfg.data.path, "files": len(data.files), "rows": data.counts},
+        "data": {"path": masked(cfg.data.path), "files": len(data.files), "rows": data.counts},
         "training": {
             "steps": state.step, "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch,
             "epochs": cfg.train.epochs, "workers": plan.world_size,
