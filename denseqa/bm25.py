@@ -65,10 +65,20 @@ def tokenize(texts: list[str], tokenizer: str, stopwords: str | None) -> list[li
         if _kiwi is None:
             from kiwipiepy import Kiwi
 
-            _kiwi = Kiwi(num_workers=-1 if (os.cpu_count() or 1) > 1 else 0)
+            _kiwi = Kiwi(num_workers=kiwi_workers())
         analysed = _kiwi.tokenize(texts) if len(texts) > 1 else [_kiwi.tokenize(texts[0])] if texts else []
         return [[form for form in (t.form.lower() for t in tokens if t.tag.startswith(KIWI_KEPT_TAGS))
                  if form not in stop] for tokens in analysed]
+
+
+def kiwi_workers() -> int:
+    """Kiwi's threads in this process: inside a Ray task or actor, the CPUs Ray gave it (Ray sets OMP_NUM_THREADS
+    from num_cpus), else every core (-1). Kiwi's own -1 counts the host's cores in every process, so several mining
+    actors on one node would each start one thread per core."""
+    granted = os.environ.get("OMP_NUM_THREADS", "")
+    if granted.isdigit() and int(granted) > 0:
+        return int(granted) if int(granted) > 1 else 0  # 0: Kiwi's single-threaded mode
+    return -1 if (os.cpu_count() or 1) > 1 else 0
 
 
 class BM25Index:

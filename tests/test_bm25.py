@@ -6,6 +6,7 @@ The goal is measured here on the real Korean Debian data: all 4,054 synopses aga
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,3 +68,14 @@ def test_korean_bm25_reaches_the_goal_on_the_korean_debian_data():
     kiwi = _mrr_at_10(BM25Index.build(answers, "en", tokenizer="auto"), questions)
     regex = _mrr_at_10(BM25Index.build(answers, "en", tokenizer="regex"), questions)
     assert kiwi >= 0.68 and kiwi > regex + 0.1, (kiwi, regex)
+
+
+def test_kiwi_threads_follow_the_cpus_ray_gave_the_process(monkeypatch):
+    from denseqa.bm25 import kiwi_workers
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # what Ray sets in a task or actor with num_cpus=3
+    assert kiwi_workers() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert kiwi_workers() == 0  # Kiwi's single-threaded mode
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert kiwi_workers() == (-1 if (os.cpu_count() or 1) > 1 else 0)  # outside Ray: every core
