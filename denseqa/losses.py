@@ -274,11 +274,12 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
         doc_hashes = torch.cat(hashes[1:])  # (N * (1 + nn),)
         # The right answers of a pair are the answers of every pair with its question (its own among them), and
         # a candidate is one of them when its text is, in whichever column it stands: a repeated question's second
-        # answer may also be another pair's answer or hard negative.
-        same_question = question_hashes.unsqueeze(0) == question_hashes[positive_cols].unsqueeze(1)  # (B, N)
-        is_answer_text = answer_hashes.unsqueeze(1) == doc_hashes.unsqueeze(0)  # (N, N * (1 + nn))
-        # "Any j with both" as a product of 0/1 matrices: (B, N, N * (1 + nn)) booleans would not fit large batches.
-        mask = (same_question.to(torch.float32) @ is_answer_text.to(torch.float32)) > 0
+        # answer may also be another pair's answer or hard negative. So a (question, candidate text) is masked when
+        # it is one of the batch's (question, answer) pairs: one int64 key per pair (wrapping arithmetic mixes the
+        # two hashes), looked up with isin, in (B, N * (1 + nn)) memory like the similarities themselves.
+        right_pairs = _pair_keys(question_hashes, answer_hashes).unique()
+        mask = torch.isin(_pair_keys(question_hashes[positive_cols].unsqueeze(1), doc_hashes.unsqueeze(0)),
+                          right_pairs)
         # The pair's own answer stays: it is the target.
         mask[torch.arange(len(positive_cols), device=mask.device), positive_cols] = False
         return mask
@@ -290,6 +291,11 @@ class DuplicateMaskedMultipleNegativesRankingLoss(MultipleNegativesRankingLoss):
                 "hardness_strength": self.hardness_strength,
                 **({"distill": self.distill, "distill_weight": self.distill_weight,
                     "distill_temperature": self.distill_temperature} if self.distill else {})}
+
+
+def _pair_keys(question_hashes: Tensor, text_hashes: Tensor) -> Tensor:
+    """One int64 key per (question, text) pair of 64-bit hashes (broadcast); int64 products wrap, which mixes them."""
+    return question_hashes * 1_000_003 + text_hashes
 
 
 def _distillation_loss(model, distill: str | None, scale: float, temperature: float):
