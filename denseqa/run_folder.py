@@ -150,12 +150,27 @@ def decide(step: str, inputs: dict[str, Any], record: dict | None, fingerprint: 
         return "its output is missing"
     if fingerprint != record.get("fingerprint"):
         return "its output was replaced since"
-    before = record.get("inputs", {})
-    changed = [k for k in sorted(set(inputs) | set(before)) if inputs.get(k) != before.get(k)]
+    changed = changed_inputs(inputs, record.get("inputs", {}))
     if changed:
-        shown = [f"{k}: {_short(before.get(k))} → {_short(inputs.get(k))}" for k in changed[:3]]
+        shown = [f"{k}: {_short(was)} → {_short(inputs[k])}" for k, was in list(changed.items())[:3]]
         return "changed " + "; ".join(shown) + (f" (+{len(changed) - 3} more)" if len(changed) > 3 else "")
     return None
+
+
+def changed_inputs(inputs: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    """The inputs that differ from a step's recorded ones, each with its value then. A key the step no longer reads
+    cannot have changed its output; one a record from an older denseqa lacks was that key's default then (the
+    behaviour before the key existed): a run folder survives an upgrade."""
+    then = {k: before[k] if k in before else _default_of(k) for k in inputs}
+    return {k: then[k] for k in sorted(inputs) if inputs[k] != then[k]}
+
+
+def _default_of(key: str) -> Any:
+    """The default of config key ``section.name`` as a step input records it; None for other inputs."""
+    section, _, name = key.partition(".")
+    field = JobConfig.model_fields.get(section)
+    fields = getattr(field.annotation, "model_fields", {}) if field is not None else {}
+    return fields[name].get_default(call_default_factory=True) if name in fields else None
 
 
 def _short(value: Any) -> str:

@@ -86,6 +86,12 @@ def test_a_step_redoes_when_its_inputs_change_and_only_then(qa_parquet):
     assert why(fp32, "train") is None and why(fp32, "index") == "changed embed.precision: 'auto' → 'fp32'"
     torch_backend = _parse("--run-dir", "r", "--data", data, "--model.backend", "torch")
     assert why(torch_backend, "train") is None and why(torch_backend, "index").startswith("changed model.backend:")
+    # a record from an older denseqa: a key it lacks counts as its default, a key no longer read is ignored
+    older = {k: v for k, v in record["index"]["inputs"].items() if k != "embed.precision"}
+    older_record = {"inputs": {**older, "index.retired_option": 3}, "fingerprint": "fp-out"}
+    assert decide("index", step_inputs(base, "index", _made("fp-up")), older_record, "fp-out", set()) is None
+    assert decide("index", step_inputs(fp32, "index", _made("fp-up")), older_record, "fp-out", set()) == \
+        "changed embed.precision: 'auto' → 'fp32'"
     # the previous step's new output, a missing or replaced output, --force
     assert why(base, "evaluate", upstream="fp-new") == "changed index: 'fp-up' → 'fp-new'"
     sha = "0123456789" + "a" * 54

@@ -29,6 +29,7 @@ from denseqa.run_folder import (
     STATE_FILE,
     RunFolder,
     best_mode,
+    changed_inputs,
     corpus_config,
     decide,
     files_fingerprint,
@@ -129,8 +130,7 @@ def index_updatable(inputs: dict[str, Any], record: dict | None, fingerprint: st
         return False
     if inputs.get("index.partitions", 1) > 1:  # partitions are not updated live (yet): rebuilt
         return False
-    before = record.get("inputs", {})
-    changed = {k for k in set(inputs) | set(before) if inputs.get(k) != before.get(k)}
+    changed = set(changed_inputs(inputs, record.get("inputs", {})))
     return bool(changed) and changed <= UPDATABLE_INDEX_INPUTS
 
 
@@ -277,7 +277,7 @@ def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
             else:
                 run_evaluate_step(cfg, run)
             state["steps"][step] = {
-                "inputs": inputs, "output": run.output(step), "fingerprint": output_fingerprint(run, step),
+                "inputs": inputs, "output": masked(run.output(step)), "fingerprint": output_fingerprint(run, step),
                 "finished": utc_now(),
                 "seconds": round(time.time() - started, 1), "why": why,
             }
