@@ -216,6 +216,21 @@ def max_body_bytes(limits: Limits) -> int:
     return limits.max_queries * (limits.max_query_chars * 12 + 4) + BODY_MARGIN_BYTES
 
 
+# The largest body this process's ingress reads (set by its SearchAPI replica from its limits); None: no limit yet.
+# A module attribute read through a function, not a closure: Serve may pickle the app, and a function of an
+# importable module is pickled by reference, so it reads this module's value in the replica.
+_body_limit: int | None = None
+
+
+def set_body_limit(limit: int | None) -> None:
+    global _body_limit
+    _body_limit = limit
+
+
+def body_limit() -> int | None:
+    return _body_limit
+
+
 class BodyLimit:
     """ASGI middleware: a request body larger than ``max_bytes()`` is answered 413 before it is read whole.
 

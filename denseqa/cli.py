@@ -11,6 +11,7 @@ import sys
 from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, add_config_arguments, config_from_args
 from denseqa.errors import DenseqaError
 from denseqa.logs import VERBOSE_ENV, setup_logging
+from denseqa.redaction import masked
 
 
 def _mine_negatives(args: argparse.Namespace) -> None:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except DenseqaError as e:
         _disconnect_ray()
         # One line, no traceback: the message names the file, field or value and the fix.
-        print(f"denseqa {args.command}: error: {e}", file=sys.stderr)
+        print(f"denseqa {args.command}: error: {masked(str(e))}", file=sys.stderr)  # a URI's password: ***
         return e.exit_code
     return 0
 

@@ -17,8 +17,9 @@ import re
 from typing import Any
 
 MASK = "***"
-# scheme://user:password@  ->  scheme://user:***@   (a user without a password is not a secret, and stays)
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<password>[^@/\s]+)@")
+# scheme://user:password@  ->  scheme://user:***@   (a user without a password is not a secret, and stays). The
+# password runs to the last "@" of the URI: a secret may hold "/" (AWS's often do) or "@", written raw.
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<password>\S+)@(?=[^@\s]*(?:\s|$))")
 
 
 def masked(text: str) -> str:
@@ -41,7 +42,10 @@ class MaskingFilter(logging.Filter):
     """A log handler's filter that masks credentials in each record's message, its arguments included."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed call: left to logging's own error report, as without this filter
+            return True
         safe = masked(message)
         if safe != message:
             record.msg, record.args = safe, None

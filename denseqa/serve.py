@@ -58,6 +58,7 @@ from denseqa.api import (
     Limits,
     SearchRequest,
     SearchResponse,
+    body_limit,
     checked_candidates,
     checked_queries,
     error_body,
@@ -65,6 +66,7 @@ from denseqa.api import (
     install_error_handlers,
     max_body_bytes,
     openapi_with_limits,
+    set_body_limit,
 )
 from denseqa.auth import KEY_ENV, KeyCheck, digest
 from denseqa.config import EncoderSettings
@@ -125,7 +127,7 @@ class AuthSettings(BaseModel):
         if bad is not None:
             raise ValueError(f"api_key_sha256 {bad[:12]!r}...: not a SHA-256 hex digest (64 hex characters)")
         from_env = os.environ.get(KEY_ENV, "").strip()
-        if from_env and len(from_env) < auth.MIN_KEY_CHARS:  # the rule `denseqa serve` applies to its own keys
+        if self.auth and from_env and len(from_env) < auth.MIN_KEY_CHARS:  # the rule `denseqa serve` applies
             raise ValueError(f"${KEY_ENV} on this node: an API key needs at least {auth.MIN_KEY_CHARS} characters, "
                              f"got {len(from_env)}")
         if self.auth and not self.api_key_sha256 and not from_env:
@@ -415,9 +417,7 @@ bearer = Security(HTTPBearer(auto_error=False, description="The service's API ke
 OPEN_PATHS = ("/healthz", "/")
 
 
-# The largest body this process's SearchAPI replica reads (set from its limits); None until it is constructed.
-_max_body_bytes: int | None = None
-http.add_middleware(BodyLimit, max_bytes=lambda: _max_body_bytes)
+http.add_middleware(BodyLimit, max_bytes=body_limit)  # set by the SearchAPI replica from its limits
 
 
 @http.middleware("http")
@@ -512,8 +512,7 @@ class SearchAPI:
         self.searchers = searcher if isinstance(searcher, list) else [searcher]
         self.reranker = reranker
         self.limits = Limits.model_validate(limits)
-        global _max_body_bytes  # read by the app's BodyLimit middleware, like the key check by the auth one
-        _max_body_bytes = max_body_bytes(self.limits)
+        set_body_limit(max_body_bytes(self.limits))  # read by the app's BodyLimit, as the key check by the auth one
         self.default_mode = default_mode  # of a request that names no mode
         self.auth: AuthSettings | None = None  # set by reconfigure, which Serve calls right after __init__
 

@@ -70,12 +70,16 @@ def test_replacing_a_published_folder_never_loses_it(tmp_path, monkeypatch, exch
             storage.write_json(storage.join(staging, "done.json"), {"v": 2})
         # Then the first output is still there, whole, and nothing is left beside it
         assert json.loads((out / "done.json").read_text()) == {"v": 1}
-        monkeypatch.setattr(storage.os, "rename", real_rename)
-    else:
-        assert storage._exchange(str(out), str(out)), "renameat2 RENAME_EXCHANGE is not available here"
+        monkeypatch.setattr(storage.os, "rename", real_rename)  # the fallback works again
+    else:  # the exchange itself is what replaces the folder (this kernel and glibc have renameat2)
+        real_exchange, exchanged = storage._exchange, []
+        monkeypatch.setattr(storage, "_exchange", lambda a, b: exchanged.append(real_exchange(a, b)) or exchanged[-1])
+        monkeypatch.setattr(storage.os, "rename", failing_rename_into_place)  # the fallback would fail
     # And a replacement that succeeds is the only folder left
     with storage.staged_output(str(out), marker="done.json") as staging:
         storage.write_json(storage.join(staging, "done.json"), {"v": 3})
+    if exchange:
+        assert exchanged == [True]
     assert json.loads((out / "done.json").read_text()) == {"v": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
 

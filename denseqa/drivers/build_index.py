@@ -152,7 +152,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         manifest = {
             "format": FORMAT_VERSION,
             "version": 1,
-            "output": output,
+            "output": masked(output),
             "model": model_info,
             "dimension": d,
             "metric": "inner_product",
@@ -165,7 +165,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
             "bm25": built["bm25"],
             "build": {"embedding": embedding, "index_seconds": built["seconds"],
                       "total_seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
-                      "embeddings_kept": shards_dir if icfg.keep_embeddings else None},
+                      "embeddings_kept": masked(shards_dir) if icfg.keep_embeddings else None},
             "config": cfg.to_record(),
             "versions": package_versions(),
             "created": utc_now(),

@@ -128,7 +128,7 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
         fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
         scored.drop_columns([TEACHER_SECONDS_COLUMN]).write_parquet(path, filesystem=fs)
-        record = {**mined, "teacher": teacher, "scored_from": cfg.data.path, "output": output,
+        record = {**mined, "teacher": teacher, "scored_from": masked(cfg.data.path), "output": masked(output),
                   "seconds": round(mined["seconds"] + time.time() - started, 1), "created": utc_now()}
         storage.write_json(storage.join(staging, RECORD_FILE), record)
     tracking.log_job(cfg.mlflow, "teacher-scores", started, cfg.to_record(),
@@ -220,7 +220,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 "config": cfg.to_record(),
                 "seconds": round(time.time() - started, 1),
                 "created": utc_now(),
-                "output": output,
+                "output": masked(output),
             }
             storage.write_json(storage.join(staging, RECORD_FILE), record)
     finally:

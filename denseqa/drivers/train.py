@@ -119,11 +119,11 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
         record = _make_record(cfg, task, data, plan, state, run_dir, output, time.time() - started)
         publish_model(os.path.join(checkpoint_dir, "model"), output, record, data.heldout)
     logger.info("%s written to %s (held-out %s)", task.kind, output, format_metrics(record["metrics"]["final"]))
-    track_training(cfg, record, started)
+    track_training(cfg, record, started, output)
     return record
 
 
-def track_training(cfg: JobConfig, record: dict[str, Any], started: float) -> None:
+def track_training(cfg: JobConfig, record: dict[str, Any], started: float, output: str) -> None:
     """The training as an MLflow run: the config, rank 0's loss, learning rate and pairs/s at every logged step,
     the held-out metrics at every evaluation, and the record, curves and model card."""
     from denseqa.model_card import CARD_FILE, CURVES_FILE
@@ -132,7 +132,6 @@ def track_training(cfg: JobConfig, record: dict[str, Any], started: float) -> No
     series = [{k: v for k, v in row.items() if k != "epoch"} for row in metrics.get("log") or []]
     series += [{"step": e["step"], **{f"heldout/{k}": v for k, v in e["metrics"].items()}}
                for e in metrics.get("history") or []]
-    output = record["output"]
     job = "train-reranker" if record["kind"] == "reranker" else "train"
     tracking.log_job(cfg.mlflow, job, started, cfg.to_record(),
                      series=series, artifacts=[storage.join(output, name) for name in (RECORD_FILE, CURVES_FILE,
@@ -218,7 +217,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
         "config": cfg.to_record(),
         "versions": package_versions(),
         "wall_time_s": round(wall_s, 1),
-        "output": output,
+        "output": masked(output),
     }
 
 

@@ -32,6 +32,7 @@ from denseqa.index import (
     save_tuning_questions,
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
+from denseqa.redaction import masked
 from denseqa.versions import next_version, one_update_at_a_time, publish_version, resolve_index
 
 logger = logging.getLogger(__name__)
@@ -118,10 +119,12 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
                 updated = _write_version(local, staging, manifest, docstore, new_rows, new_vectors, all_deleted, cfg,
                                          work)
                 updated.update({
-                    "version": version, "parent": manifest.get("version", 1), "output": root,
+                    "version": version, "parent": manifest.get("version", 1), "output": masked(root),
                     "created": utc_now(), "versions": package_versions(),
-                    "update": {**counts, "unknown_delete_ids": plan.unknown_deletes, "upsert": icfg.upsert,
-                               "delete": icfg.delete, "embedding": embedding, "compacted": updated.pop("compacted"),
+                    "update": {**counts, "unknown_delete_ids": plan.unknown_deletes,
+                               "upsert": icfg.upsert and masked(icfg.upsert),
+                               "delete": icfg.delete and masked(icfg.delete),
+                               "embedding": embedding, "compacted": updated.pop("compacted"),
                                "seconds": round(time.time() - started, 2), "driver_peak_rss_mb": peak_rss_mb(),
                                "published": True},
                 })
