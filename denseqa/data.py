@@ -39,6 +39,7 @@ PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 QUESTION, ANSWER = "question", "answer"
 NEGATIVE_PATTERN = re.compile(r"negative_(\d+)")  # hard negatives: negative_1 .. negative_n (mine-negatives)
 _SPLIT_KEY = "_split_key"
+ROWS_PER_SORTED_BLOCK = 50_000  # the size of the blocks the split sorts into (their number sets the sort's tasks)
 
 
 @dataclass
@@ -241,7 +242,12 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
         fn_kwargs=dict(question_column=cfg.question_column, answer_column=cfg.answer_column, seed=cfg.split_seed,
                        negative_columns=negatives, score_columns=tuple(teachers)),
     )
-    ordered = cleaned.sort(_SPLIT_KEY).materialize()
+    # Fixed range boundaries: left to Ray Data, they are sampled at random, so the sorted blocks, and with them
+    # each training worker's share and its batches, differed from one load to the next; a run resumed by a new job
+    # then skipped other batches than the ones its checkpoint had trained on. The key is a uniform 63-bit hash, so
+    # even boundaries give blocks of about the same size. At least two: Ray samples where none are given.
+    parts = max(2, math.ceil(n_read / ROWS_PER_SORTED_BLOCK))
+    ordered = cleaned.sort(_SPLIT_KEY, boundaries=[(i << 63) // parts for i in range(1, parts)]).materialize()
     n_kept = ordered.count()
     n_dropped = n_read - n_kept
     if n_dropped:
