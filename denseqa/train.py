@@ -38,6 +38,7 @@ RECORD_FILE = "denseqa.json"
 HELDOUT_FILE = "heldout.parquet"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+RNG_FILE = "rng_states.pt"  # every rank's torch generator states, in rank order
 FAILURE_MARKER = ".injected_failure_done"
 STOPPED_FILE = "stopped.json"  # written by rank 0 when the run stops early (non-finite loss)
 
@@ -385,10 +386,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision), device)
 
     # Resume: after a worker failure Ray Train hands back the latest checkpoint of this run.
-    state = TrainState()
+    state, saved_rng = TrainState(), None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _load_checkpoint(checkpoint, task.reload, model, opt)
+        state, saved_rng = _load_checkpoint(checkpoint, task.reload, model, opt)
         if state.batch_in_epoch >= plan.steps_per_epoch:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
     state.attempts.append({"start_step": state.step, "steps_run": 0})
@@ -399,6 +400,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     forward = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=distributed.ddp_kwargs())
     task.prepare(model, forward)
     shard = ray.train.get_dataset_shard("train")
+    if checkpoint is not None:
+        # Last, after everything that builds modules and may draw from the generator: the next step's dropout
+        # masks are then the ones the uninterrupted run drew.
+        restore_rng_state(saved_rng, rank, world, t.seed + state.step, device)
 
     def run_eval() -> dict[str, float]:
         # Every rank encodes (or scores) a share of the held-out texts; rank 0 computes the metrics.
@@ -413,12 +418,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def save_and_report(metrics: dict[str, float]) -> None:
         state.evals.append({"step": state.step, "metrics": metrics})
         state.peak_memory_mb = distributed.all_gather_objects(peak_memory_mb(device))  # every rank is here
+        rng_states = distributed.all_gather_objects(rng_state(device))
         report = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
         if not is_rank_zero:
             ray.train.report(report)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            _save_checkpoint(tmp, model, opt, state)
+            _save_checkpoint(tmp, model, opt, state, rng_states)
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"checkpoint_step{state.step:07d}")
 
@@ -507,15 +513,45 @@ def _maybe_fail_once(plan: TrainPlan, state: TrainState, rank: int, world: int) 
     os._exit(1)
 
 
-def _save_checkpoint(path: str, model, opt: Optimization, state: TrainState) -> None:
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's torch generator states: the CPU one, and the device's where it is an accelerator."""
+    states = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_state(saved: list[dict[str, torch.Tensor]] | None, rank: int, world: int, fallback_seed: int,
+                      device: torch.device) -> None:
+    """Put back this rank's generator states from the checkpoint, so that a resumed run draws the dropout masks
+    the uninterrupted run would have drawn. A checkpoint without them (an older denseqa), or from another number
+    of workers, reseeds from the step instead: not exact, but it does not replay the first steps' masks."""
+    if saved is not None and len(saved) == world and ("cuda" in saved[rank]) == (device.type == "cuda"):
+        torch.set_rng_state(saved[rank]["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved[rank]["cuda"], device)
+        return
+    logger.warning("the checkpoint holds no random-generator state for rank %d of %d; reseeding from step: "
+                   "dropout will not replay the uninterrupted run's exactly", rank, world)
+    torch.manual_seed(fallback_seed)
+
+
+def _save_checkpoint(path: str, model, opt: Optimization, state: TrainState,
+                     rng_states: list[dict[str, torch.Tensor]]) -> None:
     model.save(os.path.join(path, "model"))
+    # Saving writes a model card, and for a model that has none (a plain Hugging Face checkpoint such as
+    # klue/roberta-base) sentence-transformers encodes example texts for it, and encode() leaves the model in eval
+    # mode: rank 0 then trained on without dropout after its first checkpoint, unlike the other ranks.
+    model.train()
     torch.save({"optimizer": opt.optimizer.state_dict(), "scheduler": opt.scheduler.state_dict(),
                 "scaler": opt.scaler.state_dict()}, os.path.join(path, OPTIMIZER_FILE))
+    torch.save(rng_states, os.path.join(path, RNG_FILE))
     with open(os.path.join(path, STATE_FILE), "w") as f:
         json.dump(dataclasses.asdict(state), f, indent=1)
 
 
-def _load_checkpoint(checkpoint, reload, model, opt: Optimization) -> TrainState:
+def _load_checkpoint(checkpoint, reload, model, opt: Optimization
+                     ) -> tuple[TrainState, list[dict[str, torch.Tensor]] | None]:
     with checkpoint.as_directory() as path:
         # Copy the weights into the existing modules: the frozen flags and the optimizer's parameters stay valid.
         saved = reload(os.path.join(path, "model"))
@@ -526,9 +562,11 @@ def _load_checkpoint(checkpoint, reload, model, opt: Optimization) -> TrainState
         opt.scaler.load_state_dict(tensors["scaler"])
         with open(os.path.join(path, STATE_FILE)) as f:
             state = TrainState(**json.load(f))
+        rng_file = os.path.join(path, RNG_FILE)
+        rng_states = torch.load(rng_file, weights_only=True) if os.path.exists(rng_file) else None
     logger.info("resumed from checkpoint at step %d (epoch %d, batch %d)", state.step, state.epoch + 1,
                 state.batch_in_epoch)
-    return state
+    return state, rng_states
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -37,22 +37,31 @@ def real_pairs(n: int, seed: int = 0) -> pa.Table:
     return table.take(idx)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> str:
-    """A plain Hugging Face BERT checkpoint (not a sentence-transformers folder), random, without dropout."""
+def _tiny_bert(path, dropout: float) -> str:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from denseqa.model import bundled_model_path
 
-    path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
     BertModel(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(bundled_model_path()).save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> str:
+    """A plain Hugging Face BERT checkpoint (not a sentence-transformers folder), random, without dropout."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_with_dropout_dir(tmp_path_factory) -> str:
+    """The same tiny BERT with BERT's usual dropout (0.1), where a step's result depends on the random generator."""
+    return _tiny_bert(tmp_path_factory.mktemp("tiny-bert-dropout"), dropout=0.1)
 
 
 @pytest.fixture(scope="session")

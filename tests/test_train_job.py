@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from .conftest import real_pairs, submit_job
 
@@ -34,6 +35,24 @@ def test_auto_precision_is_bf16_only_where_the_device_computes_it_natively(monke
     assert train.resolve_precision("bf16", cpu) == "bf16"  # asked for: emulated, but given
     monkeypatch.setattr(train, "native_bf16", lambda device: True)
     assert train.resolve_precision("auto", cpu) == "bf16" and train.resolve_precision("fp32", cpu) == "fp32"
+
+
+def test_saving_a_checkpoint_leaves_a_plain_hugging_face_model_training(tmp_path, tiny_model_with_dropout_dir):
+    from denseqa import train
+    from denseqa.config import ModelConfig
+    from denseqa.model import load_model
+
+    # Given a plain Hugging Face checkpoint (no model card of its own) in training mode, with dropout
+    model = load_model(ModelConfig(model=tiny_model_with_dropout_dir), device="cpu")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters())
+    opt = train.Optimization(optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0),
+                             torch.amp.GradScaler("cpu", enabled=False), None, torch.device("cpu"))
+    # When rank 0 saves a checkpoint (sentence-transformers encodes examples for the new model card)
+    train._save_checkpoint(str(tmp_path), model, opt, train.TrainState(), [train.rng_state(torch.device("cpu"))])
+    # Then the model still trains with dropout on, as the ranks that do not save do
+    assert [name for name, m in model.named_modules() if not m.training] == []
+    assert (tmp_path / "model" / "README.md").exists() and (tmp_path / train.RNG_FILE).exists()
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +150,28 @@ def test_a_stopped_run_continues_on_request_and_a_worker_that_dies_resumes_from_
                                               {"start_step": 4, "steps_run": 2}]
     assert [e["step"] for e in record["metrics"]["history"]] == [0, 2, 4, 6]
     assert not (run_dir / "stopped.json").exists()
+
+
+def test_a_run_resumed_after_a_worker_died_ends_with_the_weights_of_the_run_that_did_not_stop(
+        cluster, sample, tiny_model_with_dropout_dir):
+    from safetensors.torch import load_file
+
+    # Given a model with dropout, where each step depends on the random generator of each rank
+    args = ["--data", sample, "--model", tiny_model_with_dropout_dir, "--num-workers", "2", "--batch-size", "8",
+            "--max-steps", "4", "--eval-every-steps", "2", "--heldout-size", "40", "--max-seq-length", "32"]
+    whole, resumed = cluster["tmp"] / "rng" / "whole", cluster["tmp"] / "rng" / "resumed"
+    # When one run trains 4 steps, and another the same 4 steps with its last worker dying at step 3
+    result = submit(cluster, *args, "--output", str(whole))
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    result = submit(cluster, *args, "--output", str(resumed), "--max-failures", "1", faults="train.fail_at_step=3")
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-5000:]
+    assert "resumed from checkpoint at step 2" in log and "reseeding" not in log
+    # Then the resumed run drew the same dropout masks from step 3 on, and its weights are the other run's exactly
+    # (each rank's generator states are in the checkpoint; reseeding would replay the first steps' masks)
+    want, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert want.keys() == got.keys()
+    assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
 
 @pytest.fixture(scope="module")
