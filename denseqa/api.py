@@ -60,7 +60,8 @@ class SearchRequest(BaseModel):
     )
     candidates: Count | None = Field(
         None, ge=1, description=f"With `rerank`: hits retrieved and re-ranked, at least `k` (default "
-        f"{DEFAULT_CANDIDATES}, or `k` if larger); at most the service's `max_candidates`.",
+        f"{DEFAULT_CANDIDATES} or the service's `max_candidates` if lower, or `k` if larger); at most the service's "
+        "`max_candidates`.",
     )
 
     @field_validator("query", "queries", "candidates", "mode", mode="before")
@@ -103,7 +104,9 @@ class SearchResponse(BaseModel):
     results: list[QueryResult] = Field(description="One entry per query, in the order given.")
     mode: str
     k: int
-    reranked_candidates: int | None = Field(None, description="With `rerank`: how many hits were re-ranked.")
+    reranked_candidates: int | None = Field(None, description="With `rerank`: how many hits were re-ranked (for "
+                                            "several queries, the most for one); fewer than `candidates` where the "
+                                            "search found fewer.")
     index: str = Field(description="The index folder that answered (it changes after a hot swap).")
     took_ms: float = Field(description="Time spent in the service, from request parsed to response built.")
 
@@ -155,7 +158,10 @@ def checked_candidates(request: SearchRequest, limits: Limits, has_reranker: boo
     if not has_reranker:
         raise BadRequest("rerank", "this service has no reranker; deploy it with one (denseqa serve --reranker "
                          "FOLDER, a folder written by train-reranker) or leave `rerank` out", 400)
-    candidates = request.candidates if request.candidates is not None else max(DEFAULT_CANDIDATES, request.k)
+    # The default stays within the service's limit: a service deployed to re-rank fewer (on CPU, say) must not
+    # refuse every request that leaves `candidates` out, the search page's among them.
+    candidates = request.candidates if request.candidates is not None else \
+        max(min(DEFAULT_CANDIDATES, limits.max_candidates), request.k)
     if candidates < request.k:
         raise BadRequest("candidates", f"{candidates} candidates cannot fill k={request.k} hits; give at least k")
     if candidates > limits.max_candidates:

@@ -551,7 +551,10 @@ class SearchAPI:
                 raise answer.as_response()
             raise answer
         hits = answer["hits"]
+        reranked = None
         if candidates is not None:
+            # What was re-ranked, not what was asked: a small index or a narrow search finds fewer candidates.
+            reranked = max((len(h) for h in hits), default=0)
             try:
                 hits = await asyncio.gather(*(self._rerank(q, h, request.k)
                                               for q, h in zip(queries, hits, strict=True)))
@@ -559,7 +562,7 @@ class SearchAPI:
                 raise e.as_response() from None
         results = [{"query": q, "hits": h} for q, h in zip(queries, hits, strict=True)]
         return SearchResponse(results=results, mode=mode, k=request.k, index=answer["index"],
-                              reranked_candidates=candidates, took_ms=(time.perf_counter() - started) * 1000)
+                              reranked_candidates=reranked, took_ms=(time.perf_counter() - started) * 1000)
 
     async def _rerank(self, query: str, hits: list[dict], k: int) -> list[dict]:
         """The best ``k`` of ``hits`` by the cross-encoder's score, each with its score and its search rank."""

@@ -66,3 +66,23 @@ def test_the_body_limit_admits_every_request_within_the_query_limits():
     raw = json.dumps({"queries": [query] * 3, "k": 1000, "mode": "hybrid", "rerank": True, "candidates": 200})
     assert len(raw.encode()) <= max_body_bytes(limits)
     assert max_body_bytes(Limits()) < 2_000_000  # the defaults: 64 queries of 2,000 characters
+
+
+def test_rerank_candidates_default_stays_within_the_services_limit():
+    import pytest
+
+    from denseqa.api import DEFAULT_CANDIDATES, BadRequest, SearchRequest, checked_candidates
+
+    # Given a service deployed to re-rank at most 20 candidates (fewer than the default 50, as on CPU)
+    low = Limits(max_candidates=20)
+    # When a request asks for re-ranking without naming `candidates` (the search page never names them)
+    # Then it re-ranks as many as the service allows, or k if larger, instead of refusing with a 413
+    assert checked_candidates(SearchRequest(query="q", k=10, rerank=True), low, True) == 20
+    assert checked_candidates(SearchRequest(query="q", k=10, rerank=True), Limits(), True) == DEFAULT_CANDIDATES
+    assert checked_candidates(SearchRequest(query="q", k=60, rerank=True), Limits(), True) == 60
+    # And a k beyond the limit, or candidates named above it, are still refused
+    for request in (SearchRequest(query="q", k=30, rerank=True), SearchRequest(query="q", rerank=True,
+                                                                                candidates=21)):
+        with pytest.raises(BadRequest) as refused:
+            checked_candidates(request, low, True)
+        assert refused.value.status == 413 and refused.value.field == "candidates"
