@@ -68,7 +68,9 @@ function showKeyBox(message) {
 function fromUrl() {
   const params = new URLSearchParams(location.search);
   $("q").value = params.get("q") || "";
-  $("mode").value = params.get("mode") || settings.defaultMode;
+  const mode = params.get("mode");
+  // A link may name a mode this deployment lacks (bm25 without its index): fall back to the default.
+  $("mode").value = mode && [...$("mode").options].some((o) => o.value === mode) ? mode : settings.defaultMode;
   $("rerank").checked = settings.reranker && params.get("rerank") === "1";
   return $("q").value.trim() !== "";
 }
@@ -79,8 +81,12 @@ function toUrl() {
   history.pushState(null, "", "?" + params.toString());
 }
 
+// A score the JSON could not carry (a non-finite one is sent as null) is shown as such, not fatal to the list.
+const fmt = (x) => typeof x === "number" ? x.toFixed(3) : "n/a";
+
 function render(body) {
   const hits = body.results[0].hits;
+  $("hits").replaceChildren();
   $("status").textContent = `${hits.length} hits, ${body.mode}` + (body.reranked_candidates ?
     `, ${body.reranked_candidates} candidates re-ranked` : "") + `, ${Math.round(body.took_ms)} ms`;
   for (const hit of hits) {
@@ -89,8 +95,8 @@ function render(body) {
     item.dataset.id = hit.id;
     const score = document.createElement("span");
     score.className = "score";
-    score.textContent = hit.rerank_score !== undefined ?
-      `rerank ${hit.rerank_score.toFixed(3)} (search ${hit.score.toFixed(3)})` : hit.score.toFixed(3);
+    score.textContent = "rerank_score" in hit ? `rerank ${fmt(hit.rerank_score)} (search ${fmt(hit.score)})` :
+      fmt(hit.score);
     const id = document.createElement("span");
     id.className = "id";
     id.textContent = hit.id;
@@ -102,7 +108,10 @@ function render(body) {
   }
 }
 
+let latest = 0;  // the newest search: a slower earlier reply (Enter twice, Back during a re-rank) is dropped
+
 async function search() {
+  const mine = ++latest;
   $("error").textContent = "";
   $("status").textContent = "searching...";
   $("hits").replaceChildren();
@@ -121,12 +130,15 @@ async function search() {
       headers: {"content-type": "application/json", ...(key ? {"authorization": "Bearer " + key} : {})},
       body: JSON.stringify(request),
     });
-    body = await response.json();
+    const json = (response.headers.get("content-type") || "").includes("application/json");
+    body = json ? await response.json() : null;
   } catch (err) {
+    if (mine !== latest) return;
     $("status").textContent = "";
     $("error").textContent = "The service did not answer: " + err;
     return;
   }
+  if (mine !== latest) return;
   $("status").textContent = "";
   if (!response.ok) {
     const message = body && body.error ? `${response.status} ${body.error.field}: ${body.error.message}` :

@@ -873,6 +873,41 @@ def test_the_search_page_in_a_real_browser(service, indexes, cross_encoder_dir, 
         wait.until(lambda d: key_box.is_displayed())
         assert browser.find_element(By.ID, "error").text.startswith("401 authorization: missing or wrong API key")
         assert browser.execute_script("return sessionStorage.getItem('denseqa_api_key')") is None
+
+        # Two searches in flight: the slower earlier reply is dropped, not added to the newer search's hits.
+        browser.execute_script("sessionStorage.setItem('denseqa_api_key', arguments[0])", TEST_KEY)
+        browser.find_element(By.ID, "rerank").click()  # off: plain hybrid searches
+        browser.execute_script("""
+            const real = window.fetch;
+            window.fetch = async (url, init) => {
+              const slow = init.body.includes('slow first');
+              if (slow) await new Promise((wake) => setTimeout(wake, 2000));
+              const response = await real(url, init);
+              if (slow) setTimeout(() => { window.slowReplied = true; }, 1000);
+              return response;
+            };""")
+        for query in ("slow first", typed):
+            box.clear()
+            box.send_keys(query)
+            browser.find_element(By.ID, "go").click()
+        wait.until(lambda d: d.execute_script("return window.slowReplied === true"))
+        assert page_ids() == api_ids({"query": typed, "k": 10, "mode": "hybrid"})
+
+        # A score JSON could not carry (the service sends a non-finite one as null) does not stop the list.
+        browser.execute_script("""
+            const hits = [{id: "a", text: "first", score: null, rerank_score: null, retrieval_rank: 2},
+                          {id: "b", text: "second", score: 0.5, rerank_score: 0.25, retrieval_rank: 1}];
+            window.fetch = async () => new Response(JSON.stringify({results: [{query: "q", hits}], mode: "hybrid",
+                k: 10, reranked_candidates: 2, index: "i", took_ms: 1}), {headers: {"content-type": "application/json"}});""")
+        browser.find_element(By.ID, "go").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("2 hits"))
+        assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "li.hit .score")] == [
+            "rerank n/a (search n/a)", "rerank 0.250 (search 0.500)"]
+
+        # A link naming a mode this deployment lacks opens with the default mode instead of an empty choice.
+        browser.get(f"{url}/?q=x&mode=nosuch")
+        assert Select(browser.find_element(By.ID, "mode")).first_selected_option.get_attribute("value") == \
+            get(f"{url}/info", timeout=30).json()["default_mode"]
     finally:
         browser.quit()
 
