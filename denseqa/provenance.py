@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import platform
 import resource
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -34,7 +35,9 @@ def peak_rss_mb() -> float:
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # not Linux: the best there is
+    # Not Linux: the best there is. macOS counts ru_maxrss in bytes, the BSDs in KiB.
+    unit = 2**20 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit, 1)
 
 
 def peak_memory_mb(device: Any = None) -> dict[str, float]:

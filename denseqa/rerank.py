@@ -36,7 +36,8 @@ def resolve_reranker(path: str) -> str:
     with open(config) as f:
         hf_config = json.load(f)
     architectures = hf_config.get("architectures") or ["no architecture"]
-    labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {0: 0}))
+    # Transformers' own default where config.json names neither is two labels (PretrainedConfig), not one.
+    labels = hf_config.get("num_labels", len(hf_config.get("id2label") or {0: 0, 1: 1}))
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or labels != 1:
         raise InputError(f"reranker {path}: not a cross-encoder with one score ({', '.join(architectures)}, "
                          f"{labels} labels); a bi-encoder cannot re-rank; give a folder written by train-reranker")

@@ -24,3 +24,23 @@ def test_peak_memory_of_a_process_started_by_exec_is_its_own_not_its_parents():
                                       check=True).stdout)
     assert child["rss"] < 300, child
     assert peak_memory_mb()["rss"] > 0
+
+
+def test_peak_memory_without_proc_reads_ru_maxrss_in_the_platforms_unit(monkeypatch):
+    import builtins
+    import resource
+
+    from denseqa import provenance
+
+    # Given a system without /proc whose getrusage says 300 MiB: in KiB on the BSDs, in bytes on macOS
+    def no_proc(path, *args, **kwargs):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    for platform, ru_maxrss in (("darwin", 300 * 2**20), ("freebsd14", 300 * 1024)):
+        monkeypatch.setattr(provenance.sys, "platform", platform)
+        monkeypatch.setattr(provenance.resource, "getrusage",
+                            lambda who, value=ru_maxrss: type("Usage", (), {"ru_maxrss": value})())
+        # Then both report 300 MiB
+        assert provenance.peak_rss_mb() == 300.0, platform
+    assert resource.getrusage  # the real one is back after the test (monkeypatch)

@@ -190,3 +190,22 @@ def test_evaluation_reranks_the_head_of_each_mode_by_the_cross_encoder(tiny_inde
     assert report["reranking"]["candidates"] == 10 and "re-ordered by the cross-encoder" in report["markdown"]
     # recall beyond the re-ranked head is the search's own
     assert report["modes"]["dense+rerank"]["recall@100"] == report["modes"]["dense"]["recall@100"]
+
+
+def test_a_classifier_config_naming_no_labels_is_refused_as_transformers_reads_it_two(tmp_path):
+    import json
+
+    import pytest
+
+    from denseqa.errors import InputError
+    from denseqa.rerank import resolve_reranker
+
+    # Given a sequence classifier's config.json that names neither num_labels nor id2label (transformers: 2 labels)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert",
+                                                      "architectures": ["BertForSequenceClassification"]}))
+    # Then it is refused at deploy, not scored into an (n, 2) array at the first request
+    with pytest.raises(InputError, match="not a cross-encoder with one score .*2 labels"):
+        resolve_reranker(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "num_labels": 1,
+                                                      "architectures": ["BertForSequenceClassification"]}))
+    assert resolve_reranker(str(tmp_path)) == str(tmp_path)
