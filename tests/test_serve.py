@@ -897,8 +897,10 @@ def test_the_search_page_in_a_real_browser(service, indexes, cross_encoder_dir, 
         browser.execute_script("""
             const hits = [{id: "a", text: "first", score: null, rerank_score: null, retrieval_rank: 2},
                           {id: "b", text: "second", score: 0.5, rerank_score: 0.25, retrieval_rank: 1}];
-            window.fetch = async () => new Response(JSON.stringify({results: [{query: "q", hits}], mode: "hybrid",
-                k: 10, reranked_candidates: 2, index: "i", took_ms: 1}), {headers: {"content-type": "application/json"}});""")
+            const body = {results: [{query: "q", hits}], mode: "hybrid", k: 10, reranked_candidates: 2, index: "i",
+                          took_ms: 1};
+            window.fetch = async () => new Response(JSON.stringify(body),
+                                                    {headers: {"content-type": "application/json"}});""")
         browser.find_element(By.ID, "go").click()
         wait.until(lambda d: d.find_element(By.ID, "status").text.startswith("2 hits"))
         assert [e.text for e in browser.find_elements(By.CSS_SELECTOR, "li.hit .score")] == [
