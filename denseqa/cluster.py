@@ -88,8 +88,9 @@ def autoscaler() -> Autoscaler | None:
     """The connected cluster's autoscaler, or None when the cluster cannot add nodes.
 
     From the cluster config a platform reports to the GCS; else from Ray's own autoscaler (the cluster launcher's,
-    KubeRay's): its status tells it from a fixed-size cluster's monitor, and its config file, readable on the head
-    node, gives the node types. How each is read is private to Ray (see denseqa.ray_private).
+    KubeRay's): v1's status tells it from a fixed-size cluster's monitor, and its config file, readable on the head
+    node, gives the node types; v2 is known to run, its limits are not. How each is read is private to Ray (see
+    denseqa.ray_private).
     """
     import ray
     import yaml
@@ -101,6 +102,9 @@ def autoscaler() -> Autoscaler | None:
                           for g in config.node_group_configs)
             unbounded = any(t.max_count is None for t in types)
             return Autoscaler(types, None if unbounded else sum(t.max_count for t in types))
+        if ray_private.autoscaler_v2():
+            # It reports no node types or limits denseqa can read: it autoscales, within limits not known here.
+            return Autoscaler(None, None)
         status = ray_private.autoscaler_status()
         if status is None or ray_private.mirrors_fixed_nodes(status):
             return None

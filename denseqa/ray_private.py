@@ -5,10 +5,11 @@ Why each one is private rather than public (Ray 2.60):
 
 - the autoscaler's node types and limits: Ray has no public call for them. Where a platform reports its cluster
   config to the GCS, Ray Data's own autoscaler reads it, and so does denseqa. Ray's own autoscaler (the cluster
-  launcher's, KubeRay's) does not report it: it writes only a status (what ``ray status`` prints) to the GCS, and
+  launcher's, KubeRay's) does not report it: v1 writes only a status (what ``ray status`` prints) to the GCS, and
   reads its node types from the file its monitor process was started with, on the head node. So denseqa reads
   that status to tell an autoscaling cluster from a fixed-size one (whose monitor mirrors each node as an
-  anonymous type), and that file, when it runs on the head, for the node types.
+  anonymous type), and that file, when it runs on the head, for the node types. Autoscaler v2 (KubeRay's newer
+  one) writes neither; a flag in the GCS says it runs.
 - deploying a Serve config file: ``serve.run`` takes built applications, not a config, and would not keep the
   declarative semantics of ``serve deploy`` (a redeploy that changes only a ``user_config`` reconfigures the
   running replicas instead of restarting them: that is how an index is hot-swapped). ``serve deploy`` itself goes
@@ -28,6 +29,7 @@ SYMBOLS: tuple[tuple[str, str], ...] = (
     ("ray._private.ray_constants", "DEBUG_AUTOSCALING_STATUS"),
     ("ray.experimental.internal_kv", "_internal_kv_get"),
     ("ray.autoscaler._private.util", "format_readonly_node_type"),
+    ("ray.autoscaler.v2.utils", "is_autoscaler_v2"),
     ("ray.serve._private.api", "serve_start"),
     ("ray.serve.context", "_get_global_client"),
     ("ray.serve._private.client", "ServeControllerClient.deploy_apps"),
@@ -66,6 +68,15 @@ def autoscaler_status() -> dict | None:
 
     raw = _internal_kv_get(DEBUG_AUTOSCALING_STATUS)
     return json.loads(raw) if raw else None
+
+
+def autoscaler_v2() -> bool:
+    """Whether the cluster runs Ray's autoscaler v2 (KubeRay turns it on where its pods say so, and
+    ``autoscalerOptions.version: v2`` asks for it). It writes none of the v1 status read above, and keeps its node
+    types in the KubeRay resource, not in a file on the head."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+
+    return is_autoscaler_v2(fetch_from_server=True)
 
 
 def mirrors_fixed_nodes(status: dict) -> bool:

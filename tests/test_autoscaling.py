@@ -40,6 +40,19 @@ def test_cluster_yaml_node_types_are_read_with_their_limits():
     assert node_types_from_config(unknown) == Autoscaler(None, None)
 
 
+def test_a_cluster_on_autoscaler_v2_is_one_that_adds_nodes_within_limits_not_known(monkeypatch):
+    from denseqa import cluster, ray_private
+
+    # Given KubeRay's autoscaler v2, which reports no cluster config and none of v1's status
+    monkeypatch.setattr(ray_private, "autoscaler_cluster_config", lambda: None)
+    monkeypatch.setattr(ray_private, "autoscaler_v2", lambda: True)
+    monkeypatch.setattr(ray_private, "autoscaler_status", lambda: None)
+    # Then it autoscales, its node types unknown, and a job that needs GPUs no node has yet is not refused (the
+    # autoscaler starts them), where a cluster that cannot add nodes would refuse it at once
+    assert cluster.autoscaler() == Autoscaler(None, None)
+    cluster.check_can_schedule("training", 4, 1, gpus=1)
+
+
 def test_a_request_no_node_type_can_hold_fails_in_one_line(monkeypatch):
     from denseqa import cluster
 
