@@ -8,7 +8,8 @@ through a flag or a config key a user would see::
 
 A job submitted with ``--runtime-env-json '{"env_vars": {"DENSEQA_INJECT_FAULTS": ...}}'`` passes it to every
 process of the job (the driver, Ray Train workers, Ray Data tasks). An unknown fault is an error, so a test
-cannot pass by asking for one that never happens.
+cannot pass by asking for one that never happens: nor can a value the run never reaches (a step beyond its
+last, a step it does not run), which the code that fires each fault checks before its run starts.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Collection
 
 ENV_VAR = "DENSEQA_INJECT_FAULTS"
 # name -> what its value is
@@ -29,8 +31,9 @@ FAULTS = {
 logger = logging.getLogger(__name__)
 
 
-def planned(name: str) -> str | None:
-    """The value of fault ``name`` in ``$DENSEQA_INJECT_FAULTS``, or None when it is not asked for."""
+def planned(name: str, choices: Collection[str] | None = None) -> str | None:
+    """The value of fault ``name`` in ``$DENSEQA_INJECT_FAULTS``, or None when it is not asked for. With
+    ``choices`` (the values that can happen in this run), any other value is an error: it would never fire."""
     if name not in FAULTS:
         raise KeyError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
     faults = {}
@@ -39,12 +42,22 @@ def planned(name: str) -> str | None:
         if key not in FAULTS or not value:
             raise ValueError(f"{ENV_VAR}: {item!r} is not NAME=VALUE with NAME one of {', '.join(FAULTS)}")
         faults[key] = value
-    return faults.get(name)
+    value = faults.get(name)
+    if value is not None and choices is not None and value not in choices:
+        raise ValueError(f"{ENV_VAR}: {name}={value} never happens in this run; one of {', '.join(choices)}")
+    return value
 
 
-def planned_step(name: str) -> int | None:
+def planned_step(name: str, most: int | None = None) -> int | None:
+    """The count (a step, a number of shards) fault ``name`` fires at, from 1; with ``most``, the highest this run
+    reaches, beyond which it is an error: it would never fire."""
     value = planned(name)
-    return None if value is None else int(value)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1 or (most is not None and int(value) > most):
+        reach = f" (this run reaches {most})" if most is not None else ""
+        raise ValueError(f"{ENV_VAR}: {name}={value} never happens; a count from 1{reach}")
+    return int(value)
 
 
 def kill_self(reason: str) -> None:

@@ -470,6 +470,8 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
     for graph in hnsw_graphs(index):
         graph.hnsw.efConstruction = cfg.hnsw_ef_construction
     n = layout.count
+    # Test-only: checked before the work, as a build of one shard never reaches the point where it fires.
+    kill_after = faults.planned_step("index.kill_after_shards", most=cfg.shards if cfg.shards > 1 else 0)
     if not index.is_trained:
         wanted = cfg.train_size or max(50_000, 40 * (choice.nlist or 1))
         sample = np.random.default_rng(cfg.seed).choice(n, size=min(n, wanted), replace=False)
@@ -493,7 +495,7 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
     for i, ref in enumerate(refs):
         merge_shard(index, faiss.deserialize_index(ray.get(ref)))
         logger.info("shard %d/%d added (%d vectors so far)", i + 1, len(refs), index.ntotal)
-        if faults.planned_step("index.kill_after_shards") == i + 1:
+        if kill_after == i + 1:
             faults.kill_self(f"the build process kills itself after shard {i + 1}")
     return index
 

@@ -251,6 +251,7 @@ def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
     p = cfg.pipeline
     state = storage.read_json(run / STATE_FILE) or {"steps": {}}
     made, ran = {}, {}
+    kill_after = faults.planned("pipeline.kill_after_step", choices=p.steps)  # test-only
     for step in p.steps:
         inputs = masked_values(step_inputs(cfg, step, made))  # recorded in the state file
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()
@@ -284,7 +285,7 @@ def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
             storage.write_json(run / STATE_FILE, state)
             ran[step] = {"status": "ran", "seconds": state["steps"][step]["seconds"]}
         made[step] = state["steps"][step]["fingerprint"]
-        if faults.planned("pipeline.kill_after_step") == step:
+        if kill_after == step:
             faults.kill_self(f"killing the pipeline after {step}")
     return ran
 
