@@ -91,6 +91,13 @@ def test_cluster_serve_config_differs_from_the_local_one_in_resources_and_the_gp
     cluster_app["deployments"].remove(encoder)
     local_searcher = next(d for d in local_app["deployments"] if d["name"] == "IndexSearcher")
     assert encoder["user_config"] == {k: v for k, v in local_searcher["user_config"].items() if k != "index"}
+    # The encoder scales as the local searcher (which encodes) does, up to the GPU nodes the cluster may start:
+    # a replica beyond them could never be placed, and Serve would keep asking for it
+    gpu_nodes = _yaml("cluster.yaml")["available_node_types"]["gpu_worker"]["max_workers"]
+    rayservice_groups = _yaml("deploy/kuberay/rayservice.yaml")["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert gpu_nodes == next(g for g in rayservice_groups if g["groupName"] == "gpu")["maxReplicas"]
+    assert encoder["autoscaling_config"].pop("max_replicas") * encoder["ray_actor_options"]["num_gpus"] <= gpu_nodes
+    local_searcher["autoscaling_config"].pop("max_replicas")
     assert {k: encoder[k] for k in ("max_ongoing_requests", "autoscaling_config")} == \
         {k: local_searcher[k] for k in ("max_ongoing_requests", "autoscaling_config")}
     local_searcher["user_config"] = {"index": local_searcher["user_config"]["index"]}
