@@ -29,8 +29,12 @@ KEY=${DENSEQA_API_KEY:-$(cat ~/.denseqa/api_key)}
 echo
 echo "curl -s http://127.0.0.1:$PORT/search -H \"Authorization: Bearer \$(cat ~/.denseqa/api_key)\" \\"
 echo "     -H 'content-type: application/json' -d '$query'"
-answer=$(curl -sf "http://127.0.0.1:$PORT/search" -H "Authorization: Bearer $KEY" \
-  -H 'content-type: application/json' -d "$query")
+# --fail-with-body: a refused query (401, 4xx, 5xx) stops the demo with the service's own message, not silently.
+if ! answer=$(curl -sS --fail-with-body "http://127.0.0.1:$PORT/search" -H "Authorization: Bearer $KEY" \
+  -H 'content-type: application/json' -d "$query"); then
+  echo "demo: the search service refused the example query: $answer" >&2
+  exit 1
+fi
 python - "$answer" <<'PY'
 import json, sys
 for hit in json.loads(sys.argv[1])["results"][0]["hits"]:

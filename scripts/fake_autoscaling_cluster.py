@@ -1,10 +1,16 @@
 """Run Ray's real autoscaler on this machine, with cluster.yaml's node types, to try denseqa on a cluster that starts
 with no workers.
 
+    export RAY_AUTH_MODE=token                                     # on by default here too (see below)
     python scripts/fake_autoscaling_cluster.py                     # foreground; Ctrl-C stops it and its nodes
-    RAY_AUTH_MODE=token ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/pipeline.py --data /abs/qa.parquet --run-dir file:///abs/out/run --no-deploy
+    ray job submit --address http://127.0.0.1:8265 -- \
+        python "$PWD/jobs/pipeline.py" --data /abs/qa.parquet --run-dir file:///abs/out/run --no-deploy
     ray status --address 127.0.0.1:6379                             # the nodes the autoscaler added, and why
+
+No ``--working-dir``: the fake nodes share this machine's runtime-environment folder, and a node's agent deletes a
+job's unpacked working directory under its running driver (the README's section on this says more). The cluster
+listens on the machine's address, where the fake provider's nodes reach it, so token authentication is on unless
+``RAY_AUTH_MODE`` says otherwise.
 
 The "nodes" are real raylets that Ray's fake multi-node provider (``provider: type: fake_multinode``, the one Ray's
 own autoscaler tests use) starts and stops on this machine when the autoscaler asks for them; node selection,
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         command.append(f"--resources={json.dumps(head_resources)}")
     # RAY_FAKE_CLUSTER: the fake provider refuses to run without it. AUTOSCALER_UPDATE_INTERVAL_S: the autoscaler
     # looks every second (5 s by default), as in Ray's own tests, so a test waits less for nodes to come and go.
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {"RAY_AUTH_MODE": "token", **os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     head = subprocess.Popen(command, env=env)
 
     def stop(*_):
