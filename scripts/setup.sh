@@ -8,7 +8,11 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. Override with TORCH_SPEC=... on GPU hosts.
-python -c 'import torch' 2>/dev/null || python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. TORCH_SPEC holds pip arguments (split on
+# spaces): on Linux x86_64, PyPI's torch==2.13.0 is itself the CUDA build unless a local wheel mirror serves the
+# CPU one, so a CPU-only machine elsewhere wants
+#   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# shellcheck disable=SC2086
+python -c 'import torch' 2>/dev/null || python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
 python -m pip install -q -e ".[dev]"
 python -c 'import denseqa, ray, sentence_transformers, faiss; print("denseqa ready: ray", ray.__version__)'
