@@ -668,7 +668,7 @@ class SearchAPI:
     @http.get("/", include_in_schema=False)
     async def page(self, request: Request) -> HTMLResponse:
         """The search page (see :mod:`denseqa.search_page`)."""
-        from denseqa.search_page import CONTENT_SECURITY_POLICY, search_page
+        from denseqa.search_page import content_security_policy, search_page
 
         try:
             has_bm25 = (await self._status())["bm25"]
@@ -677,7 +677,7 @@ class SearchAPI:
         page = search_page(request.scope.get("root_path", ""), self.default_mode,
                            ["dense", "bm25", "hybrid"] if has_bm25 else ["dense"], self.reranker is not None,
                            self.auth is None or self.auth.auth)
-        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
+        return HTMLResponse(page, headers={"Content-Security-Policy": content_security_policy(page),
                                            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     @http.get("/healthz", responses={503: {"description": "No index loaded, or the searcher is unreachable"}})

@@ -814,7 +814,10 @@ def test_the_search_page_in_a_real_browser(service, indexes, cross_encoder_dir, 
     url = _deploy_with_reranker(indexes["A"], service["port"], cross_encoder_dir)
     page = requests.get(f"{url}/", timeout=30)  # no key needed for the page: it holds no data
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
-    assert "default-src 'none'" in page.headers["content-security-policy"]
+    policy = page.headers["content-security-policy"]
+    # The page's one script runs by its hash, no other inline script would (the browser below runs it)
+    assert "default-src 'none'" in policy and "script-src 'sha256-" in policy
+    assert "'unsafe-inline'" not in policy.split("script-src", 1)[1].split(";", 1)[0]
     assert indexes["questions"][0] not in page.text
 
     def api_ids(body: dict) -> list[str]:
