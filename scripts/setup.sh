@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "denseqa needs Python 3.10 or newer")'
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# activate, not python: without python3-venv, venv leaves a python and no activate, and a rerun must start over.
+[ -f .venv/bin/activate ] || { rm -rf .venv; "$PY" -m venv .venv; }
 # shellcheck disable=SC1091
 . .venv/bin/activate
 # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build. TORCH_SPEC holds pip arguments (split on
