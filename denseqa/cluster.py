@@ -102,17 +102,20 @@ def autoscaler() -> Autoscaler | None:
                           for g in config.node_group_configs)
             unbounded = any(t.max_count is None for t in types)
             return Autoscaler(types, None if unbounded else sum(t.max_count for t in types))
-        if ray_private.autoscaler_v2():
-            # It reports no node types or limits denseqa can read: it autoscales, within limits not known here.
-            return Autoscaler(None, None)
-        status = ray_private.autoscaler_status()
-        if status is None or ray_private.mirrors_fixed_nodes(status):
-            return None
-        path = ray_private.monitor_config_path(ray.get_runtime_context().gcs_address)
+        v2 = ray_private.autoscaler_v2()
+        if not v2:
+            status = ray_private.autoscaler_status()
+            if status is None or ray_private.mirrors_fixed_nodes(status):
+                return None
+        seen, path = ray_private.autoscaler_monitor(ray.get_runtime_context().gcs_address)
     except Exception as e:  # private APIs: if they move, say so and judge the cluster by the nodes alive now
         logger.warning("cannot tell whether this cluster autoscales (%s): taken as one that cannot add nodes", e)
         return None
+    if v2 and seen and path is None:
+        return None  # v2's monitor without a config: a fixed-size cluster (its read-only provider)
     if path is None:
+        # An autoscaler whose node types cannot be read here (v2 in KubeRay's sidecar, a v1 monitor elsewhere):
+        # it adds nodes, within limits not known.
         return Autoscaler(None, None)
     try:
         with open(os.path.expanduser(path)) as f:

@@ -8,8 +8,9 @@ Why each one is private rather than public (Ray 2.60):
   launcher's, KubeRay's) does not report it: v1 writes only a status (what ``ray status`` prints) to the GCS, and
   reads its node types from the file its monitor process was started with, on the head node. So denseqa reads
   that status to tell an autoscaling cluster from a fixed-size one (whose monitor mirrors each node as an
-  anonymous type), and that file, when it runs on the head, for the node types. Autoscaler v2 (KubeRay's newer
-  one) writes neither; a flag in the GCS says it runs.
+  anonymous type), and that file, when it runs on the head, for the node types. Autoscaler v2 (``ray up``'s since
+  Ray 2.50, KubeRay's where asked) writes no status; a flag in the GCS says it runs, and its monitor's command line
+  (none on a KubeRay head: it runs in a sidecar) names its config file, or none on a fixed-size cluster.
 - deploying a Serve config file: ``serve.run`` takes built applications, not a config, and would not keep the
   declarative semantics of ``serve deploy`` (a redeploy that changes only a ``user_config`` reconfigures the
   running replicas instead of restarting them: that is how an index is hot-swapped). ``serve deploy`` itself goes
@@ -71,9 +72,9 @@ def autoscaler_status() -> dict | None:
 
 
 def autoscaler_v2() -> bool:
-    """Whether the cluster runs Ray's autoscaler v2 (KubeRay turns it on where its pods say so, and
-    ``autoscalerOptions.version: v2`` asks for it). It writes none of the v1 status read above, and keeps its node
-    types in the KubeRay resource, not in a file on the head."""
+    """Whether the cluster runs Ray's autoscaler v2 (``ray up`` starts it since Ray 2.50, KubeRay where its pods say
+    so, ``autoscalerOptions.version: v2`` asks for it). It writes none of the v1 status read above; its monitor,
+    where it runs on the head, is started with the config file as v1's is."""
     from ray.autoscaler.v2.utils import is_autoscaler_v2
 
     return is_autoscaler_v2(fetch_from_server=True)
@@ -88,21 +89,24 @@ def mirrors_fixed_nodes(status: dict) -> bool:
     return all(node_type == format_readonly_node_type(node_id) for node_id, node_type in mapping.items())
 
 
-def monitor_config_path(gcs_address: str) -> str | None:
-    """The autoscaling config file the monitor of the cluster at ``gcs_address`` was started with, if that
-    monitor runs on this machine (the head node, where ``ray job submit`` runs a job's driver); else None."""
+def autoscaler_monitor(gcs_address: str) -> tuple[bool, str | None]:
+    """Whether the autoscaler's monitor of the cluster at ``gcs_address`` runs on this machine (the head node, where
+    ``ray job submit`` runs a job's driver; v1's monitor or v2's), and the autoscaling config file it was started
+    with (None: none, a monitor of a fixed-size cluster)."""
     import psutil  # a dependency of Ray's
 
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if not any(arg.endswith("autoscaler/_private/monitor.py") for arg in cmdline[:3]):
+        entrypoints = ("autoscaler/_private/monitor.py", "autoscaler/v2/monitor.py")
+        if not any(arg.endswith(entrypoints) for arg in cmdline[:3]):
             continue
         if f"--gcs-address={gcs_address}" not in cmdline:
             continue
         for arg in cmdline:
-            if arg.startswith("--autoscaling-config="):
-                return arg.split("=", 1)[1]
-    return None
+            if arg.startswith("--autoscaling-config=") and arg.split("=", 1)[1]:
+                return True, arg.split("=", 1)[1]
+        return True, None
+    return False, None
 
 
 def serve_controller(http_options: dict, proxy_location: Any, grpc_options: Any, controller_options: Any = None):

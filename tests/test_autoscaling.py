@@ -40,17 +40,27 @@ def test_cluster_yaml_node_types_are_read_with_their_limits():
     assert node_types_from_config(unknown) == Autoscaler(None, None)
 
 
-def test_a_cluster_on_autoscaler_v2_is_one_that_adds_nodes_within_limits_not_known(monkeypatch):
+def test_a_cluster_on_autoscaler_v2_is_read_from_its_monitor_or_taken_as_adding_nodes(monkeypatch, tmp_path):
     from denseqa import cluster, ray_private
 
     # Given KubeRay's autoscaler v2, which reports no cluster config and none of v1's status
     monkeypatch.setattr(ray_private, "autoscaler_cluster_config", lambda: None)
     monkeypatch.setattr(ray_private, "autoscaler_v2", lambda: True)
     monkeypatch.setattr(ray_private, "autoscaler_status", lambda: None)
+    monkeypatch.setattr(ray_private, "autoscaler_monitor", lambda gcs_address: (False, None))  # KubeRay's sidecar
+    monkeypatch.setattr("ray.get_runtime_context", lambda: type("Context", (), {"gcs_address": "head:6379"})())
     # Then it autoscales, its node types unknown, and a job that needs GPUs no node has yet is not refused (the
     # autoscaler starts them), where a cluster that cannot add nodes would refuse it at once
     assert cluster.autoscaler() == Autoscaler(None, None)
     cluster.check_can_schedule("training", 4, 1, gpus=1)
+    # On the head of a `ray up` cluster (v2 since Ray 2.50) its monitor names its config: the node types are read
+    config_file = tmp_path / "autoscaling.yaml"
+    config_file.write_text(yaml.safe_dump(CLUSTER_YAML, sort_keys=False))
+    monkeypatch.setattr(ray_private, "autoscaler_monitor", lambda gcs_address: (True, str(config_file)))
+    assert cluster.autoscaler() == node_types_from_config(CLUSTER_YAML)
+    # And v2's monitor without a config is a fixed-size cluster's (its read-only provider)
+    monkeypatch.setattr(ray_private, "autoscaler_monitor", lambda gcs_address: (True, None))
+    assert cluster.autoscaler() is None
 
 
 def test_a_request_no_node_type_can_hold_fails_in_one_line(monkeypatch):
