@@ -165,6 +165,9 @@ def checked_candidates(request: SearchRequest, limits: Limits, has_reranker: boo
     if candidates < request.k:
         raise BadRequest("candidates", f"{candidates} candidates cannot fill k={request.k} hits; give at least k")
     if candidates > limits.max_candidates:
+        if request.candidates is None:  # the default followed k: the field the client sent is k
+            raise BadRequest("k", f"k={request.k} with rerank re-ranks {candidates} candidates; at most "
+                             f"{limits.max_candidates}", 413)
         raise BadRequest("candidates", f"{candidates} candidates to re-rank; at most {limits.max_candidates}", 413)
     return candidates
 

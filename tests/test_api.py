@@ -80,9 +80,9 @@ def test_rerank_candidates_default_stays_within_the_services_limit():
     assert checked_candidates(SearchRequest(query="q", k=10, rerank=True), low, True) == 20
     assert checked_candidates(SearchRequest(query="q", k=10, rerank=True), Limits(), True) == DEFAULT_CANDIDATES
     assert checked_candidates(SearchRequest(query="q", k=60, rerank=True), Limits(), True) == 60
-    # And a k beyond the limit, or candidates named above it, are still refused
-    for request in (SearchRequest(query="q", k=30, rerank=True), SearchRequest(query="q", rerank=True,
-                                                                                candidates=21)):
+    # And a k beyond the limit, or candidates named above it, are still refused, naming the field that was sent
+    for request, field in ((SearchRequest(query="q", k=30, rerank=True), "k"),
+                           (SearchRequest(query="q", rerank=True, candidates=21), "candidates")):
         with pytest.raises(BadRequest) as refused:
             checked_candidates(request, low, True)
-        assert refused.value.status == 413 and refused.value.field == "candidates"
+        assert refused.value.status == 413 and refused.value.field == field

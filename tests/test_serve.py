@@ -777,11 +777,12 @@ def test_rerank_returns_the_candidates_reordered_by_the_cross_encoder(service, i
             assert [h["score"] for h in hits] == [candidates[i]["score"] for i in order]  # both scores
     body = post(url, {"queries": questions, "k": 3, "rerank": True}).json()  # several queries; 50 by default
     assert body["reranked_candidates"] == 50 and [len(r["hits"]) for r in body["results"]] == [3, 3, 3]
-    for request, status in (({"k": 10, "candidates": 5}, 422), ({"candidates": 201}, 413), ({"candidates": 0}, 422),
-                            ({"k": 300}, 413)):
+    for request, status, field in (({"k": 10, "candidates": 5}, 422, "candidates"),
+                                   ({"candidates": 201}, 413, "candidates"), ({"candidates": 0}, 422, "candidates"),
+                                   ({"k": 300}, 413, "k")):  # k sets the default candidates: k is what was sent
         response = post(url, {"query": questions[0], "rerank": True, **request})
         assert response.status_code == status, (request, response.text)
-        assert response.json()["error"]["field"] == "candidates", response.text
+        assert response.json()["error"]["field"] == field, response.text
     info = get(f"{url}/info", timeout=30).json()["reranker"]
     assert info["path"] == cross_encoder_dir and info["mean_batch_size"] >= 1
 
