@@ -471,7 +471,8 @@ def build_faiss_index(layout: Layout, d: int, choice: IndexChoice, cfg: IndexCon
         graph.hnsw.efConstruction = cfg.hnsw_ef_construction
     n = layout.count
     # Test-only: checked before the work, as a build of one shard never reaches the point where it fires.
-    kill_after = faults.planned_step("index.kill_after_shards", most=cfg.shards if cfg.shards > 1 else 0)
+    kill_after = faults.planned_step("index.kill_after_shards",
+                                     most=len(shard_ranges(n, cfg.shards)) if cfg.shards > 1 else 0)
     if not index.is_trained:
         wanted = cfg.train_size or max(50_000, 40 * (choice.nlist or 1))
         sample = np.random.default_rng(cfg.seed).choice(n, size=min(n, wanted), replace=False)

@@ -367,8 +367,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = JobConfig.from_dict(loop_config["config"])
     plan = TrainPlan(**loop_config["plan"])
     t = cfg.train
-    for fault in ("train.fail_at_step", "train.nan_at_step"):  # test-only: a step the run never reaches is an error
-        faults.planned_step(fault, most=plan.total_steps)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     is_rank_zero = rank == 0
