@@ -29,10 +29,14 @@ KEY=${DENSEQA_API_KEY:-$(cat ~/.denseqa/api_key)}
 echo
 echo "curl -s http://127.0.0.1:$PORT/search -H \"Authorization: Bearer \$(cat ~/.denseqa/api_key)\" \\"
 echo "     -H 'content-type: application/json' -d '$query'"
-# --fail-with-body: a refused query (401, 4xx, 5xx) stops the demo with the service's own message, not silently.
-if ! answer=$(curl -sS --fail-with-body "http://127.0.0.1:$PORT/search" -H "Authorization: Bearer $KEY" \
-  -H 'content-type: application/json' -d "$query"); then
-  echo "demo: the search service refused the example query: $answer" >&2
+# A refused query (401, 4xx, 5xx) stops the demo with the service's own message, not silently. (The status by -w,
+# not --fail-with-body: curl before 7.76, Debian 11's among them, lacks that option.)
+response=$(curl -sS -w '\n%{http_code}' "http://127.0.0.1:$PORT/search" -H "Authorization: Bearer $KEY" \
+  -H 'content-type: application/json' -d "$query")
+status=${response##*$'\n'}
+answer=${response%$'\n'*}
+if [ "$status" != 200 ]; then
+  echo "demo: the search service answered $status to the example query: $answer" >&2
   exit 1
 fi
 python - "$answer" <<'PY'

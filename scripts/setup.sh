@@ -13,7 +13,7 @@ PY=${PYTHON:-python3}
 # spaces): on Linux x86_64, PyPI's torch==2.13.0 is itself the CUDA build unless a local wheel mirror serves the
 # CPU one, so a CPU-only machine elsewhere wants
 #   TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-# shellcheck disable=SC2086
-python -c 'import torch' 2>/dev/null || python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
+read -r -a torch_args <<< "${TORCH_SPEC:-torch==2.13.0}"  # split on spaces, never globbed (torch[...])
+python -c 'import torch' 2>/dev/null || python -m pip install -q "${torch_args[@]}"
 python -m pip install -q -e ".[dev]"
 python -c 'import denseqa, ray, sentence_transformers, faiss; print("denseqa ready: ray", ray.__version__)'
