@@ -8,8 +8,10 @@ through a flag or a config key a user would see::
 
 A job submitted with ``--runtime-env-json '{"env_vars": {"DENSEQA_INJECT_FAULTS": ...}}'`` passes it to every
 process of the job (the driver, Ray Train workers, Ray Data tasks). An unknown fault is an error, so a test
-cannot pass by asking for one that never happens: nor can a value the run never reaches (a step beyond its
-last, a step it does not run), which the code that fires each fault checks before its run starts.
+cannot pass by asking for one that never happens: nor, for the pipeline's and the index build's faults, can a
+value the run never reaches (a step it does not run, a shard beyond its last), checked before the work starts.
+The training faults are not checked against a step count: one job may train twice (the reranker, then the
+bi-encoder), each to its own number of steps; their tests assert the fault's own log line.
 """
 
 from __future__ import annotations
