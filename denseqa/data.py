@@ -30,7 +30,7 @@ from denseqa.config import DataConfig
 from denseqa.errors import InputError
 from denseqa.logs import configure_ray_data
 from denseqa.storage import is_uri
-from denseqa.texts import non_blank, split_key
+from denseqa.texts import digest64, non_blank, split_key
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 QUESTION, ANSWER = "question", "answer"
 NEGATIVE_PATTERN = re.compile(r"negative_(\d+)")  # hard negatives: negative_1 .. negative_n (mine-negatives)
 _SPLIT_KEY = "_split_key"
+_ROW_KEY = "_row_key"  # a hash of the rest of the row: the order of a repeated question's rows
 ROWS_PER_SORTED_BLOCK = 50_000  # the size of the blocks the split sorts into (their number sets the sort's tasks)
 
 
@@ -176,7 +177,17 @@ def _clean_batch(batch: pa.Table, question_column: str, answer_column: str, seed
     keys = np.fromiter((split_key(s, seed) for s in q.to_pylist()), dtype=np.int64, count=len(q))
     negatives = {c: pc.filter(batch.column(c).cast(pa.string()), keep) for c in negative_columns}
     scores = {c: pc.filter(batch.column(c).cast(pa.float32()), keep) for c in score_columns}
-    return pa.table({QUESTION: q, ANSWER: a, **negatives, **scores, _SPLIT_KEY: keys})
+    rest = zip(a.to_pylist(), *(v.to_pylist() for v in negatives.values()), strict=True)
+    row_keys = np.fromiter((int.from_bytes(digest64("\x00".join(t or "" for t in r)), "little") >> 1 for r in rest),
+                           dtype=np.int64, count=len(q))
+    return pa.table({QUESTION: q, ANSWER: a, **negatives, **scores, _SPLIT_KEY: keys, _ROW_KEY: row_keys})
+
+
+def _order_ties(block: pa.Table) -> pa.Table:
+    """The rows of a repeated question share its split key, and the sort leaves them in the order its tasks
+    finished: ordered here by the rest of the row too. The sort's blocks are ranges of keys, so sorting each block
+    finishes the order."""
+    return block.sort_by([(_SPLIT_KEY, "ascending"), (_ROW_KEY, "ascending")])
 
 
 def keep_with_negatives(batch: pa.Table, negative_columns: list[str], score_columns: tuple[str, ...] = ()) -> pa.Table:
@@ -247,7 +258,8 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
     # then skipped other batches than the ones its checkpoint had trained on. The key is a uniform 63-bit hash, so
     # even boundaries give blocks of about the same size. At least two: Ray samples where none are given.
     parts = max(2, math.ceil(n_read / ROWS_PER_SORTED_BLOCK))
-    ordered = cleaned.sort(_SPLIT_KEY, boundaries=[(i << 63) // parts for i in range(1, parts)]).materialize()
+    ordered = (cleaned.sort(_SPLIT_KEY, boundaries=[(i << 63) // parts for i in range(1, parts)])
+               .map_batches(_order_ties, batch_format="pyarrow", batch_size=None).materialize())
     n_kept = ordered.count()
     n_dropped = n_read - n_kept
     if n_dropped:
