@@ -53,14 +53,13 @@ def test_distillation_names_the_file_of_a_folder_that_lacks_the_teacher_scores(t
 def test_each_workers_batches_are_the_same_on_every_load(ray_local, tmp_path):
     import threading
 
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     from .conftest import real_pairs
 
     # Given 400 real pairs in 4 files, 40 of their questions asked again in another file with another answer,
     # loaded by three jobs one after the other (a run, then a run resumed by a new job)
-    import pyarrow as pa
-
     pairs = real_pairs(400, seed=5).select(["question", "answer"])
     repeats = pa.table({"question": pairs.column("question").slice(0, 40),
                         "answer": pairs.column("answer").slice(360, 40)}).cast(pairs.schema)
