@@ -3,7 +3,8 @@
 Every output of denseqa (a model, an index, a report) is assembled in a local staging folder and then published
 so that a reader never sees it half-written: locally by a rename on the same filesystem; on an object store (no
 atomic rename) by uploading everything and writing the folder's marker file (its record or manifest) last, which
-readers check for.
+readers check for. A folder that replaces an earlier one is first written whole beside it, so a failed upload
+loses neither.
 """
 
 from __future__ import annotations
@@ -196,23 +197,33 @@ def publish_folder(staging: str, output: str, marker: str) -> None:
 
     Locally: copy next to ``output`` (same filesystem), then rename into place; a previous folder is swapped out
     and removed after. For a URI, upload everything except ``marker`` first, then ``marker``: its presence marks
-    a complete folder. ``staging`` is consumed.
+    a complete folder. An earlier folder at the URI is kept whole until the new one is uploaded beside it, then
+    replaced (:func:`_replace_in_store`). ``staging`` is consumed.
     """
     if is_uri(output):
         import pyarrow.fs as pafs
 
         fs, path = filesystem(output)
+        if fs.get_file_info(path).type == pafs.FileType.NotFound:
+            incoming = path  # nothing to lose: upload in place, the marker last
+        else:  # the old folder stays whole until the new one is complete beside it
+            incoming = _incoming_sibling(output)[1]
         marker_file = os.path.join(staging, marker)
         with open(marker_file, "rb") as f:
             marker_bytes = f.read()
         os.remove(marker_file)
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
-            fs.delete_dir(path)
-        if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs: copy_files creates subfolders, not the target
-            fs.create_dir(path, recursive=True)
-        pafs.copy_files(staging, path, destination_filesystem=fs)
-        with fs.open_output_stream(f"{path.rstrip('/')}/{marker}") as f:
-            f.write(marker_bytes)
+        try:
+            if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs: copy_files creates subfolders, not the target
+                fs.create_dir(incoming, recursive=True)
+            pafs.copy_files(staging, incoming, destination_filesystem=fs)
+            with fs.open_output_stream(f"{incoming.rstrip('/')}/{marker}") as f:
+                f.write(marker_bytes)
+        except BaseException:
+            if incoming != path:  # a cut-short upload beside the old folder; the old one is untouched
+                _delete_quietly(fs, incoming)
+            raise
+        if incoming != path:
+            _replace_in_store(fs, incoming, path, marker)
         shutil.rmtree(staging, ignore_errors=True)
         return
     output = absolute(output)
@@ -256,6 +267,53 @@ def _exchange(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _incoming_sibling(output: str) -> tuple[str, str]:
+    """A fresh (URI, filesystem path) beside the folder at the URI ``output``, for a replacement to be written
+    whole before the old folder is touched. One line for an output at a bucket's root, which has no beside."""
+    import uuid
+
+    from denseqa.errors import InputError
+
+    fs, path = filesystem(output)
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if not parent or not name:
+        raise InputError(f"{output}: an output at a URI must be a folder inside a bucket, not the bucket itself")
+    tag = f".{name}.incoming-{uuid.uuid4().hex[:12]}"
+    return f"{output.rstrip('/').rpartition('/')[0]}/{tag}", f"{parent}/{tag}"
+
+
+def _replace_in_store(fs, incoming: str, path: str, marker: str) -> None:
+    """Replace the folder ``path`` of an object store by the complete folder ``incoming`` beside it.
+
+    An object store has no rename, so this copies object by object (a server-side copy on S3 and GCS: nothing
+    passes through this machine), with the marker removed first and written last, so that readers never take
+    the mixed folder for a complete one. If a step fails, the complete new folder is still at ``incoming`` and
+    the error names it: nothing written is lost.
+    """
+    import pyarrow.fs as pafs
+
+    files = [i.path for i in fs.get_file_info(pafs.FileSelector(incoming, recursive=True))
+             if i.type == pafs.FileType.File]
+    marker_path = f"{incoming.rstrip('/')}/{marker}"
+    try:
+        fs.delete_dir(path)  # the marker with it: the folder reads as incomplete from here on
+        for source in [f for f in files if f != marker_path] + [marker_path]:
+            target = f"{path.rstrip('/')}/{source[len(incoming.rstrip('/')) + 1:]}"
+            if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs: a copy does not create folders
+                fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+            fs.copy_file(source, target)
+    except Exception as e:
+        raise OSError(f"{path}: replacing it failed ({e}); the complete new folder is at {incoming}") from e
+    _delete_quietly(fs, incoming)
+
+
+def _delete_quietly(fs, path: str) -> None:
+    try:
+        fs.delete_dir(path)
+    except OSError:  # a leftover beside the output; never the reason a published output fails
+        pass
+
+
 @contextmanager
 def staged_output(output: str, marker: str, writers_elsewhere: bool = False) -> Iterator[str]:
     """Where a job writes an output folder so that it appears complete or not at all: the one way every stage
@@ -268,14 +326,31 @@ def staged_output(output: str, marker: str, writers_elsewhere: bool = False) -> 
     Locally the staging sits next to ``output``, on its filesystem, so that publishing is a rename (and a staging
     folder that a killed job left for the same output is removed first). For a URI it
     is a local temporary folder uploaded at the end, unless ``writers_elsewhere`` (Ray Data tasks on other nodes
-    write into it): then the URI itself is cleared and written in place, and the marker written last is what
-    tells readers that the folder is complete (an object store has no rename).
+    write into it): then they write at the URI itself, or beside an earlier folder there, which the new one
+    replaces once complete; the marker written last is what tells readers that the folder is complete (an
+    object store has no rename).
     """
     if is_uri(output) and writers_elsewhere:
-        remove(output)
-        yield output
-        if not exists(join(output, marker)):
-            raise RuntimeError(f"{output}: the staged output was not completed with its {marker}")
+        fs, path = filesystem(output)
+        if not exists(output):
+            try:
+                yield output
+                if not exists(join(output, marker)):
+                    raise RuntimeError(f"{output}: the staged output was not completed with its {marker}")
+            except BaseException:
+                _delete_quietly(fs, path)  # a part of a folder that was not there before
+                raise
+            return
+        # An earlier folder is there: the writers write a fresh folder beside it, which replaces it once complete.
+        incoming_uri, incoming = _incoming_sibling(output)
+        try:
+            yield incoming_uri
+            if not exists(join(incoming_uri, marker)):
+                raise RuntimeError(f"{output}: the staged output was not completed with its {marker}")
+        except BaseException:
+            _delete_quietly(fs, incoming)
+            raise
+        _replace_in_store(fs, incoming, path, marker)
         return
     parent = tempfile.gettempdir() if is_uri(output) else os.path.dirname(absolute(output))
     prefix = f".{os.path.basename(output.rstrip('/'))}.staging-"

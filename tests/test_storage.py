@@ -105,3 +105,89 @@ def test_a_copy_into_the_cache_cut_short_leaves_nothing_there(tmp_path, monkeypa
     monkeypatch.setattr(pafs, "copy_files", real_copy)
     copy = storage.cached_copy(f"file://{source}", "model")
     assert (tmp_path / "cache" / "folders").exists() and open(f"{copy}/weights.bin", "rb").read() == b"w" * 1000
+
+
+def _published_at_uri(output: str, version: int) -> None:
+    with storage.staged_output(output, marker="done.json") as staging:
+        storage.write_json(storage.join(staging, "shards", "part.json"), {"v": version})
+        storage.write_json(storage.join(staging, "done.json"), {"v": version})
+
+
+def _files(folder: Path) -> dict[str, dict]:
+    return {str(p.relative_to(folder)): json.loads(p.read_text()) for p in sorted(folder.rglob("*.json"))}
+
+
+def test_an_upload_over_a_uri_cut_short_leaves_the_earlier_folder_whole(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    out = tmp_path / "index"
+    _published_at_uri(f"file://{out}", 1)
+    real_copy = pafs.copy_files
+
+    def cut_short(src, dst, **kwargs):  # the upload writes one file, then the connection drops
+        kwargs["destination_filesystem"].open_output_stream(f"{dst}/shards-partial").close()
+        raise OSError("connection reset")
+
+    # Given an earlier complete folder at a URI, When its --overwrite's upload fails half-way
+    monkeypatch.setattr(pafs, "copy_files", cut_short)
+    with pytest.raises(OSError, match="connection reset"):
+        _published_at_uri(f"file://{out}", 2)
+    # Then the earlier folder is there, whole, and nothing is left beside it
+    assert _files(out) == {"done.json": {"v": 1}, "shards/part.json": {"v": 1}}
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+    # And an upload that completes replaces it, with nothing of the old one left
+    monkeypatch.setattr(pafs, "copy_files", real_copy)
+    (out / "shards" / "stale.json").write_text("{}")
+    _published_at_uri(f"file://{out}", 3)
+    assert _files(out) == {"done.json": {"v": 3}, "shards/part.json": {"v": 3}}
+    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+
+
+def test_a_replacement_in_an_object_store_that_fails_keeps_the_new_folder_whole_beside_it(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    out = tmp_path / "index"
+    _published_at_uri(f"file://{out}", 1)
+    copied = []
+
+    class StoreFailingMidCopy(pafs.LocalFileSystem):  # an object store that fails on its second server-side copy
+        def copy_file(self, source, target):
+            copied.append(target)
+            if len(copied) == 2:
+                raise OSError("503 Slow Down")
+            super().copy_file(source, target)
+
+    real_filesystem = storage.filesystem
+    monkeypatch.setattr(storage, "filesystem",
+                        lambda path: (StoreFailingMidCopy(), real_filesystem(path)[1]) if storage.is_uri(path)
+                        else real_filesystem(path))
+    # When the new folder, uploaded whole beside the old one, fails to be copied into its place
+    with pytest.raises(OSError, match="503 Slow Down") as failed:
+        _published_at_uri(f"file://{out}", 2)
+    # Then the folder at the output reads as incomplete (no marker), and the error names where the whole new one is
+    assert not (out / "done.json").exists()
+    incoming = Path(str(failed.value).rsplit("the complete new folder is at ", 1)[1])
+    assert incoming.parent == tmp_path and _files(incoming) == {"done.json": {"v": 2}, "shards/part.json": {"v": 2}}
+    # And the marker was to be copied last
+    assert copied[0].endswith("shards/part.json")
+
+
+def test_writers_elsewhere_over_an_earlier_uri_folder_write_beside_it_until_complete(tmp_path):
+    out = tmp_path / "negatives"
+    _published_at_uri(f"file://{out}", 1)
+    # Given an earlier folder, When the writers write a new one, Then readers see the earlier one whole meanwhile
+    with storage.staged_output(f"file://{out}", "done.json", writers_elsewhere=True) as staging:
+        assert staging != f"file://{out}"
+        storage.write_json(storage.join(staging, "pairs.json"), {"v": 2})
+        assert _files(out) == {"done.json": {"v": 1}, "shards/part.json": {"v": 1}}
+        storage.write_json(storage.join(staging, "done.json"), {"v": 2})
+    # And after, only the new folder, at the output
+    assert _files(out) == {"done.json": {"v": 2}, "pairs.json": {"v": 2}}
+    assert [p.name for p in tmp_path.iterdir()] == ["negatives"]
+    # When writers fail half-way, Then the folder they would have replaced is untouched, and nothing is left beside
+    with pytest.raises(ZeroDivisionError), \
+            storage.staged_output(f"file://{out}", "done.json", writers_elsewhere=True) as staging:
+        storage.write_json(storage.join(staging, "pairs.json"), {"v": 3})
+        raise ZeroDivisionError("a write task failed")
+    assert _files(out) == {"done.json": {"v": 2}, "pairs.json": {"v": 2}}
+    assert [p.name for p in tmp_path.iterdir()] == ["negatives"]
