@@ -417,8 +417,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     def save_and_report(metrics: dict[str, float]) -> None:
         state.evals.append({"step": state.step, "metrics": metrics})
-        state.peak_memory_mb = distributed.all_gather_objects(peak_memory_mb(device))  # every rank is here
-        rng_states = distributed.all_gather_objects(rng_state(device))
+        # One collective for both (every rank is here): each rank's peak memory and its generators' states.
+        gathered = distributed.all_gather_objects((peak_memory_mb(device), rng_state(device)))
+        state.peak_memory_mb = [peak for peak, _ in gathered]
+        rng_states = [rng for _, rng in gathered]
         report = {"step": state.step, "epoch": state.epoch, **{f"eval_{k}": v for k, v in metrics.items()}}
         if not is_rank_zero:
             ray.train.report(report)
