@@ -437,7 +437,9 @@ async def require_api_key(request: Request, call_next):
 RETRY_DEADLINE_S = 45.0
 # After a failure, how long one more attempt may take before it is given up and made again: a call sent to a
 # replica on a node that just died can hang until Ray declares the node dead, while the same call made again is
-# routed to a live replica (or waits for one). Far above a search's own time, even under load.
+# routed to a live replica (or waits for one). Far above a search's own time, even under load; each attempt that
+# times out doubles it for the next (as TCP backs off its retransmission timeout), so that a call slower than it
+# on a live replica (re-ranking hundreds of candidates on CPU) still gets its answer within the deadline.
 RETRY_ATTEMPT_TIMEOUT_S = 10.0
 
 
@@ -459,20 +461,25 @@ async def retried(call, what: str, deadline_s: float = RETRY_DEADLINE_S,
     Every call retried this way is idempotent (encode, search, score): repeating it on another replica, or on the
     replacement Serve starts, gives the same answer. The handle routes a new call only to live replicas and holds
     it while there are none, so the retry itself waits for the restart. The first attempt runs without a timeout
-    (a healthy service pays nothing); the ones after a failure each get ``attempt_timeout_s``. Written here
+    (a healthy service pays nothing); the ones after a failure get ``attempt_timeout_s``, doubled after each
+    attempt that timed out, and never beyond the deadline. Written here
     because Serve retries a request only when a replica dies before it is assigned, not one a replica was
     working on.
     """
     from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
     from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
-    deadline, pause, failures = time.monotonic() + deadline_s, 0.05, 0
+    deadline, pause, failures, timeout = time.monotonic() + deadline_s, 0.05, 0, attempt_timeout_s
     while True:
         try:
             if not failures:
                 return await call()
             left = deadline - time.monotonic()
-            return await asyncio.wait_for(_awaited(call()), timeout=max(0.1, min(attempt_timeout_s, left)))
+            try:
+                return await asyncio.wait_for(_awaited(call()), timeout=max(0.1, min(timeout, left)))
+            except asyncio.TimeoutError:
+                timeout *= 2
+                raise
         except DeploymentUnavailableError as e:  # it failed to deploy: no retry will reach it (503, not a 500)
             raise ReplicaUnavailable(f"{what}: {e.message}") from e
         except (RayActorError, ReplicaUnavailableError, asyncio.TimeoutError) as e:

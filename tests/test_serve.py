@@ -1052,6 +1052,19 @@ def test_retried_calls_outlast_a_dead_or_hanging_replica_and_then_give_up():
         asyncio.run(retried(dead, "search", deadline_s=1, attempt_timeout_s=0.3))
     assert time.monotonic() - started < 2
 
+    slow_attempts = []
+
+    async def slow_on_a_live_replica():  # fails once, then takes longer than one attempt's timeout, every time
+        slow_attempts.append(time.monotonic())
+        if len(slow_attempts) == 1:
+            raise ActorUnavailableError("the replica's node died", b"0" * 16)
+        await asyncio.sleep(0.5)
+        return "scores"
+
+    # An attempt that times out doubles the next one's timeout (0.3, 0.6): a slow call answers within the deadline
+    assert asyncio.run(retried(slow_on_a_live_replica, "re-ranking", deadline_s=5, attempt_timeout_s=0.3)) == "scores"
+    assert len(slow_attempts) == 3
+
     async def bad_request():  # anything but a replica failure is not retried
         attempts.append(0)
         raise ValueError("mode bm25: this index has no BM25")
