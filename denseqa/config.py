@@ -41,11 +41,28 @@ def _broken(key: str, rule: str, value: Any) -> PydanticCustomError:
     return PydanticCustomError("denseqa_rule", "{key} must be {rule}", {"key": key, "rule": rule, "value": value})
 
 
+def _bm25_stopword_list(value: Any) -> Any:
+    """A BM25 stopword list's name as bm25s reads it: ``none`` (or nothing) keeps every word, and a name bm25s
+    does not know is refused now, not by bm25s after the embedding or the training it follows."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
+        return None
+    if isinstance(value, str):
+        from bm25s.tokenization import _infer_stopwords  # bm25s's own names (en, de, ko, ...): no list of ours
+
+        try:
+            _infer_stopwords(value)
+        except ValueError:
+            raise _broken("bm25_stopwords", "a stopword list bm25s knows (en, de, nl, fr, es, pt, it, ru, sv, no, zh, "
+                          "tr, ko, da, en_plus, or their English names) or none", value) from None
+    return value
+
+
 class Section(BaseModel):
     """One section of the config: unknown keys and values of the wrong type are refused (no coercion: a YAML
-    string "8" is not the integer 8)."""
+    string "8" is not the integer 8), and no float is infinite or NaN (a learning rate of inf would start the
+    workers only to fail at the first step)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -308,6 +325,11 @@ class MineConfig(Section):
     teacher_batch_size: int = _f(64, "With teacher: (question, passage) pairs per forward pass of the teacher.",
                                  ge=1, operational=True)
 
+    @field_validator("bm25_stopwords", mode="before")
+    @classmethod
+    def _stopwords(cls, value: Any) -> Any:
+        return _bm25_stopword_list(value)
+
     @model_validator(mode="after")
     def _enough_ranks(self):
         if self.range_max - self.range_min < self.num_negatives:
@@ -490,6 +512,11 @@ class IndexConfig(Section):
     )
     swap: bool = _f(False, "With --update: hot-swap the running service (denseqa serve) to the new version.",
                     operational=True)
+
+    @field_validator("bm25_stopwords", mode="before")
+    @classmethod
+    def _stopwords(cls, value: Any) -> Any:
+        return _bm25_stopword_list(value)
 
 
 class EvalConfig(Section):
@@ -847,6 +874,8 @@ def _first_error(section: str, error: ValidationError) -> str:
             hint = typing.get_args(hint)[0]
         choices = typing.get_args(hint)
         return f"{section}.{key} must be one of {', '.join(map(str, choices))}, got {value!r}"
+    if first["type"] == "finite_number":
+        return f"{section}.{key} must be a finite number ({rule_of(fields[key])}), got {value!r}"
     if first["type"] in _TYPE_ERRORS:
         return f"{section}.{key} must be a {_TYPE_ERRORS[first['type']]}, got {value!r}"
     return f"{section}.{key} must be {rule_of(fields[key])}, got {value!r}"

@@ -52,12 +52,24 @@ def test_unknown_key_is_an_error_that_names_it():
         ({"train": {"mini_batch_size": 8}}, r"train.mini_batch_size must be left at its default without "
                                             r"train.cached_loss .*got 8"),
         ({"train": {"eval_batch_size": 0}}, r"train.eval_batch_size must be >= 1, got 0"),
+        ({"train": {"learning_rate": float("inf")}}, r"train.learning_rate must be a finite number \(> 0\), got inf"),
+        ({"index": {"compact_threshold": float("nan")}},
+         r"index.compact_threshold must be a finite number \(in \[0, 1\]\), got nan"),
+        ({"index": {"bm25_stopwords": "EN"}}, r"index.bm25_stopwords must be a stopword list bm25s knows .* or "
+                                               r"none, got 'EN'"),
+        ({"mine": {"bm25_stopwords": "xx"}}, r"mine.bm25_stopwords must be a stopword list bm25s knows"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):
     with pytest.raises(InputError, match=message) as e:
         JobConfig.from_dict(values, source="x.yaml")
     assert "\n" not in str(e.value)
+
+
+def test_bm25_stopwords_none_keeps_every_word_and_a_known_name_is_kept():
+    assert JobConfig.from_dict({"index": {"bm25_stopwords": "none"}}).index.bm25_stopwords is None
+    assert JobConfig.from_dict({"mine": {"bm25_stopwords": "None"}}).mine.bm25_stopwords is None
+    assert JobConfig.from_dict({"index": {"bm25_stopwords": "ko"}}).index.bm25_stopwords == "ko"
 
 
 def test_a_config_rebuilt_from_all_its_values_is_the_same_config():
