@@ -30,10 +30,19 @@ def absolute(path: str) -> str:
 
 
 def filesystem(path: str):
-    """(pyarrow filesystem, path in it) for a local path or a URI."""
+    """(pyarrow filesystem, path in it) for a local path or a URI; one line for a URI pyarrow cannot read (an
+    unknown scheme, a malformed address)."""
     import pyarrow.fs as pafs
 
-    return pafs.FileSystem.from_uri(path) if is_uri(path) else (pafs.LocalFileSystem(), absolute(path))
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), absolute(path)
+    try:
+        return pafs.FileSystem.from_uri(path)
+    except ValueError as e:  # pyarrow's ArrowInvalid
+        from denseqa.errors import InputError
+        from denseqa.redaction import masked
+
+        raise InputError(f"{masked(path)}: not a path or a URI that pyarrow can open ({masked(str(e))})") from None
 
 
 def join(base: str, *names: str) -> str:
@@ -45,6 +54,13 @@ def exists(path: str) -> bool:
 
     fs, p = filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, p = filesystem(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
 
 
 def is_nonempty_dir(path: str) -> bool:
@@ -66,6 +82,17 @@ def output_folder(path: str | None, overwrite: bool, what: str, noun: str = "out
     output = absolute(path)
     if is_nonempty_dir(output) and not overwrite:
         raise InputError(f"{output}: {noun} folder exists and is not empty; pass --overwrite or another --output")
+    if exists(output) and not is_dir(output):  # --overwrite replaces an earlier output, never some other file
+        raise InputError(f"{output}: exists and is not a folder; pass another --output")
+    if not is_uri(output):  # found now, not when the result is published after the work
+        parent = os.path.dirname(output)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".denseqa-write-check-", dir=parent)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise InputError(f"{output}: cannot write beside it in {parent} ({e.strerror or e})") from None
     return output
 
 

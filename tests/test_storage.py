@@ -191,3 +191,22 @@ def test_writers_elsewhere_over_an_earlier_uri_folder_write_beside_it_until_comp
         raise ZeroDivisionError("a write task failed")
     assert _files(out) == {"done.json": {"v": 2}, "pairs.json": {"v": 2}}
     assert [p.name for p in tmp_path.iterdir()] == ["negatives"]
+
+
+def test_an_output_that_is_a_file_unwritable_or_an_unknown_uri_is_one_line_before_any_work(tmp_path):
+    from denseqa.errors import InputError
+
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("the user's own file")
+    # --overwrite replaces an earlier output folder, never another file (it used to be swapped out of sight)
+    with pytest.raises(InputError, match=r"notes.txt: exists and is not a folder; pass another --output"):
+        storage.output_folder(str(a_file), True, "the model")
+    assert a_file.read_text() == "the user's own file"
+    with pytest.raises(InputError, match=r"notes.txt/model: cannot write beside it in .*notes.txt"):
+        storage.output_folder(str(a_file / "model"), False, "the model")
+    with pytest.raises(InputError, match=r"^fiel:///x: not a path or a URI that pyarrow can open"):
+        storage.output_folder("fiel:///x", False, "the model")
+    # And a folder that does not exist yet is fine, with nothing left in its parent by the check
+    assert storage.output_folder(str(tmp_path / "runs" / "model"), False, "the model") == str(tmp_path / "runs" /
+                                                                                             "model")
+    assert list((tmp_path / "runs").iterdir()) == []
