@@ -57,7 +57,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     report = run_evaluation(config_from_args(args, COMMAND_SECTIONS["evaluate"]))
     print(report["markdown"])
-    print(f"report written to {report['output']}")
+    print(f"report written to {masked(report['output'])}")
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -31,6 +31,7 @@ from denseqa.eval import (
     write_trec,
 )
 from denseqa.model import Encoder, describe_model, query_model_config, resolve_model_source
+from denseqa.redaction import masked_values
 from denseqa.search import Searcher, read_manifest
 from denseqa.train import RECORD_FILE
 
@@ -94,10 +95,10 @@ def run_evaluation(cfg) -> dict[str, Any]:
         logger.info("%s: %s", mode, " ".join(f"{k} {v:.4f}" for k, v in results[mode].items() if k != "recall_curve"))
     comparison = compare_modes(per_query, "zero-shot" if zero_shot else None)
     report = {
-        "index": {"path": e.index, "count": manifest["count"], "factory": manifest["index"]["factory"],
+        "index": {"path": masked_values(e.index), "count": manifest["count"], "factory": manifest["index"]["factory"],
                   "search": {k: manifest["index"]["search"].get(k) for k in ("param", "value", "recall")}},
         "model": {k: (encoder.describe() if encoder else manifest["model"])[k] for k in ("path", "weights_sha256")},
-        "queries": e.queries,
+        "queries": masked_values(e.queries),
         "judgements": judgements.counts,
         "modes": results,
         "seconds": seconds,

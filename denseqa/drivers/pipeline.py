@@ -238,7 +238,7 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
                                                                  query_endpoint(url, query, 3, p.reranker, key)})
             if tracked is not None:
                 tracked.tags({"denseqa.endpoint": url, "denseqa.default_mode": summary["default_mode"]})
-    print(summary_text(summary), flush=True)
+    print(masked(summary_text(summary)), flush=True)
     if p.deploy and started_here:
         from denseqa.drivers.serve import serve_until_interrupted
 

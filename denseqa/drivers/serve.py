@@ -21,6 +21,7 @@ from ray import serve
 from denseqa import auth, ray_private, storage
 from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError, one_line
+from denseqa.redaction import masked
 from denseqa.serve import APP_NAME, deployment_names, encoding_deployment, searcher_names
 from denseqa.versions import resolve_index
 
@@ -399,19 +400,19 @@ def run_serve(cfg) -> str:
         read_manifest(index)
         connect(may_start_local=False)
         status = swap_index(index, cfg.serve.timeout_s)
-        print(json.dumps({"index": status["index"], "count": status["count"], "previous":
-                          status["last_change"]["previous"]}, indent=2), flush=True)
+        print(masked(json.dumps({"index": status["index"], "count": status["count"], "previous":
+                                 status["last_change"]["previous"]}, indent=2)), flush=True)
         return index
 
     config = serve_config_for(cfg)
     key_source = api_key_for(cfg)[1]
     started_here = connect(may_start_local=True)
     url = deploy(config, cfg.serve.timeout_s)
-    print(json.dumps({
+    print(masked(json.dumps({
         "url": url, "docs": f"{url}/docs", "index": application(config)["args"]["index"],
         "reranker": application(config)["args"].get("reranker"),
         "api_key": key_source or "none (--no-auth)", "try": curl_line(url, key_source),
-    }, indent=2), flush=True)
+    }, indent=2)), flush=True)
     if started_here:
         serve_until_interrupted()
     return url

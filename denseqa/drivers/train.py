@@ -202,7 +202,7 @@ def _make_record(cfg, task, data, plan: TrainPlan, state: TrainState, run_dir: s
             "epochs": cfg.train.epochs, "workers": plan.world_size,
             "global_batch_size": plan.world_size * cfg.train.batch_size,
             **training,
-            "attempts": state.attempts, "run_dir": run_dir, "train_seconds": round(state.train_seconds, 2),
+            "attempts": state.attempts, "run_dir": masked(run_dir), "train_seconds": round(state.train_seconds, 2),
             "peak_memory_mb_per_worker": state.peak_memory_mb,
             "torch_threads_per_worker": state.torch_threads,
             "precision": state.precision,
