@@ -803,11 +803,13 @@ class JobConfig(BaseModel):
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config", sections: tuple[str, ...] | None = None,
-                  owned: frozenset[str] = frozenset()) -> JobConfig:
+                  owned: frozenset[str] = frozenset(), from_flags: frozenset[str] = frozenset()) -> JobConfig:
         """Build and validate from {section: {key: value}}; ``owned`` keys (``section.key``) may not be given.
 
-        Raises :class:`InputError`, one line naming ``source``, the key and the value.
+        Raises :class:`InputError`, one line naming ``source`` (or the command line, for a key in ``from_flags``),
+        the key and the value.
         """
+        _check_shape(values, source)
         used = tuple(sections or SECTIONS)
         for name, section_values in values.items():
             for key in section_values if isinstance(section_values, dict) else ():
@@ -828,8 +830,24 @@ class JobConfig(BaseModel):
             try:
                 built[name] = SECTIONS[name].model_validate(section_values)
             except ValidationError as e:
-                raise InputError(f"{source}: {_first_error(name, e)}") from None
+                key, line = _first_error(name, e)
+                raise InputError(f"{'command line' if f'{name}.{key}' in from_flags else source}: {line}") from None
         return cls(**built, used=used)
+
+
+def _check_shape(values: Any, source: str) -> None:
+    """A config is {section name: {key name: value}}: anything else is one line naming where it breaks (before
+    pydantic, whose errors assume names)."""
+    if not isinstance(values, dict):
+        raise InputError(f"{source}: expected a mapping of sections ({', '.join(s + ':' for s in SECTIONS)})")
+    for name, section_values in values.items():
+        if not isinstance(name, str):
+            raise InputError(f"{source}: {name!r} is not a section name; valid: {', '.join(SECTIONS)}")
+        if section_values is not None and not isinstance(section_values, dict):
+            raise InputError(f"{source}: section {name!r} must be a mapping of keys, got {section_values!r}")
+        for key in section_values or {}:
+            if not isinstance(key, str):
+                raise InputError(f"{source}: {name}.{key!r} is not a key name")
 
 
 # What a constraint says in an error, as the rule the value breaks.
@@ -856,11 +874,17 @@ def rule_of(info) -> str:
     return "finite"
 
 
-def _first_error(section: str, error: ValidationError) -> str:
-    """The first of pydantic's errors as denseqa's one line: ``<section>.<key> must be <rule>, got <value>``.
-    An unknown key comes first: it is the likelier mistake (a misspelt key leaves its value at the default)."""
-    errors = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")
-    first = errors[0]
+def _first_error(section: str, error: ValidationError) -> tuple[str, str]:
+    """The key of the first of pydantic's errors, and that error as denseqa's one line."""
+    first = sorted(error.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+    key = first["ctx"]["key"] if first["type"] == "denseqa_rule" else str(first["loc"][0])
+    return key, _error_line(section, first)
+
+
+def _error_line(section: str, first: dict[str, Any]) -> str:
+    """A pydantic error as denseqa's one line: ``<section>.<key> must be <rule>, got <value>``. An unknown key
+    comes first (:func:`_first_error`): it is the likelier mistake (a misspelt key leaves its value at the
+    default)."""
     fields = SECTIONS[section].model_fields
     if first["type"] == "denseqa_rule":
         ctx = first["ctx"]
@@ -890,6 +914,10 @@ def load_yaml(path: str) -> dict[str, Any]:
         values = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise InputError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}): a config is a YAML file") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot be read ({e.strerror or e})") from None
     if not isinstance(values, dict):
         raise InputError(f"{path}: expected a mapping of sections ({', '.join(s + ':' for s in SECTIONS)})")
     return values
@@ -956,12 +984,12 @@ def config_from_args(args: argparse.Namespace, sections: tuple[str, ...] | None 
     if getattr(args, "config", None):
         values = load_yaml(args.config)
         source = args.config
-    for dest, value in vars(args).items():
-        if "." in dest:
-            section, key = dest.split(".", 1)
-            values.setdefault(section, {})
-            values[section] = dict(values[section] or {}, **{key: value})
-    return JobConfig.from_dict(values, source=source, sections=sections, owned=owned)
+        _check_shape(values, source)
+    flags = {dest for dest in vars(args) if "." in dest}
+    for dest in flags:
+        section, key = dest.split(".", 1)
+        values[section] = dict(values.get(section) or {}, **{key: getattr(args, dest)})
+    return JobConfig.from_dict(values, source=source, sections=sections, owned=owned, from_flags=frozenset(flags))
 
 
 def config_reference_markdown() -> str:

@@ -172,3 +172,41 @@ def test_serve_limits_are_defined_once_and_the_shipped_serve_config_states_them(
     from denseqa.serve import AuthSettings
 
     assert deployment(config, "SearchAPI")["user_config"] == AuthSettings.model_construct().model_dump()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: 5\n", r"c.yaml: section 'train' must be a mapping of keys, got 5"),
+    ("train: [x]\n", r"c.yaml: section 'train' must be a mapping of keys, got \['x'\]"),
+    ("train: {1: 2}\n", r"c.yaml: train.1 is not a key name"),
+    ("1: {}\nfoo: {}\n", r"c.yaml: 1 is not a section name; valid: data, "),
+    ("[train]\n", r"c.yaml: expected a mapping of sections"),
+])
+def test_a_config_file_of_the_wrong_shape_is_one_line_even_with_flags_merged_into_it(tmp_path, text, message):
+    import argparse
+
+    from denseqa.config import config_from_args
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError, match=message) as e:
+        config_from_args(argparse.Namespace(config=str(path), **{"train.epochs": 2}))
+    assert "\n" not in str(e.value)
+
+
+def test_a_config_file_that_is_not_text_and_a_bad_flag_beside_a_good_file_are_named_as_they_are(tmp_path):
+    import argparse
+
+    from denseqa.config import config_from_args
+
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x80\x81\xfe\xff")
+    with pytest.raises(InputError, match=r"model.bin: not UTF-8 text \(byte 0\)"):
+        config_from_args(argparse.Namespace(config=str(binary)))
+    # A bad value from a flag is the command line's, not the (good) file's
+    good = tmp_path / "d.yaml"
+    good.write_text("train:\n  epochs: 2\n")
+    with pytest.raises(InputError, match=r"^command line: train.batch_size must be >= 2"):
+        config_from_args(argparse.Namespace(config=str(good), **{"train.batch_size": 1}))
+    good.write_text("train:\n  batch_size: 1\n")
+    with pytest.raises(InputError, match=r"d.yaml: train.batch_size must be >= 2"):
+        config_from_args(argparse.Namespace(config=str(good), **{"train.epochs": 2}))
