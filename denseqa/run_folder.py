@@ -274,6 +274,8 @@ def summary_text(summary: dict[str, Any]) -> str:
                   f"  curl -s {url}/search{curl_header(summary.get('api_key'))} -H 'content-type: application/json' "
                   f"-d '{body}'",
                   f"  {example['query']!r} →"]
+        if example["hits"] is None:
+            lines.append("    (no answer: see the warning above)")
         lines += [f"    {hit.get('rerank_score', hit['score']):.3f}  {hit['id']}  {hit['text'][:90]!r}"
-                  for hit in example["hits"]]
+                  for hit in example["hits"] or []]
     return "\n".join(lines)

@@ -273,6 +273,11 @@ def test_serve_bad_index_config_and_values(tmp_path):
     bad_yaml.write_text("applications: [unclosed\n")
     assert_one_line_error(serve("--index", str(half), "--serve-config", str(bad_yaml)), str(bad_yaml),
                           "not valid YAML", command="serve")
+    empty_args = tmp_path / "empty-args.yaml"
+    empty_args.write_text("applications:\n- name: denseqa\n  import_path: denseqa.serve:app_builder\n  args:\n")
+    assert_one_line_error(serve("--index", str(half), "--serve-config", str(empty_args)), str(empty_args),
+                          "not a Serve config: applications.0.args: Input should be a valid dictionary",
+                          command="serve")
     # HAProxy ingress asked of the controller but not of the replicas: HAProxy would have nothing to forward to
     half_haproxy = tmp_path / "half-haproxy.yaml"
     shipped = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())
@@ -323,6 +328,16 @@ def test_run_bad_input_fails_before_anything_runs(tmp_path, qa_parquet):
                           command="run")
     assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--model", "org/unknown-model"),
                           "org/unknown-model", command="run")
+    # what the deploy at the end reads is checked before the training: a Serve config of the wrong shape, a bad key
+    not_serve = tmp_path / "not-serve.yaml"
+    not_serve.write_text("applications: [denseqa]\n")
+    assert_one_line_error(run_pipeline("--run-dir", str(run), "--data", data, "--serve-config", str(not_serve)),
+                          f"{not_serve}: not a Serve config: applications.0: Input should be a valid dictionary",
+                          command="run")
+    short_key = subprocess.run([sys.executable, str(REPO / "jobs" / "pipeline.py"), "--run-dir", str(run), "--data",
+                                data], cwd=REPO, capture_output=True, text=True, timeout=300,
+                               env={**_env(), "DENSEQA_API_KEY": "too-short"})
+    assert_one_line_error(short_key, "$DENSEQA_API_KEY: an API key needs at least", command="run")
     assert not run.exists(), "nothing is written before the input is checked"
     # inside a submitted job (Ray sets this variable in its driver), a relative run folder would land in the
     # job's temporary copy of the working directory

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -212,6 +213,10 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
                          "--distill-reranker (with --negatives and --reranker), which chains them")
     files_fingerprint(cfg.data.path)  # a missing data or corpus path fails here, before Ray starts
     files_fingerprint(corpus_config(cfg).path)
+    if p.deploy:  # a bad Serve config or API key is found now, not after the training and the index
+        from denseqa.drivers.serve import check_serving_inputs
+
+        check_serving_inputs(cfg)
     started_here = connect(may_start_local=True)
     check_reachable_by_every_node(run.root, "run folder", p.shared_filesystem)
 
@@ -235,7 +240,7 @@ def run_pipeline(cfg: JobConfig) -> dict[str, Any]:
 
             key, key_source = api_key_for(cfg)
             summary.update(url=url, api_key=key_source, example={"query": query, "rerank": p.reranker, "hits":
-                                                                 query_endpoint(url, query, 3, p.reranker, key)})
+                                                                 example_hits(url, query, p.reranker, key)})
             if tracked is not None:
                 tracked.tags({"denseqa.endpoint": url, "denseqa.default_mode": summary["default_mode"]})
     print(masked(summary_text(summary)), flush=True)
@@ -288,6 +293,19 @@ def run_steps(cfg: JobConfig, run: RunFolder) -> dict[str, dict[str, Any]]:
         if kill_after == step:
             faults.kill_self(f"killing the pipeline after {step}")
     return ran
+
+
+def example_hits(url: str, query: str, rerank: bool, key: str | None) -> list[dict[str, Any]] | None:
+    """The deployed service's top 3 for the run's example query; None, with a warning, when the service refuses
+    it (a query beyond its limits): the run and its service are done, and the summary says where they are."""
+    try:
+        return query_endpoint(url, query, 3, rerank, key)
+    except urllib.error.HTTPError as e:
+        logger.warning("the example query %r was refused by the service: HTTP %d %s", query, e.code,
+                       e.read().decode(errors="replace")[:300])
+    except (OSError, ValueError) as e:  # unreachable, timed out, or not JSON
+        logger.warning("the example query %r got no answer from the service: %s", query, e)
+    return None
 
 
 def query_endpoint(url: str, query: str, k: int, rerank: bool = False, key: str | None = None) -> list[dict[str, Any]]:

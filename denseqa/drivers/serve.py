@@ -32,12 +32,18 @@ DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "serve.
 
 def load_serve_config(path: str | None = None) -> dict:
     """A Serve config file (default: the repository's ``configs/serve.yaml``), as a dict."""
+    from ray.serve.schema import ServeDeploySchema
+
     from denseqa.config import load_yaml
 
     path = str(path or DEFAULT_SERVE_CONFIG)
     config = load_yaml(path)  # one-line errors for a missing file or invalid YAML
     if not config.get("applications"):
         raise InputError(f"{path}: a Serve config needs an `applications` list; pass --serve-config")
+    try:  # Serve's own schema, now: what the overrides and the checks below read must have its shape
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        raise InputError(f"{path}: not a Serve config: {one_line(e)}") from None
     check_ingress_mode(config, path)
     return config
 
@@ -46,7 +52,8 @@ def application(config: dict, name: str = APP_NAME) -> dict:
     for app in config.get("applications", []):
         if app.get("name") == name:
             return app
-    raise InputError(f"Serve config has no application named {name!r}")
+    names = ", ".join(repr(app.get("name")) for app in config.get("applications", []))
+    raise InputError(f"Serve config has no application named {name!r} (it has {names or 'none'})")
 
 
 def deployment(config: dict, name: str, app_name: str = APP_NAME) -> dict:
@@ -169,6 +176,15 @@ def api_key_for(cfg) -> tuple[str | None, str | None]:
     if not cfg.serve.auth:
         return None, None
     return auth.resolve_key(cfg.serve.api_key_file)
+
+
+def check_serving_inputs(cfg) -> None:
+    """What a deploy will read, checked before the work that comes first (``denseqa run``): the Serve config, and
+    the API key where one is given (a key file readable by others, a too-short ``$DENSEQA_API_KEY``). A key file
+    not there yet is fine: the deploy creates it."""
+    load_serve_config(cfg.serve.serve_config)
+    if cfg.serve.auth and (os.environ.get(auth.KEY_ENV) or Path(cfg.serve.api_key_file).expanduser().exists()):
+        auth.resolve_key(cfg.serve.api_key_file, create=False)
 
 
 def curl_line(url: str, key_source: str | None) -> str:
