@@ -214,6 +214,9 @@ def test_index_no_output_and_bad_values(qa_parquet, index_out, tiny_model_dir):
                        "index.target_recall must be in (0, 1], got 1.5")
     assert_index_error(build_index("--corpus", path, "--output", index_out, "--factory", "HNSW32,Flat",
                                    "--shards", "2"), "sharded build (--shards 2) needs a flat or IVF index")
+    # options of a live update, given without the index to update, are refused rather than ignored
+    assert_index_error(build_index("--corpus", path, "--output", index_out, "--swap", "--sync"),
+                       "--sync, --swap: these change an existing index: pass it with --update INDEX")
     # Issue 19: an unknown BM25 tokenizer
     assert_index_error(build_index("--corpus", path, "--output", index_out, "--bm25-tokenizer", "mecab"),
                        "index.bm25_tokenizer must be one of auto, regex, kiwi, got 'mecab'")

@@ -101,8 +101,9 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     started = time.time()
     icfg = cfg.index
     tracking.check_store(cfg.mlflow)
-    if icfg.upsert or icfg.delete:
-        raise InputError("--upsert and --delete change an existing index: pass it with --update INDEX")
+    if icfg.upsert or icfg.delete or icfg.sync or icfg.swap:
+        given = ", ".join(f"--{k}" for k in ("upsert", "delete", "sync", "swap") if getattr(icfg, k))
+        raise InputError(f"{given}: these change an existing index: pass it with --update INDEX")
     output = storage.output_folder(icfg.output, icfg.overwrite, "the index", noun="index")
     check_model_source(cfg.model.model)
     check_precision(cfg.embed.precision, cfg.model.backend)

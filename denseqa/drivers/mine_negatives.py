@@ -72,7 +72,7 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
     # Flat: exact inner-product search, so the ranks and the margin are the model's own, not an approximation's.
     run_build_index(JobConfig(corpus=CorpusConfig(path=corpus_file), model=cfg.model, embed=cfg.embed,
                               index=IndexConfig(output=index_dir, factory="Flat", bm25=False, overwrite=True),
-                              used=COMMAND_SECTIONS["build-index"]))
+                              mlflow=cfg.mlflow, used=COMMAND_SECTIONS["build-index"]))
     return {"kind": "dense", "index_dir": index_dir}
 
 

@@ -150,7 +150,8 @@ def run_index_step(cfg: JobConfig, run: RunFolder, update: bool = False) -> None
         run_update_index(JobConfig(corpus=corpus, model=model, embed=_embed_config(cfg), index=index,
                                    used=COMMAND_SECTIONS["build-index"]))
         return
-    index = cfg.index.model_copy(update={"output": run.output("index"), "overwrite": True})
+    index = cfg.index.model_copy(update={"output": run.output("index"), "overwrite": True, "sync": False,
+                                         "swap": False})
     run_build_index(JobConfig(corpus=corpus, model=model, embed=_embed_config(cfg), index=index,
                               used=COMMAND_SECTIONS["build-index"]))
 
