@@ -61,14 +61,19 @@ def _clean_batch(batch: pa.Table, id_column: str | None, text_column: str) -> pa
     return pa.table({ID: ids, TEXT: text})
 
 
-def _check_unique_ids(fs, files: list[str], id_column: str, path: str) -> None:
-    """Duplicate ids would make search results ambiguous: refuse them before embedding.
+def _check_ids(fs, files: list[str], id_column: str, path: str) -> None:
+    """Duplicate ids would make search results ambiguous, and a blank one names nothing (a TREC file, which
+    separates fields by whitespace, cannot even write it): refuse them before embedding.
 
     Reads only the id column, so the driver holds the ids, never the texts.
     """
     ids = pa.chunked_array(
         [pq.read_table(f, columns=[id_column], filesystem=fs).column(id_column).cast(pa.string()) for f in files]
     ).drop_null()
+    blank = pc.invert(non_blank(ids))
+    if pc.any(blank).as_py():
+        raise InputError(f"{path}: id {pc.filter(ids, blank)[0].as_py()!r} in column {id_column!r} is blank; a "
+                         "passage id must name it (or use --from-answers to derive ids from the texts)")
     if len(pc.unique(ids)) != len(ids):
         counts = pc.value_counts(ids)
         repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))[0]
@@ -93,7 +98,7 @@ def check_corpus(cfg: CorpusConfig) -> tuple[Any, list[str], int]:
     if rows == 0:
         raise InputError(f"{cfg.path}: no rows")
     if id_column is not None:
-        _check_unique_ids(fs, files, id_column, cfg.path)
+        _check_ids(fs, files, id_column, cfg.path)
     return fs, files, rows
 
 

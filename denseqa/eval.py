@@ -105,9 +105,13 @@ def load_judgements(cfg, searcher) -> Judgements:
     fs, files = resolve_parquet_files(cfg.queries)
     check_schema(fs, files, [cfg.question_column, target], integer_ok=(cfg.relevant_id_column or "",),
                  hint="name the right one with --question-column / --answer-column / --relevant-id-column")
-    table = pa.concat_tables(pq.read_table(f, columns=[cfg.question_column, target], filesystem=fs) for f in files)
-    questions = table.column(cfg.question_column).cast(pa.string())
-    targets = table.column(target).cast(pa.string())
+    # Each file's columns as strings before they are joined: check_schema accepts parts whose types differ (string
+    # and large_string, int32 and int64 ids, an all-null part), which concat_tables would refuse.
+    strings = pa.schema([(cfg.question_column, pa.string()), (target, pa.string())])
+    table = pa.concat_tables(pq.read_table(f, columns=[cfg.question_column, target], filesystem=fs).cast(strings)
+                             for f in files)
+    questions = table.column(cfg.question_column)
+    targets = table.column(target)
     keep = pc.and_(non_blank(questions),
                    pc.is_valid(targets))
     rows = list(zip(pc.filter(questions, keep).to_pylist(), pc.filter(targets, keep).to_pylist(), strict=True))
@@ -233,7 +237,7 @@ def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list
     import os
 
     os.makedirs(os.path.join(folder, TREC_RUNS), exist_ok=True)
-    with open(os.path.join(folder, TREC_QRELS), "w") as f:
+    with open(os.path.join(folder, TREC_QRELS), "w", encoding="utf-8") as f:
         for i, rel in enumerate(relevant):
             f.writelines(f"q{i} 0 {_trec_id(doc)} 1\n" for doc in sorted(rel))
     with open(os.path.join(folder, TREC_QUERIES), "w", encoding="utf-8") as f:
@@ -241,7 +245,7 @@ def write_trec(folder: str, rankings: dict[str, list[list[str]]], relevant: list
     runs = {}
     for mode, ranked in rankings.items():
         name = f"{TREC_RUNS}/{mode.replace(' ', '-')}.trec"
-        with open(os.path.join(folder, name), "w") as f:
+        with open(os.path.join(folder, name), "w", encoding="utf-8") as f:
             for i, ranking in enumerate(ranked):
                 f.writelines(f"q{i} Q0 {_trec_id(doc)} {rank + 1} {len(ranking) - rank} {mode.replace(' ', '-')}\n"
                              for rank, doc in enumerate(ranking or [NO_HIT]))

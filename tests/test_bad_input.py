@@ -196,6 +196,9 @@ def test_index_duplicate_ids(qa_parquet, index_out):
     path = qa_parquet(id=["a", "b", "a", "c"], text=["one", "two", "three", "four"])
     assert_index_error(build_index("--corpus", path, "--output", index_out), path, "id 'a' appears 2 times",
                        "must be unique")
+    blank = qa_parquet(id=["a", " ", "c"], text=["one", "two", "three"])
+    assert_index_error(build_index("--corpus", blank, "--output", index_out), blank,
+                       "id ' ' in column 'id' is blank; a passage id must name it")
 
 
 def test_index_no_rows(tmp_path, qa_parquet, index_out):

@@ -115,3 +115,30 @@ def test_every_mode_is_compared_with_the_best_and_with_the_starting_model():
     assert comparison["vs_zero_shot"]["dense"]["ci95"][0] > 0  # fine-tuning's gain, surely above zero
     assert all(c["difference"] < 0 for c in comparison["vs_best"].values())
     assert "vs_zero_shot" not in compare_modes(per_query, None)
+
+
+def test_held_out_pairs_in_parts_of_different_string_and_id_types_are_read_as_one(tmp_path):
+    """check_schema accepts string and large_string parts, int32 and int64 ids, and an all-null part; joining them
+    must too (it used to fail in concat_tables with a traceback)."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from denseqa.config import EvalConfig
+    from denseqa.eval import load_judgements
+
+    folder = tmp_path / "heldout"
+    folder.mkdir()
+    pq.write_table(pa.table({"question": pa.array(["q1", "q2"], pa.string()),
+                             "answer": pa.array(["a1", "a2"], pa.string()),
+                             "pid": pa.array([1, 2], pa.int32())}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"question": pa.array(["q3"], pa.large_string()),
+                             "answer": pa.array([None], pa.null()),
+                             "pid": pa.array([3], pa.int64())}), folder / "part-1.parquet")
+    searcher = SimpleNamespace(docstore=pa.table({"id": ["1", "2", "3"], "text": ["a1", "a2", "a3"]}),
+                               deleted=np.zeros(0, dtype=np.int64))
+    by_text = load_judgements(EvalConfig(index="idx", queries=str(folder)), searcher)
+    assert by_text.questions == ["q1", "q2"] and by_text.relevant == [{"1"}, {"2"}]
+    by_id = load_judgements(EvalConfig(index="idx", queries=str(folder), relevant_id_column="pid"), searcher)
+    assert by_id.questions == ["q1", "q2", "q3"] and by_id.relevant == [{"1"}, {"2"}, {"3"}]
