@@ -26,6 +26,12 @@ import threading
 
 import numpy as np
 
+from denseqa.errors import InputError
+
+
+class NoTerms(InputError):
+    """No text yields a term to index: a BM25 index of them cannot be built."""
+
 PARAMS_FILE = "denseqa_bm25.json"
 POSITIONS_FILE = "denseqa_positions.npy"
 TOKENIZERS = ("auto", "regex", "kiwi")
@@ -100,9 +106,15 @@ class BM25Index:
         tokenizer = resolve_tokenizer(tokenizer, texts)
         retriever = bm25s.BM25()
         if tokenizer == "regex":  # bm25s's token ids: the same terms, less memory than lists of strings
-            retriever.index(bm25s.tokenize(texts, stopwords=stopwords or [], show_progress=False), show_progress=False)
+            terms = bm25s.tokenize(texts, stopwords=stopwords or [], show_progress=False)
+            has_terms = bool(terms.vocab)
         else:
-            retriever.index(tokenize(texts, tokenizer, stopwords), show_progress=False)
+            terms = tokenize(texts, tokenizer, stopwords)
+            has_terms = any(terms)
+        if not has_terms:  # bm25s would fail on its empty vocabulary with a bare ValueError
+            raise NoTerms(f"none of the {len(texts)} texts has a term BM25 can index (tokenizer {tokenizer}, "
+                          f"stopwords {stopwords or 'none'}): every word is a stopword or too short")
+        retriever.index(terms, show_progress=False)
         return cls(retriever, stopwords, len(texts), positions, tokenizer)
 
     def save(self, path: str) -> None:

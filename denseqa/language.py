@@ -55,12 +55,16 @@ def script_shares(texts: Iterable[str], max_chars: int = SAMPLE_CHARS) -> dict[s
 
 def main_script(texts: Iterable[str]) -> str | None:
     """The texts' script: the non-Latin script with the largest share if it reaches :data:`MAIN_SCRIPT_SHARE`
-    (Japanese: any kana, since Japanese text is mostly Han), else Latin; None when there are no letters."""
+    (Japanese: a tenth of kana, since Japanese text is mostly Han; Korean: a tenth of Hangul, since one syllable
+    block holds what takes two or three Latin letters, and Korean text about code is mostly Latin letters), else
+    Latin; None when there are no letters."""
     shares = script_shares(texts)
     if not shares:
         return None
-    if shares.get("kana", 0) >= 0.1:
-        return "kana"
+    for dense_script in ("kana", "hangul"):
+        # Taking such text for Latin costs more than the reverse: Kiwi keeps Latin words as the regex does.
+        if shares.get(dense_script, 0) >= 0.1:
+            return dense_script
     others = [(share, script) for script, share in shares.items() if script not in ("latin", "other")]
     if others and max(others)[0] >= MAIN_SCRIPT_SHARE:
         return max(others)[1]

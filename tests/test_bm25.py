@@ -36,9 +36,24 @@ def test_auto_picks_kiwi_for_korean_text_only_and_an_unknown_name_is_refused():
     korean = pq.read_table(KO_SAMPLE, columns=["answer"]).column("answer").to_pylist()
     assert resolve_tokenizer("auto", korean) == "kiwi"
     assert resolve_tokenizer("auto", ["a command-line tool to convert images"]) == "regex"
+    # Korean about code is mostly Latin letters (Hangul here ~0.2 of them): still Korean
+    code = ["배열을 정렬하려면 sorted(items, key=lambda item: item.name, reverse=True)를 쓰세요",
+            "numpy.concatenate([left, right], axis=0)으로 배열을 합칩니다"]
+    assert resolve_tokenizer("auto", code) == "kiwi"
     assert resolve_tokenizer("regex", korean) == "regex"
     with pytest.raises(ValueError, match="unknown BM25 tokenizer 'mecab'"):
         resolve_tokenizer("mecab", korean)
+
+
+def test_texts_without_a_single_term_are_one_line_not_an_error_inside_bm25s():
+    from denseqa.bm25 import NoTerms
+
+    with pytest.raises(NoTerms, match=r"none of the 2 texts has a term BM25 can index \(tokenizer regex, "
+                                      r"stopwords en\)"):
+        BM25Index.build(["the of", "a I"], "en", tokenizer="regex")
+    with pytest.raises(NoTerms, match="tokenizer kiwi"):
+        BM25Index.build(["... !!!", "~~ ^^"], None, tokenizer="kiwi")
+    assert BM25Index.build(["the of", "a I"], None, tokenizer="regex").size == 2  # keeping every word
 
 
 def test_the_tokenizer_is_saved_with_the_index_and_queries_are_cut_the_same_way(tmp_path):

@@ -220,7 +220,8 @@ def write_partitions(staging: str, layout: Layout, d: int, icfg: IndexConfig, qu
         {k: p[k] for k in ("folder", "positions", "count")} | {"factory": p["index"]["factory"]} for p in parts],
         "memory_budget_gb": icfg.memory_budget_gb, "memory_budget_per": "partition",
         "search": first["search"], "ntotal": layout.count, "deleted": 0}
-    bm25 = parts[0]["bm25"] and {**parts[0]["bm25"], "statistics": "per partition"}
+    # BM25 only where every partition has one (a partition whose texts have no term has none)
+    bm25 = {**parts[0]["bm25"], "statistics": "per partition"} if all(p["bm25"] for p in parts) else None
     return {"count": layout.count, "index": index, "bm25": bm25, "partitions": parts,
             "seconds": round(time.time() - started, 2)}
 
@@ -266,14 +267,19 @@ def write_index_folder(staging: str, layout: Layout, d: int, icfg: IndexConfig,
     }
 
 
-def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any]:
+def _build_bm25(staging: str, cfg: IndexConfig) -> dict[str, Any] | None:
     import pyarrow.parquet as pq
 
-    from denseqa.bm25 import BM25Index
+    from denseqa.bm25 import BM25Index, NoTerms
 
     started = time.time()
     texts = pq.read_table(os.path.join(staging, DOCSTORE_FILE), columns=["text"]).column("text").to_pylist()
-    bm25 = BM25Index.build(texts, cfg.bm25_stopwords, tokenizer=cfg.bm25_tokenizer)
+    try:
+        bm25 = BM25Index.build(texts, cfg.bm25_stopwords, tokenizer=cfg.bm25_tokenizer)
+    except NoTerms as e:  # the dense index is built already: publish it, without the modes BM25 would give
+        logger.warning("BM25: %s; the index is built without it (dense search only; --bm25-stopwords none keeps "
+                       "every word)", e)
+        return None
     bm25.save(os.path.join(staging, BM25_DIR))
     return {"library": "bm25s", "tokenizer": bm25.tokenizer, "stopwords": cfg.bm25_stopwords,
             "seconds": round(time.time() - started, 2)}
