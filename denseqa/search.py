@@ -36,7 +36,7 @@ from denseqa.index import (
     set_search_parameter,
     with_refine,
 )
-from denseqa.versions import resolve_index
+from denseqa.versions import names_version_one, resolve_index
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +57,9 @@ class Hit:
 def read_manifest(index_dir: str, resolved: bool = False) -> dict:
     """The manifest of a complete index folder (its current version, :mod:`denseqa.versions`; ``resolved``: the
     folder is a version already resolved, read as it is); one-line InputError otherwise."""
-    if not storage.exists(index_dir):
-        raise InputError(f"{index_dir}: index folder not found")
     folder = index_dir if resolved else resolve_index(index_dir)
+    if not storage.exists(folder):
+        raise InputError(f"{index_dir}: index folder not found")
     manifest = storage.read_json(storage.join(folder, MANIFEST_FILE))
     if manifest is None:
         raise InputError(f"{index_dir}: not a complete index (no {MANIFEST_FILE}): its build did not finish; "
@@ -121,8 +121,11 @@ class Searcher:
         from denseqa.model import Encoder, query_model_config
 
         self.root = index_dir
-        index_dir = resolve_index(index_dir)
-        self.index_dir = index_dir
+        folder = resolve_index(index_dir)
+        # The version's name: its folder, or for version 1 pinned by name (versions.pinned_version) that name, so
+        # that a service reports what it was told to serve.
+        self.index_dir = index_dir if names_version_one(index_dir) else folder
+        index_dir = folder
         # Resolved once: looked up again, the pointer could move between the two (an update publishing its first
         # version), and this reader would take one version's manifest with another's files.
         self.manifest = read_manifest(index_dir, resolved=True)

@@ -71,7 +71,7 @@ from denseqa.api import (
 from denseqa.auth import KEY_ENV, KeyCheck, digest
 from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
-from denseqa.index import partition_root
+from denseqa.index import MANIFEST_FILE, partition_root
 from denseqa.search import FUSION_DEPTH, fuse_hits, merge_hits
 from denseqa.versions import VERSIONS_DIR, resolve_index
 
@@ -343,10 +343,10 @@ class IndexSearcher:
         from denseqa.model import check_model_matches
         from denseqa.search import Searcher
 
-        if index != self.default_index and not storage.exists(index) and \
-                index.split(f"/{VERSIONS_DIR}/")[0] == self.default_index.rstrip("/"):
-            # A version of this application's index that later updates have removed (a new replica started long
-            # after the last swap): its current version instead, rather than no replica at all.
+        if index != self.default_index and index.split(f"/{VERSIONS_DIR}/")[0] == self.default_index.rstrip("/") \
+                and not storage.exists(storage.join(resolve_index(index), MANIFEST_FILE)):
+            # A version of this application's index that later updates have removed (a new replica started after
+            # two updates without a swap): its current version instead, rather than no replica at all.
             logger.warning("IndexSearcher: %s is gone (removed by later updates); loading the current version of "
                            "%s", index, self.default_index)
             index = self.default_index

@@ -47,9 +47,44 @@ def current_pointer(root: str) -> dict | None:
 
 
 def resolve_index(root: str) -> str:
-    """The folder holding the current version of the index at ``root`` (``root`` itself until its first update)."""
+    """The folder holding the current version of the index at ``root`` (``root`` itself until its first update).
+
+    ``<root>/versions/000001`` names version 1 itself, which is ``root``'s own files: resolved to ``root`` without
+    following ``CURRENT.json`` (see :func:`pinned_version`)."""
+    version_one_of = _version_one_root(root)
+    if version_one_of is not None:
+        return version_one_of
     pointer = current_pointer(root)
     return storage.join(root, *pointer["folder"].split("/")) if pointer else root
+
+
+def pinned_version(path: str) -> str:
+    """A name for the version of the index at ``path`` that is current now, which goes on naming that version
+    after later updates: what a service's replicas are told to load, so that one started after an update (a
+    scale-up, a replacement) loads the version the others serve until the service is swapped. The current
+    version's folder once the index has been updated; before, ``<root>/versions/000001``, since ``root`` itself
+    would follow the first update. A version folder names itself."""
+    if current_pointer(path) is None and not is_version_folder(path):
+        return storage.join(path, *version_folder(1).split("/"))
+    return resolve_index(path)
+
+
+def names_version_one(path: str) -> bool:
+    """Whether ``path`` is the name :func:`pinned_version` gives version 1 (``<root>/versions/000001``)."""
+    return _version_one_root(path) is not None
+
+
+def is_version_folder(path: str) -> bool:
+    """Whether ``path`` names one version of an updated index (``<root>/versions/<n>``), not an index root."""
+    parent, _, name = path.rstrip("/").rpartition("/")
+    return parent.endswith(f"/{VERSIONS_DIR}") and len(name) == 6 and name.isdigit()
+
+
+def _version_one_root(path: str) -> str | None:
+    # Version 1 has no folder of its own (updates write versions 2 and up), so this name is never a real folder.
+    suffix = f"/{version_folder(1)}"
+    trimmed = path.rstrip("/")
+    return trimmed[: -len(suffix)] if trimmed.endswith(suffix) else None
 
 
 def version_folder(n: int) -> str:

@@ -120,6 +120,38 @@ def test_a_reader_resolves_the_version_once_while_an_update_publishes(tiny_index
     assert searcher.index_dir == str(root) and searcher.manifest["count"] == len(searcher) == manifest["count"] - 1
 
 
+def test_a_pinned_version_goes_on_naming_it_after_later_updates(tiny_index, tmp_path):
+    """What a service's replicas are told to load (drivers.serve pins it at deploy): a replica started after an
+    update without --swap loads the version the others serve, version 1 (the root's own files) included."""
+    from denseqa.config import JobConfig
+    from denseqa.drivers.update_index import run_update_index
+    from denseqa.search import read_manifest
+    from denseqa.versions import pinned_version
+
+    # Given an index never updated, pinned as a service deploys it
+    root = tmp_path / "root"
+    shutil.copytree(tiny_index["path"], root)
+    version_1 = pinned_version(str(root))
+    assert version_1 == f"{root}/versions/000001" and read_manifest(version_1)["count"] == 150
+    # When an update publishes version 2
+    version_2 = root / "versions" / "000002"
+    shutil.copytree(tiny_index["path"], version_2)
+    manifest = json.loads((version_2 / "manifest.json").read_text())
+    (version_2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    (root / "CURRENT.json").write_text(json.dumps({"version": 2, "folder": "versions/000002"}))
+    # Then the pinned name still loads version 1, and says so; the root follows the update
+    pinned = Searcher(version_1, load_encoder=False)
+    assert pinned.index_dir == version_1 and pinned.manifest.get("version", 1) == 1 and len(pinned) == 150
+    assert Searcher(str(root), load_encoder=False).manifest["version"] == 2
+    assert pinned_version(str(root)) == str(version_2) and pinned_version(str(version_2)) == str(version_2)
+    # And a version is never updated as if it were an index of its own (its versions would nest in it, and go
+    # with it when the index's own updates remove it)
+    for version in (version_1, str(version_2)):
+        with pytest.raises(InputError, match=rf"{version}: one version of the index {root}; update the index "
+                                             rf"itself: --update {root}$"):
+            run_update_index(JobConfig.from_dict({"index": {"update": version, "delete": str(tmp_path / "x")}}))
+
+
 def test_the_manifest_records_the_backend_and_queries_use_it(tiny_index, tiny_model_dir):
     from denseqa.config import ModelConfig
     from denseqa.model import Encoder, sha256_file

@@ -594,13 +594,15 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
         time.sleep(3)
         swap_at = time.monotonic()
         status = deploying.swap_index(indexes["B"], timeout_s=120)  # what `denseqa serve --index B --swap` runs
-        assert status["index"] == indexes["B"] and status["last_change"]["previous"] == indexes["A"]
+        # B's version 1, by a name that later updates of B do not move (versions.pinned_version)
+        pinned_b = f"{indexes['B']}/versions/000001"
+        assert status["index"] == pinned_b and status["last_change"]["previous"] == indexes["A"]
         swapped_at = time.monotonic()
         time.sleep(3)
         # An index built with another model: `--swap` refuses it before touching the deployment ...
         with pytest.raises(InputError, match="index was built with dimension 32"):
             deploying.swap_index(indexes["C"], timeout_s=120)
-        assert get(f"{url}/info", timeout=30).json()["index"]["last_change"]["index"] == indexes["B"]
+        assert get(f"{url}/info", timeout=30).json()["index"]["last_change"]["index"] == pinned_b
         # ... and a Serve config edited by hand to point at it is refused by the replicas: B keeps serving
         deploying.deploy(_test_config(indexes["A"], service["port"], searcher_index=indexes["C"]))
         deadline = time.monotonic() + 120
@@ -613,16 +615,16 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
         load.finish()
     assert not load.errors, load.errors[:5]
     answered_by = Counter(index for *_, index in load.outcomes)
-    assert set(answered_by) == {indexes["A"], indexes["B"]}, answered_by
+    assert set(answered_by) == {indexes["A"], pinned_b}, answered_by
     # Answered before the swap began: by A; sent after it returned: by B (one replica). A request sent before the
     # swap may still be queued at the replica when it reconfigures, so its answer may come from either index.
     assert all(index == indexes["A"] for _, answered, _, index in load.outcomes if answered < swap_at)
-    assert all(index == indexes["B"] for sent, _, _, index in load.outcomes if sent > swapped_at)
+    assert all(index == pinned_b for sent, _, _, index in load.outcomes if sent > swapped_at)
     assert len(load.outcomes) > 200
 
     info = get(f"{url}/info", timeout=30).json()["index"]
-    assert info["index"] == indexes["B"]
-    assert info["last_change"]["index"] == indexes["C"] and info["last_change"]["serving"] == indexes["B"]
+    assert info["index"] == pinned_b
+    assert info["last_change"]["index"] == indexes["C"] and info["last_change"]["serving"] == pinned_b
     assert "index was built with dimension" in info["last_change"]["reason"]
     # Results now come from B, equal to the library's
     questions = indexes["questions_b"][:10]
@@ -630,7 +632,7 @@ def test_hot_swap_under_load_then_a_mismatched_index_is_refused(service, indexes
     body = post(url, {"queries": questions, "k": 5}).json()
     for result, hits in zip(body["results"], expected, strict=True):
         _assert_same_hits(result["hits"], hits)
-    assert get(f"{url}/healthz", timeout=30).json()["index"] == indexes["B"]
+    assert get(f"{url}/healthz", timeout=30).json()["index"] == pinned_b
 
 
 def test_a_swap_to_a_damaged_index_is_refused_and_the_config_goes_back(service, indexes, tmp_path):
@@ -642,11 +644,12 @@ def test_a_swap_to_a_damaged_index_is_refused_and_the_config_goes_back(service, 
     from denseqa.drivers import serve as deploying
     from denseqa.errors import InputError
     from denseqa.index import INDEX_FILE
+    from denseqa.versions import resolve_index
 
     url = service["url"]
     serving = get(f"{url}/info", timeout=30).json()["index"]["index"]
     damaged = tmp_path / "damaged"
-    shutil.copytree(serving, damaged)
+    shutil.copytree(resolve_index(serving), damaged)
     index_file = damaged / INDEX_FILE
     index_file.write_bytes(index_file.read_bytes()[:100])
     # When it is swapped in, Then the replicas refuse it, naming faiss's error, and keep serving the same index
@@ -681,7 +684,7 @@ def test_an_update_published_under_load_is_swapped_in_and_its_deletes_vanish(ser
     from denseqa.texts import text_id
 
     url, root = service["url"], indexes["E"]
-    assert deploying.swap_index(root, timeout_s=120)["index"] == root
+    assert deploying.swap_index(root, timeout_s=120)["index"] == f"{root}/versions/000001"
     before = Searcher(root)
     victims = before.docstore.column("id").to_pylist()[:5]
     victim_texts = before.docstore.column("text").to_pylist()[:5]
@@ -702,7 +705,7 @@ def test_an_update_published_under_load_is_swapped_in_and_its_deletes_vanish(ser
     version = f"{root}/versions/000002"
     assert manifest["version"] == 2 and manifest["update"]["deleted"] == 5
     assert all(index == version for sent, _, _, index in load.outcomes if sent > swapped_at)
-    assert {index for *_, index in load.outcomes} == {root, version}
+    assert {index for *_, index in load.outcomes} == {f"{root}/versions/000001", version}
     info = get(f"{url}/info", timeout=30).json()["index"]
     assert info["index"] == version and info["count"] == manifest["count"] == len(before) - 5 + manifest[
         "update"]["new"]

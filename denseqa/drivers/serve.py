@@ -23,7 +23,7 @@ from denseqa.cluster import connect
 from denseqa.errors import DenseqaError, InputError, one_line
 from denseqa.redaction import masked
 from denseqa.serve import APP_NAME, deployment_names, encoding_deployment, searcher_names
-from denseqa.versions import resolve_index
+from denseqa.versions import pinned_version, resolve_index
 
 logger = logging.getLogger(__name__)
 
@@ -251,9 +251,11 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     running = _running_app(app_name, "hot-swap")
     app = application(running, app_name)
     check_model_matches(read_manifest(app["args"]["index"])["model"], read_manifest(index)["model"], index)
-    index = resolve_index(storage.absolute(index))
-    names = searcher_names(app["args"])
+    index = storage.absolute(index)
     partitions = read_manifest(index)["index"].get("partitions") or [None]
+    # One version, named so that replicas started later load it too (versions.pinned_version)
+    index = resolve_index(index) if partitions[0] is not None else pinned_version(index)
+    names = searcher_names(app["args"])
     if len(partitions) != len(names):
         raise InputError(f"{index}: {len(partitions)} partition(s), the running application has {len(names)} "
                          "searcher deployment(s); deploy it with `denseqa serve --index` instead of swapping")
@@ -283,9 +285,10 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
                 for back, folder in served.items():
                     deployment(running, back, app_name)["user_config"]["index"] = folder
                 deploy(running, timeout_s)
+                folder = resolve_index(target)  # the folder the user gave, not version 1's name for it
                 if refused:
-                    raise InputError(f"{target}: refused by the running searcher: {change['reason']}")
-                raise DenseqaError(f"{target}: not served after {timeout_s:.0f} s; see the {name} logs (the "
+                    raise InputError(f"{folder}: refused by the running searcher: {change['reason']}")
+                raise DenseqaError(f"{folder}: not served after {timeout_s:.0f} s; see the {name} logs (the "
                                    "running config is back on the index it had)")
             time.sleep(0.5)
     if len(statuses) == 1:
@@ -383,12 +386,13 @@ def serve_config_for(cfg) -> dict:
         entry = deployment(config, encoding_deployment(app["args"]))
         entry["user_config"] = {**(entry.get("user_config") or {}),
                                 **{k: v for k, v in batching.items() if v is not None}}
-    current = resolve_index(index)
-    if current != index:
-        # An index updated live: the replicas serve its current version, named in their user_config, so deploying
-        # again after another update changes only that, and Serve swaps it on the running replicas.
+    if not manifest["index"].get("partitions"):
+        # The replicas serve the version current now, named in their user_config (version 1 too): one started
+        # later (a scale-up, a replacement) loads the same version as the others, not one an update published
+        # since; deploying again after an update changes only that name, and Serve swaps it on the running replicas.
+        # (A partitioned index is never updated: its searchers are bound to its partitions' folders.)
         entry = deployment(config, "IndexSearcher")
-        entry["user_config"] = {**(entry.get("user_config") or {}), "index": current}
+        entry["user_config"] = {**(entry.get("user_config") or {}), "index": pinned_version(index)}
     if not s.auth:
         logger.warning("--no-auth: the service answers anyone who reaches %s:%s, without an API key",
                        http_options.get("host"), http_options.get("port"))

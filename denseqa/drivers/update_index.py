@@ -33,7 +33,15 @@ from denseqa.index import (
 )
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
 from denseqa.redaction import masked
-from denseqa.versions import next_version, one_update_at_a_time, publish_version, resolve_index
+from denseqa.versions import (
+    VERSIONS_DIR,
+    is_version_folder,
+    names_version_one,
+    next_version,
+    one_update_at_a_time,
+    publish_version,
+    resolve_index,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +76,12 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
     if icfg.sync and not icfg.upsert:
         raise InputError("--sync needs --upsert: the whole corpus, as it is now")
     root = storage.absolute(icfg.update)
+    if is_version_folder(root) or names_version_one(root):
+        # What /healthz and a swap report: updated as a root, it would nest versions in a version that the
+        # index's own updates later remove, the update with it.
+        index_root = root.rstrip("/").rsplit(f"/{VERSIONS_DIR}/", 1)[0]
+        raise InputError(f"{root}: one version of the index {index_root}; update the index itself: --update "
+                         f"{index_root}")
     manifest = read_manifest(root)  # not an index: one line
     current = resolve_index(root)
     if manifest["index"]["kind"] == "partitioned" or manifest.get("partition"):
@@ -100,6 +114,8 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
                              "index instead")
         if not plan.append.num_rows and not len(plan.tombstones):
             logger.info("nothing changes: %s stays at version %d", root, manifest.get("version", 1))
+            if icfg.swap:  # a run again after its swap failed: the service is swapped to the current version now
+                _swap(root)
             return {**manifest, "update": {**counts, "unknown_delete_ids": plan.unknown_deletes, "published": False}}
 
         version, version_dir = next_version(root)
@@ -139,11 +155,15 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
                 version, time.time() - started, updated["count"], updated["index"]["deleted"],
                 ", compacted" if updated["update"]["compacted"] else "")
     if icfg.swap:
-        from denseqa.drivers.serve import swap_index
-
-        status = swap_index(root)
-        logger.info("the running service now serves %s", status["index"])
+        _swap(root)
     return updated
+
+
+def _swap(root: str) -> None:
+    from denseqa.drivers.serve import swap_index
+
+    status = swap_index(root)
+    logger.info("the running service now serves %s", status["index"])
 
 
 def _checked_model(cfg: JobConfig, manifest: dict, root: str):
