@@ -152,7 +152,7 @@ class Searcher:
             self.deleted = np.zeros(0, dtype=np.int64)
             self.docstore = pa.concat_tables([part.docstore for part in self.parts])  # row = global position
             self.dimension = self.manifest["dimension"]
-            if any(part.bm25 is not None for part in self.parts):
+            if all(part.bm25 is not None for part in self.parts):
                 self.bm25 = True  # answered by the partitions'
             return
         self.parts = None

@@ -73,7 +73,7 @@ from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
 from denseqa.index import MANIFEST_FILE, partition_root
 from denseqa.search import FUSION_DEPTH, fuse_hits, merge_hits
-from denseqa.versions import VERSIONS_DIR, resolve_index
+from denseqa.versions import resolve_index, version_root
 
 logger = logging.getLogger("ray.serve")
 
@@ -343,13 +343,13 @@ class IndexSearcher:
         from denseqa.model import check_model_matches
         from denseqa.search import Searcher
 
-        if index != self.default_index and index.split(f"/{VERSIONS_DIR}/")[0] == self.default_index.rstrip("/") \
-                and not storage.exists(storage.join(resolve_index(index), MANIFEST_FILE)):
-            # A version of this application's index that later updates have removed (a new replica started after
-            # two updates without a swap): its current version instead, rather than no replica at all.
+        root = version_root(index)
+        if root is not None and not storage.exists(storage.join(resolve_index(index), MANIFEST_FILE)):
+            # A version that later updates have removed (a new replica started after two updates without a swap):
+            # its index's current version instead, rather than no replica at all.
             logger.warning("IndexSearcher: %s is gone (removed by later updates); loading the current version of "
-                           "%s", index, self.default_index)
-            index = self.default_index
+                           "%s", index, root)
+            index = root
         searcher = Searcher(index, load_encoder=False)
         check_model_matches(self.model, searcher.manifest["model"], index)
         return searcher

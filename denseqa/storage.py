@@ -84,7 +84,9 @@ def output_folder(path: str | None, overwrite: bool, what: str, noun: str = "out
         raise InputError(f"{output}: {noun} folder exists and is not empty; pass --overwrite or another --output")
     if exists(output) and not is_dir(output):  # --overwrite replaces an earlier output, never some other file
         raise InputError(f"{output}: exists and is not a folder; pass another --output")
-    if not is_uri(output):  # found now, not when the result is published after the work
+    if is_uri(output):
+        _incoming_sibling(output)  # a bucket's root is refused now, not when the result is published
+    else:  # found now, not when the result is published after the work
         parent = os.path.dirname(output)
         try:
             os.makedirs(parent, exist_ok=True)
@@ -303,10 +305,14 @@ def _incoming_sibling(output: str) -> tuple[str, str]:
 
     fs, path = filesystem(output)
     parent, _, name = path.rstrip("/").rpartition("/")
-    if not parent or not name:
+    if not name or (not parent and not path.startswith("/")):  # a bucket's root (a local top folder is fine)
         raise InputError(f"{output}: an output at a URI must be a folder inside a bucket, not the bucket itself")
     tag = f".{name}.incoming-{uuid.uuid4().hex[:12]}"
     return f"{output.rstrip('/').rpartition('/')[0]}/{tag}", f"{parent}/{tag}"
+
+
+# S3's limit on one server-side copy (CopyObject): larger objects are streamed, a multipart upload.
+SINGLE_COPY_MAX_BYTES = 5 << 30
 
 
 def _replace_in_store(fs, incoming: str, path: str, marker: str) -> None:
@@ -319,16 +325,21 @@ def _replace_in_store(fs, incoming: str, path: str, marker: str) -> None:
     """
     import pyarrow.fs as pafs
 
-    files = [i.path for i in fs.get_file_info(pafs.FileSelector(incoming, recursive=True))
-             if i.type == pafs.FileType.File]
+    sizes = {i.path: i.size for i in fs.get_file_info(pafs.FileSelector(incoming, recursive=True))
+             if i.type == pafs.FileType.File}
     marker_path = f"{incoming.rstrip('/')}/{marker}"
     try:
         fs.delete_dir(path)  # the marker with it: the folder reads as incomplete from here on
-        for source in [f for f in files if f != marker_path] + [marker_path]:
+        for source in [f for f in sizes if f != marker_path] + [marker_path]:
             target = f"{path.rstrip('/')}/{source[len(incoming.rstrip('/')) + 1:]}"
             if isinstance(fs, pafs.LocalFileSystem):  # file:// URIs: a copy does not create folders
                 fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-            fs.copy_file(source, target)
+            if sizes[source] < SINGLE_COPY_MAX_BYTES:
+                fs.copy_file(source, target)
+            else:  # one CopyObject is capped at 5 GiB on S3 (Arrow makes no multipart copy): a streamed one
+                with fs.open_input_stream(source) as src, fs.open_output_stream(target) as dst:
+                    while chunk := src.read(64 << 20):
+                        dst.write(chunk)
     except Exception as e:
         raise OSError(f"{path}: replacing it failed ({e}); the complete new folder is at {incoming}") from e
     _delete_quietly(fs, incoming)

@@ -63,10 +63,25 @@ def pinned_version(path: str) -> str:
     after later updates: what a service's replicas are told to load, so that one started after an update (a
     scale-up, a replacement) loads the version the others serve until the service is swapped. The current
     version's folder once the index has been updated; before, ``<root>/versions/000001``, since ``root`` itself
-    would follow the first update. A version folder names itself."""
-    if current_pointer(path) is None and not is_version_folder(path):
+    would follow the first update. A version, by either name, names itself."""
+    if version_root(path) is not None:
+        return path.rstrip("/")
+    if current_pointer(path) is None:
         return storage.join(path, *version_folder(1).split("/"))
     return resolve_index(path)
+
+
+def version_root(path: str) -> str | None:
+    """The index whose version ``path`` names (``<root>/versions/<n>`` of an updated index, or version 1's name
+    ``<root>/versions/000001``); None for a path that names an index itself."""
+    if names_version_one(path):
+        return _version_one_root(path)
+    parent, _, name = path.rstrip("/").rpartition("/")
+    if not (parent.endswith(f"/{VERSIONS_DIR}") and len(name) == 6 and name.isdigit()):
+        return None
+    root = parent[: -len(f"/{VERSIONS_DIR}")]
+    # An index of the user's own under a folder named versions/ is not one: only an updated index has versions.
+    return root if current_pointer(root) is not None else None
 
 
 def names_version_one(path: str) -> bool:
@@ -74,17 +89,14 @@ def names_version_one(path: str) -> bool:
     return _version_one_root(path) is not None
 
 
-def is_version_folder(path: str) -> bool:
-    """Whether ``path`` names one version of an updated index (``<root>/versions/<n>``), not an index root."""
-    parent, _, name = path.rstrip("/").rpartition("/")
-    return parent.endswith(f"/{VERSIONS_DIR}") and len(name) == 6 and name.isdigit()
-
-
 def _version_one_root(path: str) -> str | None:
-    # Version 1 has no folder of its own (updates write versions 2 and up), so this name is never a real folder.
+    # Version 1 has no folder of its own (updates write versions 2 and up): the name is version 1's unless a
+    # complete index of the user's own sits at that very path.
     suffix = f"/{version_folder(1)}"
     trimmed = path.rstrip("/")
-    return trimmed[: -len(suffix)] if trimmed.endswith(suffix) else None
+    if not trimmed.endswith(suffix) or storage.exists(storage.join(trimmed, MANIFEST_FILE)):
+        return None
+    return trimmed[: -len(suffix)]
 
 
 def version_folder(n: int) -> str:

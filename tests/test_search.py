@@ -126,7 +126,7 @@ def test_a_pinned_version_goes_on_naming_it_after_later_updates(tiny_index, tmp_
     from denseqa.config import JobConfig
     from denseqa.drivers.update_index import run_update_index
     from denseqa.search import read_manifest
-    from denseqa.versions import pinned_version
+    from denseqa.versions import pinned_version, resolve_index, version_root
 
     # Given an index never updated, pinned as a service deploys it
     root = tmp_path / "root"
@@ -144,6 +144,13 @@ def test_a_pinned_version_goes_on_naming_it_after_later_updates(tiny_index, tmp_
     assert pinned.index_dir == version_1 and pinned.manifest.get("version", 1) == 1 and len(pinned) == 150
     assert Searcher(str(root), load_encoder=False).manifest["version"] == 2
     assert pinned_version(str(root)) == str(version_2) and pinned_version(str(version_2)) == str(version_2)
+    assert pinned_version(version_1) == version_1  # a rollback by the name /healthz reported
+    # An index of the user's own kept under a folder named versions/ is an index, not a version of one
+    own = tmp_path / "builds" / "versions"
+    for name in ("000001", "202405"):
+        shutil.copytree(tiny_index["path"], own / name)
+        assert version_root(str(own / name)) is None and resolve_index(str(own / name)) == str(own / name)
+        assert pinned_version(str(own / name)) == f"{own / name}/versions/000001"
     # And a version is never updated as if it were an index of its own (its versions would nest in it, and go
     # with it when the index's own updates remove it)
     for version in (version_1, str(version_2)):

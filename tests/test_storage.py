@@ -141,6 +141,10 @@ def test_an_upload_over_a_uri_cut_short_leaves_the_earlier_folder_whole(tmp_path
     _published_at_uri(f"file://{out}", 3)
     assert _files(out) == {"done.json": {"v": 3}, "shards/part.json": {"v": 3}}
     assert [p.name for p in tmp_path.iterdir()] == ["index"]
+    # And files beyond one server-side copy's limit (5 GiB on S3) are streamed into place, whole
+    monkeypatch.setattr(storage, "SINGLE_COPY_MAX_BYTES", 1)
+    _published_at_uri(f"file://{out}", 4)
+    assert _files(out) == {"done.json": {"v": 4}, "shards/part.json": {"v": 4}}
 
 
 def test_a_replacement_in_an_object_store_that_fails_keeps_the_new_folder_whole_beside_it(tmp_path, monkeypatch):

@@ -34,13 +34,11 @@ from denseqa.index import (
 from denseqa.provenance import package_versions, peak_rss_mb, utc_now
 from denseqa.redaction import masked
 from denseqa.versions import (
-    VERSIONS_DIR,
-    is_version_folder,
-    names_version_one,
     next_version,
     one_update_at_a_time,
     publish_version,
     resolve_index,
+    version_root,
 )
 
 logger = logging.getLogger(__name__)
@@ -76,10 +74,10 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
     if icfg.sync and not icfg.upsert:
         raise InputError("--sync needs --upsert: the whole corpus, as it is now")
     root = storage.absolute(icfg.update)
-    if is_version_folder(root) or names_version_one(root):
+    index_root = version_root(root)
+    if index_root is not None:
         # What /healthz and a swap report: updated as a root, it would nest versions in a version that the
         # index's own updates later remove, the update with it.
-        index_root = root.rstrip("/").rsplit(f"/{VERSIONS_DIR}/", 1)[0]
         raise InputError(f"{root}: one version of the index {index_root}; update the index itself: --update "
                          f"{index_root}")
     manifest = read_manifest(root)  # not an index: one line
