@@ -41,6 +41,10 @@ def _checked(key: str, source: str) -> str:
         raise InputError(f"{source}: an API key needs at least {MIN_KEY_CHARS} characters, got {len(key)}")
     if any(c.isspace() for c in key):
         raise InputError(f"{source}: an API key may not contain whitespace")
+    if not (key.isascii() and key.isprintable()):
+        # An HTTP header is read as latin-1 and the key hashed as UTF-8: any other character could never match.
+        raise InputError(f"{source}: an API key must be printable ASCII (a header cannot carry other characters "
+                         "as they are)")
     return key
 
 
@@ -68,16 +72,31 @@ def write_key(path: str | Path, key: str) -> Path:
 
 
 def read_key_file(path: str | Path) -> str | None:
-    """The key in ``path``; None if there is no such file. Refused if others may read it (as ssh does)."""
+    """The key in ``path``; None if there is no such file. Refused, as ssh refuses a private key, if others may
+    read it, if it is not this user's, or if its folder may be written by others (who could put their own key
+    file there, and have the service accept their key)."""
     path = Path(path).expanduser()
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
     except FileNotFoundError:
         return None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InputError(f"{path}: the API key file may be read by others (mode {stat.S_IMODE(mode):o}); "
+    except OSError as e:
+        raise InputError(f"{path}: the API key file cannot be read ({e.strerror or e})") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InputError(f"{path}: the API key file may be read by others (mode {stat.S_IMODE(info.st_mode):o}); "
                          f"run `chmod 600 {path}`")
-    return _checked(path.read_text(), str(path))
+    if hasattr(os, "getuid") and info.st_uid not in (os.getuid(), 0):
+        raise InputError(f"{path}: the API key file belongs to another user (uid {info.st_uid})")
+    for folder in {path.absolute().parent, path.resolve().parent}:  # the link's folder, and its target's
+        folder_mode = folder.stat().st_mode
+        if folder_mode & (stat.S_IWGRP | stat.S_IWOTH) and not folder_mode & stat.S_ISVTX:
+            raise InputError(f"{path}: its folder {folder} may be written by others (mode "
+                             f"{stat.S_IMODE(folder_mode):o}), who could replace the key; keep it in a folder of "
+                             "yours")
+    try:
+        return _checked(path.read_text(), str(path))
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: the API key file cannot be read ({getattr(e, 'strerror', None) or e})") from None
 
 
 def resolve_key(key_file: str | Path = DEFAULT_KEY_FILE, create: bool = True) -> tuple[str, str]:

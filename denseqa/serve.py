@@ -72,6 +72,7 @@ from denseqa.auth import KEY_ENV, KeyCheck, digest
 from denseqa.config import EncoderSettings
 from denseqa.errors import DenseqaError, InputError, one_line
 from denseqa.index import MANIFEST_FILE, partition_root
+from denseqa.redaction import masked, masked_values
 from denseqa.search import FUSION_DEPTH, fuse_hits, merge_hits
 from denseqa.versions import resolve_index, version_root
 
@@ -116,8 +117,8 @@ class AuthSettings(BaseModel):
 
     auth: bool = Field(True, description="Ask every request but /healthz for an API key (false: --no-auth).")
     api_key_sha256: list[str] = Field(
-        default_factory=list, description="SHA-256 (hex) of each key accepted; the replica's $DENSEQA_API_KEY, if "
-        "set, is accepted too. Never the keys themselves: a Serve config is logged and shown by the dashboard.",
+        default_factory=list, description="SHA-256 (hex) of each key accepted; when empty, the replica's "
+        "$DENSEQA_API_KEY is. Never the keys themselves: a Serve config is logged and shown by the dashboard.",
     )
 
     @model_validator(mode="after")
@@ -138,8 +139,11 @@ class AuthSettings(BaseModel):
     def key_check(self) -> KeyCheck:
         if not self.auth:
             return KeyCheck([], open=True)
+        if self.api_key_sha256:
+            # Only these: a key rotation's finish revokes every other, a node's own $DENSEQA_API_KEY included.
+            return KeyCheck(self.api_key_sha256)
         from_env = os.environ.get(KEY_ENV, "").strip()  # e.g. a Kubernetes secret (deploy/kuberay/rayservice.yaml)
-        return KeyCheck([*self.api_key_sha256, *([digest(from_env)] if from_env else [])])
+        return KeyCheck([digest(from_env)])
 
 
 class RerankerSettings(BaseModel):
@@ -336,7 +340,7 @@ class IndexSearcher:
         previous, self.searcher = self.searcher, searcher
         self.last_change = {"index": target, "status": "serving", "at": time.time(),
                             "previous": previous.index_dir if previous else None}
-        logger.info("IndexSearcher serving %s (%d passages)", target, len(searcher))
+        logger.info("IndexSearcher serving %s (%d passages)", masked(target), len(searcher))
 
     def _load(self, index: str):
         from denseqa import storage
@@ -348,7 +352,7 @@ class IndexSearcher:
             # A version that later updates have removed (a new replica started after two updates without a swap):
             # its index's current version instead, rather than no replica at all.
             logger.warning("IndexSearcher: %s is gone (removed by later updates); loading the current version of "
-                           "%s", index, root)
+                           "%s", masked(index), masked(root))
             index = root
         searcher = Searcher(index, load_encoder=False)
         check_model_matches(self.model, searcher.manifest["model"], index)
@@ -357,10 +361,11 @@ class IndexSearcher:
     def _refuse(self, target: str, reason: str) -> None:
         if self.searcher is None:
             # Nothing to fall back on: fail, so Serve reports the deployment as failed with this message.
-            raise InputError(f"IndexSearcher cannot load {target}: {reason}")
+            raise InputError(masked(f"IndexSearcher cannot load {target}: {reason}"))
         self.last_change = {"index": target, "status": "refused", "reason": reason, "at": time.time(),
                             "serving": self.searcher.index_dir}
-        logger.error("IndexSearcher refused %s: %s; still serving %s", target, reason, self.searcher.index_dir)
+        logger.error("%s", masked(f"IndexSearcher refused {target}: {reason}; still serving "
+                                  f"{self.searcher.index_dir}"))
 
     def check_health(self) -> None:
         """Healthy when a test query is answered end to end: encoded (when this replica encodes), searched in the
@@ -375,7 +380,8 @@ class IndexSearcher:
             vector = np.full((1, searcher.dimension), searcher.dimension ** -0.5, dtype=np.float32)
         hits = searcher.hits(*(row[0] for row in searcher.dense_positions(vector, 1)))
         if len(searcher) and (not hits or not isinstance(hits[0].text, str)):
-            raise RuntimeError(f"the test query found nothing in {searcher.index_dir} ({len(searcher)} passages)")
+            raise RuntimeError(masked(f"the test query found nothing in {searcher.index_dir} ({len(searcher)} "
+                                      "passages)"))
 
     async def search(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None = None) -> dict:
         """The hits of each query; ``vectors`` are the queries' own (None: this replica encodes them)."""
@@ -389,15 +395,16 @@ class IndexSearcher:
         offset = (searcher.manifest.get("partition") or {}).get("positions", [0])[0]
         hits = [[{"id": h.id, "score": h.score, "text": h.text, "position": h.position + offset}
                  for h in searcher.hits(s, p)] for s, p in zip(scores, positions, strict=True)]
-        return {"index": searcher.index_dir, "hits": hits}
+        # Index names leave the replica masked: a URI's inline password must not reach a client (/healthz is open).
+        return {"index": masked(searcher.index_dir), "hits": hits}
 
     def describe_encoder(self) -> dict | None:
         return self.queries.describe() if self.queries is not None else None
 
     def status(self) -> dict:
         searcher = self.searcher
-        return {"index": searcher.index_dir if searcher else None, "count": len(searcher) if searcher else 0,
-                "bm25": bool(searcher and searcher.bm25 is not None), "last_change": self.last_change,
+        return {"index": masked(searcher.index_dir) if searcher else None, "count": len(searcher) if searcher else 0,
+                "bm25": bool(searcher and searcher.bm25 is not None), "last_change": masked_values(self.last_change),
                 "manifest": searcher.info() if searcher else None}
 
 
@@ -551,7 +558,7 @@ class SearchAPI:
         answer = await self._answer((queries, candidates or request.k, mode))
         if isinstance(answer, Exception):
             if _is(answer, InputError):  # e.g. bm25 asked of an index built without it
-                raise BadRequest("mode", one_line(getattr(answer, "cause", None) or answer), 400)
+                raise BadRequest("mode", masked(one_line(getattr(answer, "cause", None) or answer)), 400)
             if _is(answer, IndexNotLoaded):
                 raise BadRequest("index", "no index loaded yet", 503)
             if isinstance(answer, ReplicaUnavailable):  # raised here, by this replica's retries
@@ -693,7 +700,7 @@ class SearchAPI:
         try:
             status = await self._status()
         except Exception as e:
-            return JSONResponse({"status": "unavailable", "reason": one_line(e)}, status_code=503)
+            return JSONResponse({"status": "unavailable", "reason": masked(one_line(e))}, status_code=503)
         if not status["index"]:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok", "index": status["index"], "count": status["count"]})

@@ -42,6 +42,31 @@ def test_a_key_file_others_may_read_is_refused(tmp_path):
         auth.read_key_file(path)
 
 
+def test_a_key_file_in_a_folder_others_may_write_or_of_another_user_and_a_non_ascii_key_are_refused(tmp_path,
+                                                                                                     monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = auth.write_key(shared / "api_key", auth.new_key())
+    os.chmod(shared, 0o777)  # another user could put a key file of their own here
+    with pytest.raises(InputError, match=r"its folder .*shared may be written by others \(mode 777\)"):
+        auth.read_key_file(path)
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: others cannot replace what is ours
+    assert auth.read_key_file(path)
+    os.chmod(shared, 0o700)
+    owner = os.stat(path).st_uid
+    if os.getuid() == 0:  # the file given to another user
+        os.chown(path, 4343, -1)
+    else:  # or this process taken for another user
+        monkeypatch.setattr(auth.os, "getuid", lambda: owner + 1)
+    with pytest.raises(InputError, match=r"api_key: the API key file belongs to another user \(uid \d+\)"):
+        auth.read_key_file(path)
+    monkeypatch.undo()
+    # A header is read as latin-1 and the key hashed as UTF-8: a non-ASCII key could never be sent
+    monkeypatch.setenv(auth.KEY_ENV, "pässwörd-0123456789")
+    with pytest.raises(InputError, match=r"\$DENSEQA_API_KEY: an API key must be printable ASCII"):
+        auth.resolve_key(path)
+
+
 def test_key_check_accepts_each_accepted_key_as_a_bearer_token_only():
     old, new = auth.new_key(), auth.new_key()
     check = auth.KeyCheck([auth.digest(new), auth.digest(old).upper()])  # digests in any case
@@ -58,3 +83,22 @@ def test_curl_lines_pass_the_key_by_reference():
     assert auth.curl_header("/home/u/.k") == ' -H "Authorization: Bearer $(cat /home/u/.k)"'
     assert auth.curl_header("$DENSEQA_API_KEY") == ' -H "Authorization: Bearer $DENSEQA_API_KEY"'
     assert auth.curl_header(None) == ""
+
+
+def test_a_nodes_own_key_is_accepted_only_while_the_config_names_none_and_is_rotated_where_it_is_set(monkeypatch):
+    """A key rotation's finish must revoke the old key, the replicas' $DENSEQA_API_KEY included; and a service
+    whose only key is the nodes' (a Kubernetes secret) is rotated there, not by a list that would lock clients out."""
+    from denseqa.drivers import serve as deploying
+    from denseqa.serve import AuthSettings
+
+    node_key, listed = auth.new_key(), auth.new_key()
+    monkeypatch.setenv(auth.KEY_ENV, node_key)  # as on the replicas' nodes
+    only_node = AuthSettings().key_check()
+    assert only_node.allows(f"Bearer {node_key}")
+    rotated = AuthSettings(api_key_sha256=[auth.digest(listed)]).key_check()
+    assert rotated.allows(f"Bearer {listed}") and not rotated.allows(f"Bearer {node_key}")
+    running = {"applications": [{"name": "denseqa", "deployments": [
+        {"name": "SearchAPI", "user_config": {"auth": True, "api_key_sha256": []}}]}]}
+    monkeypatch.setattr(deploying, "_running_app", lambda app_name, doing: running)
+    with pytest.raises(InputError, match=r"takes its key from \$DENSEQA_API_KEY on its nodes .*change the secret"):
+        deploying.rotate_key("start", "/nonexistent/api_key")

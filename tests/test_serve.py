@@ -942,6 +942,12 @@ def test_searcher_replica_logic_without_serve(indexes):
     assert replica.last_change["status"] == "refused" and "indx" in replica.last_change["reason"]
     asyncio.run(replica.reconfigure({"index": indexes["B"]}))
     assert replica.status()["index"] == indexes["B"] and replica.last_change["previous"] == indexes["A"]
+    # An index at a URI with an inline password (here one that fails at once, refused): what leaves the replica
+    # (/healthz is open) names it masked
+    asyncio.run(replica.reconfigure({"index": "nosuch://AKIAEXAMPLE:wJalrSECRET@bucket/index"}))
+    status = str(replica.status())
+    assert "wJalrSECRET" not in status and "nosuch://AKIAEXAMPLE:***@bucket/index" in status
+    assert replica.last_change["status"] == "refused"
     # Health is a test query answered end to end, not just "loaded": a searcher whose index stops answering, or
     # whose encoder fails, is unhealthy (and Serve replaces it)
     encoding = IndexSearcher.func_or_class(indexes["A"], model, encodes_queries=True)

@@ -217,6 +217,12 @@ def rotate_key(stage: str, key_file: str, timeout_s: float = 600, app_name: str 
         raise InputError("the running application serves without authentication (--no-auth); deploy it with a "
                          "key first")
     accepted = list(settings.get("api_key_sha256") or [])
+    if not accepted:
+        # The replicas take their key from $DENSEQA_API_KEY on their nodes (a Kubernetes secret), which this
+        # machine does not know: a list with the new key alone would lock out every client at once.
+        raise InputError("the running application takes its key from $DENSEQA_API_KEY on its nodes (its "
+                         "api_key_sha256 is empty): rotate it there (change the secret, then redeploy), or deploy "
+                         "with `denseqa serve`, whose key can be rotated here")
     from_env = bool(os.environ.get(auth.KEY_ENV))
     if stage == "start":
         key = auth.resolve_key(key_file, create=False)[0] if from_env else auth.new_key()
@@ -262,8 +268,9 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     # Each searcher (one per partition) gets its folder; Serve reconfigures them all from this one deploy.
     targets = {name: index if part is None else storage.join(index, *part["folder"].split("/"))
                for name, part in zip(names, partitions, strict=True)}
-    # What each searcher serves now: where the config goes back to if the new folder is not served.
-    served = {name: serve.get_deployment_handle(name, app_name).status.remote().result()["index"] for name in names}
+    # What each searcher's config names now (None: the folder it was bound to): where it goes back to if the new
+    # folder is not served. From the config, not the replicas' status, whose names are masked (redaction).
+    served = {name: (deployment(running, name, app_name).get("user_config") or {}).get("index") for name in names}
     for name, target in targets.items():
         entry = deployment(running, name, app_name)
         entry["user_config"] = {**(entry.get("user_config") or {}), "index": target}
@@ -275,10 +282,10 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
         while True:
             status = handle.status.remote().result()
             change = status["last_change"] or {}
-            if status["index"] == target:
+            if status["index"] == masked(target):
                 statuses[name] = status
                 break
-            refused = change.get("index") == target and change.get("status") == "refused"
+            refused = change.get("index") == masked(target) and change.get("status") == "refused"
             if refused or time.monotonic() > deadline:
                 # The deployed config goes back to the folders being served: left naming the refused one, every
                 # replica started later (scale-up, a replacement) would load it, fail, and never serve.
