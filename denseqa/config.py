@@ -306,7 +306,7 @@ class MineConfig(Section):
     sampling: Literal["top", "random"] = _f(
         "top", "Take the best-ranked candidates that pass the filters, or a seeded random choice among them."
     )
-    seed: int = _f(0, "Seed of the random sampling.")
+    seed: int = _f(0, "Seed of the random sampling.", ge=0)
     batch_size: int = _f(512, "Questions per Ray Data batch handed to a mining actor.", ge=1, operational=True)
     actors: int = _f(
         1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.",

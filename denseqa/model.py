@@ -82,7 +82,7 @@ def _is_sentence_transformers_folder(path: str) -> bool:
 
 def _hub_has_modules_json(model_id: str) -> bool:
     """Whether a hub repository is a sentence-transformers model; one-line InputError when it can't be fetched."""
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import (
         HFValidationError,
         LocalEntryNotFoundError,
@@ -97,10 +97,12 @@ def _hub_has_modules_json(model_id: str) -> bool:
         raise InputError(f"model {model_id!r}: neither a local path nor a valid Hugging Face Hub id "
                          f"({' '.join(str(e).split())})") from None
     except LocalEntryNotFoundError:
+        if isinstance(try_to_load_from_cache(model_id, "config.json"), str):
+            return False  # a plain checkpoint in the local cache (it has no modules.json), usable offline
         raise InputError(
             f"model {model_id!r}: not a local path, and the Hugging Face Hub is unreachable from here "
             f"(offline or no network). Download it where the Hub is reachable "
-            f"(huggingface-cli download {model_id} --local-dir ./models/{model_id.split('/')[-1]}) "
+            f"(hf download {model_id} --local-dir ./models/{model_id.split('/')[-1]}) "
             f"and pass that folder: --model ./models/{model_id.split('/')[-1]}"
         ) from None
     except RepositoryNotFoundError:

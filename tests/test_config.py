@@ -58,6 +58,7 @@ def test_unknown_key_is_an_error_that_names_it():
         ({"index": {"bm25_stopwords": "EN"}}, r"index.bm25_stopwords must be a stopword list bm25s knows .* or "
                                                r"none, got 'EN'"),
         ({"mine": {"bm25_stopwords": "xx"}}, r"mine.bm25_stopwords must be a stopword list bm25s knows"),
+        ({"mine": {"seed": -1}}, r"mine.seed must be >= 0, got -1"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_field_and_value(values, message):

@@ -57,6 +57,26 @@ def test_unreachable_hub_id_says_how_to_pass_a_local_path():
     assert "\n" not in message
 
 
+def test_a_plain_checkpoint_in_the_local_hub_cache_is_usable_offline(tmp_path, monkeypatch):
+    """A hub id whose files are cached (a plain checkpoint: config.json, no modules.json) loads offline as
+    transformers does, rather than being refused as if the Hub were needed."""
+    import huggingface_hub.constants
+
+    from denseqa.model import _hub_has_modules_json
+
+    repo = tmp_path / "models--org--tiny"
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert _hub_has_modules_json("org/tiny") is False
+    with pytest.raises(InputError, match=r"'org/other': not a local path, and the Hugging Face Hub is unreachable "
+                                         r".*\(hf download org/other --local-dir ./models/other\)"):
+        _hub_has_modules_json("org/other")
+
+
 def test_missing_local_path_is_named():
     with pytest.raises(InputError, match=r"model '\./nowhere/model': local path not found"):
         load_model(ModelConfig(model="./nowhere/model"))
