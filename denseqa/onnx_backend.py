@@ -22,6 +22,8 @@ with the backend's name, so the queries are encoded with the very file that embe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -65,21 +67,43 @@ def exported_file(model, name: str, source: str, weights_sha256: str, backend: s
     folder = cache_dir(source, weights_sha256)
     fp32 = folder / "model.onnx"
     target = fp32 if backend == "onnx" else folder / "model_qint8.onnx"
+    stamp = folder / EXPORT_STAMP
     try:
-        transformer_module(model)
-        if target.is_file():
+        graph = _graph_key(model)
+        # The weights name the folder; what else shapes the graph (the config: activation, layers) is checked here,
+        # so a config.json changed in place beside the same weights is exported again, not served stale.
+        current = stamp.is_file() and json.loads(stamp.read_text()).get("graph") == graph
+        if current and target.is_file():
             return target
         folder.mkdir(parents=True, exist_ok=True)
-        if not fp32.is_file():
+        if not current or not fp32.is_file():
             _publish(fp32, lambda tmp: _export(model, tmp))
         if backend == "onnx-int8":
             _publish(target, lambda tmp: _quantize(fp32, tmp))
+        if not current:
+            stale = folder / "model_qint8.onnx"
+            if backend == "onnx" and stale.is_file():
+                stale.unlink()  # quantised from the export just replaced
+            _publish(stamp, lambda tmp: Path(tmp).write_text(json.dumps({"graph": graph})))
     except Exception as e:  # the exporter's errors are many and deep; the user needs the model and the way out
         reason = " ".join(str(e).split())[:300] or type(e).__name__
         raise InputError(f"model {name!r}: cannot be exported to ONNX for --model.backend {backend} ({reason}); "
                          "use --model.backend torch") from None
     logger.info("exported %s for %s to %s", backend, name, target)
     return target
+
+
+EXPORT_STAMP = "export.json"
+
+
+def _graph_key(model) -> str:
+    """What an export of these weights also depends on: the transformer's config (without the fields that name
+    where or by which version it was saved) and the opset."""
+    config = transformer_module(model).model.config.to_dict()
+    for incidental in ("_name_or_path", "transformers_version", "_commit_hash"):
+        config.pop(incidental, None)
+    return hashlib.sha256(json.dumps({"config": config, "opset": OPSET}, sort_keys=True, default=str).encode()
+                          ).hexdigest()
 
 
 def _publish(target: Path, write) -> None:

@@ -75,6 +75,25 @@ def test_the_export_is_cached_beside_the_model_and_keyed_by_its_weights(tiny_mod
     assert changed.backend["sha256"] != first.backend["sha256"]
 
 
+def test_a_config_changed_beside_the_same_weights_is_exported_again(tiny_model_dir, tmp_path):
+    """The export's folder is named by the weights; the config shapes the graph too (here its activation), so a
+    config.json changed in place must not leave the old export serving (vectors unlike torch's, same hashes)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    before = Encoder.load(ModelConfig(model=str(folder), backend="onnx")).backend["sha256"]
+    config = json.loads((folder / "config.json").read_text())
+    assert config["hidden_act"] != "relu"
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_act": "relu"}))
+    onnx = Encoder.load(ModelConfig(model=str(folder), backend="onnx"))
+    torch_ = Encoder.load(ModelConfig(model=str(folder), backend="torch"))
+    assert onnx.backend["sha256"] != before
+    texts = ["a tool to convert images", "fonts for the Latin script"]
+    assert np.allclose(onnx.encode_passages(texts, 2), torch_.encode_passages(texts, 2), atol=1e-5)
+
+
 def test_a_model_that_cannot_be_exported_says_so_in_one_line(tmp_path):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, StaticEmbedding
