@@ -81,11 +81,15 @@ class ShardProgress:
             last_done, last_line = done, now
 
 
+def _short(value) -> str:
+    return str(value.get("sha256") or value.get("name"))[:12] if isinstance(value, dict) else str(value)[:12]
+
+
 class PassageEmbedder:
     """A Ray Data actor: holds the encoder, turns batches of ``(id, text)`` into ``(id, text, vector)``."""
 
     def __init__(self, model: dict, encode_batch_size: int, torch_threads: int | None, use_gpu: bool,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", expected: dict | None = None) -> None:
         import torch
 
         from denseqa.logs import setup_logging
@@ -100,11 +104,26 @@ class PassageEmbedder:
         self.encoder = Encoder.load(model_cfg, device="cuda" if use_gpu else "cpu")
         self.encoder.passage_precision = precision
         self.encode_batch_size = encode_batch_size
+        # The manifest records the model the driver loaded; this actor loaded it again, maybe much later (a restart)
+        # or on another node: a model replaced meanwhile would embed passages the manifest does not describe.
+        loaded = {"weights_sha256": self.encoder.fingerprint, "backend": self.encoder.backend}
+        for key, value in (expected or {}).items():
+            if value is not None and loaded[key] != value:
+                raise InputError(f"model {model_cfg.model or 'the bundled one'}: its {key} changed while the job ran "
+                                 f"({_short(loaded[key])} in this actor, {_short(value)} when it began); run it "
+                                 "again on a model that does not change")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         vectors = self.encoder.encode_passages(batch.column("text").to_pylist(), self.encode_batch_size)
         column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         return batch.append_column(VECTOR, column)
+
+
+def recorded_passage_model(model_info: dict) -> dict:
+    """What the embedding actors check their model against, from the model a manifest records: its weights, and
+    its backend where the passages run on it (bf16 passages run on torch whatever the queries use)."""
+    return {"weights_sha256": model_info["weights_sha256"],
+            "backend": None if model_info.get("passage_precision", "fp32") == "bf16" else model_info.get("backend")}
 
 
 def check_precision(configured: str, backend: str | None) -> None:
@@ -146,10 +165,12 @@ def embedding_identity(encoder_description: dict, corpus) -> dict:
 
 
 def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict,
-                 precision: str = "fp32", pool: ModelActors | None = None) -> dict[str, Any]:
+                 precision: str = "fp32", pool: ModelActors | None = None,
+                 expected: dict | None = None) -> dict[str, Any]:
     """Embed ``corpus`` into parquet shards under ``out_dir``; reuse them if a finished run left the same ones.
     ``precision``: the passages' (:func:`resolve_precision`). ``pool``: the actor pool the caller resolved (and
-    checked the cluster for) already, else resolved here.
+    checked the cluster for) already, else resolved here. ``expected``: the ``weights_sha256`` and ``backend`` the
+    caller records for the passages, which every actor checks its own load against (None: not checked).
 
     Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
     """
@@ -170,7 +191,8 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
     embedded = corpus.dataset.map_batches(
         PassageEmbedder,
         fn_constructor_kwargs={"model": model_cfg.model_dump(), "encode_batch_size": cfg.encode_batch_size,
-                               "torch_threads": pool.torch_threads, "use_gpu": use_gpu, "precision": precision},
+                               "torch_threads": pool.torch_threads, "use_gpu": use_gpu, "precision": precision,
+                               "expected": expected},
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=actors),

@@ -98,3 +98,22 @@ def test_answers_of_a_qa_parquet_become_distinct_passages_with_stable_ids(ray_lo
     assert docstore.column("id").to_pylist() == [text_id(t) for t in docstore.column("text").to_pylist()]
     assert layout.count == 5 and stats["rows"] == 7  # 8 rows, 1 empty dropped, 2 repeats merged at assembly
     assert text_id("shared answer") == text_id("shared answer") != text_id("answer one")
+
+
+def test_an_embedding_actor_refuses_a_model_other_than_the_one_the_manifest_records(tiny_model_dir):
+    """The driver records the model it loaded; an actor loads it again, maybe later or elsewhere. A model replaced
+    meanwhile must stop the job, not embed passages that the manifest would describe wrongly."""
+    from denseqa.embed import PassageEmbedder, recorded_passage_model
+    from denseqa.errors import InputError
+    from denseqa.model import Encoder
+
+    model_cfg = ModelConfig(model=tiny_model_dir, backend="torch")
+    recorded = recorded_passage_model({**Encoder.load(model_cfg).describe(), "passage_precision": "fp32"})
+    embedder = PassageEmbedder(model_cfg.model_dump(), 8, 1, False, expected=recorded)
+    assert embedder(pa.table({"id": ["a"], "text": ["a tool"]})).num_rows == 1
+    with pytest.raises(InputError, match=r"its weights_sha256 changed while the job ran \(\w{12} in this actor, "
+                                         r"000000000000 when it began\)"):
+        PassageEmbedder(model_cfg.model_dump(), 8, 1, False, expected={**recorded, "weights_sha256": "0" * 64})
+    # bf16 passages run on torch whatever backend the queries use: only the weights are checked then
+    assert recorded_passage_model({"weights_sha256": "w", "backend": {"name": "onnx"},
+                                   "passage_precision": "bf16"}) == {"weights_sha256": "w", "backend": None}

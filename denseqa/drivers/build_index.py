@@ -93,7 +93,14 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
 
     from denseqa.corpus import check_corpus, load_corpus, sample_texts
-    from denseqa.embed import DONE_FILE, check_precision, embed_corpus, embedding_identity, resolve_precision
+    from denseqa.embed import (
+        DONE_FILE,
+        check_precision,
+        embed_corpus,
+        embedding_identity,
+        recorded_passage_model,
+        resolve_precision,
+    )
     from denseqa.model import Encoder, check_model_source
     from denseqa.onnx_backend import resolve_backend
     from denseqa.resources import embeds_on_gpu, model_actors
@@ -138,7 +145,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     del encoder
 
     embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus),
-                             precision, pool)
+                             precision, pool, expected=recorded_passage_model(model_info))
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
         d = model_info["dimension"]

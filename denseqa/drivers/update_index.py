@@ -64,6 +64,7 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
     import pyarrow.parquet as pq
 
     from denseqa.corpus import check_corpus, read_corpus_table
+    from denseqa.embed import recorded_passage_model
     from denseqa.search import read_manifest
     from denseqa.updates import check_exact_vectors, plan_update
 
@@ -127,7 +128,8 @@ def _update_index(cfg: JobConfig) -> dict[str, Any]:
             if plan.append.num_rows <= icfg.update_local_max:
                 new_vectors, new_rows, embedding = _embed_here(plan.append, encoder, model_cfg, cfg, precision)
             else:
-                new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg, precision)
+                new_vectors, new_rows, embedding = _embed(plan.append, work, model_cfg, cfg, precision,
+                                                          recorded_passage_model(manifest["model"]))
             del encoder
             with storage.staged_output(version_dir, marker=MANIFEST_FILE) as staging:
                 updated = _write_version(local, staging, manifest, docstore, new_rows, new_vectors, all_deleted, cfg,
@@ -219,7 +221,7 @@ def _embed_here(rows, encoder, model_cfg, cfg: JobConfig, precision: str):
                            "precision": precision, "passages_per_s": round(rows.num_rows / max(seconds, 1e-9), 2)}
 
 
-def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str):
+def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str, expected: dict):
     """Embed ``rows`` (id, text; more than --update-local-max) with the build's Ray Data pipeline: (vectors, rows in
     the order embedded, stats)."""
     import pyarrow as pa
@@ -238,7 +240,7 @@ def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str):
     model_cfg = model_cfg.model_copy(update={"backend": resolve_backend(
         model_cfg.backend, "cuda" if embeds_on_gpu(cfg.embed.use_gpu) else "cpu")})
     shards_dir = storage.join(work, "embeddings")
-    stats = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, identity, precision)
+    stats = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, identity, precision, expected=expected)
     files = [f for f, _ in shard_files(shards_dir)]
     batches = list(iter_shards(files, shards_dir, ["id", "text", "vector"], cfg.index.add_batch_size))
     vectors = np.concatenate([vectors_of(b) for b in batches])
