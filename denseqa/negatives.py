@@ -88,6 +88,11 @@ def select_negatives(scores: np.ndarray, positions: np.ndarray, positives: set[i
     return chosen[:cfg.num_negatives], skipped
 
 
+def same_answer_key(text: str) -> str:
+    """What two answers share when one is the other to a model: the same words, up to case and spacing."""
+    return " ".join(text.split()).casefold()
+
+
 class NegativeMiner:
     """A Ray Data actor: ranks the candidate answers for a batch of training pairs and fills their negatives."""
 
@@ -116,7 +121,11 @@ class NegativeMiner:
 
             self.searcher = Searcher(retriever["index_dir"], device=retriever["device"])
             self.texts = self.searcher.docstore.column("text").to_pylist()
-        self.position_of = {t: i for i, t in enumerate(self.texts)}
+        # A candidate that differs from a positive in case or spacing only is that positive to the model (an uncased
+        # tokenizer, stripped input), scores as it does, and would pass any margin: it is a positive, never a negative.
+        self.positions_of: dict[str, list[int]] = {}
+        for i, t in enumerate(self.texts):
+            self.positions_of.setdefault(same_answer_key(t), []).append(i)
         self.teacher = None
         if self.cfg.teacher:
             from denseqa.rerank import Reranker
@@ -132,8 +141,8 @@ class NegativeMiner:
     def __call__(self, batch: pa.Table) -> pa.Table:
         questions = batch.column(QUESTION).to_pylist()
         answers = batch.column(ANSWER).to_pylist()
-        positives = [{self.position_of[a] for a in [answer, *self.other_answers.get(q, ())] if a in self.position_of}
-                     for q, answer in zip(questions, answers, strict=True)]
+        positives = [{i for a in [answer, *self.other_answers.get(q, ())] for i in self.positions_of.get(
+                      same_answer_key(a), ())} for q, answer in zip(questions, answers, strict=True)]
         # Room for the positives on top of range_max, so they never push a candidate out of the window.
         scores, positions = self.rank(questions, self.cfg.range_max + max(map(len, positives), default=1))
         n = self.cfg.num_negatives

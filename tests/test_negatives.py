@@ -50,6 +50,21 @@ def test_random_sampling_is_seeded_and_keeps_rank_order():
     assert first != select_negatives(scores, positions, {0}, cfg, np.random.default_rng(2))[0]
 
 
+def test_a_copy_of_the_answer_up_to_case_and_spacing_is_never_its_negative():
+    """To the model (uncased, stripped) "Paris" and "paris " are one text: it scores as the answer and would pass
+    any margin. The miner counts it among the positives."""
+    from denseqa.bm25 import BM25Index
+    from denseqa.negatives import ANSWER, QUESTION, NegativeMiner
+
+    texts = ["Paris is the capital", "paris  is the CAPITAL ", "Berlin is a capital", "Rome is a capital",
+             "Madrid is a city", "Lisbon is a city"]
+    cfg = MineConfig(num_negatives=2, range_min=0, range_max=4, relative_margin=None)
+    miner = NegativeMiner(cfg.model_dump(), texts, {"kind": "bm25", "index": BM25Index.build(texts, "en")}, {}, None)
+    out = miner(pa.table({QUESTION: ["paris capital"], ANSWER: ["Paris is the capital"]}))
+    negatives = [out.column(name)[0].as_py() for name in negative_column_names(2)]
+    assert "paris  is the CAPITAL " not in negatives and negatives == ["Berlin is a capital", "Rome is a capital"]
+
+
 def test_mining_options_are_checked():
     with pytest.raises(InputError, match=r"mine.range_max must be >= range_min \+ num_negatives \(12\), got 10"):
         JobConfig.from_dict({"mine": {"range_min": 10, "range_max": 10, "num_negatives": 2}}, "command line",
