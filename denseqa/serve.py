@@ -401,6 +401,11 @@ class IndexSearcher:
     def describe_encoder(self) -> dict | None:
         return self.queries.describe() if self.queries is not None else None
 
+    def serving(self) -> dict:
+        """What this replica serves and its last change, unmasked: for the driver that swaps the index (through a
+        deployment handle), never over HTTP, where :meth:`status` masks them."""
+        return {"index": self.searcher.index_dir if self.searcher else None, "last_change": self.last_change}
+
     def status(self) -> dict:
         searcher = self.searcher
         return {"index": masked(searcher.index_dir) if searcher else None, "count": len(searcher) if searcher else 0,

@@ -268,9 +268,9 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     # Each searcher (one per partition) gets its folder; Serve reconfigures them all from this one deploy.
     targets = {name: index if part is None else storage.join(index, *part["folder"].split("/"))
                for name, part in zip(names, partitions, strict=True)}
-    # What each searcher's config names now (None: the folder it was bound to): where it goes back to if the new
-    # folder is not served. From the config, not the replicas' status, whose names are masked (redaction).
-    served = {name: (deployment(running, name, app_name).get("user_config") or {}).get("index") for name in names}
+    # What each searcher serves now: where the config goes back to if the new folder is not served (not what the
+    # config names, which may be a folder the replicas refused).
+    served = {name: serve.get_deployment_handle(name, app_name).serving.remote().result()["index"] for name in names}
     for name, target in targets.items():
         entry = deployment(running, name, app_name)
         entry["user_config"] = {**(entry.get("user_config") or {}), "index": target}
@@ -280,12 +280,12 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
     for name, target in targets.items():
         handle = serve.get_deployment_handle(name, app_name)
         while True:
-            status = handle.status.remote().result()
-            change = status["last_change"] or {}
-            if status["index"] == masked(target):
-                statuses[name] = status
+            serving = handle.serving.remote().result()
+            change = serving["last_change"] or {}
+            if serving["index"] == target:
+                statuses[name] = handle.status.remote().result()  # masked: what is printed
                 break
-            refused = change.get("index") == masked(target) and change.get("status") == "refused"
+            refused = change.get("index") == target and change.get("status") == "refused"
             if refused or time.monotonic() > deadline:
                 # The deployed config goes back to the folders being served: left naming the refused one, every
                 # replica started later (scale-up, a replacement) would load it, fail, and never serve.
@@ -294,7 +294,7 @@ def swap_index(index: str, timeout_s: float = 600, app_name: str = APP_NAME) -> 
                 deploy(running, timeout_s)
                 folder = resolve_index(target)  # the folder the user gave, not version 1's name for it
                 if refused:
-                    raise InputError(f"{folder}: refused by the running searcher: {change['reason']}")
+                    raise InputError(masked(f"{folder}: refused by the running searcher: {change['reason']}"))
                 raise DenseqaError(f"{folder}: not served after {timeout_s:.0f} s; see the {name} logs (the "
                                    "running config is back on the index it had)")
             time.sleep(0.5)
