@@ -149,6 +149,21 @@ def checked_queries(request: SearchRequest, limits: Limits) -> list[str]:
     return queries
 
 
+def check_hits(request: SearchRequest, queries: list[str], candidates: int | None, limits: Limits) -> None:
+    """The hits the request retrieves (each query's k, or its candidates to re-rank) within ``max_hits``."""
+    per_query = candidates if candidates is not None else request.k
+    total = len(queries) * per_query
+    if total > limits.max_hits:
+        if request.candidates is not None:
+            field, asked = "candidates", f"candidates={per_query}"
+        elif candidates is not None:  # the default candidates, which follow k: the field the client sent is k
+            field, asked = "k", f"k={request.k} with rerank ({per_query} candidates each)"
+        else:
+            field, asked = "k", f"k={per_query}"
+        raise BadRequest(field, f"{len(queries)} queries x {asked} are {total} hits; at most {limits.max_hits} in "
+                         "one request (send fewer queries, or ask fewer hits)", 413)
+
+
 def checked_candidates(request: SearchRequest, limits: Limits, has_reranker: bool) -> int | None:
     """How many hits to retrieve for re-ranking (None: no re-ranking), after the checks that need the service."""
     if not request.rerank:
@@ -190,7 +205,8 @@ def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25
     """The service's OpenAPI schema with every rule its server enforces on a search request written in: the
     query limits of this deployment (configurable, so not in the static model), one of `query` or `queries`, no
     blank query, the modes its index answers, and re-ranking only where a reranker runs. What JSON Schema cannot
-    say (``candidates`` at least ``k``) is in the field's description."""
+    say (``candidates`` at least ``k``, the hits of all queries within ``max_hits``) is in the fields'
+    descriptions."""
     request = spec["components"]["schemas"]["SearchRequest"]
     props = request["properties"]
     query = {"type": "string", "minLength": 1, "maxLength": limits.max_query_chars, "pattern": NON_BLANK_PATTERN}
@@ -200,6 +216,8 @@ def openapi_with_limits(spec: dict, limits: Limits, has_reranker: bool, has_bm25
                         "description": props["queries"].get("description", "")
                         + " At most the service's `max_queries`."}
     request["oneOf"] = [{"required": ["query"]}, {"required": ["queries"]}]
+    props["k"] = {**props["k"], "description": props["k"].get("description", "") + f" The queries times `k` (times "
+                  f"`candidates` with `rerank`) are at most the service's `max_hits`, {limits.max_hits}."}
     # A string when given (null is refused, as for the other fields), defaulting to this deployment's mode; an
     # index built without BM25 answers dense search only.
     props["mode"] = {"type": "string", "enum": ["dense", "bm25", "hybrid"] if has_bm25 else ["dense"],

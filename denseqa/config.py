@@ -563,6 +563,10 @@ class Limits(BaseModel):
     max_queries: int = Field(64, ge=1, description="Most queries in one request.")
     max_query_chars: int = Field(2000, ge=1, description="Longest query, in characters.")
     max_candidates: int = Field(200, ge=1, description="Most candidates one query may have re-ranked.")
+    # k and the query count are each bounded, but not their product: 64 queries at k=1000 are 64,000 passages in
+    # one response, built by an ingress replica that holds a quarter of a CPU.
+    max_hits: int = Field(10_000, ge=1, description="Most hits one request retrieves: queries times k (with "
+                          "rerank, times candidates).")
 
 
 class EncoderSettings(BaseModel):
@@ -608,6 +612,7 @@ class ServeConfig(Section):
     max_queries: int | None = _override(Limits, "max_queries")
     max_query_chars: int | None = _override(Limits, "max_query_chars")
     max_candidates: int | None = _override(Limits, "max_candidates")
+    max_hits: int | None = _override(Limits, "max_hits")
     max_batch_size: int | None = _override(EncoderSettings, "max_batch_size")
     batch_wait_timeout_s: float | None = _override(EncoderSettings, "batch_wait_timeout_s")
     default_mode: Literal["dense", "bm25", "hybrid"] | None = _f(

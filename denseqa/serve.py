@@ -59,6 +59,7 @@ from denseqa.api import (
     SearchRequest,
     SearchResponse,
     body_limit,
+    check_hits,
     checked_candidates,
     checked_queries,
     error_body,
@@ -128,7 +129,9 @@ class AuthSettings(BaseModel):
         if bad is not None:
             raise ValueError(f"api_key_sha256 {bad[:12]!r}...: not a SHA-256 hex digest (64 hex characters)")
         from_env = os.environ.get(KEY_ENV, "").strip()
-        if self.auth and from_env and len(from_env) < auth.MIN_KEY_CHARS:  # the rule `denseqa serve` applies
+        # The rule `denseqa serve` applies, to a key in use only: with digests listed the variable is never read,
+        # and refusing the config for it would stop a key rotation on that node.
+        if self.auth and not self.api_key_sha256 and from_env and len(from_env) < auth.MIN_KEY_CHARS:
             raise ValueError(f"${KEY_ENV} on this node: an API key needs at least {auth.MIN_KEY_CHARS} characters, "
                              f"got {len(from_env)}")
         if self.auth and not self.api_key_sha256 and not from_env:
@@ -453,6 +456,8 @@ RETRY_DEADLINE_S = 45.0
 # times out doubles it for the next (as TCP backs off its retransmission timeout), so that a call slower than it
 # on a live replica (re-ranking hundreds of candidates on CPU) still gets its answer within the deadline.
 RETRY_ATTEMPT_TIMEOUT_S = 10.0
+# A status call (/healthz, /info, the page) waits less: a load balancer's probe gives up after a few seconds.
+STATUS_DEADLINE_S = 5.0
 
 
 class ReplicaUnavailable(RuntimeError):
@@ -549,8 +554,8 @@ class SearchAPI:
                    400, 401, 413, 422, 503,
                    s400="Invalid JSON, a mode the index cannot answer, or rerank without a reranker",
                    s401="No API key, or not one the service accepts",
-                   s413="Too many queries, a query too long, too many candidates to re-rank, or a body larger "
-                        "than those limits allow",
+                   s413="Too many queries, a query too long, too many candidates to re-rank, too many hits "
+                        "(queries x k), or a body larger than those limits allow",
                    s422="A field is missing or invalid; the body names it",
                    s503="No index loaded yet, or no replica answered within the retry deadline"))
     async def search(self, request: SearchRequest):
@@ -559,6 +564,7 @@ class SearchAPI:
         started = time.perf_counter()
         queries = checked_queries(request, self.limits)
         candidates = checked_candidates(request, self.limits, self.reranker is not None)
+        check_hits(request, queries, candidates, self.limits)
         mode = request.mode or self.default_mode
         answer = await self._answer((queries, candidates or request.k, mode))
         if isinstance(answer, Exception):
@@ -637,26 +643,52 @@ class SearchAPI:
         hybrid, each ranking merged (as deep as fusion reads it), then fused here."""
         if len(self.searchers) == 1:
             answer = await retried(partial(self.searchers[0].search.remote, queries, k, mode, vectors), "search")
-        elif mode == "hybrid":
-            depth = max(k, FUSION_DEPTH)
-            dense, lexical = await asyncio.gather(self._gathered(queries, depth, "dense", vectors),
-                                                  self._gathered(queries, depth, "bm25", None))
-            answer = {"index": dense["index"], "hits": [fuse_hits(d, b, k) for d, b in
-                                                        zip(dense["hits"], lexical["hits"], strict=True)]}
         else:
-            answer = await self._gathered(queries, k, mode, vectors)
+            answer = await self._partitioned(queries, k, mode, vectors)
         return {"index": answer["index"], "hits": [[{key: value for key, value in hit.items() if key != "position"}
                                                     for hit in hits] for hits in answer["hits"]]}
 
-    async def _gathered(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None) -> dict:
-        answers = await asyncio.gather(*(retried(partial(s.search.remote, queries, k, mode, vectors), "search")
-                                         for s in self.searchers))
+    async def _partitioned(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None) -> dict:
+        """The partitions' answers as one index's. During a hot swap each partition's replicas switch versions one
+        by one, so one call may reach the old version of one partition and the new of another (or, for hybrid,
+        dense and BM25 on different replicas): merged, positions of two versions would be fused as one passage.
+        Such an answer is asked again until every part comes from one version, as it does once the swap ends."""
+        deadline = time.monotonic() + RETRY_DEADLINE_S  # in all: within the replicas' graceful shutdown
+        while True:
+            if mode == "hybrid":
+                depth = max(k, FUSION_DEPTH)
+                dense, lexical = await asyncio.gather(self._gathered(queries, depth, "dense", vectors, deadline),
+                                                      self._gathered(queries, depth, "bm25", None, deadline))
+                versions = dense["versions"] | lexical["versions"]
+                answer = {"index": dense["index"], "hits": [fuse_hits(d, b, k) for d, b in
+                                                            zip(dense["hits"], lexical["hits"], strict=True)]}
+            else:
+                answer = await self._gathered(queries, k, mode, vectors, deadline)
+                versions = answer["versions"]
+            if len(versions) == 1:
+                return answer
+            if time.monotonic() > deadline:
+                raise ReplicaUnavailable(f"search: the index partitions still answer from {len(versions)} "
+                                         f"different versions (a swap that did not finish)")
+            await asyncio.sleep(0.2)
+
+    async def _gathered(self, queries: list[str], k: int, mode: str, vectors: np.ndarray | None,
+                        deadline: float) -> dict:
+        left = max(0.1, deadline - time.monotonic())
+        answers = await asyncio.gather(*(retried(partial(s.search.remote, queries, k, mode, vectors), "search",
+                                                 deadline_s=left) for s in self.searchers))
         return {"index": partition_root(answers[0]["index"]),
+                "versions": {partition_root(a["index"]) for a in answers},
                 "hits": [merge_hits([a["hits"][i] for a in answers], k) for i in range(len(queries))]}
 
     async def _status(self) -> dict:
         """The searcher's status; of a partitioned index, the partitions' together (counts summed)."""
-        statuses = await asyncio.gather(*(s.status.remote() for s in self.searchers))
+        # Retried as a search is: one searcher replaced (a rolling update, a scale-down, a death) must not turn
+        # /healthz into a 503 and have a load balancer drop a healthy ingress. Bounded as a whole: a retry's first
+        # attempt has no timeout of its own, and a hung searcher must not hang the probe.
+        statuses = await asyncio.wait_for(asyncio.gather(*(
+            retried(s.status.remote, "status", deadline_s=STATUS_DEADLINE_S) for s in self.searchers)),
+            timeout=STATUS_DEADLINE_S)
         if len(statuses) == 1:
             return statuses[0]
         loaded = all(status["index"] for status in statuses)
@@ -700,14 +732,20 @@ class SearchAPI:
                                            "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"})
 
     @http.get("/healthz", responses={503: {"description": "No index loaded, or the searcher is unreachable"}})
-    async def healthz(self) -> JSONResponse:
-        """200 when an index is loaded and answering, 503 otherwise."""
+    async def healthz(self, request: Request) -> JSONResponse:
+        """200 when an index is loaded and answering, 503 otherwise. Without the key it says only that (it answers
+        load balancers); with it, also the index served and its passage count."""
         try:
             status = await self._status()
         except Exception as e:
-            return JSONResponse({"status": "unavailable", "reason": masked(one_line(e))}, status_code=503)
+            # The error (a node's address, a replica's traceback) goes to the log, not to whoever asks: this is open.
+            logger.warning("healthz: no searcher answered: %s", masked(one_line(e)))
+            return JSONResponse({"status": "unavailable", "reason": "no searcher answered"}, status_code=503)
         if not status["index"]:
             return JSONResponse({"status": "loading"}, status_code=503)
+        check = auth.installed()
+        if check is None or not check.allows(request.headers.get("authorization")):
+            return JSONResponse({"status": "ok"})  # an index URI names a bucket and a run: for key holders only
         return JSONResponse({"status": "ok", "index": status["index"], "count": status["count"]})
 
     @http.get("/info", dependencies=[bearer], responses=error_responses(401, s401="No API key, or a wrong one"))

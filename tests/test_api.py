@@ -86,3 +86,23 @@ def test_rerank_candidates_default_stays_within_the_services_limit():
         with pytest.raises(BadRequest) as refused:
             checked_candidates(request, low, True)
         assert refused.value.status == 413 and refused.value.field == field
+
+
+def test_the_hits_of_one_request_are_bounded_naming_the_field_sent():
+    import pytest
+
+    from denseqa.api import BadRequest, SearchRequest, check_hits
+
+    limits = Limits(max_hits=100)
+    # k and the query count each within their limits, their product within max_hits: answered
+    check_hits(SearchRequest(queries=["q"] * 10, k=10), ["q"] * 10, None, limits)
+    check_hits(SearchRequest(query="q", k=100), ["q"], None, limits)
+    # Beyond it: 413, naming k, or candidates when re-ranking names them
+    for request, candidates, field in ((SearchRequest(queries=["q"] * 11, k=10), None, "k"),
+                                       (SearchRequest(queries=["q"] * 3, k=10, rerank=True, candidates=40), 40,
+                                        "candidates"),
+                                       (SearchRequest(queries=["q"] * 3, k=10, rerank=True), 50, "k")):
+        with pytest.raises(BadRequest) as refused:
+            check_hits(request, request.queries, candidates, limits)
+        assert refused.value.status == 413 and refused.value.field == field, request
+        assert "at most 100 in one request" in refused.value.message

@@ -97,6 +97,13 @@ def test_a_nodes_own_key_is_accepted_only_while_the_config_names_none_and_is_rot
     assert only_node.allows(f"Bearer {node_key}")
     rotated = AuthSettings(api_key_sha256=[auth.digest(listed)]).key_check()
     assert rotated.allows(f"Bearer {listed}") and not rotated.allows(f"Bearer {node_key}")
+    # a node's variable too short to be a key is refused only where it would be the key, never beside a list (a
+    # rotation's new digests must reach that node's replicas)
+    monkeypatch.setenv(auth.KEY_ENV, "short")
+    assert AuthSettings(api_key_sha256=[auth.digest(listed)]).key_check().allows(f"Bearer {listed}")
+    with pytest.raises(ValueError, match=r"needs at least 16 characters, got 5"):
+        AuthSettings()
+    monkeypatch.setenv(auth.KEY_ENV, node_key)
     running = {"applications": [{"name": "denseqa", "deployments": [
         {"name": "SearchAPI", "user_config": {"auth": True, "api_key_sha256": []}}]}]}
     monkeypatch.setattr(deploying, "_running_app", lambda app_name, doing: running)

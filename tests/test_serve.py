@@ -198,6 +198,7 @@ BAD_INPUTS = [
     ('{"query": "x", "rerank": "yes"}', 422, "rerank"),
     ('{"query": "x", "candidates": 20}', 422, "candidates"),  # only with rerank
     ('{"queries": [' + ", ".join(['"q"'] * 65) + "]}", 413, "queries"),
+    ('{"queries": [' + ", ".join(['"q"'] * 64) + '], "k": 1000}', 413, "k"),  # 64,000 hits: beyond max_hits
     ('{"query": "' + "x" * 2001 + '"}', 413, "query"),
     ('{"queries": ["ok", "' + "y" * 2001 + '"]}', 413, "queries[1]"),
 ]
@@ -219,8 +220,9 @@ def test_every_bad_input_gets_a_4xx_naming_the_field(service, indexes):
     assert get(f"{url}/search", timeout=30).status_code == 405
     assert requests.post(f"{url}/nowhere", json={"query": "x"}, headers=AUTH, timeout=30).status_code == 404
     # The limits are inclusive, and the server still answers after all of that
-    ok = post(url, {"queries": ["q"] * 64, "k": 1000})
-    assert ok.status_code == 200 and len(ok.json()["results"]) == 64
+    assert post(url, {"queries": ["q"] * 64, "k": 156}).status_code == 200  # 9,984 hits
+    ok = post(url, {"queries": ["q"] * 10, "k": 1000})  # 10,000 hits: max_hits
+    assert ok.status_code == 200 and len(ok.json()["results"]) == 10
     assert len(ok.json()["results"][0]["hits"]) == read_manifest(indexes["A"])["count"]  # k beyond the corpus
     assert post(url, {"query": "z" * 2000, "k": 1}).status_code == 200
 
@@ -237,7 +239,7 @@ def test_health_info_and_openapi(service, indexes):
     assert info["model"]["weights_sha256"] == manifest["model"]["weights_sha256"]
     assert info["model"]["device"] == "cpu" and info["model"]["batching"]["max_batch_size"] == 32
     assert info["index"]["manifest"]["count"] == manifest["count"] and info["index"]["bm25"] is True
-    assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000, "max_candidates": 200}
+    assert info["limits"] == {"max_queries": 64, "max_query_chars": 2000, "max_candidates": 200, "max_hits": 10000}
     assert info["replicas"] == {"SearchAPI": {"RUNNING": 1}, "IndexSearcher": {"RUNNING": 1}}
     assert info["reranker"] is None and info["default_mode"] == "dense"
     docs = get(f"{url}/docs", timeout=30)
@@ -1085,6 +1087,30 @@ def test_retried_calls_outlast_a_dead_or_hanging_replica_and_then_give_up():
 
 
 # ------------------------------------------------------------------------------------------ a partitioned index
+
+
+def test_partitions_answering_from_two_versions_mid_swap_are_asked_again():
+    """During a hot swap one partition's replica may still serve the old version while another serves the new:
+    merged, the same position would name two passages. The ingress asks again until all parts agree."""
+    from denseqa.serve import SearchAPI
+
+    class Partition:  # a deployment handle's shape: .search.remote(...) is awaited
+        def __init__(self, part: int, versions: list[int]):
+            self.part, self.versions, self.search = part, versions, self
+
+        async def remote(self, queries, k, mode, vectors):
+            version = self.versions.pop(0) if len(self.versions) > 1 else self.versions[0]
+            return {"index": f"s3://b/idx/versions/00000{version}/partitions/part-{self.part}",
+                    "hits": [[{"id": f"v{version}-p{self.part}", "score": 1.0 - self.part / 10,
+                               "text": "t", "position": self.part}] for _ in queries]}
+
+    api = object.__new__(SearchAPI.func_or_class)
+    for mode in ("dense", "hybrid"):
+        # partition 1 answers from version 1 twice (the dense and BM25 calls of hybrid), then from version 2
+        api.searchers = [Partition(0, [2]), Partition(1, [1, 1, 2])]
+        answer = asyncio.run(api._search(["q"], 2, mode, None))
+        assert answer["index"] == "s3://b/idx/versions/000002", mode
+        assert {h["id"] for h in answer["hits"][0]} == {"v2-p0", "v2-p1"}, mode
 
 
 def test_a_partitioned_index_served_by_three_searchers_equals_the_whole_one(service, indexes, monkeypatch):

@@ -362,8 +362,8 @@ def serve_config_for(cfg) -> dict:
         resolve_reranker(reranker)  # likewise for a folder that is not a cross-encoder
     config = with_overrides(load_serve_config(s.serve_config), index=index, host=s.host, port=s.port,
                             max_queries=s.max_queries, max_query_chars=s.max_query_chars,
-                            max_candidates=s.max_candidates, reranker=reranker, separate_encoder=s.separate_encoder,
-                            default_mode=s.default_mode)
+                            max_candidates=s.max_candidates, max_hits=s.max_hits, reranker=reranker,
+                            separate_encoder=s.separate_encoder, default_mode=s.default_mode)
     app = application(config)
     http_options = config.get("http_options", {})
     present = deployment_names(app["args"])
