@@ -159,7 +159,7 @@ def check_reachable_by_every_node(path: str, what: str, shared_filesystem: bool 
         if most is None or most > alive:
             nodes += f" (up to {'any number' if most is None else most} with autoscaling)"
         raise InputError(f"{what} {path} is a local path, but this cluster has {nodes} and every node must reach "
-                         "the run folder: use a URI (s3://bucket/runs/x, gs://...), or pass --shared-filesystem "
+                         f"the {what}: use a URI (s3://bucket/runs/x, gs://...), or pass --shared-filesystem "
                          "if this path is on storage every node mounts (NFS, EFS)")
 
 

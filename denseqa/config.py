@@ -264,6 +264,12 @@ class TrainConfig(Section):
 
 
 
+# Workers and actors on other nodes write into these folders (checkpoints, embedding shards, mined pairs): a local
+# path on a multi-node cluster is refused unless it is shared (denseqa.cluster.check_reachable_by_every_node).
+SHARED_FILESYSTEM_HELP = ("The local {what} is on a filesystem every node mounts at the same path (NFS, EFS): allow "
+                          "it on a multi-node cluster (`run`: pipeline.shared_filesystem).")
+
+
 class OutputConfig(Section):
     """Where the run keeps its checkpoints and where the final model goes."""
 
@@ -275,7 +281,7 @@ class OutputConfig(Section):
     )
     resume: bool = _f(False, "Continue the run found in run_dir from its latest checkpoint.", owned=True)
     overwrite: bool = _f(False, "Replace an existing output folder.", owned=True)
-
+    shared_filesystem: bool = _f(False, SHARED_FILESYSTEM_HELP.format(what="run_dir"), owned=True)
 
 
 class MineConfig(Section):
@@ -287,6 +293,7 @@ class MineConfig(Section):
         owned=True
     )
     overwrite: bool = _f(False, "Replace an existing output folder.", owned=True)
+    shared_filesystem: bool = _f(False, SHARED_FILESYSTEM_HELP.format(what="output"), owned=True)
     method: Literal["bm25", "dense"] = _f(
         "bm25",
         "bm25: lexical negatives (bm25s), as DPR. dense: the nearest answers under model.model (a first-round "
@@ -484,6 +491,8 @@ class IndexConfig(Section):
     )
     keep_embeddings: bool = _f(False, "Keep the embedding shards (id, text, vector parquet) in the index folder.")
     overwrite: bool = _f(False, "Replace an existing index folder.", owned=True)
+    shared_filesystem: bool = _f(False, SHARED_FILESYSTEM_HELP.format(what="output (or --update index)"),
+                                 owned=True)
     seed: int = _f(0, "Seed of the training and tuning samples.")
     update: str | None = _f(
         None, "Update this index folder live instead of building one: --upsert and --delete apply to it as a new "
@@ -1003,7 +1012,8 @@ def config_reference_markdown() -> str:
         "Every key is also a flag `--section.key` on each command that reads its section (`--train.batch-size`, "
         "`--embed.batch-size`), and the short flag of the table where no other section that command reads has it "
         "(`denseqa run` reads every section but `output`, so there the keys that repeat take the long form only). "
-        "The run folder decides " + ", ".join(f"`{k}`" for k in sorted(PIPELINE_OWNED) if not k.startswith("output."))
+        "The run folder (and `pipeline.shared_filesystem`) decides "
+        + ", ".join(f"`{k}`" for k in sorted(PIPELINE_OWNED) if not k.startswith("output."))
         + " (and `output.*`): `run` refuses them.", ""]
     for section_name, section_cls in SECTIONS.items():
         commands = ", ".join(f"`{c}`" for c, used in COMMAND_SECTIONS.items() if section_name in used)

@@ -202,11 +202,12 @@ def test_the_reranker_step_follows_the_negatives_and_the_evaluation_follows_it(q
             JobConfig.from_dict({section: {name: "/x"}}, "run.yaml", COMMAND_SECTIONS["run"], owned=PIPELINE_OWNED)
 
 
-def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
+def test_a_local_run_folder_is_refused_on_a_multi_node_cluster(tmp_path):
     import ray
     from ray.cluster_utils import Cluster
 
     from denseqa.cluster import check_reachable_by_every_node
+    from denseqa.drivers.train import run_training
 
     # Two real raylets on this machine: what a cluster of two nodes looks like to the driver.
     nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
@@ -220,6 +221,15 @@ def test_a_local_run_folder_is_refused_on_a_multi_node_cluster():
             check_reachable_by_every_node("/data/run", "run folder")
         check_reachable_by_every_node("s3://bucket/run", "run folder")
         check_reachable_by_every_node("/mnt/efs/run", "run folder", shared_filesystem=True)
+        # The training job on its own is refused too, before any worker starts (they would write checkpoints on
+        # their own nodes' disks, out of the driver's sight)
+        pq.write_table(real_pairs(40, seed=5), tmp_path / "qa.parquet")
+        with pytest.raises(InputError, match=r"^run folder \S+/model.run is a local path, but this cluster has 2 "
+                                             r"nodes and every node must reach the run folder"):
+            run_training(JobConfig.from_dict({"data": {"path": str(tmp_path / "qa.parquet"), "heldout_size": 5},
+                                              "output": {"output": str(tmp_path / "model")}}, "test",
+                                             COMMAND_SECTIONS["train"]))
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["qa.parquet"]
     finally:
         ray.shutdown()
         nodes.shutdown()

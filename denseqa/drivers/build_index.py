@@ -92,6 +92,7 @@ def resolve_bm25_tokenizer(icfg: IndexConfig, texts: list[str], model_cfg) -> In
 def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
 
+    from denseqa.cluster import check_reachable_by_every_node
     from denseqa.corpus import check_corpus, load_corpus, sample_texts
     from denseqa.embed import (
         DONE_FILE,
@@ -122,6 +123,7 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     if cfg.model.backend not in (None, "torch"):  # given: an unexportable model fails before Ray starts
         encoder.run_on_onnx_runtime(cfg.model.backend, cfg.model)
     corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
+    check_reachable_by_every_node(output, "index folder", icfg.shared_filesystem)  # the actors write shards there
     building = output.rstrip("/") + ".building"
     shards_dir = storage.join(building, "embeddings")
     # Without finished embeddings to reuse the actors will be needed: a cluster that cannot hold them is told so

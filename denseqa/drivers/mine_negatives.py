@@ -71,7 +71,8 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
     index_dir = storage.join(work, "index")
     # Flat: exact inner-product search, so the ranks and the margin are the model's own, not an approximation's.
     run_build_index(JobConfig(corpus=CorpusConfig(path=corpus_file), model=cfg.model, embed=cfg.embed,
-                              index=IndexConfig(output=index_dir, factory="Flat", bm25=False, overwrite=True),
+                              index=IndexConfig(output=index_dir, factory="Flat", bm25=False, overwrite=True,
+                                                shared_filesystem=cfg.mine.shared_filesystem),
                               mlflow=cfg.mlflow, used=COMMAND_SECTIONS["build-index"]))
     return {"kind": "dense", "index_dir": index_dir}
 
@@ -101,6 +102,7 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     the mining, on those negatives (the pipeline's reranker). Returns the new record."""
     import ray.data
 
+    from denseqa.cluster import check_reachable_by_every_node
     from denseqa.resources import model_actors
 
     started = time.time()
@@ -112,6 +114,7 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     fs, files = resolve_parquet_files(storage.join(cfg.data.path, PAIRS_DIR))
     configure_ray_data()
     pairs = ray.data.read_parquet(files, filesystem=fs)  # starts or joins Ray, as every Ray Data job does
+    check_reachable_by_every_node(output, "output folder", m.shared_filesystem)  # write tasks run on any node
     pool = model_actors("teacher", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
     scored = pairs.map_batches(
         TeacherScorer,
@@ -144,6 +147,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     import ray.data
 
     from denseqa.bm25 import BM25Index
+    from denseqa.cluster import check_reachable_by_every_node
     from denseqa.data import load_qa_data
     from denseqa.model import check_model_source, describe_model
     from denseqa.resources import model_actors
@@ -158,6 +162,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         _check_teacher(m.teacher)
     # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
     data = load_qa_data(cfg.data.model_copy(update={"num_negatives": 0}))
+    check_reachable_by_every_node(output, "output folder", m.shared_filesystem)  # write tasks run on any node
     texts = sorted(data.train.unique(ANSWER))
     if len(texts) < 2:
         raise InputError(f"{cfg.data.path}: {len(texts)} distinct training answer(s); mining needs other answers "

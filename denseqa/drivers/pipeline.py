@@ -89,7 +89,8 @@ def run_train_step(cfg: JobConfig, run: RunFolder, key: str, step: str = "train"
     if step == "train" and cfg.pipeline.distill_reranker:  # the mined pairs with the reranker's scores
         data = cfg.data.model_copy(update={"path": run.output("teacher")})
         train = cfg.train.model_copy(update={"distill": cfg.train.distill or "margin_mse"})
-    output = OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume, overwrite=True)
+    output = OutputConfig(output=run.output(step), run_dir=checkpoints, resume=resume, overwrite=True,
+                          shared_filesystem=cfg.pipeline.shared_filesystem)
     if step == "reranker":
         # The train section's loss options are the bi-encoder's: the reranker gets the rest (it refuses those).
         train = TrainConfig(**cfg.train.model_dump(exclude=set(BI_ENCODER_ONLY)))
@@ -104,7 +105,7 @@ def run_teacher_step(cfg: JobConfig, run: RunFolder) -> None:
     from denseqa.drivers.mine_negatives import run_teacher_scoring
 
     mine = cfg.mine.model_copy(update={"teacher": run.output("reranker"), "output": run.output("teacher"),
-                                       "overwrite": True})
+                                       "overwrite": True, "shared_filesystem": cfg.pipeline.shared_filesystem})
     run_teacher_scoring(JobConfig(data=cfg.data.model_copy(update={"path": run.output("mine")}), model=cfg.model,
                                   mine=mine, embed=_embed_config(cfg), used=COMMAND_SECTIONS["mine-negatives"]))
 
@@ -114,7 +115,8 @@ def run_mine_step(cfg: JobConfig, run: RunFolder) -> None:
 
     method = mining_method(cfg)
     model = cfg.model.model_copy(update={"model": run.output("round1")}) if method == "dense" else cfg.model
-    mine = cfg.mine.model_copy(update={"method": method, "output": run.output("mine"), "overwrite": True})
+    mine = cfg.mine.model_copy(update={"method": method, "output": run.output("mine"), "overwrite": True,
+                                       "shared_filesystem": cfg.pipeline.shared_filesystem})
     run_mining(JobConfig(data=cfg.data.model_copy(update={"num_negatives": 0}), model=model, mine=mine,
                          embed=_embed_config(cfg), used=COMMAND_SECTIONS["mine-negatives"]))
 
@@ -146,12 +148,13 @@ def run_index_step(cfg: JobConfig, run: RunFolder, update: bool = False) -> None
     corpus = corpus_config(cfg)
     if update:
         logger.info("index: only the corpus changed: updating %s live instead of rebuilding it", run.output("index"))
-        index = cfg.index.model_copy(update={"update": run.output("index"), "upsert": corpus.path, "sync": True})
+        index = cfg.index.model_copy(update={"update": run.output("index"), "upsert": corpus.path, "sync": True,
+                                             "shared_filesystem": cfg.pipeline.shared_filesystem})
         run_update_index(JobConfig(corpus=corpus, model=model, embed=_embed_config(cfg), index=index,
                                    used=COMMAND_SECTIONS["build-index"]))
         return
     index = cfg.index.model_copy(update={"output": run.output("index"), "overwrite": True, "sync": False,
-                                         "swap": False})
+                                         "swap": False, "shared_filesystem": cfg.pipeline.shared_filesystem})
     run_build_index(JobConfig(corpus=corpus, model=model, embed=_embed_config(cfg), index=index,
                               used=COMMAND_SECTIONS["build-index"]))
 

@@ -47,6 +47,7 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from denseqa.cluster import check_reachable_by_every_node
     from denseqa.data import load_qa_data, resolve_parquet_files, sample_strings
     from denseqa.language import language_mismatch
     from denseqa.model import check_model_source, describe_model
@@ -64,6 +65,7 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
     source = check_model_source(cfg.model.model)
     # validates, then starts or joins Ray through Ray Data
     data = load_qa_data(cfg.data, with_teacher_scores=cfg.train.distill is not None)
+    check_reachable_by_every_node(run_dir, "run folder", cfg.output.shared_filesystem)  # workers write checkpoints
     mismatch = language_mismatch(sample_strings(*resolve_parquet_files(cfg.data.path), cfg.data.answer_column),
                                  source, describe_model(cfg.model))
     if mismatch:

@@ -227,6 +227,7 @@ def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str, expected:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from denseqa.cluster import check_reachable_by_every_node
     from denseqa.corpus import load_corpus
     from denseqa.embed import embed_corpus, embedding_identity, iter_shards, shard_files, vectors_of
     from denseqa.onnx_backend import resolve_backend
@@ -236,6 +237,7 @@ def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str, expected:
     fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
     pq.write_table(rows, path, filesystem=fs)
     corpus = load_corpus(CorpusConfig(path=storage.join(work, "upserts.parquet")))  # starts or joins Ray
+    check_reachable_by_every_node(work, "index folder", cfg.index.shared_filesystem)  # the actors write shards
     identity = embedding_identity({"weights_sha256": model_cfg.model}, corpus)  # work is fresh: nothing to reuse
     model_cfg = model_cfg.model_copy(update={"backend": resolve_backend(
         model_cfg.backend, "cuda" if embeds_on_gpu(cfg.embed.use_gpu) else "cpu")})
