@@ -18,10 +18,10 @@ def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
 
     Workers (training workers, embedding actors) that hold every CPU leave none for the tasks that read the data
     they consume, and the job waits forever. On a cluster that cannot add nodes, its CPUs are shared among the
-    workers, one kept back: 2 workers on a 2-core machine get 0.5 CPU each. What is shared is what is free now:
-    CPUs held by running actors (a deployed search service) would otherwise be counted twice. On an autoscaling
-    cluster each worker asks for a node of the largest CPU node type less one CPU, so it runs alone on a node the
-    autoscaler starts for it, and the reads run beside it (or, on 1-CPU nodes, on a node of their own); 1 CPU
+    workers, one kept back (on each node): 2 workers on a 2-core machine get 0.5 CPU each. What is shared is what is
+    free now: CPUs held by running actors (a deployed search service) would otherwise be counted twice. On an
+    autoscaling cluster each worker asks for a node of the largest CPU node type less one CPU, so it runs alone on a
+    node the autoscaler starts for it, and the reads run beside it (or, on 1-CPU nodes, on a node of their own); 1 CPU
     when the node types cannot be read.
     """
     import ray
@@ -38,7 +38,16 @@ def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
         return float(max(1, math.floor(largest) - 1)) if largest >= 1 else 1.0
     total = ray.cluster_resources().get("CPU", 1.0)
     total = min(total, free_resources(until={"CPU": total}).get("CPU", 0.0))
-    return max(0.1, min(1.0, math.floor((total - 1) / num_workers * 20) / 20))
+    per_worker = (total - 1) / num_workers
+    # Over several nodes the CPU kept back must be a whole one on one node: a read task asks for a whole CPU on
+    # the node it runs on, and 4 workers of 0.75 spread over two 2-CPU nodes leave 0.5 on each, so the reads (and
+    # the job) wait forever. Workers are spread evenly (training's SPREAD placement, Ray Data's actor pools), so
+    # the largest node keeps one if its share of them leaves one.
+    nodes = [node["Resources"].get("CPU", 0.0) for node in ray.nodes()
+             if node["Alive"] and node["Resources"].get("CPU", 0.0) >= 1]
+    if len(nodes) > 1:
+        per_worker = min(per_worker, (max(nodes) - 1) / math.ceil(num_workers / len(nodes)))
+    return max(0.1, min(1.0, math.floor(per_worker * 20) / 20))
 
 
 def node_cores() -> int:

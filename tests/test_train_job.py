@@ -55,6 +55,40 @@ def test_saving_a_checkpoint_leaves_a_plain_hugging_face_model_training(tmp_path
     assert (tmp_path / "model" / "README.md").exists() and (tmp_path / train.RNG_FILE).exists()
 
 
+def test_resume_refuses_another_seed_split_learning_rate_or_changed_data_before_any_work(tmp_path):
+    from denseqa.config import COMMAND_SECTIONS, JobConfig
+    from denseqa.drivers.train import RUN_PLAN_FILE, run_training
+    from denseqa.errors import InputError
+    from denseqa.run_folder import files_fingerprint
+
+    # Given a run folder planned with seed 42, split seed 0, lr 2e-5 and this data file
+    data = tmp_path / "qa.parquet"
+    pq.write_table(real_pairs(50, seed=2), data)
+    run_dir = tmp_path / "model.run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    plan = {"num_workers": 1, "batch_size": 32, "precision": "auto", "seed": 42, "split_seed": 0,
+            "learning_rate": 2e-5, "weight_decay": 0.01, "warmup_ratio": 0.1,
+            "data_files": files_fingerprint(str(data))}
+    (run_dir / RUN_PLAN_FILE).write_text(json.dumps(plan))
+
+    def resume(train: dict, data_section: dict | None = None):
+        return run_training(JobConfig.from_dict(
+            {"data": {"path": str(data), **(data_section or {})}, "train": train,
+             "output": {"output": str(tmp_path / "model"), "resume": True}}, "test", COMMAND_SECTIONS["train"]))
+
+    # When it is resumed with another shuffle seed, split seed or learning rate, Then each is one line naming it
+    for train, data_section, named in (({"seed": 7}, None, "seed 7"), ({}, {"split_seed": 3}, "split_seed 3"),
+                                       ({"learning_rate": 1e-4}, None, "learning_rate 0.0001")):
+        with pytest.raises(InputError, match=f"--resume with {named}, but the run was made with"):
+            resume(train, data_section)
+    # And with the data file replaced
+    pq.write_table(real_pairs(50, seed=3), data)
+    with pytest.raises(InputError, match="--resume with data_files '[0-9a-f]+', but the run was made with"):
+        resume({})
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint_manager_snapshot.json", RUN_PLAN_FILE]
+
+
 @pytest.fixture(scope="module")
 def sample(cluster) -> str:
     path = cluster["tmp"] / "debian-en-400.parquet"

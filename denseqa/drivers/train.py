@@ -22,6 +22,7 @@ from denseqa.errors import InputError, TrainingError
 from denseqa.logs import logger
 from denseqa.provenance import package_versions
 from denseqa.redaction import masked
+from denseqa.run_folder import files_fingerprint
 from denseqa.train import (
     HELDOUT_FILE,
     RECORD_FILE,
@@ -60,8 +61,13 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
     t = cfg.train
     # A resumed run takes its checkpoints' data position, schedule and optimizer state as they are: only with the
     # settings they were made under (checked again with the data's counts once they are read).
-    check_resumed_plan(cfg, run_dir, {"num_workers": t.num_workers, "batch_size": t.batch_size,
-                                      "precision": t.precision})
+    # The seeds decide each epoch's order (a checkpoint counts the batches of it done) and the held-out split; the
+    # optimizer settings are in the checkpoint's optimizer and schedule, which would override new ones unsaid.
+    settings = {"num_workers": t.num_workers, "batch_size": t.batch_size, "precision": t.precision,
+                "seed": t.seed, "split_seed": cfg.data.split_seed, "learning_rate": t.learning_rate,
+                "weight_decay": t.weight_decay, "warmup_ratio": t.warmup_ratio,
+                "data_files": files_fingerprint(cfg.data.path) if cfg.data.path else None}
+    check_resumed_plan(cfg, run_dir, settings)
     source = check_model_source(cfg.model.model)
     # validates, then starts or joins Ray through Ray Data
     data = load_qa_data(cfg.data, with_teacher_scores=cfg.train.distill is not None)
@@ -74,8 +80,7 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
 
     cpus_per_worker = t.cpus_per_worker or cpus_per_worker_default(t.num_workers, t.use_gpu)
     plan = make_plan(cfg, data.counts["train"], run_dir)
-    run_plan = {"num_workers": t.num_workers, "batch_size": t.batch_size, "precision": t.precision,
-                "train_pairs": data.counts["train"], "steps_per_epoch": plan.steps_per_epoch,
+    run_plan = {**settings, "train_pairs": data.counts["train"], "steps_per_epoch": plan.steps_per_epoch,
                 "total_steps": plan.total_steps}
     check_resumed_plan(cfg, run_dir, run_plan)
     storage.write_json(storage.join(run_dir, RUN_PLAN_FILE), run_plan)
@@ -88,8 +93,11 @@ def run_training(cfg: JobConfig, task: type[TrainingTask] = BiEncoderTask) -> di
         train_loop_per_worker,
         train_loop_config={"config": cfg.to_dict(), "plan": dataclasses.asdict(plan), "task": task,
                            "inputs": loop_inputs},
+        # CPU workers spread over the nodes: packed (Ray's default) on a fixed-size cluster, 1-CPU workers would
+        # share one node's cores and leave the others idle. GPU workers stay packed, for NCCL within a node.
         scaling_config=ray.train.ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               placement_strategy="PACK" if t.use_gpu else "SPREAD"),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
