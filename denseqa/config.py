@@ -17,10 +17,10 @@ import collections
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from denseqa.errors import InputError
@@ -55,6 +55,9 @@ def _bm25_stopword_list(value: Any) -> Any:
             raise _broken("bm25_stopwords", "a stopword list bm25s knows (en, de, nl, fr, es, pt, it, ru, sv, no, zh, "
                           "tr, ko, da, en_plus, or their English names) or none", value) from None
     return value
+
+
+StopwordList = Annotated[str | None, BeforeValidator(_bm25_stopword_list)]
 
 
 class Section(BaseModel):
@@ -319,7 +322,7 @@ class MineConfig(Section):
         1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.",
         ge=1, operational=True,
     )
-    bm25_stopwords: str | None = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")
+    bm25_stopwords: StopwordList = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")
     bm25_tokenizer: Literal["auto", "regex", "kiwi"] = _f(
         "auto", "How BM25 cuts text into terms: regex (bm25s's words), kiwi (Korean morphemes, kiwipiepy), or auto "
         "(kiwi when the answers are Korean)."
@@ -331,11 +334,6 @@ class MineConfig(Section):
     )
     teacher_batch_size: int = _f(64, "With teacher: (question, passage) pairs per forward pass of the teacher.",
                                  ge=1, operational=True)
-
-    @field_validator("bm25_stopwords", mode="before")
-    @classmethod
-    def _stopwords(cls, value: Any) -> Any:
-        return _bm25_stopword_list(value)
 
     @model_validator(mode="after")
     def _enough_ranks(self):
@@ -483,7 +481,8 @@ class IndexConfig(Section):
         "Also build a BM25 index (bm25s) of the texts, for the bm25 and hybrid search modes. It is built in the "
         "driver's memory: turn it off for corpora larger than that.",
     )
-    bm25_stopwords: str | None = _f("en", "Stopword list for BM25 tokenization (bm25s name, e.g. en; none: keep all).")
+    bm25_stopwords: StopwordList = _f("en", "Stopword list for BM25 tokenization (bm25s name, e.g. en; none: keep "
+                                           "all).")
     bm25_tokenizer: Literal["auto", "regex", "kiwi"] = _f(
         "auto", "How BM25 cuts text into terms: regex (bm25s's words: languages with spaces between words), kiwi "
         "(Korean morphemes from kiwipiepy: nouns, verb stems, foreign words), or auto (kiwi when the corpus is "
@@ -521,11 +520,6 @@ class IndexConfig(Section):
     )
     swap: bool = _f(False, "With --update: hot-swap the running service (denseqa serve) to the new version.",
                     operational=True)
-
-    @field_validator("bm25_stopwords", mode="before")
-    @classmethod
-    def _stopwords(cls, value: Any) -> Any:
-        return _bm25_stopword_list(value)
 
 
 class EvalConfig(Section):

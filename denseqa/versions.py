@@ -74,8 +74,9 @@ def pinned_version(path: str) -> str:
 def version_root(path: str) -> str | None:
     """The index whose version ``path`` names (``<root>/versions/<n>`` of an updated index, or version 1's name
     ``<root>/versions/000001``); None for a path that names an index itself."""
-    if names_version_one(path):
-        return _version_one_root(path)
+    one = _version_one_root(path)  # looked up once: on an object store each lookup is a request
+    if one is not None:
+        return one
     parent, _, name = path.rstrip("/").rpartition("/")
     if not (parent.endswith(f"/{VERSIONS_DIR}") and len(name) == 6 and name.isdigit()):
         return None
