@@ -1,6 +1,6 @@
 """Deploy an index folder as the Ray Serve search application, then return (the application keeps running).
 
-    ray job submit -- python jobs/serve.py --index /abs/out/index
+    ray job submit --working-dir . -- python jobs/serve.py --index /abs/out/index
 
 Deploys configs/serve.yaml (or --serve-config) with the index filled in and waits until every deployment runs.
 The Serve replicas import the denseqa installed on the cluster's nodes (cluster.yaml's setup commands), not the

