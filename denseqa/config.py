@@ -401,6 +401,10 @@ class EmbedConfig(Section):
         ge=1, operational=True,
     )
     encode_batch_size: int = _f(64, "Passages per forward pass of the model.", ge=1, operational=True)
+    local_max: int = _f(
+        2000, "Up to this many corpus rows, on CPU, the job's own process embeds them: an actor's start-up (~10 s) "
+        "would take longer than its work. 0: always the actor pool.", ge=0, operational=True
+    )
     actors: int | None = _f(
         None, "Embedding actors (default: one per GPU with --use-gpu, else 1).",
         ge=1, operational=True,

@@ -47,7 +47,7 @@ class Corpus:
     columns: tuple[str | None, str] = (None, "text")  # (id column, None for derived ids; text column) read
 
 
-def _clean_batch(batch: pa.Table, id_column: str | None, text_column: str) -> pa.Table:
+def clean_corpus_batch(batch: pa.Table, id_column: str | None, text_column: str) -> pa.Table:
     """Keep rows with a non-blank text (and a non-null id); string ids; derived ids when there is no id column."""
     text = batch.column(text_column).cast(pa.string())
     keep = non_blank(text)
@@ -114,7 +114,7 @@ def read_corpus_table(cfg: CorpusConfig, checked: tuple[Any, list[str], int]) ->
     fs, files, _ = checked
     id_column = None if cfg.from_answers else cfg.id_column
     columns = [cfg.text] if id_column is None else [id_column, cfg.text]
-    table = pa.concat_tables([_clean_batch(pq.read_table(f, columns=columns, filesystem=fs), id_column, cfg.text)
+    table = pa.concat_tables([clean_corpus_batch(pq.read_table(f, columns=columns, filesystem=fs), id_column, cfg.text)
                               for f in files])
     if id_column is None:
         first = pc.index_in(pc.unique(table.column(ID)), value_set=table.column(ID))  # each id's first row
@@ -133,7 +133,7 @@ def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = 
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     configure_ray_data()
     dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns).map_batches(
-        _clean_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
+        clean_corpus_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
     )
     return Corpus(dataset=dataset, path=cfg.path, files=files, rows=rows, derived_ids=id_column is None,
                   filesystem=fs, columns=(id_column, cfg.text))

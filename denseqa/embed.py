@@ -8,6 +8,10 @@ assembled from one pass over the same files, aligned by construction.
 
 A completed embedding writes ``embeddings.json`` next to the shards, recording the model and the input files; a
 re-run of an interrupted build with the same model and corpus reuses the shards instead of embedding again.
+
+A small corpus (``embed.local_max`` passages at most, on CPU) is embedded by the driver instead, into a shard of
+the same form: an actor's start-up (a new process importing torch and loading the model, ~10 s on 2 cores) would
+take longer than its work.
 """
 
 from __future__ import annotations
@@ -174,11 +178,9 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
 
     Returns ``{"rows": ..., "seconds": ..., "reused": bool, "actors": ..., "passages_per_s": ...}``.
     """
-    done = storage.read_json(storage.join(out_dir, DONE_FILE))
-    if done and done.get("identity") == identity:
-        logger.info("embeddings of this corpus with this model are already in %s: reusing them", out_dir)
-        return {**done["stats"], "reused": True}
-    storage.remove(out_dir)  # a partial or stale set of shards must not mix with the new ones
+    reused = _reused(out_dir, identity)
+    if reused:
+        return reused
 
     from ray.data import ActorPoolStrategy  # here, like the corpus's Dataset: importing this module needs no Ray
 
@@ -209,8 +211,66 @@ def embed_corpus(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str,
                          "(or a null id)")
     stats = {"rows": rows, "seconds": round(seconds, 2), "actors": actors, "gpu": use_gpu, "precision": precision,
              "passages_per_s": round(rows / max(seconds, 1e-9), 2)}
+    return _finished(out_dir, identity, stats)
+
+
+def embeds_in_driver(cfg: EmbedConfig, rows: int, use_gpu: bool) -> bool:
+    """Whether a corpus of ``rows`` rows is embedded by the driver (:func:`embed_in_driver`), not by actors."""
+    return not use_gpu and rows <= cfg.local_max
+
+
+def embed_in_driver(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: str, identity: dict,
+                    precision: str = "fp32", expected: dict | None = None) -> dict[str, Any]:
+    """:func:`embed_corpus` in this process, for a small corpus on CPU: the files read and cleaned here, the
+    passages embedded by the actors' own code, one shard of the same form written under ``out_dir``. No Ray task
+    or actor runs, so it needs no free CPU of the cluster either."""
+    import pyarrow.parquet as pq
+
+    from denseqa.corpus import clean_corpus_batch
+
+    reused = _reused(out_dir, identity)
+    if reused:
+        return reused
+    started = time.time()
+    id_column, text_column = corpus.columns
+    columns = [text_column] if id_column is None else [id_column, text_column]
+    table = pa.concat_tables([clean_corpus_batch(pq.read_table(f, columns=columns, filesystem=corpus.filesystem),
+                                                 id_column, text_column) for f in corpus.files])
+    if table.num_rows == 0:
+        raise InputError(f"{corpus.path}: no rows left after dropping {corpus.rows} rows with a null or empty text "
+                         "(or a null id)")
+    logger.info("embedding %d passages in this process (at most embed.local_max %d: no actor to start), %s",
+                table.num_rows, cfg.local_max, "bf16 autocast (torch)" if precision == "bf16" else
+                f"fp32 ({model_cfg.backend})")
+    embedder = PassageEmbedder(model_cfg.model_dump(), cfg.encode_batch_size, cfg.torch_threads, False, precision,
+                               expected)
+    embedded = pa.concat_tables([embedder(table.slice(start, cfg.batch_size))
+                                 for start in range(0, table.num_rows, cfg.batch_size)])
+    fs, path = storage.filesystem(storage.join(out_dir, "part-00000.parquet"))
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    pq.write_table(embedded, path, filesystem=fs)
+    seconds = time.time() - started
+    stats = {"rows": embedded.num_rows, "seconds": round(seconds, 2), "actors": 0, "gpu": False,
+             "precision": precision, "passages_per_s": round(embedded.num_rows / max(seconds, 1e-9), 2),
+             "where": "driver"}
+    return _finished(out_dir, identity, stats)
+
+
+def _reused(out_dir: str, identity: dict) -> dict | None:
+    """The stats of finished shards of the same identity under ``out_dir``, else None (and any others removed: a
+    partial or stale set of shards must not mix with the new ones)."""
+    done = storage.read_json(storage.join(out_dir, DONE_FILE))
+    if done and done.get("identity") == identity:
+        logger.info("embeddings of this corpus with this model are already in %s: reusing them", out_dir)
+        return {**done["stats"], "reused": True}
+    storage.remove(out_dir)
+    return None
+
+
+def _finished(out_dir: str, identity: dict, stats: dict) -> dict:
     storage.write_json(storage.join(out_dir, DONE_FILE), {"identity": identity, "stats": stats})
-    logger.info("embedded %d passages in %.1f s (%.1f passages/s)", rows, seconds, stats["passages_per_s"])
+    logger.info("embedded %d passages in %.1f s (%.1f passages/s)", stats["rows"], stats["seconds"],
+                stats["passages_per_s"])
     return {**stats, "reused": False}
 
 

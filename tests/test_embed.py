@@ -12,7 +12,7 @@ import pytest
 
 from denseqa.config import CorpusConfig, EmbedConfig, ModelConfig
 from denseqa.corpus import load_corpus
-from denseqa.embed import embed_corpus, embedding_identity, iter_shards, shard_files, vectors_of
+from denseqa.embed import embed_corpus, embed_in_driver, embedding_identity, iter_shards, shard_files, vectors_of
 from denseqa.index import assemble_docstore
 from denseqa.texts import text_id
 
@@ -21,15 +21,17 @@ from .conftest import real_pairs
 pytestmark = pytest.mark.slow
 
 
-def _embed(tmp_path, corpus_cfg: CorpusConfig, model_cfg: ModelConfig, name: str, precision: str = "fp32"):
+def _embed(tmp_path, corpus_cfg: CorpusConfig, model_cfg: ModelConfig, name: str, precision: str = "fp32",
+           in_driver: bool = False):
     from denseqa.model import Encoder
 
     corpus = load_corpus(corpus_cfg)
     description = Encoder.load(model_cfg).describe()
     out = str(tmp_path / name)
     # Small Ray Data batches, so several batches (and shard files) go through the actor
-    stats = embed_corpus(corpus, model_cfg, EmbedConfig(batch_size=16, encode_batch_size=8), out,
-                         embedding_identity(description, corpus), precision)
+    embed = embed_in_driver if in_driver else embed_corpus
+    stats = embed(corpus, model_cfg, EmbedConfig(batch_size=16, encode_batch_size=8), out,
+                  embedding_identity(description, corpus), precision)
     ids, texts, vectors = [], [], []
     for batch in iter_shards([f for f, _ in shard_files(out)], out, ["id", "text", "vector"], 1000):
         ids += batch.column("id").to_pylist()
@@ -76,6 +78,17 @@ def test_ray_data_embeddings_equal_sentence_transformers_encode(ray_local, tmp_p
     np.testing.assert_allclose(np.linalg.norm(bf16_vectors, axis=1), 1.0, atol=1e-5)
     cosines = np.einsum("nd,nd->n", bf16_vectors, reference)
     assert cosines.min() > 0.999 and np.abs(bf16_vectors - reference).max() > 2e-5
+
+    # And a corpus this small embedded by the driver itself (embed.local_max) gives the same shard rows, in the
+    # files' order, with no actor started: the same ids, texts and vectors (up to float noise: Ray Data may cut
+    # other batches, so other texts are padded together)
+    _, stats, _, driver_ids, driver_texts, driver_vectors = _embed(
+        tmp_path, CorpusConfig(path=str(path), id_column="pid", text_column="body"), model_cfg, "emb-driver",
+        in_driver=True)
+    assert stats["where"] == "driver" and stats["actors"] == 0 and stats["rows"] == 58
+    assert driver_ids == [f"p{i}" for i in range(60) if i not in (5, 17)]
+    assert dict(zip(driver_ids, driver_texts, strict=True)) == expected
+    np.testing.assert_allclose(driver_vectors, reference[[ids.index(i) for i in driver_ids]], atol=2e-5)
 
 
 def test_answers_of_a_qa_parquet_become_distinct_passages_with_stable_ids(ray_local, tmp_path, tiny_model_dir):

@@ -90,7 +90,8 @@ def resolve_bm25_tokenizer(icfg: IndexConfig, texts: list[str], model_cfg) -> In
 
 
 def run_build_index(cfg: JobConfig) -> dict[str, Any]:
-    """Embed the corpus with Ray Data, build and tune the FAISS index, publish the folder. Returns the manifest."""
+    """Embed the corpus with Ray Data (a small one in this process), build and tune the FAISS index, publish the
+    folder. Returns the manifest."""
 
     from denseqa.cluster import check_reachable_by_every_node
     from denseqa.corpus import check_corpus, load_corpus, sample_texts
@@ -98,7 +99,9 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
         DONE_FILE,
         check_precision,
         embed_corpus,
+        embed_in_driver,
         embedding_identity,
+        embeds_in_driver,
         recorded_passage_model,
         resolve_precision,
     )
@@ -129,7 +132,8 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     # Without finished embeddings to reuse the actors will be needed: a cluster that cannot hold them is told so
     # now, not after the model's export and the tuning questions' encoding (a rebuild beside a deployed service).
     pool = None
-    if not storage.exists(storage.join(shards_dir, DONE_FILE)):
+    in_driver = embeds_in_driver(cfg.embed, corpus.rows, embeds_on_gpu(cfg.embed.use_gpu))
+    if not in_driver and not storage.exists(storage.join(shards_dir, DONE_FILE)):
         e = cfg.embed
         pool = model_actors("embedding", e.use_gpu, e.actors, e.cpus_per_actor, e.torch_threads)
     # The backend the actors run (as given, else torch on GPU and the CPU default on CPU), fixed here: the driver's
@@ -146,8 +150,11 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     question_vectors = encoder.encode_queries(questions) if questions else None
     del encoder
 
-    embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, embedding_identity(model_info, corpus),
-                             precision, pool, expected=recorded_passage_model(model_info))
+    identity, expected = embedding_identity(model_info, corpus), recorded_passage_model(model_info)
+    if in_driver:
+        embedding = embed_in_driver(corpus, model_cfg, cfg.embed, shards_dir, identity, precision, expected)
+    else:
+        embedding = embed_corpus(corpus, model_cfg, cfg.embed, shards_dir, identity, precision, pool, expected)
 
     with storage.staged_output(output, marker=MANIFEST_FILE) as staging:
         d = model_info["dimension"]
