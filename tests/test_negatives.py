@@ -8,6 +8,7 @@ the pair's answer nor another answer of its question, inside the rank window, be
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -128,13 +129,23 @@ def _check_negatives(mined: pa.Table, record: dict, rank, window: tuple[int, int
     return checked
 
 
-def test_bm25_mining_writes_negatives_that_respect_range_and_margin(ray_local, pairs, tmp_path):
+@pytest.fixture(scope="module")
+def bm25_mined(ray_local, pairs, tmp_path_factory, tiny_cross_encoder_dir) -> tuple[str, pa.Table, dict]:
+    """BM25 negatives mined with a teacher's scores beside them (one mining run for the two tests that read it)."""
+    out = str(tmp_path_factory.mktemp("taught") / "bm25")
+    mined, record = _mine(pairs[0], out, method="bm25", teacher=tiny_cross_encoder_dir, teacher_batch_size=16)
+    return out, mined, record
+
+
+def test_bm25_mining_writes_negatives_that_respect_range_and_margin(bm25_mined, pairs):
     from denseqa.bm25 import BM25Index
+    from denseqa.negatives import teacher_column_names
 
     path, table = pairs
-    mined, record = _mine(path, str(tmp_path / "bm25"), method="bm25")
+    out, mined, record = bm25_mined
     # The output: every pair (held-out ones without negatives), the input's columns plus negative_1, negative_2
-    assert mined.column_names == ["question", "answer", "negative_1", "negative_2"]
+    # (and the teacher's scores: the test below)
+    assert mined.column_names == ["question", "answer", "negative_1", "negative_2", *teacher_column_names(2)]
     assert mined.num_rows == table.num_rows == 301
     data = load_qa_data(DataConfig(path=path, heldout_size=30, num_negatives=0))
     heldout_questions = {q for q, _ in data.heldout}
@@ -155,7 +166,7 @@ def test_bm25_mining_writes_negatives_that_respect_range_and_margin(ray_local, p
     complete = sum(r["negative_2"] is not None for r in rows)
     assert record["counts"]["with_all_negatives"] == complete and record["counts"]["train_pairs"] == 271
     assert record["counts"]["questions_with_several_answers"] == 1 and record["counts"]["skipped_by_margin"] > 0
-    assert json.loads((tmp_path / "bm25" / "negatives.json").read_text())["columns"] == ["negative_1", "negative_2"]
+    assert json.loads((Path(out) / "negatives.json").read_text())["columns"] == ["negative_1", "negative_2"]
     assert checked >= 2 * complete
 
 
@@ -204,7 +215,7 @@ def test_training_data_reads_negative_columns_and_drops_pairs_without_them(ray_l
 
 
 @pytest.mark.slow
-def test_a_teacher_scores_the_mined_pairs_and_the_bi_encoder_trains_on_its_scores(ray_local, pairs, tmp_path,
+def test_a_teacher_scores_the_mined_pairs_and_the_bi_encoder_trains_on_its_scores(bm25_mined, tmp_path,
                                                                                  tiny_cross_encoder_dir,
                                                                                  tiny_model_dir):
     from sentence_transformers import CrossEncoder
@@ -213,9 +224,7 @@ def test_a_teacher_scores_the_mined_pairs_and_the_bi_encoder_trains_on_its_score
     from denseqa.drivers.train import run_training
     from denseqa.negatives import teacher_column_names
 
-    path, _ = pairs
-    out = str(tmp_path / "taught")
-    mined, record = _mine(path, out, method="bm25", teacher=tiny_cross_encoder_dir, teacher_batch_size=16)
+    out, mined, record = bm25_mined
     # The teacher's raw scores (logits) of each complete pair's answer and negatives, null elsewhere
     columns = teacher_column_names(2)
     assert columns == ["teacher_answer", "teacher_negative_1", "teacher_negative_2"]
