@@ -60,13 +60,13 @@ def exact_top_k(corpus: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
 
 
 @pytest.mark.slow
-def test_chosen_approximate_index_reaches_target_recall_on_50k_vectors(tmp_path):
-    # Given 50,000 synthetic 384-dimension vectors (2.5 x exact_max_vectors) and the default settings
-    n, d = 50_000, 384
+def test_chosen_approximate_index_reaches_target_recall_on_30k_vectors(tmp_path):
+    # Given 30,000 synthetic 384-dimension vectors (1.5 x exact_max_vectors) and the default settings
+    n, d = 30_000, 384
     vectors = clustered_vectors(n, d)
     cfg = IndexConfig()
     layout = layout_of(tmp_path, vectors)
-    # When the chooser picks an index, it is approximate (50k is past exact search)
+    # When the chooser picks an index, it is approximate (30k is past exact search)
     choice = choose_index(n, d, cfg)
     assert choice.kind in ("hnsw", "ivf", "ivfpq"), choice
     index = build_faiss_index(layout, d, choice, cfg)

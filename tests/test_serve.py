@@ -509,7 +509,7 @@ def test_the_query_encoder_scales_out_under_load_and_back_without_failing_a_requ
         heavy = Load(service["url"], indexes["questions"], clients=16, queries_per_request=8)
         try:
             scaled_out = replicas.wait_for(lambda running, starting: running >= 2, 90)
-            time.sleep(10)  # the load goes on a while with the replicas added
+            time.sleep(4)  # the load goes on a while with the replicas added
         finally:
             heavy.finish()
         loaded_until = round(time.monotonic() - replicas.started, 1)
