@@ -18,11 +18,11 @@ def cpus_per_worker_default(num_workers: int, use_gpu: bool) -> float:
 
     Workers (training workers, embedding actors) that hold every CPU leave none for the tasks that read the data
     they consume, and the job waits forever. On a cluster that cannot add nodes, its CPUs are shared among the
-    workers, one kept back (on each node): 2 workers on a 2-core machine get 0.5 CPU each. What is shared is what is
-    free now: CPUs held by running actors (a deployed search service) would otherwise be counted twice. On an
-    autoscaling cluster each worker asks for a node of the largest CPU node type less one CPU, so it runs alone on a
-    node the autoscaler starts for it, and the reads run beside it (or, on 1-CPU nodes, on a node of their own); 1 CPU
-    when the node types cannot be read.
+    workers, one kept back (a whole one on a node): 2 workers on a 2-core machine get 0.5 CPU each. What is shared
+    is what is free now: CPUs held by running actors (a deployed search service) would otherwise be counted twice.
+    On an autoscaling cluster each worker asks for a node of the largest CPU node type less one CPU, so it runs
+    alone on a node the autoscaler starts for it, and the reads run beside it (or, on 1-CPU nodes, on a node of
+    their own); 1 CPU when the node types cannot be read.
     """
     import ray
 

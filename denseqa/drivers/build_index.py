@@ -126,13 +126,14 @@ def run_build_index(cfg: JobConfig) -> dict[str, Any]:
     if cfg.model.backend not in (None, "torch"):  # given: an unexportable model fails before Ray starts
         encoder.run_on_onnx_runtime(cfg.model.backend, cfg.model)
     corpus = load_corpus(cfg.corpus, checked)  # starts or joins Ray
-    check_reachable_by_every_node(output, "index folder", icfg.shared_filesystem)  # the actors write shards there
+    # The embedding actors write shards there, and a sharded build's tasks read them, on any node.
+    check_reachable_by_every_node(output, "index folder", icfg.shared_filesystem)
+    in_driver = embeds_in_driver(cfg.embed, corpus.rows, embeds_on_gpu(cfg.embed.use_gpu))
     building = output.rstrip("/") + ".building"
     shards_dir = storage.join(building, "embeddings")
     # Without finished embeddings to reuse the actors will be needed: a cluster that cannot hold them is told so
     # now, not after the model's export and the tuning questions' encoding (a rebuild beside a deployed service).
     pool = None
-    in_driver = embeds_in_driver(cfg.embed, corpus.rows, embeds_on_gpu(cfg.embed.use_gpu))
     if not in_driver and not storage.exists(storage.join(shards_dir, DONE_FILE)):
         e = cfg.embed
         pool = model_actors("embedding", e.use_gpu, e.actors, e.cpus_per_actor, e.torch_threads)
