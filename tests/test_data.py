@@ -92,3 +92,47 @@ def test_each_workers_batches_are_the_same_on_every_load(ray_local, tmp_path):
     # not sampled), so the batches a checkpoint skips on resume are the ones it trained on
     assert len(first[0]) == len(first[1]) >= 20
     assert batches_per_worker() == first and batches_per_worker() == first
+
+
+def test_the_sort_in_this_process_makes_the_blocks_ray_datas_sort_makes(ray_local, tmp_path, monkeypatch):
+    """The split's sort runs in the job's process up to data.LOCAL_SORT_MAX_ROWS rows read, and in Ray Data's tasks
+    above: the two must give the same held-out pairs and the same training rows in the same blocks, or a run's
+    batches would depend on its data's size."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+
+    import denseqa.data as data
+
+    from .conftest import real_pairs
+
+    # Given 330 real pairs with hard negatives in 3 files (one of large strings), 30 of their questions asked again
+    # with another answer, and 3 rows with an empty text
+    pairs = real_pairs(300, seed=8).select(["question", "answer"])
+    pairs = pairs.append_column("negative_1", pairs.column("answer").take(list(range(1, 300)) + [0]))
+    repeats = pa.table({"question": pairs.column("question").slice(0, 30), "answer": pairs.column("answer")
+                        .slice(200, 30), "negative_1": pairs.column("answer").slice(100, 30)})
+    blanks = pa.table({"question": ["", None, "q"], "answer": ["a", "b", " "], "negative_1": ["n", "n", "n"]})
+    path = tmp_path / "pairs"
+    path.mkdir()
+    pq.write_table(pairs.slice(0, 150), path / "part-0.parquet")
+    pq.write_table(pa.concat_tables([pairs.slice(150), blanks.cast(pairs.schema)]), path / "part-1.parquet")
+    pq.write_table(repeats.cast(pa.schema([(c, pa.large_string()) for c in repeats.column_names])),
+                   path / "part-2.parquet")
+    # (blocks of 50 rows: 7 key ranges, as a 350,000-row file would have)
+    monkeypatch.setattr(data, "ROWS_PER_SORTED_BLOCK", 50)
+    cfg = DataConfig(path=str(path), heldout_size=40, num_negatives=1)
+
+    def load() -> tuple[dict, list, list[list[dict]]]:
+        loaded = data.load_qa_data(cfg)
+        blocks = [t.to_pylist() for t in ray.get(loaded.train.to_arrow_refs()) if t.num_rows]
+        return loaded.counts, loaded.heldout, blocks
+
+    # When it is loaded with the sort here (333 rows read), and with Ray Data's sort (the limit set below them)
+    here = load()
+    monkeypatch.setattr(data, "LOCAL_SORT_MAX_ROWS", 0)
+    in_ray_data = load()
+    # Then the counts, the held-out pairs and each block of training rows are the same
+    assert here[0] == in_ray_data[0] and here[0]["read"] == 333 and here[0]["dropped"] == 3
+    assert here[1] == in_ray_data[1]
+    assert len(here[2]) >= 6 and here[2] == in_ray_data[2]
