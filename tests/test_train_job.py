@@ -148,12 +148,18 @@ def test_job_trains_the_default_model_and_writes_a_loadable_model_with_its_recor
     assert {"ray", "torch", "sentence-transformers"} <= set(record["versions"])
 
 
+def _six_steps(sample: str, model: str) -> list[str]:
+    """The run of the NaN, continue and weights tests: a model with dropout, so each step depends on the random
+    generator of each rank, 6 steps, checkpoints at steps 2, 4 and 6."""
+    return ["--data", sample, "--model", model, "--num-workers", "2", "--batch-size", "8", "--max-steps", "6",
+            "--eval-every-steps", "2", "--heldout-size", "40", "--max-seq-length", "32"]
+
+
 def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(cluster, sample,
-                                                                                      tiny_model_dir):
+                                                                                      tiny_model_with_dropout_dir):
     out = cluster["tmp"] / "nan" / "model"
-    result = submit(cluster, "--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers",
-                    "2", "--batch-size", "8", "--max-steps", "6", "--eval-every-steps", "2", "--heldout-size", "40",
-                    "--max-seq-length", "32", faults="train.nan_at_step=3")
+    result = submit(cluster, *_six_steps(sample, tiny_model_with_dropout_dir), "--output", str(out),
+                    faults="train.nan_at_step=3")
     log = result.stdout + result.stderr
     assert result.returncode != 0
     assert "loss became nan at step 3; training stopped, the last good checkpoint is" in log
@@ -162,21 +168,19 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_keeps_the_last_good_checkp
 
 
 def test_a_stopped_run_continues_on_request_and_a_worker_that_dies_resumes_from_the_last_checkpoint(
-        cluster, sample, tiny_model_dir):
+        cluster, sample, tiny_model_with_dropout_dir):
     # Given the run the NaN test stopped at step 3 (last good checkpoint: step 2), in its run folder
     out = cluster["tmp"] / "nan" / "model"
     run_dir = Path(str(out) + ".run")
     assert (run_dir / "stopped.json").exists()
-    args = ["--data", sample, "--model", tiny_model_dir, "--output", str(out), "--num-workers", "2",
-            "--batch-size", "8", "--max-steps", "6", "--eval-every-steps", "2", "--heldout-size", "40",
-            "--max-seq-length", "32"]
+    args = [*_six_steps(sample, tiny_model_with_dropout_dir), "--output", str(out)]
     # (one without --resume, or with other settings, is refused before any work: a test of its own, above)
     # When it is submitted with --resume (and without the NaN), one restart allowed, and the last worker dies at
     # the start of step 5 (test-only setting; checkpoints at steps 2, 4, 6)
     result = submit(cluster, *args, "--resume", "--max-failures", "1", faults="train.fail_at_step=5")
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
-    assert "exits at step 5" in log and "resumed from checkpoint at step 4" in log
+    assert "exits at step 5" in log and "resumed from checkpoint at step 4" in log and "reseeding" not in log
     # Then it continued from step 2, was restarted from the checkpoint at step 4, and finished: each step ran once
     record = json.loads((out / "denseqa.json").read_text())
     assert record["training"]["steps"] == 6
@@ -186,24 +190,22 @@ def test_a_stopped_run_continues_on_request_and_a_worker_that_dies_resumes_from_
     assert not (run_dir / "stopped.json").exists()
 
 
-def test_a_run_resumed_after_a_worker_died_ends_with_the_weights_of_the_run_that_did_not_stop(
+def test_a_run_stopped_and_restarted_ends_with_the_weights_of_a_run_that_did_not_stop(
         cluster, sample, tiny_model_with_dropout_dir):
     from safetensors.torch import load_file
 
-    # Given a model with dropout, where each step depends on the random generator of each rank
-    args = ["--data", sample, "--model", tiny_model_with_dropout_dir, "--num-workers", "2", "--batch-size", "8",
-            "--max-steps", "4", "--eval-every-steps", "2", "--heldout-size", "40", "--max-seq-length", "32"]
-    whole, resumed = cluster["tmp"] / "rng" / "whole", cluster["tmp"] / "rng" / "resumed"
-    # When one run trains 4 steps, and another the same 4 steps with its last worker dying at step 3
-    result = submit(cluster, *args, "--output", str(whole))
+    # Given the run of the two tests above: stopped by a NaN at step 3 and continued from step 2, then its last
+    # worker died at step 5 and it was restarted from step 4 (with dropout: each step draws from each rank's
+    # generator)
+    stopped_and_restarted = cluster["tmp"] / "nan" / "model"
+    assert stopped_and_restarted.exists()
+    # When the same 6 steps run without a stop
+    whole = cluster["tmp"] / "whole" / "model"
+    result = submit(cluster, *_six_steps(sample, tiny_model_with_dropout_dir), "--output", str(whole))
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    result = submit(cluster, *args, "--output", str(resumed), "--max-failures", "1", faults="train.fail_at_step=3")
-    log = result.stdout + result.stderr
-    assert result.returncode == 0, log[-5000:]
-    assert "resumed from checkpoint at step 2" in log and "reseeding" not in log
-    # Then the resumed run drew the same dropout masks from step 3 on, and its weights are the other run's exactly
-    # (each rank's generator states are in the checkpoint; reseeding would replay the first steps' masks)
-    want, got = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    # Then the restarted run drew the same dropout masks from each restart on, and its weights are this one's
+    # exactly (each rank's generator states are in the checkpoint; reseeding would replay the first steps' masks)
+    want, got = load_file(whole / "model.safetensors"), load_file(stopped_and_restarted / "model.safetensors")
     assert want.keys() == got.keys()
     assert [k for k in want if not torch.equal(want[k], got[k])] == []
 
