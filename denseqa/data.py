@@ -194,21 +194,51 @@ def _order_ties(block: pa.Table) -> pa.Table:
     return block.sort_by([(_SPLIT_KEY, "ascending"), (_ROW_KEY, "ascending")])
 
 
-def _sorted_here(fs: pafs.FileSystem, files: list[str], columns: list[str], boundaries: list[int],
-                 clean: dict[str, Any]):
-    """The dataset Ray Data's sort in :func:`load_qa_data` makes, made in this process with pyarrow: the same rows
-    in the same blocks, one for each range of split keys (a key equal to a boundary opens the next block, as in
-    Ray's sort), each in :func:`_order_ties`'s order. Why: on a few thousand pairs, Ray Data's read, clean and sort
-    tasks took 6 s of a 2-core machine, most of a small job's data step; pyarrow takes milliseconds. Each file is
-    cleaned on its own, as Ray Data cleans its blocks, so files whose string columns differ in type still
+def _sorted_here(fs: pafs.FileSystem, files: list[str], columns: list[str], clean: dict[str, Any]) -> pa.Table:
+    """The rows Ray Data's sort in :func:`load_qa_data` orders, read, cleaned and ordered in this process with
+    pyarrow. Why: on a few thousand pairs, Ray Data's read, clean and sort tasks took 6 s of a 2-core machine, most
+    of a small job's data step, and Ray had to start before a bad file was found; pyarrow takes milliseconds. Each
+    file is cleaned on its own, as Ray Data cleans its blocks, so files whose string columns differ in type still
     concatenate."""
-    import ray.data
-
-    ordered = _order_ties(pa.concat_tables(
+    return _order_ties(pa.concat_tables(
         [_clean_batch(pq.read_table(f, filesystem=fs, columns=columns), **clean) for f in files]))
-    cuts = [0, *np.searchsorted(ordered.column(_SPLIT_KEY).to_numpy(), boundaries, side="left"), ordered.num_rows]
-    blocks = [ordered.slice(start, end - start) for start, end in pairwise(cuts) if end > start]
-    return ray.data.from_arrow(blocks or [ordered])
+
+
+def _blocks(ordered: pa.Table, boundaries: list[int], start: int) -> list[pa.Table]:
+    """The rows of ``ordered`` from ``start`` on, in the blocks Ray Data's sort and split make of them: one for each
+    range of split keys (a key equal to a boundary opens the next range, as in Ray's sort), less the held-out rows
+    before ``start``."""
+    cuts = np.searchsorted(ordered.column(_SPLIT_KEY).to_numpy(), boundaries, side="left")
+    edges = [start, *np.maximum(cuts, start), ordered.num_rows]
+    return [ordered.slice(a, b - a) for a, b in pairwise(edges) if b > a]
+
+
+def _heldout_asked(cfg: DataConfig, n_read: int, n_kept: int) -> int:
+    """The held-out size asked for, once the rows kept after cleaning pass the checks; InputError if they do not."""
+    n_dropped = n_read - n_kept
+    if n_dropped:
+        logger.info("dropped %d of %d rows with a null, empty or whitespace-only text", n_dropped, n_read)
+    if n_kept == 0:
+        raise InputError(f"{cfg.path}: no rows left after dropping {n_dropped} rows with empty texts")
+    if n_dropped / n_read > cfg.max_dropped_fraction:
+        raise InputError(
+            f"{cfg.path}: {n_dropped} of {n_read} rows ({n_dropped / n_read:.1%}) have a null or empty "
+            f"{cfg.question_column!r} or {cfg.answer_column!r}, more than max_dropped_fraction "
+            f"{cfg.max_dropped_fraction:.0%}; clean the data or raise --max-dropped-fraction"
+        )
+    n_heldout = heldout_count(n_kept, cfg)
+    if n_kept - n_heldout < 2:
+        raise InputError(f"{cfg.path}: only {n_kept} usable rows; too few to hold out {n_heldout} and train")
+    return n_heldout
+
+
+def _check_trainable(cfg: DataConfig, n_kept: int, n_heldout: int) -> None:
+    """The cut falls after a whole question: the rows of a repeated question share its key and so lie together,
+    and the copies of the one at the cut would otherwise land on both sides (trained on and evaluated). Enough
+    rows must be left to train on."""
+    if n_kept - n_heldout < 2:
+        raise InputError(f"{cfg.path}: only {n_kept} usable rows, {n_heldout} of them held out with their "
+                         "question's repeats; too few to train")
 
 
 def keep_with_negatives(batch: pa.Table, negative_columns: list[str], score_columns: tuple[str, ...] = ()) -> pa.Table:
@@ -276,36 +306,29 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
     parts = max(2, math.ceil(n_read / ROWS_PER_SORTED_BLOCK))
     boundaries = [(i << 63) // parts for i in range(1, parts)]
     if n_read <= LOCAL_SORT_MAX_ROWS:
-        ordered = _sorted_here(fs, files, columns, boundaries, clean)
+        # Sorted here (_sorted_here): bad rows are found before Ray starts, and the blocks are Ray Data's
+        ordered = _sorted_here(fs, files, columns, clean)
+        n_kept = ordered.num_rows
+        asked = _heldout_asked(cfg, n_read, n_kept)
+        keys = ordered.column(_SPLIT_KEY).to_numpy()
+        n_heldout = int(np.searchsorted(keys, keys[asked - 1], side="right"))  # to the end of the cut's question
+        _check_trainable(cfg, n_kept, n_heldout)
+        heldout = list(zip(*(ordered.column(c).slice(0, n_heldout).to_pylist() for c in (QUESTION, ANSWER)),
+                           strict=True))
+        train_ds = ray.data.from_arrow(_blocks(ordered, boundaries, start=n_heldout))
     else:
         ordered = (ray.data.read_parquet(files, filesystem=fs, columns=columns)
                    .map_batches(_clean_batch, batch_format="pyarrow", fn_kwargs=clean)
                    .sort(_SPLIT_KEY, boundaries=boundaries)
                    .map_batches(_order_ties, batch_format="pyarrow", batch_size=None).materialize())
-    n_kept = ordered.count()
+        n_kept = ordered.count()
+        n_heldout = _heldout_asked(cfg, n_read, n_kept)
+        last_key = ordered.split_at_indices([n_heldout])[0].take_all()[-1][_SPLIT_KEY]
+        n_heldout = ordered.filter(expr=col(_SPLIT_KEY) <= last_key).count()
+        _check_trainable(cfg, n_kept, n_heldout)
+        heldout_ds, train_ds = ordered.split_at_indices([n_heldout])
+        heldout = [(r[QUESTION], r[ANSWER]) for r in heldout_ds.take_all()]
     n_dropped = n_read - n_kept
-    if n_dropped:
-        logger.info("dropped %d of %d rows with a null, empty or whitespace-only text", n_dropped, n_read)
-    if n_kept == 0:
-        raise InputError(f"{cfg.path}: no rows left after dropping {n_dropped} rows with empty texts")
-    if n_dropped / n_read > cfg.max_dropped_fraction:
-        raise InputError(
-            f"{cfg.path}: {n_dropped} of {n_read} rows ({n_dropped / n_read:.1%}) have a null or empty "
-            f"{cfg.question_column!r} or {cfg.answer_column!r}, more than max_dropped_fraction "
-            f"{cfg.max_dropped_fraction:.0%}; clean the data or raise --max-dropped-fraction"
-        )
-    n_heldout = heldout_count(n_kept, cfg)
-    if n_kept - n_heldout < 2:
-        raise InputError(f"{cfg.path}: only {n_kept} usable rows; too few to hold out {n_heldout} and train")
-    # The cut falls after a whole question: the rows of a repeated question share its key and so lie together,
-    # and the copies of the one at the cut would otherwise land on both sides (trained on and evaluated).
-    last_key = ordered.split_at_indices([n_heldout])[0].take_all()[-1][_SPLIT_KEY]
-    n_heldout = ordered.filter(expr=col(_SPLIT_KEY) <= last_key).count()
-    if n_kept - n_heldout < 2:
-        raise InputError(f"{cfg.path}: only {n_kept} usable rows, {n_heldout} of them held out with their "
-                         "question's repeats; too few to train")
-    heldout_ds, train_ds = ordered.split_at_indices([n_heldout])
-    heldout = [(r[QUESTION], r[ANSWER]) for r in heldout_ds.take_all()]
     train_ds = train_ds.select_columns([QUESTION, ANSWER, *negatives, *teachers])
     counts = {"read": n_read, "dropped": n_dropped, "heldout": n_heldout, "train": n_kept - n_heldout}
     if negatives:

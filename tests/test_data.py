@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import pytest
+
+import denseqa.data as data
 from denseqa.config import DataConfig
 from denseqa.data import load_qa_data
 
 
-def test_split_is_deterministic_grouped_by_question_and_counts_drops(ray_local, qa_parquet):
+@pytest.mark.parametrize("local_sort_max_rows", [100_000, 0], ids=["sorted-here", "sorted-by-ray-data"])
+def test_split_is_deterministic_grouped_by_question_and_counts_drops(ray_local, qa_parquet, monkeypatch,
+                                                                      local_sort_max_rows):
+    monkeypatch.setattr(data, "LOCAL_SORT_MAX_ROWS", local_sort_max_rows)
     # Given 60 pairs where questions repeat in threes, plus 3 rows with empty texts
     questions = [f"question {i // 3}" for i in range(60)] + ["", None, "q"]
     answers = [f"answer {i}" for i in range(60)] + ["a", "b", "  "]
@@ -34,7 +40,6 @@ def test_distillation_names_the_file_of_a_folder_that_lacks_the_teacher_scores(t
     import pyarrow as pa
     import pyarrow.fs as pafs
     import pyarrow.parquet as pq
-    import pytest
 
     from denseqa.data import teacher_columns
     from denseqa.errors import InputError
@@ -101,8 +106,6 @@ def test_the_sort_in_this_process_makes_the_blocks_ray_datas_sort_makes(ray_loca
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
-
-    import denseqa.data as data
 
     from .conftest import real_pairs
 
