@@ -1,7 +1,9 @@
 """Stage 1, data: read question/answer parquet with Ray Data, validate it, clean it and split off a held-out set.
 
 Everything here runs on the driver before any training worker is requested, so bad input fails fast with one
-line (:class:`~denseqa.errors.InputError`, exit code 2) instead of after a cluster has scaled up.
+line (:class:`~denseqa.errors.InputError`, exit code 2) instead of after a cluster has scaled up. Up to
+:data:`LOCAL_SORT_MAX_ROWS` rows, the reading, cleaning and sorting are done in the driver's own process with
+pyarrow, into the blocks Ray Data's tasks make of larger data.
 
 The held-out split is by a seeded hash of the question text: deterministic, and rows that repeat a question
 land on the same side, so no held-out question was seen in training. Sorting by that hash also gives the
