@@ -322,6 +322,11 @@ class MineConfig(Section):
         1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.",
         ge=1, operational=True,
     )
+    local_max: int = _f(
+        2000, "Up to this many training pairs, on CPU, the job's own process mines them (teacher included): an "
+        "actor's start-up (~10 s) would take longer than its work. 0: always the actor pool.", ge=0,
+        operational=True,
+    )
     bm25_stopwords: StopwordList = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")
     bm25_tokenizer: Literal["auto", "regex", "kiwi"] = _f(
         "auto", "How BM25 cuts text into terms: regex (bm25s's words), kiwi (Korean morphemes, kiwipiepy), or auto "

@@ -196,6 +196,22 @@ def test_model_mining_writes_negatives_that_respect_range_and_margin(ray_local, 
     _check_negatives(mined, record, rank, (2, 20), 0.1)
 
 
+def test_mining_in_the_jobs_process_writes_what_the_actors_write(ray_local, pairs, tmp_path):
+    # Given 271 training pairs: under mine.local_max, so the job's own process mines them
+    path, _ = pairs
+    here, here_record = _mine(path, str(tmp_path / "here"), method="bm25")
+    # When the actor pool mines them instead (local_max 0, what more pairs than the limit get)
+    actors, actors_record = _mine(path, str(tmp_path / "actors"), method="bm25", local_max=0)
+    # Then the same negatives were chosen for the same pairs, and the records say where and count alike
+    assert (here_record["mined_in"], actors_record["mined_in"]) == ("driver", "actors")
+    assert here_record["counts"] == actors_record["counts"]
+
+    def rows(table: pa.Table) -> list[tuple]:
+        return sorted(tuple(r.values()) for r in table.to_pylist())
+
+    assert here.column_names == actors.column_names and rows(here) == rows(actors)
+
+
 def test_training_data_reads_negative_columns_and_drops_pairs_without_them(ray_local, qa_parquet):
     questions = [f"question {i}" for i in range(40)]
     answers = [f"answer {i}" for i in range(40)]

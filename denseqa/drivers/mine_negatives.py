@@ -12,6 +12,8 @@ import time
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from denseqa import storage, tracking
 from denseqa.config import COMMAND_SECTIONS, CorpusConfig, IndexConfig, JobConfig
@@ -59,7 +61,6 @@ def _repeated_questions(train) -> dict[str, list[str]]:
 def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, Any]:
     """Embed the candidate answers with build-index's Ray Data job into an exact (Flat) index under ``work`` (a
     local path or a URI, beside the output: on a cluster, every mining actor loads it)."""
-    import pyarrow.parquet as pq
 
     from denseqa.drivers.build_index import run_build_index
     from denseqa.texts import text_id
@@ -77,9 +78,34 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
     return {"kind": "dense", "index_dir": index_dir}
 
 
+def _mined_here(pairs: pa.Table, miner: dict[str, Any], batch_size: int) -> pa.Table:
+    """The mining actors' work done in this process, for few pairs on CPU: the same :class:`NegativeMiner` over the
+    same batches, so the negatives are the ones the actors would have chosen (their random draws are seeded by each
+    question). Why: a mining actor is a new process that imports torch and loads the retriever and any model (~10
+    s here) before its first batch, and each Ray Data step around it (the distinct answers, the repeated
+    questions, the counts, the write) takes seconds on 2 cores; a few thousand pairs take less to mine."""
+    logger.info("mining %d pairs in this process (at most mine.local_max: no actor to start)", pairs.num_rows)
+    mine = NegativeMiner(**{**miner, "retriever": {**miner["retriever"], "device": "cpu"}}, torch_threads=None)
+    return pa.concat_tables([mine(pairs.slice(start, batch_size)) for start in range(0, pairs.num_rows, batch_size)])
+
+
+def _repeated_questions_here(pairs: pa.Table) -> dict[str, list[str]]:
+    """:func:`_repeated_questions` of the training pairs as a table in this process."""
+    answers: dict[str, list[str]] = {}
+    for question, answer in zip(pairs.column(QUESTION).to_pylist(), pairs.column(ANSWER).to_pylist(), strict=True):
+        answers.setdefault(question, []).append(answer)
+    return {q: sorted(set(a)) for q, a in answers.items() if len(a) > 1}
+
+
+def _column_sum(table, column: str) -> float:
+    """A column's sum, of a Ray Dataset or of a table in this process."""
+    total = pc.sum(table.column(column)).as_py() if isinstance(table, pa.Table) else table.sum(column)
+    return total or 0
+
+
 def _teacher_record(teacher: str, scored, pairs: int, columns: list[str]) -> dict[str, Any]:
     """What the teacher scored and how fast: the cost of distillation's targets."""
-    seconds = float(scored.sum(TEACHER_SECONDS_COLUMN) or 0.0)
+    seconds = float(_column_sum(scored, TEACHER_SECONDS_COLUMN))
     logger.info("teacher %s scored %d (question, passage) pairs, %.1f pairs/s per actor", teacher, pairs,
                 pairs / seconds if seconds else float("nan"))
     return {"path": teacher, "scores": "logits", "columns": columns, "pairs_scored": pairs,
@@ -150,7 +176,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     from denseqa.cluster import check_reachable_by_every_node
     from denseqa.data import load_qa_data
     from denseqa.model import check_model_source, describe_model
-    from denseqa.resources import model_actors
+    from denseqa.resources import embeds_on_gpu, model_actors
 
     started = time.time()
     m = cfg.mine
@@ -163,11 +189,16 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
     data = load_qa_data(cfg.data.model_copy(update={"num_negatives": 0}))
     check_reachable_by_every_node(output, "output folder", m.shared_filesystem)  # write tasks run on any node
-    texts = sorted(data.train.unique(ANSWER))
+    # BM25 needs no GPU; a teacher scoring the pairs does the work a GPU is for.
+    use_gpu = embeds_on_gpu(cfg.embed.use_gpu if m.method == "dense" or m.teacher else False)
+    # Few pairs on CPU: mined in this process, from a table, with no Ray Data step (_mined_here)
+    in_driver = not use_gpu and data.counts["train"] <= m.local_max
+    pairs = pa.concat_tables(ray.get(data.train.to_arrow_refs())) if in_driver else None
+    texts = sorted(set(pairs.column(ANSWER).to_pylist())) if in_driver else sorted(data.train.unique(ANSWER))
     if len(texts) < 2:
         raise InputError(f"{cfg.data.path}: {len(texts)} distinct training answer(s); mining needs other answers "
                          "to take negatives from")
-    other_answers = _repeated_questions(data.train)
+    other_answers = _repeated_questions_here(pairs) if in_driver else _repeated_questions(data.train)
     logger.info("mining %d %s negative(s) per pair for %d training pairs among %d distinct answers (ranks %d..%d%s)",
                 m.num_negatives, m.method, data.counts["train"], len(texts), m.range_min, m.range_max,
                 f", relative margin {m.relative_margin}" if m.relative_margin is not None else "")
@@ -178,42 +209,48 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         if m.method == "bm25":
             bm25 = BM25Index.build(texts, m.bm25_stopwords, tokenizer=m.bm25_tokenizer)
             logger.info("BM25 tokenizer: %s%s", bm25.tokenizer, " (auto)" if m.bm25_tokenizer == "auto" else "")
-            retriever = {"kind": "bm25", "index": ray.put(bm25)}
-            # BM25 needs no GPU; a teacher scoring the pairs does the work a GPU is for.
-            pool = model_actors("mining", use_gpu=bool(m.teacher) and cfg.embed.use_gpu, actors=m.actors,
-                                cpus_per_actor=cfg.embed.cpus_per_actor)
+            retriever = {"kind": "bm25", "index": bm25}
         else:
             retriever = _dense_retriever(cfg, texts, work)
-            pool = model_actors("mining", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
-        retriever["device"] = "cuda" if pool.use_gpu else "cpu"
-        mined = data.train.map_batches(
-            NegativeMiner,
-            fn_constructor_kwargs={"cfg": m.model_dump(), "texts": ray.put(texts), "retriever": retriever,
-                                   "other_answers": ray.put(other_answers), "torch_threads": pool.torch_threads},
-            batch_size=m.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),
-            num_cpus=pool.cpus, num_gpus=1 if pool.use_gpu else None,
-        ).materialize()
+        miner = {"cfg": m.model_dump(), "texts": texts, "retriever": retriever, "other_answers": other_answers}
+        if in_driver:
+            mined = _mined_here(pairs, miner, m.batch_size)
+        else:
+            pool = model_actors("mining", use_gpu, m.actors, cfg.embed.cpus_per_actor)
+            # Large arguments go through the object store, once per node.
+            miner.update(texts=ray.put(texts), other_answers=ray.put(other_answers), torch_threads=pool.torch_threads,
+                         retriever={**retriever, "device": "cuda" if pool.use_gpu else "cpu"} | (
+                             {"index": ray.put(retriever["index"])} if m.method == "bm25" else {}))
+            mined = data.train.map_batches(
+                NegativeMiner, fn_constructor_kwargs=miner, batch_size=m.batch_size, batch_format="pyarrow",
+                compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
+                num_gpus=1 if pool.use_gpu else None,
+            ).materialize()
         columns = negative_column_names(m.num_negatives)
         scores = teacher_column_names(m.num_negatives) if m.teacher else []
-        complete = int(mined.sum(COMPLETE_COLUMN) or 0)
+        complete = int(_column_sum(mined, COMPLETE_COLUMN))
         teacher = _teacher_record(m.teacher, mined, complete * (1 + m.num_negatives), scores) if m.teacher else None
         counts = {"train_pairs": data.counts["train"], "with_all_negatives": complete,
                   "without_all_negatives": data.counts["train"] - complete,
                   "heldout_pairs_without_negatives": data.counts["heldout"], "candidates": len(texts),
                   "questions_with_several_answers": len(other_answers),
-                  "skipped_by_margin": int(mined.sum(SKIPPED_COLUMN) or 0)}
-        heldout = ray.data.from_arrow(pa.table({
+                  "skipped_by_margin": int(_column_sum(mined, SKIPPED_COLUMN))}
+        heldout = pa.table({
             QUESTION: [q for q, _ in data.heldout], ANSWER: [a for _, a in data.heldout],
             **{c: pa.nulls(len(data.heldout), pa.string()) for c in columns},
-            **{c: pa.nulls(len(data.heldout), pa.float32()) for c in scores}}))
+            **{c: pa.nulls(len(data.heldout), pa.float32()) for c in scores}})
+        internal = [SKIPPED_COLUMN, COMPLETE_COLUMN, *([TEACHER_SECONDS_COLUMN] if m.teacher else [])]
+        names = {"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column}
         # Ray Data's write tasks write the pairs, on any node: the staging must be storage they all reach.
-        with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
+        with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=not in_driver) as staging:
             fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
-            mined.drop_columns([SKIPPED_COLUMN, COMPLETE_COLUMN, *([TEACHER_SECONDS_COLUMN] if m.teacher else [])]
-                               ).union(heldout).map_batches(
-                _rename, batch_format="pyarrow",
-                fn_kwargs={"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column},
-            ).write_parquet(path, filesystem=fs)
+            if in_driver:
+                fs.create_dir(path, recursive=True)
+                pq.write_table(_rename(pa.concat_tables([mined.drop_columns(internal), heldout]), **names),
+                               f"{path}/part-00000.parquet", filesystem=fs)
+            else:
+                mined.drop_columns(internal).union(ray.data.from_arrow(heldout)).map_batches(
+                    _rename, batch_format="pyarrow", fn_kwargs=names).write_parquet(path, filesystem=fs)
             record = {
                 "method": m.method,
                 "model": describe_model(cfg.model) if m.method == "dense" else None,
@@ -225,6 +262,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 "config": cfg.to_record(),
                 "seconds": round(time.time() - started, 1),
                 "created": utc_now(),
+                "mined_in": "driver" if in_driver else "actors",
                 "output": masked(output),
             }
             storage.write_json(storage.join(staging, RECORD_FILE), record)
