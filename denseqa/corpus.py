@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from denseqa.config import CorpusConfig
-from denseqa.data import check_schema, resolve_parquet_files, sample_strings
+from denseqa.data import RAY_PARQUET_EXTENSIONS, check_schema, resolve_parquet_files, sample_strings
 from denseqa.errors import InputError
 from denseqa.logs import configure_ray_data
 from denseqa.texts import non_blank, text_id
@@ -132,7 +132,8 @@ def load_corpus(cfg: CorpusConfig, checked: tuple[Any, list[str], int] | None = 
     columns = [cfg.text] if id_column is None else [id_column, cfg.text]
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     configure_ray_data()
-    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns).map_batches(
+    dataset = ray.data.read_parquet(files, filesystem=fs, columns=columns,
+                                    file_extensions=RAY_PARQUET_EXTENSIONS).map_batches(
         clean_corpus_batch, batch_format="pyarrow", fn_kwargs={"id_column": id_column, "text_column": cfg.text}
     )
     return Corpus(dataset=dataset, path=cfg.path, files=files, rows=rows, derived_ids=id_column is None,

@@ -38,6 +38,9 @@ from denseqa.texts import digest64, non_blank, split_key
 logger = logging.getLogger(__name__)
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
+# What ray.data.read_parquet is told to read: by default it skips every file not named .parquet, which
+# resolve_parquet_files has listed and check_schema counted (their rows would vanish as "dropped").
+RAY_PARQUET_EXTENSIONS = [suffix.lstrip(".") for suffix in PARQUET_SUFFIXES]
 # Columns of the cleaned training dataset, whatever the input calls them.
 QUESTION, ANSWER = "question", "answer"
 NEGATIVE_PATTERN = re.compile(r"negative_(\d+)")  # hard negatives: negative_1 .. negative_n (mine-negatives)
@@ -319,7 +322,8 @@ def load_qa_data(cfg: DataConfig, with_teacher_scores: bool = False) -> QAData:
                            strict=True))
         train_ds = ray.data.from_arrow(_blocks(ordered, boundaries, start=n_heldout))
     else:
-        ordered = (ray.data.read_parquet(files, filesystem=fs, columns=columns)
+        ordered = (ray.data.read_parquet(files, filesystem=fs, columns=columns,
+                                         file_extensions=RAY_PARQUET_EXTENSIONS)
                    .map_batches(_clean_batch, batch_format="pyarrow", fn_kwargs=clean)
                    .sort(_SPLIT_KEY, boundaries=boundaries)
                    .map_batches(_order_ties, batch_format="pyarrow", batch_size=None).materialize())

@@ -121,7 +121,7 @@ def test_the_sort_in_this_process_makes_the_blocks_ray_datas_sort_makes(ray_loca
     pq.write_table(pairs.slice(0, 150), path / "part-0.parquet")
     pq.write_table(pa.concat_tables([pairs.slice(150), blanks.cast(pairs.schema)]), path / "part-1.parquet")
     pq.write_table(repeats.cast(pa.schema([(c, pa.large_string()) for c in repeats.column_names])),
-                   path / "part-2.parquet")
+                   path / "part-2.pq")  # (a suffix Ray Data skips unless told)
     # (blocks of 50 rows: 7 key ranges, as a 350,000-row file would have)
     monkeypatch.setattr(data, "ROWS_PER_SORTED_BLOCK", 50)
     cfg = DataConfig(path=str(path), heldout_size=40, num_negatives=1)
