@@ -322,7 +322,7 @@ class MineConfig(Section):
         1, "Mining actors; each holds the retriever (and, for dense, the query encoder) once.",
         ge=1, operational=True,
     )
-    local_max: int = _f(
+    local_max_pairs: int = _f(
         2000, "Up to this many training pairs, on CPU, the job's own process mines them (teacher included): an "
         "actor's start-up (~10 s) would take longer than its work. 0: always the actor pool.", ge=0,
         operational=True,

@@ -150,7 +150,10 @@ class NegativeMiner:
         skipped = []
         for q, s, p, own in zip(questions, scores, positions, positives, strict=True):
             rng = np.random.default_rng([self.cfg.seed, split_key(q, self.cfg.seed)])
-            chosen, margin_skipped = select_negatives(s, p, own, self.cfg, rng)
+            # Each question's own depth, not the batch's: a positive ranked below it must count as unranked
+            # whatever else the batch holds, or the margin's check would depend on how the pairs were batched.
+            depth = self.cfg.range_max + max(len(own), 1)
+            chosen, margin_skipped = select_negatives(s[:depth], p[:depth], own, self.cfg, rng)
             skipped.append(margin_skipped)
             for i in range(n):
                 columns[i].append(self.texts[chosen[i]] if i < len(chosen) else None)

@@ -197,11 +197,11 @@ def test_model_mining_writes_negatives_that_respect_range_and_margin(ray_local, 
 
 
 def test_mining_in_the_jobs_process_writes_what_the_actors_write(ray_local, pairs, tmp_path):
-    # Given 271 training pairs: under mine.local_max, so the job's own process mines them
+    # Given 271 training pairs: under mine.local_max_pairs, so the job's own process mines them
     path, _ = pairs
     here, here_record = _mine(path, str(tmp_path / "here"), method="bm25")
-    # When the actor pool mines them instead (local_max 0, what more pairs than the limit get)
-    actors, actors_record = _mine(path, str(tmp_path / "actors"), method="bm25", local_max=0)
+    # When the actor pool mines them instead (local_max_pairs 0, what more pairs than the limit get)
+    actors, actors_record = _mine(path, str(tmp_path / "actors"), method="bm25", local_max_pairs=0)
     # Then the same negatives were chosen for the same pairs, and the records say where and count alike
     assert (here_record["mined_in"], actors_record["mined_in"]) == ("driver", "actors")
     assert here_record["counts"] == actors_record["counts"]

@@ -215,9 +215,9 @@ def mined(cluster, sample) -> dict:
     """BM25 negatives mined by the mining job, submitted like any job: one for each of 350 training pairs."""
     out = cluster["tmp"] / "negatives"
     result = submit_job(cluster, "mine_negatives", "--data", sample, "--heldout-size", "50", "--output", str(out),
-                        "--mine.method", "bm25", "--mine.num-negatives", "1", "--mine.local-max", "0")
+                        "--mine.method", "bm25", "--mine.num-negatives", "1", "--local-max-pairs", "0")
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    # (--mine.local-max 0: mined by the actor pool, as more pairs than the limit are; fewer are mined in the job's
+    # (--local-max-pairs 0: mined by the actor pool, as more pairs than the limit are; fewer are mined in the job's
     # own process, tests/test_negatives.py)
     assert json.loads((out / "negatives.json").read_text())["mined_in"] == "actors"
     counts = json.loads((out / "negatives.json").read_text())["counts"]

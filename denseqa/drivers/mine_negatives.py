@@ -84,7 +84,7 @@ def _mined_here(pairs: pa.Table, miner: dict[str, Any], batch_size: int) -> pa.T
     question). Why: a mining actor is a new process that imports torch and loads the retriever and any model (~10
     s here) before its first batch, and each Ray Data step around it (the distinct answers, the repeated
     questions, the counts, the write) takes seconds on 2 cores; a few thousand pairs take less to mine."""
-    logger.info("mining %d pairs in this process (at most mine.local_max: no actor to start)", pairs.num_rows)
+    logger.info("mining %d pairs in this process (at most mine.local_max_pairs: no actor to start)", pairs.num_rows)
     mine = NegativeMiner(**{**miner, "retriever": {**miner["retriever"], "device": "cpu"}}, torch_threads=None)
     return pa.concat_tables([mine(pairs.slice(start, batch_size)) for start in range(0, pairs.num_rows, batch_size)])
 
@@ -188,11 +188,12 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         _check_teacher(m.teacher)
     # Existing negative columns (a mined file mined again) are ignored: the output gets this run's.
     data = load_qa_data(cfg.data.model_copy(update={"num_negatives": 0}))
-    check_reachable_by_every_node(output, "output folder", m.shared_filesystem)  # write tasks run on any node
     # BM25 needs no GPU; a teacher scoring the pairs does the work a GPU is for.
     use_gpu = embeds_on_gpu(cfg.embed.use_gpu if m.method == "dense" or m.teacher else False)
-    # Few pairs on CPU: mined in this process, from a table, with no Ray Data step (_mined_here)
-    in_driver = not use_gpu and data.counts["train"] <= m.local_max
+    # Few pairs on CPU: mined in this process from a table (_mined_here), and written by it
+    in_driver = not use_gpu and data.counts["train"] <= m.local_max_pairs
+    if not in_driver:  # mining actors and write tasks run on any node
+        check_reachable_by_every_node(output, "output folder", m.shared_filesystem)
     pairs = pa.concat_tables(ray.get(data.train.to_arrow_refs())) if in_driver else None
     texts = sorted(set(pairs.column(ANSWER).to_pylist())) if in_driver else sorted(data.train.unique(ANSWER))
     if len(texts) < 2:
