@@ -1,0 +1,66 @@
+"""mine-negatives on a small training set (issue 16): the whole job's wall time with the mining done in the job's
+own process (the default up to ``mine.local_max_pairs`` training pairs on CPU) and by the actor pool (the path
+above it, forced with ``local_max_pairs`` 0), for BM25 and for dense mining with the bundled model.
+
+    python bench/bench_mining_small.py --out bench/results/mining-small.json
+
+Ray is started once, before the timings, with as many CPUs as the machine has (a job joining a running cluster).
+Each figure is one ``run_mining`` call, from reading the pairs to the written output, after one untimed warm-up
+run of the same configuration (imports, the ONNX export's cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from bench_data import DATA, _sample  # (bench/, this script's folder)
+from results_file import ResultsFile
+
+
+def timed_mining(data: str, out: str, method: str, local_max_pairs: int) -> dict:
+    from denseqa.config import COMMAND_SECTIONS, JobConfig
+    from denseqa.drivers.mine_negatives import run_mining
+
+    def once(name: str) -> tuple[float, dict]:
+        cfg = JobConfig.from_dict({"data": {"path": data}, "mine": {
+            "output": f"{out}/{name}", "method": method, "local_max_pairs": local_max_pairs, "overwrite": True}},
+            "bench", COMMAND_SECTIONS["mine-negatives"])
+        started = time.perf_counter()
+        record = run_mining(cfg)
+        return time.perf_counter() - started, record
+
+    once("warm-up")
+    seconds, record = once("timed")
+    return {"seconds": round(seconds, 1), "mined_in": record["mined_in"], "counts": record["counts"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=2000, help="pairs drawn at random from the English data")
+    parser.add_argument("--methods", default="bm25,dense")
+    parser.add_argument("--out", default="bench/results/mining-small.json")
+    args = parser.parse_args()
+
+    import ray
+
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    results = ResultsFile(args.out)
+    table = pq.read_table(DATA, columns=["question", "answer"])
+    with tempfile.TemporaryDirectory() as tmp:
+        data = str(Path(tmp) / "pairs.parquet")
+        pq.write_table(table.take(_sample(table.num_rows, args.pairs)), data)
+        for method in args.methods.split(","):
+            row = {"pairs": args.pairs, "defaults": "mine.local_max_pairs 2000, everything else at its default"}
+            for name, local_max_pairs in (("in_the_jobs_process", 2000), ("actor_pool", 0)):
+                row[name] = timed_mining(data, f"{tmp}/{method}-{name}", method, local_max_pairs)
+            row["speedup"] = round(row["actor_pool"]["seconds"] / row["in_the_jobs_process"]["seconds"], 1)
+            results.save(f"{method}_{args.pairs}", row)
+
+
+if __name__ == "__main__":
+    main()
