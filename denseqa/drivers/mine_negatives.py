@@ -79,11 +79,12 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
 
 
 def _mined_here(pairs: pa.Table, miner: dict[str, Any], batch_size: int) -> pa.Table:
-    """The mining actors' work done in this process, for few pairs on CPU: the same :class:`NegativeMiner` over the
-    same batches, so the negatives are the ones the actors would have chosen (their random draws are seeded by each
-    question). Why: a mining actor is a new process that imports torch and loads the retriever and any model (~10
-    s here) before its first batch, and each Ray Data step around it (the distinct answers, the repeated
-    questions, the counts, the write) takes seconds on 2 cores; a few thousand pairs take less to mine."""
+    """The mining actors' work done in this process, for few pairs on CPU: the same :class:`NegativeMiner`, so the
+    negatives are the ones the actors choose, however the pairs are batched (each question's random draws are
+    seeded by the question, and its ranking is cut at its own depth). Why: a mining actor is a new process that
+    imports torch and loads the retriever and any model (~10 s here) before its first batch, and each Ray Data step
+    around it (the distinct answers, the repeated questions, the counts, the write) takes seconds on 2 cores; a
+    few thousand pairs take less to mine."""
     logger.info("mining %d pairs in this process (at most mine.local_max_pairs: no actor to start)", pairs.num_rows)
     mine = NegativeMiner(**{**miner, "retriever": {**miner["retriever"], "device": "cpu"}}, torch_threads=None)
     return pa.concat_tables([mine(pairs.slice(start, batch_size)) for start in range(0, pairs.num_rows, batch_size)])
@@ -242,7 +243,8 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             **{c: pa.nulls(len(data.heldout), pa.float32()) for c in scores}})
         internal = [SKIPPED_COLUMN, COMPLETE_COLUMN, *([TEACHER_SECONDS_COLUMN] if m.teacher else [])]
         names = {"question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column}
-        # Ray Data's write tasks write the pairs, on any node: the staging must be storage they all reach.
+        # Ray Data's write tasks (the actor path) write the pairs on any node: the staging must be storage they all
+        # reach. Mined in this process, the pairs are written here.
         with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=not in_driver) as staging:
             fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
             if in_driver:
