@@ -338,6 +338,16 @@ def recorded_backend(recorded: dict) -> dict:
     return recorded.get("backend") or TORCH_BACKEND
 
 
+def passage_encoder(encoder: Encoder, cfg: ModelConfig, precision: str, device: str | None = None) -> Encoder:
+    """The encoder that embeds passages at ``precision`` (``embed.precision`` resolved, as an index manifest records
+    it): ``encoder`` itself, or for bf16 when ``encoder`` runs on ONNX Runtime, ``cfg``'s torch model loaded again
+    (bf16 autocast is torch's; the queries stay on ``encoder``'s backend)."""
+    if precision != "fp32" and encoder.backend["name"] != "torch":
+        encoder = Encoder.load(cfg.model_copy(update={"backend": "torch"}), device=device)
+    encoder.passage_precision = precision
+    return encoder
+
+
 def query_model_config(recorded: dict, model: str | None = None) -> ModelConfig:
     """The model config that encodes queries for an index whose manifest records ``recorded`` (its ``model``):
     the same model (or ``model``, to be checked against it), length, prompts and backend as its passages."""

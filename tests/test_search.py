@@ -231,6 +231,34 @@ def test_evaluation_reranks_the_head_of_each_mode_by_the_cross_encoder(tiny_inde
     assert report["modes"]["dense+rerank"]["recall@100"] == report["modes"]["dense"]["recall@100"]
 
 
+def test_the_zero_shot_row_embeds_the_passages_as_the_index_did(ray_local, tiny_model_dir, tmp_path):
+    """evaluate's zero-shot row re-embeds the passages with the starting model at the index's passage precision:
+    bf16 passages (torch autocast) where the queries run on ONNX Runtime, as build-index embedded them."""
+    from denseqa.drivers.build_index import run_build_index
+    from denseqa.drivers.evaluate import zero_shot_ranking
+    from denseqa.eval import CURVE_MAX_K
+    from denseqa.model import query_model_config
+
+    # Given an index whose passages were embedded under bf16 autocast, its queries encoded by ONNX Runtime
+    pairs = real_pairs(150, seed=6)
+    pq.write_table(pairs, tmp_path / "qa.parquet")
+    manifest = run_build_index(JobConfig.from_dict({
+        "corpus": {"path": str(tmp_path / "qa.parquet"), "from_answers": True},
+        "model": {"model": tiny_model_dir, "backend": "onnx"}, "embed": {"precision": "bf16"},
+        "index": {"output": str(tmp_path / "index"), "factory": "Flat", "bm25": False},
+    }, sections=("corpus", "model", "embed", "index")))
+    assert (manifest["model"]["backend"]["name"], manifest["model"]["passage_precision"]) == ("onnx", "bf16")
+    searcher = Searcher(str(tmp_path / "index"))
+    questions = pairs.column("question").to_pylist()[:30]
+    # When the zero-shot row ranks them with the same weights (the model as its own starting point), in batches of
+    # the build's size
+    ranked = zero_shot_ranking(query_model_config(manifest["model"]), manifest["model"], searcher, questions,
+                               batch_size=64)
+    # Then its ranking is the index's own exact search, position for position: the same vectors
+    _, positions = searcher.rank(questions, CURVE_MAX_K, "dense")
+    assert ranked == [[p for p in row.tolist() if p >= 0] for row in positions]
+
+
 def test_a_classifier_config_naming_no_labels_is_refused_as_transformers_reads_it_two(tmp_path):
     import json
 

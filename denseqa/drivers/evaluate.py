@@ -30,7 +30,7 @@ from denseqa.eval import (
     retrieval_metrics,
     write_trec,
 )
-from denseqa.model import Encoder, describe_model, query_model_config, resolve_model_source
+from denseqa.model import Encoder, describe_model, passage_encoder, query_model_config, resolve_model_source
 from denseqa.redaction import masked_values
 from denseqa.search import Searcher, read_manifest
 from denseqa.train import RECORD_FILE
@@ -86,7 +86,8 @@ def run_evaluation(cfg) -> dict[str, Any]:
         rankings["zero-shot"] = zero_shot_ranking(start, manifest["model"], searcher, judgements.questions,
                                                   e.batch_size)
         seconds["zero-shot"] = round(time.time() - t0, 3)
-        zero_shot = {"model": start_name, "seconds": seconds["zero-shot"]}
+        zero_shot = {"model": start_name, "seconds": seconds["zero-shot"],
+                     "passage_precision": manifest["model"].get("passage_precision", "fp32")}
     results, per_query, ranked_ids = {}, {}, {}
     for mode, ranking in rankings.items():
         ranked_ids[mode] = [[ids[p] for p in row] for row in ranking]
@@ -141,15 +142,19 @@ def starting_model(recorded: dict) -> tuple[ModelConfig | None, str | None]:
 def zero_shot_ranking(start: ModelConfig, recorded: dict, searcher: Searcher, questions: list[str],
                       batch_size: int) -> list[list[int]]:
     """Each question's first :data:`CURVE_MAX_K` docstore positions by exact dense search with ``start``, over
-    the index's live passages embedded again with it."""
+    the index's live passages embedded again with it, as build-index embedded them (``recorded``'s passage
+    precision: bf16 passages under torch's autocast, the queries by the backend the service runs)."""
     import faiss
     import numpy as np
 
     encoder = Encoder.load(start)
+    precision = recorded.get("passage_precision", "fp32")
+    passages = passage_encoder(encoder, start, precision)
     live = np.setdiff1d(np.arange(searcher.docstore.num_rows), searcher.deleted)
     texts = searcher.docstore.column("text").take(live).to_pylist()
-    logger.info("zero-shot: embedding %d passages with the starting model %s", len(texts), describe_model(start))
+    logger.info("zero-shot: embedding %d passages with the starting model %s (%s)", len(texts), describe_model(start),
+                "bf16 autocast (torch)" if precision == "bf16" else f"fp32 ({encoder.backend['name']})")
     index = faiss.IndexFlatIP(encoder.dimension)
-    index.add(encoder.encode_passages(texts, batch_size))
+    index.add(passages.encode_passages(texts, batch_size))
     _, found = index.search(encoder.encode_queries(questions, batch_size), min(CURVE_MAX_K, len(texts)))
     return [[int(live[p]) for p in row if p >= 0] for row in found]

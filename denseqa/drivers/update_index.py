@@ -207,14 +207,12 @@ def _deleted(folder: str) -> np.ndarray:
 def _embed_here(rows, encoder, model_cfg, cfg: JobConfig, precision: str):
     """Embed ``rows`` (id, text) in this process at the index's passage ``precision``: (vectors, rows, stats).
     ``encoder`` is the checked one; bf16 passages need the torch model, which it may have swapped for ONNX Runtime."""
-    from denseqa.model import Encoder
+    from denseqa.model import passage_encoder
 
     if not rows.num_rows:
         return np.zeros((0, 0), dtype=np.float32), rows, None
     started = time.time()
-    if precision != "fp32" and encoder.backend["name"] != "torch":
-        encoder = Encoder.load(model_cfg.model_copy(update={"backend": "torch"}), device="cpu")
-    encoder.passage_precision = precision
+    encoder = passage_encoder(encoder, model_cfg, precision, device="cpu")
     vectors = encoder.encode_passages(rows.column("text").to_pylist(), cfg.embed.encode_batch_size)
     seconds = time.time() - started
     return vectors, rows, {"rows": rows.num_rows, "seconds": round(seconds, 2), "where": "driver",
