@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -12,6 +13,7 @@ from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, add_config_argument
 from denseqa.errors import DenseqaError
 from denseqa.logs import VERBOSE_ENV, setup_logging
 from denseqa.redaction import masked
+from denseqa.resources import job_driver_threads
 
 
 def _mine_negatives(args: argparse.Namespace) -> None:
@@ -102,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verbose:
         os.environ[VERBOSE_ENV] = "1"
     setup_logging()
+    threads = job_driver_threads()
+    if threads is not None:
+        logging.getLogger("denseqa").info("this job's process runs torch on the node's %d cores (Ray's entrypoint "
+                                          "default: 1)", threads)
     try:
         COMMANDS[args.command][0](args)
     except DenseqaError as e:

@@ -108,6 +108,7 @@ class PassageEmbedder:
         self.encoder = Encoder.load(model_cfg, device="cuda" if use_gpu else "cpu")
         self.encoder.passage_precision = precision
         self.encode_batch_size = encode_batch_size
+        self.torch_threads = torch.get_num_threads()
         # The manifest records the model the driver loaded; this actor loaded it again, maybe much later (a restart)
         # or on another node: a model replaced meanwhile would embed passages the manifest does not describe.
         loaded = {"weights_sha256": self.encoder.fingerprint, "backend": self.encoder.backend}
@@ -252,7 +253,7 @@ def embed_in_driver(corpus, model_cfg: ModelConfig, cfg: EmbedConfig, out_dir: s
     seconds = time.time() - started
     stats = {"rows": embedded.num_rows, "seconds": round(seconds, 2), "actors": 0, "gpu": False,
              "precision": precision, "passages_per_s": round(embedded.num_rows / max(seconds, 1e-9), 2),
-             "where": "driver"}
+             "where": "driver", "torch_threads": embedder.torch_threads}
     return _finished(out_dir, identity, stats)
 
 

@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from denseqa.errors import InputError
+from denseqa.resources import node_cores
 
 from .conftest import real_pairs, submit_job
 
@@ -69,6 +70,8 @@ def test_index_and_evaluation_jobs_report_what_a_direct_computation_gives(cluste
 
     # Then the report exists as JSON, Markdown and PNG
     result = json.loads((report / "eval.json").read_text())
+    # (issue 16: the submitted job's process encodes on the node's cores, not on the one Ray gives its entrypoint)
+    assert result["torch_threads"] == node_cores()
     assert (report / "recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (report / "eval.md").read_text()
     assert "| dense |" in markdown and "| bm25 |" in markdown and "| hybrid |" in markdown

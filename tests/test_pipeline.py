@@ -21,6 +21,7 @@ import requests
 from denseqa.cli import build_parser
 from denseqa.config import COMMAND_SECTIONS, PIPELINE_OWNED, JobConfig, config_from_args
 from denseqa.errors import InputError
+from denseqa.resources import node_cores
 
 from .conftest import _free_port, real_pairs, submit_job
 
@@ -305,6 +306,9 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     assert set(_steps(run)) == {"train", "index"}
     assert (run / "model" / "denseqa.json").exists() and (run / "index" / "manifest.json").exists()
     assert not (run / "eval").exists()
+    # (issue 16: the job's process embeds the small corpus on the node's cores, not on the one Ray gives a job)
+    embedding = json.loads((run / "index" / "manifest.json").read_text())["build"]["embedding"]
+    assert (embedding["where"], embedding["torch_threads"]) == ("driver", node_cores())
     model_sha, index_sha = _sha(run / "model" / "denseqa.json"), _sha(run / "index" / "manifest.json")
 
     # When the same job is submitted again (without deploying, for now)
@@ -316,7 +320,7 @@ def test_a_killed_run_resumes_and_the_whole_pipeline_ends_with_a_working_endpoin
     assert "evaluate: running (not run before)" in log
     assert _sha(run / "model" / "denseqa.json") == model_sha and _sha(run / "index" / "manifest.json") == index_sha
     report = json.loads((run / "eval" / "eval.json").read_text())
-    assert report["judgements"]["evaluated"] == 40
+    assert report["judgements"]["evaluated"] == 40 and report["torch_threads"] == node_cores()
     # (issue 19: the model training started from is evaluated too, each mode's difference from the best and from it
     # has its paired 95% interval, and TREC files that trec_eval reads give the report's figures)
     assert set(report["modes"]) == {"dense", "bm25", "hybrid", "zero-shot"}

@@ -38,3 +38,31 @@ def test_the_largest_node_keeps_a_whole_cpu_for_the_reads_however_the_workers_sp
     nodes = [c for c in node_cpus if c >= 1]
     most_on_one = -(-workers // len(nodes))
     assert max(nodes) - most_on_one * per_worker >= 1 or per_worker == 0.1
+
+
+@pytest.mark.parametrize("omp, job, expected", [
+    ("1", {"runtime_env": {"working_dir": "gcs://x.zip"}}, "cores"),  # Ray's default for a submitted job: replaced
+    ("1", {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}, None),  # the job asked for 1: kept
+    ("3", {"runtime_env": {}}, None),  # --entrypoint-num-cpus 3, or the cluster's own setting: kept
+    ("1", None, None),  # not a submitted job's entrypoint: not Ray's to undo
+])
+def test_a_submitted_jobs_process_gets_the_nodes_cores_where_ray_left_it_one(monkeypatch, omp, job, expected):
+    import json
+    import os
+
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    if job is None:
+        monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    else:
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    monkeypatch.setattr(resources, "node_cores", lambda: 6)
+    before = torch.get_num_threads()
+    try:
+        threads = resources.job_driver_threads()
+        assert threads == (6 if expected == "cores" else None)
+        assert os.environ["OMP_NUM_THREADS"] == ("6" if expected == "cores" else omp)
+        assert torch.get_num_threads() == (6 if expected == "cores" else before)
+    finally:
+        torch.set_num_threads(before)

@@ -103,6 +103,7 @@ def run_evaluation(cfg) -> dict[str, Any]:
         "judgements": judgements.counts,
         "modes": results,
         "seconds": seconds,
+        "torch_threads": torch_threads(),
         "reranking": reranking,
         "zero_shot": zero_shot,
         "comparison": comparison,
@@ -124,6 +125,13 @@ def run_evaluation(cfg) -> dict[str, Any]:
                      artifacts=[storage.join(output, name) for name in (REPORT_MD, REPORT_JSON, REPORT_PNG)],
                      tags={"denseqa.output": output, "denseqa.index": e.index})
     return report
+
+
+def torch_threads() -> int:
+    """The torch threads this process encoded with (see :func:`denseqa.resources.job_driver_threads`)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 def starting_model(recorded: dict) -> tuple[ModelConfig | None, str | None]:
