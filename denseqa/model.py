@@ -324,12 +324,16 @@ def pooling_mode(model) -> str | None:
     return modes[0] if isinstance(modes[0], str) else "+".join(modes[0])
 
 
-# What must agree between the model that embedded the passages and the one that encodes the queries (pooling: where
-# both sides record it; manifests written before it was recorded do not).
+# What must agree between the model that embedded the passages and the one that encodes the queries (pooling and
+# the length: where both sides record them; manifests written before pooling was recorded do not, and a model
+# without a length has none). The length matters where the encoder is not loaded from the manifest: a running
+# service swapped to an index built at another length would cut its queries at the old one.
 MATCHED_FIELDS = (("dimension", "dimension"), ("normalize", "normalisation"),
                   ("weights_sha256", "model weights (sha256)"), ("pooling", "pooling"),
+                  ("max_seq_length", "max_seq_length"),
                   ("query_prompt", "query prompt"), ("passage_prompt", "passage prompt"),
                   ("backend", "inference backend"))
+OPTIONAL_FIELDS = ("pooling", "max_seq_length")
 # Indexes built before model.backend existed were embedded by torch.
 TORCH_BACKEND = {"name": "torch", "sha256": None}
 
@@ -374,7 +378,7 @@ def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
                 f"{expected.get('path')!r} runs {_backend_text(runs)}; encode queries with --model.backend "
                 f"{built['name']} (the same export) or rebuild the index"
             )
-        if key == "pooling" and (recorded.get(key) is None or expected.get(key) is None):
+        if key in OPTIONAL_FIELDS and (recorded.get(key) is None or expected.get(key) is None):
             continue
         if recorded.get(key) != expected.get(key):
             raise InputError(

@@ -138,3 +138,15 @@ def test_an_index_from_before_model_backend_counts_as_torch(tiny_model_dir):
     check_model_matches(old_manifest, torch_encoder, "old-index")  # two old manifests compared in a swap, too
     with pytest.raises(InputError, match="old-index: index was built with backend torch but the query encoder"):
         check_model_matches(onnx_encoder, old_manifest, "old-index")
+
+
+def test_an_index_built_at_another_length_is_refused_where_the_encoder_is_not_loaded_from_it(tiny_model_dir):
+    """A running service swapped to an index built at another max_seq_length would cut its queries at the old one."""
+    from denseqa.model import check_model_matches
+
+    at_32 = Encoder.load(ModelConfig(model=tiny_model_dir, max_seq_length=32)).describe()
+    at_16 = Encoder.load(ModelConfig(model=tiny_model_dir, max_seq_length=16)).describe()
+    check_model_matches(at_32, dict(at_32), "index-32")
+    with pytest.raises(InputError, match="index-16: index was built with max_seq_length 16 but the model .* has 32"):
+        check_model_matches(at_32, at_16, "index-16")
+    check_model_matches(at_32, {**at_16, "max_seq_length": None}, "index")  # a model without a length: nothing to cut
