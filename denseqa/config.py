@@ -323,8 +323,9 @@ class MineConfig(Section):
         ge=1, operational=True,
     )
     local_max_pairs: int = _f(
-        2000, "Up to this many training pairs, on CPU, the job's own process mines them (teacher included): an "
-        "actor's start-up (~10 s) would take longer than its work. 0: always the actor pool.", ge=0,
+        2000, "Up to this many training pairs, on CPU, the job's own process mines them (teacher included), and "
+        "scores them with the pipeline's teacher: an actor's start-up (~10 s) would take longer than its work. 0: "
+        "always the actor pool.", ge=0,
         operational=True,
     )
     bm25_stopwords: StopwordList = _f("en", "Stopword list of the BM25 tokenization (bm25s name; none: keep all).")

@@ -263,21 +263,34 @@ def test_a_teacher_scores_the_mined_pairs_and_the_bi_encoder_trains_on_its_score
     # pairs, negatives and scores
     from denseqa.drivers.mine_negatives import run_teacher_scoring
 
-    rescored_out = str(tmp_path / "rescored")
-    rescored = run_teacher_scoring(JobConfig.from_dict(
-        {"data": {"path": out}, "mine": {"teacher": tiny_cross_encoder_dir, "output": rescored_out}},
-        "test", COMMAND_SECTIONS["mine-negatives"]))
+    def rescore(name: str, **mine) -> tuple[pa.Table, dict]:
+        rescored = run_teacher_scoring(JobConfig.from_dict(
+            {"data": {"path": out}, "mine": {"teacher": tiny_cross_encoder_dir, "output": str(tmp_path / name),
+                                             **mine}}, "test", COMMAND_SECTIONS["mine-negatives"]))
+        return pq.read_table(tmp_path / name / "pairs"), rescored
+
+    def assert_same_pairs_and_scores(table: pa.Table, expected: pa.Table) -> None:
+        order = [("question", "ascending"), ("answer", "ascending")]
+        table, expected = table.sort_by(order), expected.sort_by(order)
+        assert table.column_names == expected.column_names
+        for c in expected.column_names:
+            if c in columns:
+                np.testing.assert_allclose(np.array(table[c].to_pylist(), dtype=float),
+                                           np.array(expected[c].to_pylist(), dtype=float), rtol=1e-4, atol=1e-4)
+            else:
+                assert table[c].to_pylist() == expected[c].to_pylist(), c
+
+    # (301 rows: under mine.local_max_pairs, scored in this process)
+    again, rescored = rescore("rescored")
     assert rescored["teacher"]["pairs_scored"] == record["teacher"]["pairs_scored"]
     assert rescored["scored_from"] == out and rescored["columns"] == record["columns"]
-    again = pq.read_table(f"{rescored_out}/pairs").sort_by([("question", "ascending"), ("answer", "ascending")])
-    before = mined.sort_by([("question", "ascending"), ("answer", "ascending")])
-    assert again.column_names == before.column_names
-    for c in before.column_names:
-        if c in columns:
-            np.testing.assert_allclose(np.array(again[c].to_pylist(), dtype=float),
-                                       np.array(before[c].to_pylist(), dtype=float), rtol=1e-4, atol=1e-4)
-        else:
-            assert again[c].to_pylist() == before[c].to_pylist(), c
+    assert rescored["scored_in"] == "driver"
+    assert_same_pairs_and_scores(again, mined)
+    # And by the actor pool (local_max_pairs 0, what more rows than the limit get): the same
+    by_actors, rescored_by_actors = rescore("rescored-by-actors", local_max_pairs=0)
+    assert rescored_by_actors["scored_in"] == "actors"
+    assert rescored_by_actors["teacher"]["pairs_scored"] == record["teacher"]["pairs_scored"]
+    assert_same_pairs_and_scores(by_actors, mined)
 
     # Then the bi-encoder trains with the distillation term on those scores, and records it
     model_out = str(tmp_path / "student")

@@ -1,6 +1,7 @@
 """The mine-negatives job: config -> checks -> build the retriever (BM25, or an exact index of the model through
-the build-index driver) -> mine with a Ray Data actor pool -> publish the pairs with their negatives -> the record
-``negatives.json``, written last.
+the build-index driver) -> mine with a Ray Data actor pool (few pairs on CPU: in this process) -> publish the pairs
+with their negatives -> the record ``negatives.json``, written last. And the pipeline's teacher step: a teacher's
+scores added to pairs mined before, the same way.
 
 What is a negative (the false-negative control) is :mod:`denseqa.negatives`'s.
 """
@@ -78,16 +79,22 @@ def _dense_retriever(cfg: JobConfig, texts: list[str], work: str) -> dict[str, A
     return {"kind": "dense", "index_dir": index_dir}
 
 
-def _mined_here(pairs: pa.Table, miner: dict[str, Any], batch_size: int) -> pa.Table:
-    """The mining actors' work done in this process, for few pairs on CPU: the same :class:`NegativeMiner`, so the
-    negatives are the ones the actors choose, however the pairs are batched (each question's random draws are
-    seeded by the question, and its ranking is cut at its own depth). Why: a mining actor is a new process that
-    imports torch and loads the retriever and any model (~10 s here) before its first batch, and each Ray Data step
-    around it (the distinct answers, the repeated questions, the counts, the write) takes seconds on 2 cores; a
-    few thousand pairs take less to mine."""
-    logger.info("mining %d pairs in this process (at most mine.local_max_pairs: no actor to start)", pairs.num_rows)
-    mine = NegativeMiner(**{**miner, "retriever": {**miner["retriever"], "device": "cpu"}}, torch_threads=None)
-    return pa.concat_tables([mine(pairs.slice(start, batch_size)) for start in range(0, pairs.num_rows, batch_size)])
+def _in_this_process(actor, table: pa.Table, batch_size: int) -> pa.Table:
+    """A Ray Data actor's work (``actor``: an instance of its class) done in this process over ``table``, batch by
+    batch, for few pairs on CPU. The actors' own classes (:class:`NegativeMiner`, :class:`TeacherScorer`) give the
+    actors' output however the pairs are batched (each question's random draws are seeded by the question, its
+    ranking cut at its own depth; a teacher scores each pair alone). Why: an actor is a new process that imports
+    torch and loads the retriever and any model (~10 s here) before its first batch, and each Ray Data step around
+    it (the reads, the distinct answers, the repeated questions, the counts, the write) takes seconds on 2 cores; a
+    few thousand pairs take less to mine or score."""
+    return pa.concat_tables([actor(table.slice(start, batch_size)) for start in range(0, table.num_rows, batch_size)])
+
+
+def _write_here(table: pa.Table, folder: str) -> None:
+    """``table`` as the one parquet file of ``folder`` (a local path or a URI), written by this process."""
+    fs, path = storage.filesystem(folder)
+    fs.create_dir(path, recursive=True)
+    pq.write_table(table, f"{path}/part-00000.parquet", filesystem=fs)
 
 
 def _repeated_questions_here(pairs: pa.Table) -> dict[str, list[str]]:
@@ -126,11 +133,14 @@ def _check_teacher(teacher: str) -> None:
 def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     """Score the pairs of a mine-negatives output (``cfg.data.path``) with ``cfg.mine.teacher`` into a new one
     (``cfg.mine.output``): the same pairs and negatives, with the teacher columns. For a teacher trained after
-    the mining, on those negatives (the pipeline's reranker). Returns the new record."""
+    the mining, on those negatives (the pipeline's reranker). Returns the new record.
+
+    As in :func:`run_mining`, up to ``mine.local_max_pairs`` training pairs on CPU are scored in this process by the
+    actors' own :class:`TeacherScorer` and written as one file; more go through a Ray Data actor pool."""
     import ray.data
 
     from denseqa.cluster import check_reachable_by_every_node
-    from denseqa.resources import model_actors
+    from denseqa.resources import embeds_on_gpu, model_actors
 
     started = time.time()
     m = cfg.mine
@@ -139,26 +149,39 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     mined = storage.read_json(storage.join(cfg.data.path, RECORD_FILE))
     output = storage.output_folder(m.output, m.overwrite, "the pairs with their teacher scores")
     fs, files = resolve_parquet_files(storage.join(cfg.data.path, PAIRS_DIR))
-    configure_ray_data()
-    pairs = ray.data.read_parquet(files, filesystem=fs)  # starts or joins Ray, as every Ray Data job does
-    check_reachable_by_every_node(output, "output folder", m.shared_filesystem)  # write tasks run on any node
-    pool = model_actors("teacher", cfg.embed.use_gpu, m.actors, cfg.embed.cpus_per_actor)
-    scored = pairs.map_batches(
-        TeacherScorer,
-        fn_constructor_kwargs={"teacher": m.teacher, "batch_size": m.teacher_batch_size,
-                               "device": "cuda" if pool.use_gpu else "cpu",
-                               "question_column": cfg.data.question_column, "answer_column": cfg.data.answer_column,
-                               "negative_columns": mined["columns"], "torch_threads": pool.torch_threads},
-        batch_size=m.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),
-        num_cpus=pool.cpus, num_gpus=1 if pool.use_gpu else None,
-    ).materialize()
+    use_gpu = embeds_on_gpu(cfg.embed.use_gpu)
+    # The same rule as the mining's: a folder mined in the job's process is scored in it too
+    in_driver = not use_gpu and mined["counts"]["train_pairs"] <= m.local_max_pairs
+    scorer = {"teacher": m.teacher, "batch_size": m.teacher_batch_size, "question_column": cfg.data.question_column,
+              "answer_column": cfg.data.answer_column, "negative_columns": mined["columns"]}
+    if in_driver:
+        pairs = pa.concat_tables([pq.read_table(f, filesystem=fs) for f in files])
+        logger.info("teacher scoring %d pairs in this process (at most mine.local_max_pairs training pairs: no actor "
+                    "to start)", pairs.num_rows)
+        scored = _in_this_process(TeacherScorer(**scorer, device="cpu"), pairs, m.batch_size)
+    else:
+        configure_ray_data()
+        pairs = ray.data.read_parquet(files, filesystem=fs)
+        check_reachable_by_every_node(output, "output folder", m.shared_filesystem)  # write tasks run on any node
+        pool = model_actors("teacher", use_gpu, m.actors, cfg.embed.cpus_per_actor)
+        scored = pairs.map_batches(
+            TeacherScorer, fn_constructor_kwargs={**scorer, "device": "cuda" if pool.use_gpu else "cpu",
+                                                  "torch_threads": pool.torch_threads},
+            batch_size=m.batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=pool.actors),
+            num_cpus=pool.cpus, num_gpus=1 if pool.use_gpu else None,
+        ).materialize()
     columns = teacher_column_names(len(mined["columns"]))
     teacher = _teacher_record(m.teacher, scored, mined["counts"]["with_all_negatives"] * (1 + len(mined["columns"])),
                               columns)
-    with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=True) as staging:
-        fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
-        scored.drop_columns([TEACHER_SECONDS_COLUMN]).write_parquet(path, filesystem=fs)
+    with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=not in_driver) as staging:
+        pairs_dir = storage.join(staging, PAIRS_DIR)
+        if in_driver:
+            _write_here(scored.drop_columns([TEACHER_SECONDS_COLUMN]), pairs_dir)
+        else:
+            fs, path = storage.filesystem(pairs_dir)
+            scored.drop_columns([TEACHER_SECONDS_COLUMN]).write_parquet(path, filesystem=fs)
         record = {**mined, "teacher": teacher, "scored_from": masked(cfg.data.path), "output": masked(output),
+                  "scored_in": "driver" if in_driver else "actors",
                   "seconds": round(mined["seconds"] + time.time() - started, 1), "created": utc_now()}
         storage.write_json(storage.join(staging, RECORD_FILE), record)
     tracking.log_job(cfg.mlflow, "teacher-scores", started, cfg.to_record(),
@@ -216,7 +239,10 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
             retriever = _dense_retriever(cfg, texts, work)
         miner = {"cfg": m.model_dump(), "texts": texts, "retriever": retriever, "other_answers": other_answers}
         if in_driver:
-            mined = _mined_here(pairs, miner, m.batch_size)
+            logger.info("mining %d pairs in this process (at most mine.local_max_pairs: no actor to start)",
+                        pairs.num_rows)
+            mined = _in_this_process(NegativeMiner(**{**miner, "retriever": {**retriever, "device": "cpu"}},
+                                                   torch_threads=None), pairs, m.batch_size)
         else:
             pool = model_actors("mining", use_gpu, m.actors, cfg.embed.cpus_per_actor)
             # Large arguments go through the object store, once per node.
@@ -246,12 +272,11 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         # Ray Data's write tasks (the actor path) write the pairs on any node: the staging must be storage they all
         # reach. Mined in this process, the pairs are written here.
         with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=not in_driver) as staging:
-            fs, path = storage.filesystem(storage.join(staging, PAIRS_DIR))
+            pairs_dir = storage.join(staging, PAIRS_DIR)
             if in_driver:
-                fs.create_dir(path, recursive=True)
-                pq.write_table(_rename(pa.concat_tables([mined.drop_columns(internal), heldout]), **names),
-                               f"{path}/part-00000.parquet", filesystem=fs)
+                _write_here(_rename(pa.concat_tables([mined.drop_columns(internal), heldout]), **names), pairs_dir)
             else:
+                fs, path = storage.filesystem(pairs_dir)
                 mined.drop_columns(internal).union(ray.data.from_arrow(heldout)).map_batches(
                     _rename, batch_format="pyarrow", fn_kwargs=names).write_parquet(path, filesystem=fs)
             record = {
