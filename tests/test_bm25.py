@@ -30,6 +30,9 @@ def test_kiwi_cuts_korean_words_into_their_stems_where_the_regex_keeps_each_infl
     assert not any(t.endswith(("는", "를", "을")) for t in kiwi[0] + kiwi[1])
     # And Latin words keep their case-folded form, stopwords dropped
     assert tokenize(["The GNU 컴파일러"], "kiwi", "en") == [["gnu", "컴파일러"]]
+    # A version, an address or a URL is one term, as a query would name it
+    terms = tokenize(["버전 2.4.1 은 https://example.org/pkg 에서, 문의는 dev@example.org"], "kiwi", "en")[0]
+    assert {"2.4.1", "https://example.org/pkg", "dev@example.org"} <= set(terms)
 
 
 def test_auto_picks_kiwi_for_korean_text_only_and_an_unknown_name_is_refused():
