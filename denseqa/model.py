@@ -380,6 +380,13 @@ def check_model_matches(expected: dict, recorded: dict, where: str) -> None:
             )
         if key in OPTIONAL_FIELDS and (recorded.get(key) is None or expected.get(key) is None):
             continue
+        if key == "max_seq_length" and recorded[key] != expected[key]:
+            # Only an encoder not loaded from this index's manifest differs: a running service's, on a swap
+            raise InputError(
+                f"{where}: index was built with max_seq_length {recorded[key]} but the model "
+                f"{expected.get('path')!r} has {expected[key]} here; deploy the index anew (denseqa serve --index, "
+                "not --swap), which loads its queries' length, or rebuild it at that length"
+            )
         if recorded.get(key) != expected.get(key):
             raise InputError(
                 f"{where}: index was built with {label} {recorded.get(key)!r} but the model "

@@ -65,16 +65,18 @@ def node_cores() -> int:
 
 
 def job_driver_threads() -> int | None:
-    """Give a ``ray job submit`` entrypoint (this process) the node's cores for its torch and Kiwi threads, where
-    Ray left it one. Returns the threads set; None where nothing changed.
+    """Give a ``ray job submit`` entrypoint (this process) the node's cores for its torch, OpenMP (FAISS) and Kiwi
+    threads, where Ray left it one. Returns the threads set; None where nothing changed.
 
     Ray runs a submitted job's entrypoint as a child of the job's supervisor, an actor that asks for the job's
-    ``--entrypoint-num-cpus`` (0 by default), and sets OMP_NUM_THREADS=1 for an actor without CPUs; the entrypoint
-    inherits it, so torch ran the job's own model work on one core (measured: 68 passages/s embedding in a
-    submitted job, 115 outside one, on 2 cores). denseqa's driver does model work only while no actor of its job
-    runs (the in-process embedding, mining and evaluation of small data, the queries of an index's tuning), so it
-    takes the node's cores. An OMP_NUM_THREADS set by the job's ``runtime_env`` is kept, as is any other than 1.
-    Written by hand: Ray has no setting for its entrypoint's threads.
+    ``--entrypoint-num-cpus`` (0 by default), and sets OMP_NUM_THREADS to those CPUs, at least 1; the entrypoint
+    inherits it, so torch ran the job's own model work on one core (measured on 2 cores: 68 passages/s embedding in a
+    submitted job with Ray's 1, 109 with both cores). denseqa's driver does model work only while no actor of its job
+    runs (the in-process embedding, mining and evaluation of small data, the queries of an index's tuning, FAISS's
+    training and adds), so it takes the node's cores. Kept: an OMP_NUM_THREADS set by the job's ``runtime_env``
+    (the way to keep one thread), and any count other than 1. A 1 exported before ``ray start``, or from
+    ``--entrypoint-num-cpus 1``, reads the same as Ray's default and is replaced. Written by hand: Ray has no
+    setting for its entrypoint's threads.
     """
     import json
     import sys
@@ -89,6 +91,8 @@ def job_driver_threads() -> int | None:
     if "OMP_NUM_THREADS" in env_vars:
         return None
     threads = node_cores()
+    if threads == 1:
+        return None
     os.environ["OMP_NUM_THREADS"] = str(threads)  # torch reads it when first imported; Kiwi (bm25.kiwi_workers)
     if "torch" in sys.modules:  # already imported: its thread count is fixed unless set
         sys.modules["torch"].set_num_threads(threads)

@@ -43,7 +43,7 @@ def test_the_largest_node_keeps_a_whole_cpu_for_the_reads_however_the_workers_sp
 @pytest.mark.parametrize("omp, job, expected", [
     ("1", {"runtime_env": {"working_dir": "gcs://x.zip"}}, "cores"),  # Ray's default for a submitted job: replaced
     ("1", {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}, None),  # the job asked for 1: kept
-    ("3", {"runtime_env": {}}, None),  # --entrypoint-num-cpus 3, or the cluster's own setting: kept
+    ("3", {"runtime_env": {}}, None),  # --entrypoint-num-cpus 3, or a 3 exported before `ray start`: kept
     ("1", None, None),  # not a submitted job's entrypoint: not Ray's to undo
 ])
 def test_a_submitted_jobs_process_gets_the_nodes_cores_where_ray_left_it_one(monkeypatch, omp, job, expected):
@@ -66,3 +66,10 @@ def test_a_submitted_jobs_process_gets_the_nodes_cores_where_ray_left_it_one(mon
         assert torch.get_num_threads() == (6 if expected == "cores" else before)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_one_core_node_leaves_a_submitted_jobs_threads_alone(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setattr(resources, "node_cores", lambda: 1)
+    assert resources.job_driver_threads() is None

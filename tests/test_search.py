@@ -231,9 +231,11 @@ def test_evaluation_reranks_the_head_of_each_mode_by_the_cross_encoder(tiny_inde
     assert report["modes"]["dense+rerank"]["recall@100"] == report["modes"]["dense"]["recall@100"]
 
 
-def test_the_zero_shot_row_embeds_the_passages_as_the_index_did(ray_local, tiny_model_dir, tmp_path):
+def test_the_zero_shot_row_embeds_the_passages_as_the_index_did(ray_local, tiny_model_dir, tmp_path, monkeypatch):
     """evaluate's zero-shot row re-embeds the passages with the starting model at the index's passage precision:
-    bf16 passages (torch autocast) where the queries run on ONNX Runtime, as build-index embedded them."""
+    bf16 passages (torch autocast) where the queries run on ONNX Runtime, as build-index embedded them; fp32 on a
+    CPU that would only emulate bf16."""
+    from denseqa import resources
     from denseqa.drivers.build_index import run_build_index
     from denseqa.drivers.evaluate import zero_shot_ranking
     from denseqa.eval import CURVE_MAX_K
@@ -251,12 +253,17 @@ def test_the_zero_shot_row_embeds_the_passages_as_the_index_did(ray_local, tiny_
     searcher = Searcher(str(tmp_path / "index"))
     questions = pairs.column("question").to_pylist()[:30]
     # When the zero-shot row ranks them with the same weights (the model as its own starting point), in batches of
-    # the build's size
-    ranked = zero_shot_ranking(query_model_config(manifest["model"]), manifest["model"], searcher, questions,
-                               batch_size=64)
+    # the build's size, on a CPU that multiplies bf16 natively
+    monkeypatch.setattr(resources, "native_bf16", lambda device: True)
+    ranked, precision = zero_shot_ranking(query_model_config(manifest["model"]), manifest["model"], searcher,
+                                          questions, batch_size=64)
     # Then its ranking is the index's own exact search, position for position: the same vectors
     _, positions = searcher.rank(questions, CURVE_MAX_K, "dense")
-    assert ranked == [[p for p in row.tolist() if p >= 0] for row in positions]
+    assert ranked == [[p for p in row.tolist() if p >= 0] for row in positions] and precision == "bf16"
+    # And on a CPU without native bf16 (a cluster's head, the index embedded on GPUs) it embeds them in fp32
+    monkeypatch.setattr(resources, "native_bf16", lambda device: False)
+    assert zero_shot_ranking(query_model_config(manifest["model"]), manifest["model"], searcher, questions[:2],
+                             batch_size=64)[1] == "fp32"
 
 
 def test_a_classifier_config_naming_no_labels_is_refused_as_transformers_reads_it_two(tmp_path):

@@ -83,11 +83,10 @@ def run_evaluation(cfg) -> dict[str, Any]:
         start = None
     if start is not None:
         t0 = time.time()
-        rankings["zero-shot"] = zero_shot_ranking(start, manifest["model"], searcher, judgements.questions,
-                                                  e.batch_size)
+        rankings["zero-shot"], precision = zero_shot_ranking(start, manifest["model"], searcher,
+                                                             judgements.questions, e.batch_size)
         seconds["zero-shot"] = round(time.time() - t0, 3)
-        zero_shot = {"model": start_name, "seconds": seconds["zero-shot"],
-                     "passage_precision": manifest["model"].get("passage_precision", "fp32")}
+        zero_shot = {"model": start_name, "seconds": seconds["zero-shot"], "passage_precision": precision}
     results, per_query, ranked_ids = {}, {}, {}
     for mode, ranking in rankings.items():
         ranked_ids[mode] = [[ids[p] for p in row] for row in ranking]
@@ -148,15 +147,20 @@ def starting_model(recorded: dict) -> tuple[ModelConfig | None, str | None]:
 
 
 def zero_shot_ranking(start: ModelConfig, recorded: dict, searcher: Searcher, questions: list[str],
-                      batch_size: int) -> list[list[int]]:
+                      batch_size: int) -> tuple[list[list[int]], str]:
     """Each question's first :data:`CURVE_MAX_K` docstore positions by exact dense search with ``start``, over
-    the index's live passages embedded again with it, as build-index embedded them (``recorded``'s passage
-    precision: bf16 passages under torch's autocast, the queries by the backend the service runs)."""
+    the index's live passages embedded again with it, as build-index would embed them here (``recorded``'s
+    passage precision where this process's CPU multiplies bf16 natively, else fp32; the queries by the backend
+    the service runs); and the passages' precision."""
     import faiss
     import numpy as np
+    import torch
+
+    from denseqa.resources import native_bf16
 
     encoder = Encoder.load(start)
-    precision = recorded.get("passage_precision", "fp32")
+    # An index embedded in bf16 on GPUs is evaluated on a CPU head that may only emulate bf16 (slower than fp32)
+    precision = recorded.get("passage_precision", "fp32") if native_bf16(torch.device("cpu")) else "fp32"
     passages = passage_encoder(encoder, start, precision)
     live = np.setdiff1d(np.arange(searcher.docstore.num_rows), searcher.deleted)
     texts = searcher.docstore.column("text").take(live).to_pylist()
@@ -165,4 +169,4 @@ def zero_shot_ranking(start: ModelConfig, recorded: dict, searcher: Searcher, qu
     index = faiss.IndexFlatIP(encoder.dimension)
     index.add(passages.encode_passages(texts, batch_size))
     _, found = index.search(encoder.encode_queries(questions, batch_size), min(CURVE_MAX_K, len(texts)))
-    return [[int(live[p]) for p in row if p >= 0] for row in found]
+    return [[int(live[p]) for p in row if p >= 0] for row in found], precision

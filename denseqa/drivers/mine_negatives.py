@@ -114,8 +114,8 @@ def _column_sum(table, column: str) -> float:
 def _teacher_record(teacher: str, scored, pairs: int, columns: list[str]) -> dict[str, Any]:
     """What the teacher scored and how fast: the cost of distillation's targets."""
     seconds = float(_column_sum(scored, TEACHER_SECONDS_COLUMN))
-    logger.info("teacher %s scored %d (question, passage) pairs, %.1f pairs/s per actor", teacher, pairs,
-                pairs / seconds if seconds else float("nan"))
+    logger.info("teacher %s scored %d (question, passage) pairs, %.1f pairs/s per scoring process (actor, or this "
+                "one)", teacher, pairs, pairs / seconds if seconds else float("nan"))
     return {"path": teacher, "scores": "logits", "columns": columns, "pairs_scored": pairs,
             "actor_seconds": round(seconds, 2),
             "pairs_per_s_per_actor": round(pairs / seconds, 1) if seconds else None}
@@ -139,7 +139,7 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     actors' own :class:`TeacherScorer` and written as one file; more go through a Ray Data actor pool."""
     import ray.data
 
-    from denseqa.cluster import check_reachable_by_every_node
+    from denseqa.cluster import check_reachable_by_every_node, connect
     from denseqa.resources import embeds_on_gpu, model_actors
 
     started = time.time()
@@ -149,6 +149,8 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
     mined = storage.read_json(storage.join(cfg.data.path, RECORD_FILE))
     output = storage.output_folder(m.output, m.overwrite, "the pairs with their teacher scores")
     fs, files = resolve_parquet_files(storage.join(cfg.data.path, PAIRS_DIR))
+    if cfg.embed.use_gpu is None:
+        connect(may_start_local=True)  # whether the cluster has GPUs is Ray's to say
     use_gpu = embeds_on_gpu(cfg.embed.use_gpu)
     # The same rule as the mining's: a folder mined in the job's process is scored in it too
     in_driver = not use_gpu and mined["counts"]["train_pairs"] <= m.local_max_pairs

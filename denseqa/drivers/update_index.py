@@ -207,6 +207,8 @@ def _deleted(folder: str) -> np.ndarray:
 def _embed_here(rows, encoder, model_cfg, cfg: JobConfig, precision: str):
     """Embed ``rows`` (id, text) in this process at the index's passage ``precision``: (vectors, rows, stats).
     ``encoder`` is the checked one; bf16 passages need the torch model, which it may have swapped for ONNX Runtime."""
+    import torch
+
     from denseqa.model import passage_encoder
 
     if not rows.num_rows:
@@ -216,7 +218,8 @@ def _embed_here(rows, encoder, model_cfg, cfg: JobConfig, precision: str):
     vectors = encoder.encode_passages(rows.column("text").to_pylist(), cfg.embed.encode_batch_size)
     seconds = time.time() - started
     return vectors, rows, {"rows": rows.num_rows, "seconds": round(seconds, 2), "where": "driver",
-                           "precision": precision, "passages_per_s": round(rows.num_rows / max(seconds, 1e-9), 2)}
+                           "precision": precision, "passages_per_s": round(rows.num_rows / max(seconds, 1e-9), 2),
+                           "torch_threads": torch.get_num_threads()}
 
 
 def _embed(rows, work: str, model_cfg, cfg: JobConfig, precision: str, expected: dict):
