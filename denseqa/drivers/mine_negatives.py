@@ -97,12 +97,81 @@ def _write_here(table: pa.Table, folder: str) -> None:
     pq.write_table(table, f"{path}/part-00000.parquet", filesystem=fs)
 
 
-def _repeated_questions_here(pairs: pa.Table) -> dict[str, list[str]]:
-    """:func:`_repeated_questions` of the training pairs as a table in this process."""
-    answers: dict[str, list[str]] = {}
-    for question, answer in zip(pairs.column(QUESTION).to_pylist(), pairs.column(ANSWER).to_pylist(), strict=True):
-        answers.setdefault(question, []).append(answer)
-    return {q: sorted(set(a)) for q, a in answers.items() if len(a) > 1}
+class _PairsHere:
+    """The training pairs as one table in this process (few pairs on CPU): mined by the actors' own
+    :class:`NegativeMiner` here, written as one file by this process (why: :func:`_in_this_process`)."""
+
+    where = "driver"
+
+    def __init__(self, train) -> None:
+        import ray
+
+        self.table = pa.concat_tables(ray.get(train.to_arrow_refs()))
+
+    def answers(self) -> list[str]:
+        return sorted(set(self.table.column(ANSWER).to_pylist()))
+
+    def repeated_questions(self) -> dict[str, list[str]]:
+        """:func:`_repeated_questions` of the table."""
+        answers: dict[str, list[str]] = {}
+        for question, answer in zip(self.table.column(QUESTION).to_pylist(), self.table.column(ANSWER).to_pylist(),
+                                    strict=True):
+            answers.setdefault(question, []).append(answer)
+        return {q: sorted(set(a)) for q, a in answers.items() if len(a) > 1}
+
+    def mine(self, miner: dict[str, Any], m, cfg: JobConfig, use_gpu: bool) -> pa.Table:
+        logger.info("mining %d pairs in this process (at most mine.local_max_pairs: no actor to start)",
+                    self.table.num_rows)
+        cpu = {**miner, "retriever": {**miner["retriever"], "device": "cpu"}}
+        return _in_this_process(NegativeMiner(**cpu, torch_threads=None), self.table, m.batch_size)
+
+    def write(self, mined: pa.Table, heldout: pa.Table, folder: str, names: dict[str, str]) -> None:
+        _write_here(_rename(pa.concat_tables([mined, heldout]), **names), folder)
+
+
+class _PairsInRay:
+    """The training pairs as a Ray Dataset: mined by a Ray Data actor pool and written by Ray Data's write tasks,
+    on any node, so the output must be storage every node reaches (checked here, before any work)."""
+
+    where = "actors"
+
+    def __init__(self, train, output: str, shared_filesystem: bool | None) -> None:
+        from denseqa.cluster import check_reachable_by_every_node
+
+        check_reachable_by_every_node(output, "output folder", shared_filesystem)
+        self.dataset = train
+
+    def answers(self) -> list[str]:
+        return sorted(self.dataset.unique(ANSWER))
+
+    def repeated_questions(self) -> dict[str, list[str]]:
+        return _repeated_questions(self.dataset)
+
+    def mine(self, miner: dict[str, Any], m, cfg: JobConfig, use_gpu: bool):
+        import ray
+        import ray.data
+
+        from denseqa.resources import model_actors
+
+        pool = model_actors("mining", use_gpu, m.actors, cfg.embed.cpus_per_actor)
+        retriever = miner["retriever"]
+        # Large arguments go through the object store, once per node.
+        kwargs = {**miner, "texts": ray.put(miner["texts"]), "other_answers": ray.put(miner["other_answers"]),
+                  "torch_threads": pool.torch_threads,
+                  "retriever": {**retriever, "device": "cuda" if pool.use_gpu else "cpu"} | (
+                      {"index": ray.put(retriever["index"])} if retriever["kind"] == "bm25" else {})}
+        return self.dataset.map_batches(
+            NegativeMiner, fn_constructor_kwargs=kwargs, batch_size=m.batch_size, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
+            num_gpus=1 if pool.use_gpu else None,
+        ).materialize()
+
+    def write(self, mined, heldout: pa.Table, folder: str, names: dict[str, str]) -> None:
+        import ray.data
+
+        fs, path = storage.filesystem(folder)
+        mined.union(ray.data.from_arrow(heldout)).map_batches(
+            _rename, batch_format="pyarrow", fn_kwargs=names).write_parquet(path, filesystem=fs)
 
 
 def _column_sum(table, column: str) -> float:
@@ -195,14 +264,10 @@ def run_teacher_scoring(cfg: JobConfig) -> dict[str, Any]:
 
 def run_mining(cfg: JobConfig) -> dict[str, Any]:
     """Mine hard negatives for the training pairs of ``cfg.data``; write them with the pairs. Returns the record."""
-    import ray
-    import ray.data
-
     from denseqa.bm25 import BM25Index
-    from denseqa.cluster import check_reachable_by_every_node
     from denseqa.data import load_qa_data
     from denseqa.model import check_model_source, describe_model
-    from denseqa.resources import embeds_on_gpu, model_actors
+    from denseqa.resources import embeds_on_gpu
 
     started = time.time()
     m = cfg.mine
@@ -216,16 +281,14 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
     data = load_qa_data(cfg.data.model_copy(update={"num_negatives": 0}))
     # BM25 needs no GPU; a teacher scoring the pairs does the work a GPU is for.
     use_gpu = embeds_on_gpu(cfg.embed.use_gpu if m.method == "dense" or m.teacher else False)
-    # Few pairs on CPU: mined in this process from a table (_mined_here), and written by it
+    # Few pairs on CPU: mined and written in this process; more by Ray Data's actors and tasks
     in_driver = not use_gpu and data.counts["train"] <= m.local_max_pairs
-    if not in_driver:  # mining actors and write tasks run on any node
-        check_reachable_by_every_node(output, "output folder", m.shared_filesystem)
-    pairs = pa.concat_tables(ray.get(data.train.to_arrow_refs())) if in_driver else None
-    texts = sorted(set(pairs.column(ANSWER).to_pylist())) if in_driver else sorted(data.train.unique(ANSWER))
+    pairs = _PairsHere(data.train) if in_driver else _PairsInRay(data.train, output, m.shared_filesystem)
+    texts = pairs.answers()
     if len(texts) < 2:
         raise InputError(f"{cfg.data.path}: {len(texts)} distinct training answer(s); mining needs other answers "
                          "to take negatives from")
-    other_answers = _repeated_questions_here(pairs) if in_driver else _repeated_questions(data.train)
+    other_answers = pairs.repeated_questions()
     logger.info("mining %d %s negative(s) per pair for %d training pairs among %d distinct answers (ranks %d..%d%s)",
                 m.num_negatives, m.method, data.counts["train"], len(texts), m.range_min, m.range_max,
                 f", relative margin {m.relative_margin}" if m.relative_margin is not None else "")
@@ -240,22 +303,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         else:
             retriever = _dense_retriever(cfg, texts, work)
         miner = {"cfg": m.model_dump(), "texts": texts, "retriever": retriever, "other_answers": other_answers}
-        if in_driver:
-            logger.info("mining %d pairs in this process (at most mine.local_max_pairs: no actor to start)",
-                        pairs.num_rows)
-            mined = _in_this_process(NegativeMiner(**{**miner, "retriever": {**retriever, "device": "cpu"}},
-                                                   torch_threads=None), pairs, m.batch_size)
-        else:
-            pool = model_actors("mining", use_gpu, m.actors, cfg.embed.cpus_per_actor)
-            # Large arguments go through the object store, once per node.
-            miner.update(texts=ray.put(texts), other_answers=ray.put(other_answers), torch_threads=pool.torch_threads,
-                         retriever={**retriever, "device": "cuda" if pool.use_gpu else "cpu"} | (
-                             {"index": ray.put(retriever["index"])} if m.method == "bm25" else {}))
-            mined = data.train.map_batches(
-                NegativeMiner, fn_constructor_kwargs=miner, batch_size=m.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(size=pool.actors), num_cpus=pool.cpus,
-                num_gpus=1 if pool.use_gpu else None,
-            ).materialize()
+        mined = pairs.mine(miner, m, cfg, use_gpu)
         columns = negative_column_names(m.num_negatives)
         scores = teacher_column_names(m.num_negatives) if m.teacher else []
         complete = int(_column_sum(mined, COMPLETE_COLUMN))
@@ -274,13 +322,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
         # Ray Data's write tasks (the actor path) write the pairs on any node: the staging must be storage they all
         # reach. Mined in this process, the pairs are written here.
         with storage.staged_output(output, marker=RECORD_FILE, writers_elsewhere=not in_driver) as staging:
-            pairs_dir = storage.join(staging, PAIRS_DIR)
-            if in_driver:
-                _write_here(_rename(pa.concat_tables([mined.drop_columns(internal), heldout]), **names), pairs_dir)
-            else:
-                fs, path = storage.filesystem(pairs_dir)
-                mined.drop_columns(internal).union(ray.data.from_arrow(heldout)).map_batches(
-                    _rename, batch_format="pyarrow", fn_kwargs=names).write_parquet(path, filesystem=fs)
+            pairs.write(mined.drop_columns(internal), heldout, storage.join(staging, PAIRS_DIR), names)
             record = {
                 "method": m.method,
                 "model": describe_model(cfg.model) if m.method == "dense" else None,
@@ -292,7 +334,7 @@ def run_mining(cfg: JobConfig) -> dict[str, Any]:
                 "config": cfg.to_record(),
                 "seconds": round(time.time() - started, 1),
                 "created": utc_now(),
-                "mined_in": "driver" if in_driver else "actors",
+                "mined_in": pairs.where,
                 "output": masked(output),
             }
             storage.write_json(storage.join(staging, RECORD_FILE), record)
