@@ -27,37 +27,36 @@ from bench_data import DATA, _sample  # (bench/, this script's folder)
 from results_file import ResultsFile
 
 
-def timed_mining(data: str, out: str, method: str, local_max_pairs: int) -> dict:
+def timed_after_warm_up(job, data: str, out: str, mine: dict) -> dict:
+    """``job`` (run_mining or run_teacher_scoring) over ``data`` with the ``mine`` options: once untimed, then
+    timed; (seconds, the timed run's record)."""
     from denseqa.config import COMMAND_SECTIONS, JobConfig
-    from denseqa.drivers.mine_negatives import run_mining
 
     def once(name: str) -> tuple[float, dict]:
-        cfg = JobConfig.from_dict({"data": {"path": data}, "mine": {
-            "output": f"{out}/{name}", "method": method, "local_max_pairs": local_max_pairs, "overwrite": True}},
-            "bench", COMMAND_SECTIONS["mine-negatives"])
+        cfg = JobConfig.from_dict({"data": {"path": data}, "mine": {"output": f"{out}/{name}", "overwrite": True,
+                                                                    **mine}},
+                                  "bench", COMMAND_SECTIONS["mine-negatives"])
         started = time.perf_counter()
-        record = run_mining(cfg)
+        record = job(cfg)
         return time.perf_counter() - started, record
 
     once("warm-up")
-    seconds, record = once("timed")
+    return once("timed")
+
+
+def timed_mining(data: str, out: str, method: str, local_max_pairs: int) -> dict:
+    from denseqa.drivers.mine_negatives import run_mining
+
+    seconds, record = timed_after_warm_up(run_mining, data, out, {"method": method,
+                                                                  "local_max_pairs": local_max_pairs})
     return {"seconds": round(seconds, 1), "mined_in": record["mined_in"], "counts": record["counts"]}
 
 
 def timed_teacher_scoring(mined: str, out: str, teacher: str, local_max_pairs: int) -> dict:
-    from denseqa.config import COMMAND_SECTIONS, JobConfig
     from denseqa.drivers.mine_negatives import run_teacher_scoring
 
-    def once(name: str) -> tuple[float, dict]:
-        cfg = JobConfig.from_dict({"data": {"path": mined}, "mine": {
-            "output": f"{out}/{name}", "teacher": teacher, "local_max_pairs": local_max_pairs, "overwrite": True}},
-            "bench", COMMAND_SECTIONS["mine-negatives"])
-        started = time.perf_counter()
-        record = run_teacher_scoring(cfg)
-        return time.perf_counter() - started, record
-
-    once("warm-up")
-    seconds, record = once("timed")
+    seconds, record = timed_after_warm_up(run_teacher_scoring, mined, out, {"teacher": teacher,
+                                                                            "local_max_pairs": local_max_pairs})
     return {"seconds": round(seconds, 1), "scored_in": record["scored_in"],
             "pairs_scored": record["teacher"]["pairs_scored"]}
 
